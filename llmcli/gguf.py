@@ -1,0 +1,490 @@
+"""Reading GGUF files: the model config, and the weights under Hugging Face names.
+
+Everything goes through `gguf.GGUFReader`, which memory-maps the file, so tensors are read lazily one at
+a time. Three entry points:
+
+  load_gguf_config(path)        -> ModelConfig (a HF-style dict is filled from the metadata and handed to
+                                   llmcli.config.from_hf_dict: one normalisation path for every format)
+  iter_gguf_tensors(path, dtype) -> (hf_name, dequantized tensor), one at a time
+  iter_gguf_raw(path) / gguf_raw_tensor(path, hf_name)
+                                -> RawTensor: the still-quantized blocks, for engines that keep Q8_0/Q4_0/Q4_1
+                                   weights quantized instead of dequantizing them.
+
+What differs from a safetensors checkpoint and is undone here:
+  * names: blk.N.attn_q.weight -> model.layers.N.self_attn.q_proj.weight, etc.
+  * llama.cpp's convert script permutes the rows of Q and K for the `llama` architecture (it wants
+    interleaved rotary pairs, HF rotates halves); we apply the inverse row permutation. Quantized blocks
+    never straddle rows, so the same permutation works on raw blocks too.
+  * gemma stores its norm weights as (1 + w); HF stores w.
+  * MoE experts are stored stacked ([experts, out, in]); they are yielded per expert like hub checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from llmcli.config import ModelConfig, from_hf_dict
+from llmcli.errors import UserError
+
+# GGUF general.architecture -> transformers model_type.
+ARCH_TO_FAMILY = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+}
+_GEMMA = ("gemma", "gemma2", "gemma3")
+# llama.cpp only permutes Q/K rows when converting these architectures.
+_PERMUTED_QK = ("llama",)
+
+
+# ---- opening and metadata -------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: str, mtime_ns: int, size: int):
+    # Parsing the header of a big vocab takes ~2 s; cache per file version (mtime/size in the key).
+    import gguf
+
+    return gguf.GGUFReader(path, "r")
+
+
+def open_gguf(path: str | Path):
+    """A (cached) gguf.GGUFReader; UserError if the file is missing or not a valid GGUF."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"no GGUF file at {p}")
+    st = p.stat()
+    try:
+        return _reader(str(p.resolve()), st.st_mtime_ns, st.st_size)
+    except Exception as e:  # the gguf package raises ValueError/struct errors/IndexError on garbage
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{p} is not a valid GGUF file ({msg})") from None
+
+
+def gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """All key/value metadata as Python values (strings, numbers, lists)."""
+    reader = open_gguf(path)
+    return _metadata(reader)
+
+
+def _metadata(reader) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception as e:
+            raise UserError(f"GGUF metadata field {key!r} is corrupt ({e})") from None
+    return out
+
+
+# ---- config -----------------------------------------------------------------------------------------
+
+
+def load_gguf_config(path: str | Path) -> ModelConfig:
+    reader = open_gguf(path)
+    meta = _metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        hf = gguf_to_hf_config(meta, tensors)
+    except KeyError as e:
+        raise UserError(f"{path} lacks the GGUF metadata key {e.args[0]!r}") from None
+    return from_hf_dict(hf)
+
+
+def gguf_to_hf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """A transformers-style config.json dict from GGUF metadata (+ the tensor table, for shapes and flags)."""
+    arch = meta.get("general.architecture")
+    if arch is None:
+        raise UserError("GGUF file has no general.architecture")
+    family = ARCH_TO_FAMILY.get(arch)
+    if family is None:
+        raise UserError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCH_TO_FAMILY)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    hidden = int(meta[f"{arch}.embedding_length"])
+    heads = int(meta[f"{arch}.attention.head_count"])
+    kv_heads = get("attention.head_count_kv", heads)
+    n_layers = int(meta[f"{arch}.block_count"])
+    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
+    if family == "phi3":  # phi3's rope.dimension_count is the rotary dim; the head is always hidden/heads
+        head_dim = get("attention.key_length") or hidden // heads
+
+    embd = tensors.get("token_embd.weight")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    # The embedding's row count is what the weights really have; the token list is a fallback.
+    vocab = int(embd.shape[-1]) if embd is not None else (get("vocab_size") or len(tokens or ()))
+
+    hf: dict[str, Any] = {
+        "model_type": family,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv_heads if not isinstance(kv_heads, list) else max(kv_heads)),
+        "head_dim": int(head_dim),
+        "intermediate_size": _ffn_length(get("feed_forward_length"), tensors),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _eos_ids(meta),
+    }
+    rotary = get("rope.dimension_count")
+    if rotary and rotary != hf["head_dim"]:
+        hf["partial_rotary_factor"] = rotary / hf["head_dim"]
+    scaling = _rope_scaling(meta, arch, tensors, hf)
+    if scaling:
+        hf["rope_scaling"] = scaling
+        if scaling.get("original_max_position_embeddings"):
+            hf["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
+
+    window = get("attention.sliding_window")
+    if family == "qwen2":
+        hf["qkv_bias"] = "blk.0.attn_q.bias" in tensors
+    if family == "llama" and "blk.0.attn_q.bias" in tensors:
+        hf["attention_bias"] = True
+    if family in ("gemma2", "gemma3_text"):
+        hf["sliding_window"] = int(window or 4096)
+        hf["attn_logit_softcapping"] = get("attn_logit_softcapping")
+        hf["final_logit_softcapping"] = get("final_logit_softcapping")
+        # llama.cpp hard-codes the query scale: hidden/heads for the 27B models, head_dim otherwise.
+        is_27b = (family == "gemma2" and n_layers == 46) or (family == "gemma3_text" and n_layers == 62)
+        hf["query_pre_attn_scalar"] = hidden // heads if is_27b else hf["head_dim"]
+        hf["hidden_activation"] = "gelu_pytorch_tanh"
+    if family == "gemma":
+        hf["hidden_activation"] = "gelu_pytorch_tanh"
+    if family == "gemma3_text":
+        hf["sliding_window_pattern"] = 6  # llama.cpp's fixed pattern: every 6th layer is global
+        hf["rope_local_base_freq"] = 10000.0
+    if family == "phi3" and window:
+        hf["sliding_window"] = int(window)
+    if family == "llama" and get("expert_count"):
+        hf["model_type"] = "mixtral"
+        hf["num_local_experts"] = int(get("expert_count"))
+        hf["num_experts_per_tok"] = int(get("expert_used_count", 2))
+    if family in ("qwen2_moe", "qwen3_moe"):
+        hf["num_experts"] = int(get("expert_count", 0))
+        hf["num_experts_per_tok"] = int(get("expert_used_count", 1))
+        hf["moe_intermediate_size"] = int(get("expert_feed_forward_length") or _expert_ffn(tensors))
+        hf["norm_topk_prob"] = family == "qwen3_moe"
+        if family == "qwen2_moe":
+            shared = get("expert_shared_feed_forward_length")
+            if shared is None and "blk.0.ffn_up_shexp.weight" in tensors:
+                shared = tensors["blk.0.ffn_up_shexp.weight"].shape[-1]
+            hf["shared_expert_intermediate_size"] = int(shared or 0)
+    return hf
+
+
+def _ffn_length(value: Any, tensors: dict[str, Any]) -> int:
+    if isinstance(value, list):  # some converters write one value per layer
+        value = max(value)
+    if value:
+        return int(value)
+    t = tensors.get("blk.0.ffn_up.weight")
+    return int(t.shape[-1]) if t is not None else 0
+
+
+def _expert_ffn(tensors: dict[str, Any]) -> int:
+    t = tensors.get("blk.0.ffn_up_exps.weight")
+    return int(t.shape[1]) if t is not None else 0  # GGUF shapes are [in, out, experts]
+
+
+def _eos_ids(meta: dict[str, Any]) -> list[int]:
+    """Every end-of-generation id the file names: eos, and llama3-style eot/eom."""
+    ids = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        v = meta.get(key)
+        if v is not None and int(v) not in ids:
+            ids.append(int(v))
+    return ids
+
+
+def _rope_scaling(meta: dict[str, Any], arch: str, tensors: dict[str, Any], hf: dict) -> dict | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    orig = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if "rope_factors_long.weight" in tensors:  # phi3 longrope: the per-frequency factors are tensors
+        return {
+            "rope_type": "longrope",
+            "long_factor": _read_f32(tensors["rope_factors_long.weight"]).tolist(),
+            "short_factor": _read_f32(tensors["rope_factors_short.weight"]).tolist(),
+            "original_max_position_embeddings": int(orig or hf["max_position_embeddings"]),
+        }
+    if "rope_freqs.weight" in tensors and arch == "llama":  # llama3: only the resulting factors are stored
+        return llama3_scaling_from_factors(_read_f32(tensors["rope_freqs.weight"]), hf["rope_theta"], hf["head_dim"])
+    if kind in (None, "none") or factor in (None, 0, 1.0):
+        return None
+    out: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
+    if kind == "yarn":
+        out["original_max_position_embeddings"] = int(orig or hf["max_position_embeddings"])
+        for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if meta.get(f"{arch}.rope.scaling.{gguf_key}") is not None:
+                out[hf_key] = float(meta[f"{arch}.rope.scaling.{gguf_key}"])
+    return out
+
+
+def _read_f32(t) -> np.ndarray:
+    from gguf import dequantize
+
+    return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
+
+
+LLAMA3_ORIGINAL_CONTEXT = 8192
+
+
+def llama3_factors(theta: float, dim: int, factor: float, low: float, high: float, orig: int) -> np.ndarray:
+    """The per-frequency divisors of llama3 rope scaling (the closed form HF and llama.cpp share)."""
+    inv_freq = theta ** -(np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (orig / wavelen - low) / (high - low)
+    f = 1.0 / ((1 - smooth) / factor + smooth)
+    f = np.where(wavelen < orig / high, 1.0, f)
+    return np.where(wavelen > orig / low, factor, f)
+
+
+def llama3_scaling_from_factors(f: np.ndarray, theta: float, dim: int) -> dict | None:
+    """Recover llama3 rope_scaling parameters from llama.cpp's stored rope_freqs tensor.
+
+    In the smooth band 1/f = (1-s)/factor + s with s linear in 1/wavelen; a line fit gives the slope and
+    intercept, i.e. orig/(high-low) and -low/(high-low). Only the ratios orig/low and orig/high matter, so
+    we fix orig at Llama 3's 8192 and solve for low/high (Llama 3.x comes out as exactly 1 and 4).
+    """
+    f = np.asarray(f, dtype=np.float64)
+    factor = float(f.max())
+    if factor <= 1.0 + 1e-6:
+        return None
+    orig = LLAMA3_ORIGINAL_CONTEXT
+    inv_freq = theta ** -(np.arange(0, dim, 2, dtype=np.float64) / dim)
+    x = inv_freq / (2 * math.pi)  # 1 / wavelen
+    mid = (f > 1 + 1e-6) & (f < factor - 1e-6)
+    if mid.sum() >= 2:
+        s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(x[mid], s, 1)
+        low, high = -b * orig / a, (1 - b) * orig / a
+    else:  # no smooth band to fit: place the band edges between the unscaled and the fully scaled ones
+        lo_edge = x[f >= factor - 1e-6].max()  # highest 1/wavelen fully scaled
+        hi_edge = x[f <= 1 + 1e-6].min()
+        low, high = lo_edge * orig * 1.0001, hi_edge * orig * 0.9999
+    for digits in (3, 6, None):  # prefer round numbers when they reproduce the stored factors
+        lo, hi = (round(low, digits), round(high, digits)) if digits else (low, high)
+        if hi > lo > 0 and np.allclose(llama3_factors(theta, dim, factor, lo, hi, orig), f, rtol=1e-5, atol=1e-6):
+            low, high = lo, hi
+            break
+    return {"rope_type": "llama3", "factor": round(factor, 6), "low_freq_factor": float(low),
+            "high_freq_factor": float(high), "original_max_position_embeddings": orig}
+
+
+# ---- tensor names -------------------------------------------------------------------------------------
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_MIXTRAL_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLK = re.compile(r"blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+# Tensors that only carry config data (read by load_gguf_config), not weights.
+_CONFIG_ONLY = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def hf_tensor_name(gguf_name: str, family: str, *, has_ffn_gate: bool = True) -> str | None:
+    """The HF name of a (non-expert) GGUF tensor; None for tensors we do not map."""
+    if gguf_name in _CONFIG_ONLY:
+        return None
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[base]}.{suffix}"
+    m = _BLK.match(gguf_name)
+    if not m:
+        return None
+    i, part, suffix = m.groups()
+    name = _LAYER_NAMES.get(part)
+    if name is None:
+        return None
+    if family in ("gemma2", "gemma3_text") and part == "ffn_norm":
+        name = "pre_feedforward_layernorm"  # gemma2/3 norm before the MLP; post_attention_norm is the other one
+    if family == "phi3" and part == "ffn_up" and not has_ffn_gate:
+        name = "mlp.gate_up_proj"  # phi3 keeps gate and up fused in one tensor
+    if family == "mixtral" and part == "ffn_gate_inp":
+        name = "block_sparse_moe.gate"
+    return f"model.layers.{i}.{name}.{suffix}"
+
+
+# ---- raw (still quantized) tensors ----------------------------------------------------------------
+
+
+@dataclass
+class RawTensor:
+    """One GGUF tensor under its HF name, not dequantized.
+
+    ggml_type: a gguf.GGMLQuantizationType (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...).
+    shape:     the logical HF shape, torch order (out_features, in_features) for linear weights.
+    data:      numpy array as stored, rows first: for quantized types uint8 of shape
+               (*shape[:-1], shape[-1] // block_size * type_size), i.e. each row is a run of whole blocks
+               (gguf.GGML_QUANT_SIZES[ggml_type] gives (block_size, type_size)); float types have the
+               logical shape. Read-only memory map unless a row permutation made a copy.
+    Q/K row permutation and the gemma norm offset are already undone, so dequantize(data) gives the HF
+    weight exactly; `raw.dequantize()` does that.
+    """
+
+    name: str
+    ggml_type: Any
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    def dequantize(self) -> np.ndarray:
+        from gguf import dequantize
+
+        return dequantize(self.data, self.ggml_type).reshape(self.shape)
+
+
+def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's permute(): within each head, rows are stored as interleaved (even, odd)
+    rotary pairs [x0, x_half, x1, x_half+1, ...]; HF wants the first half then the second half."""
+    rows = w.shape[0]
+    half = rows // n_head // 2
+    return np.ascontiguousarray(w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def iter_gguf_raw(path: str | Path) -> Iterator[RawTensor]:
+    """Every weight of the file as a RawTensor under its HF name, in file order."""
+    import gguf
+
+    reader = open_gguf(path)
+    meta = _metadata_small(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    hf = gguf_to_hf_config(meta, tensors)
+    family = hf["model_type"]
+    arch = meta["general.architecture"]
+    has_ffn_gate = "blk.0.ffn_gate.weight" in tensors
+    heads, kv_heads = hf["num_attention_heads"], hf["num_key_value_heads"]
+
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+        data = t.data
+        part = _BLK.match(t.name)
+        part = part.group(2) if part else None
+        if part in _EXPERTS:
+            yield from _split_experts(t, shape, family, int(t.name.split(".")[1]))
+            continue
+        name = hf_tensor_name(t.name, family, has_ffn_gate=has_ffn_gate)
+        if name is None:
+            continue
+        gtype = t.tensor_type
+        if arch in _PERMUTED_QK and part in ("attn_q", "attn_k") and t.name.endswith(".weight"):
+            data = _unpermute_rows(data, heads if part == "attn_q" else kv_heads)
+        elif arch in _PERMUTED_QK and part in ("attn_q", "attn_k"):  # biases (rare) are permuted alike
+            data = _unpermute_rows(data.reshape(-1, 1), heads if part == "attn_q" else kv_heads).reshape(-1)
+        if arch in _GEMMA and name.endswith("norm.weight"):
+            data = gguf.dequantize(data, gtype).reshape(shape) - 1.0  # llama.cpp stores gemma's (1 + w)
+            gtype = gguf.GGMLQuantizationType.F32
+        if part == "ffn_gate_inp_shexp" and len(shape) == 1:
+            shape = (1, shape[0])  # HF's shared_expert_gate is a Linear(hidden, 1)
+            data = data.reshape(1, -1)  # one row, for float and quantized data alike
+        yield RawTensor(name, gtype, shape, data)
+
+
+def _split_experts(t, shape: tuple[int, ...], family: str, layer: int) -> Iterator[RawTensor]:
+    part = t.name.split(".")[2]
+    if family == "mixtral":
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+        proj = _MIXTRAL_EXPERTS[part]
+    else:
+        prefix = f"model.layers.{layer}.mlp.experts"
+        proj = _EXPERTS[part]
+    for e in range(shape[0]):
+        yield RawTensor(f"{prefix}.{e}.{proj}.weight", t.tensor_type, shape[1:], t.data[e])
+
+
+def _metadata_small(reader) -> dict[str, Any]:
+    """Metadata without the big tokenizer arrays (not needed for weights; converting them costs time)."""
+    skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.") and k not in skip}
+
+
+def gguf_raw_tensor(path: str | Path, hf_name: str) -> RawTensor:
+    """One tensor by its HF name, still quantized (see RawTensor)."""
+    for raw in iter_gguf_raw(path):
+        if raw.name == hf_name:
+            return raw
+    raise UserError(f"{path} has no tensor {hf_name}")
+
+
+# ---- dequantized tensors --------------------------------------------------------------------------------
+
+
+def iter_gguf_tensors(path: str | Path, dtype=None) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+    """(HF name, tensor) for every weight, dequantized to float32 then cast to dtype (default float32).
+
+    One tensor is materialised at a time, so peak memory is the largest tensor, not the model.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    for raw in iter_gguf_raw(path):
+        try:
+            w = raw.dequantize()
+        except NotImplementedError:
+            raise UserError(f"{path}: tensor {raw.name} uses GGML type {raw.ggml_type.name}, which cannot be "
+                            "dequantized") from None
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if not w.flags.writeable:  # still a view of the read-only memory map (F32 tensors)
+            w = w.copy()
+        yield raw.name, torch.from_numpy(w).to(dtype)
+
+
+def gguf_state_dict(path: str | Path, dtype=None) -> dict[str, "torch.Tensor"]:  # noqa: F821
+    return dict(iter_gguf_tensors(path, dtype))
+
+
+def is_gguf(path: str | Path) -> bool:
+    """True if the file starts with the GGUF magic (cheap: reads 4 bytes)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+__all__ = [
+    "ARCH_TO_FAMILY", "RawTensor", "gguf_metadata", "gguf_raw_tensor", "gguf_state_dict", "gguf_to_hf_config",
+    "hf_tensor_name", "is_gguf", "iter_gguf_raw", "iter_gguf_tensors", "llama3_factors",
+    "llama3_scaling_from_factors", "load_gguf_config", "open_gguf",
+]
