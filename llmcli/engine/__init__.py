@@ -1,0 +1,1 @@
+"""The inference engine: sequences, the paged KV cache, the model runner and the LLMEngine front."""

@@ -1,0 +1,277 @@
+"""LLMEngine: the public inference API (paged KV cache, prefix caching, batched decoding, sampling).
+
+    engine = LLMEngine.load("path/or/model.gguf", device="cpu", dtype=None)   # .config .tokenizer .model
+    outs = engine.generate([ids_a, ids_b], SamplingParams(temperature=0, max_tokens=32))  # batched
+    for ev in engine.stream(ids, params): print(ev.token_id)   # ev.stats: ttft_s, decode_tok_s, prompt and
+                                                               # cached prompt token counts
+Lower level (what speculative decoding and chat build on):
+    seq = engine.add(ids, params)       # new sequence; reuses cached prefix blocks (seq.num_cached_prompt)
+    engine.step([seq, ...])             # one batched step: computes every pending token of each sequence,
+                                        # samples one token each, appends it; returns the new ids
+    logits = engine.extend(seq, ids)    # append tokens, compute them over the cache, return logits [n, vocab]
+                                        # for every token that was pending (the last sampled one + ids)
+    engine.truncate(seq, n)             # roll back to n tokens (frees blocks past it)
+    engine.release(seq)                 # done: blocks return to the pool, still reusable as cached prefix
+    engine.forward_logits(seq)          # logits for all pending tokens without sampling (used by extend)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from llmcli.config import ModelConfig
+from llmcli.engine.block_manager import BlockManager, OutOfBlocks
+from llmcli.engine.model_runner import ModelRunner, kv_bytes_per_token
+from llmcli.engine.sequence import SamplingParams, Sequence
+from llmcli.errors import UserError
+from llmcli.layers.sampler import sample
+
+DEFAULT_CPU_KV_GIB = 1.0
+CUDA_KV_FRACTION = 0.85  # of the memory still free once the weights are loaded
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0  # prompt processing until the first token id is known
+    decode_s: float = 0.0  # time spent producing the tokens after the first
+    finish_reason: str | None = None
+
+    @property
+    def prefill_tok_s(self) -> float:
+        computed = self.prompt_tokens - self.cached_prompt_tokens
+        return computed / self.ttft_s if self.ttft_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return dict(prompt_tokens=self.prompt_tokens, cached_prompt_tokens=self.cached_prompt_tokens,
+                    generated_tokens=self.generated_tokens, ttft_s=self.ttft_s, decode_tok_s=self.decode_tok_s,
+                    prefill_tok_s=self.prefill_tok_s, finish_reason=self.finish_reason)
+
+
+@dataclass
+class StreamEvent:
+    token_id: int
+    stats: GenerationStats
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA GPU is available (use --device cpu)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UserError(f"unknown device {device!r} (use cpu or cuda)")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return DTYPES[dtype]
+
+
+class LLMEngine:
+    def __init__(self, model: nn.Module, config: ModelConfig, tokenizer=None, *, block_size: int = 16,
+                 num_blocks: int | None = None, kv_cache_gib: float | None = None):
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        if num_blocks is None:
+            num_blocks = self._pool_blocks(block_size, kv_cache_gib)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(model, config, num_blocks, block_size)
+        eos = set(config.eos_token_ids)
+        if tokenizer is not None:
+            eos |= set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.eos_token_ids = frozenset(eos)
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
+             *, kv_cache_gib: float | None = None, block_size: int = 16, tokenizer: bool = True) -> "LLMEngine":
+        """Model spec (None = default model, a directory, a .gguf, anything llmcli.store resolves)."""
+        from llmcli.loader import load_model
+        from llmcli.store import resolve_model
+
+        path = resolve_model(str(model) if model is not None else None)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        if dev.type == "cpu" and dt == torch.float16:
+            raise UserError("float16 is not supported on CPU; use float32 or bfloat16")
+        net, config = load_model(path, dev, dt)
+        tok = _load_tokenizer(path) if tokenizer else None
+        return cls(net, config, tok, block_size=block_size, kv_cache_gib=kv_cache_gib)
+
+    def _pool_blocks(self, block_size: int, kv_cache_gib: float | None) -> int:
+        per_block = kv_bytes_per_token(self.config, self.dtype) * block_size
+        if kv_cache_gib is not None:
+            budget = kv_cache_gib * 2**30
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * CUDA_KV_FRACTION
+        else:
+            # CPU: a fixed budget, but no more than a few full-length contexts need.
+            budget = min(DEFAULT_CPU_KV_GIB * 2**30,
+                         4 * max(self.config.max_position_embeddings, 4096) * per_block / block_size)
+        n = int(budget // per_block)
+        if n < 2:
+            raise UserError(f"the KV-cache budget ({budget / 2**30:.2f} GiB) is too small for this model")
+        return n
+
+    # ---- low-level API -----------------------------------------------------------------------
+    def add(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Sequence:
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        params = params or SamplingParams()
+        seq = Sequence(list(prompt_ids), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        self.block_manager.match_prefix(seq)
+        return seq
+
+    @torch.inference_mode()
+    def forward_logits(self, seqs: list[Sequence], all_positions: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Compute every pending token of each sequence; logits of the last one [B, V] (or all of them, listed)."""
+        for seq in seqs:
+            if seq.num_computed >= len(seq):
+                raise ValueError(f"sequence {seq.seq_id} has no pending token")
+            self.block_manager.ensure_capacity(seq, len(seq))
+        batch = [(seq, seq.num_computed, len(seq)) for seq in seqs]
+        hidden = self.runner.forward(batch)
+        for seq in seqs:
+            self.block_manager.commit(seq, len(seq))
+        if all_positions:
+            return [self.model.compute_logits(hidden[i, :e - s]) for i, (_, s, e) in enumerate(batch)]
+        if len(seqs) == 1:
+            return self.model.compute_logits(hidden[:, -1])
+        last = torch.tensor([e - s - 1 for _, s, e in batch], device=self.device)
+        return self.model.compute_logits(hidden[torch.arange(len(seqs), device=self.device), last])
+
+    @torch.inference_mode()
+    def step(self, seqs: list[Sequence]) -> list[int]:
+        """One batched step: compute pending tokens, sample one token per sequence, append it."""
+        logits = self.forward_logits(seqs)
+        history = [s.token_ids for s in seqs] if any(s.params.repetition_penalty != 1 for s in seqs) else None
+        ids = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], history).tolist()
+        for seq, t in zip(seqs, ids):
+            seq.token_ids.append(t)
+            self._check_finished(seq, t)
+        return ids
+
+    def extend(self, seq: Sequence, token_ids: list[int]) -> torch.Tensor:
+        """Append token_ids and compute them over the cache: logits [n, V] for all n pending tokens."""
+        seq.token_ids.extend(token_ids)
+        return self.forward_logits([seq], all_positions=True)[0]
+
+    def truncate(self, seq: Sequence, length: int) -> None:
+        """Roll seq back to its first `length` tokens (its cache too)."""
+        if not 0 < length <= len(seq):
+            raise ValueError(f"cannot truncate a {len(seq)}-token sequence to {length}")
+        self.runner.copy_blocks(self.block_manager.truncate(seq, length))
+        seq.finished, seq.finish_reason = False, None
+
+    def release(self, seq: Sequence) -> None:
+        self.block_manager.free_sequence(seq)
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            seq.finished, seq.finish_reason = True, "stop"
+        elif seq.num_generated >= p.max_tokens:
+            seq.finished, seq.finish_reason = True, "length"
+
+    # ---- high-level API ---------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[list[int]]:
+        """Generate for several prompts at once (batched decode); returns the new token ids of each."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        waiting = [Sequence(list(p), sp) for p, sp in zip(prompts, plist)]
+        for seq in waiting:
+            if seq.params.seed is not None:
+                seq.generator = torch.Generator(self.device).manual_seed(seq.params.seed)
+        order = list(waiting)
+        running: list[Sequence] = []
+        bm = self.block_manager
+        while waiting or running:
+            # admit as many waiting sequences as fit, and run their prompts as one batch
+            admitted = []
+            while waiting:
+                seq = waiting[0]
+                bm.match_prefix(seq)
+                if not bm.can_fit(seq, len(seq) + 1):
+                    bm.free_sequence(seq)
+                    break
+                bm.ensure_capacity(seq, len(seq))
+                admitted.append(waiting.pop(0))
+            if not admitted and not running:
+                raise UserError("the KV cache is too small for this prompt; raise --kv-cache-gib")
+            batch = admitted or running
+            try:
+                self.step(batch)
+            except OutOfBlocks:
+                # preempt the newest running sequence; its cached blocks make the recompute cheap
+                victim = running.pop()
+                bm.free_sequence(victim)
+                waiting.insert(0, victim)
+                continue
+            running = [s for s in running + admitted if not s.finished]
+            for s in batch:
+                if s.finished:
+                    bm.free_sequence(s)
+        return [s.output_ids for s in order]
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        """Generate for one prompt, yielding each token as soon as it is known (with live stats)."""
+        params = params or SamplingParams()
+        t0 = time.perf_counter()
+        seq = self.add(prompt_ids, params)
+        stats = GenerationStats(prompt_tokens=len(prompt_ids), cached_prompt_tokens=seq.num_cached_prompt)
+        try:
+            if params.max_tokens <= 0:
+                return
+            t_first = None
+            while True:
+                (tok,) = self.step([seq])
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                    stats.ttft_s = now - t0
+                else:
+                    stats.decode_s = now - t_first
+                stats.generated_tokens += 1
+                if seq.finished:
+                    stats.finish_reason = seq.finish_reason
+                yield StreamEvent(tok, stats)
+                if seq.finished:
+                    return
+        finally:
+            self.release(seq)
+
+
+def _load_tokenizer(path: Path):
+    try:
+        from llmcli.tokenizer import Tokenizer
+    except ImportError:
+        return None
+    return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_dir(path)

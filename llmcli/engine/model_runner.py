@@ -1,0 +1,111 @@
+"""Runs the model over the paged KV cache: allocates the cache and turns a batch into step metadata.
+
+A batch is a list of (sequence, start, end): compute tokens [start, end) of each sequence, whose keys/values
+for [0, start) are already cached. Metadata (positions, write slots, block tables, masks) is built once per
+step with a few tensor ops and shared by every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmcli.config import ModelConfig
+from llmcli.engine.sequence import Sequence
+from llmcli.layers.attention import AttentionMetadata, KVView
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(config.kv_values_per_token(i) for i in range(config.num_layers)) * size
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int = 16):
+        self.model, self.config = model, config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.scratch_block = num_blocks  # one extra block takes the writes of padding tokens
+        # zeros, not empty: masked-out keys must still be finite or they turn softmax into NaN
+        self.caches = []
+        for i, layer in enumerate(model.model.layers):
+            cache = torch.zeros(num_blocks + 1, block_size, config.kv_values_per_token(i),
+                                dtype=self.dtype, device=self.device)
+            layer.self_attn.kv_cache = cache
+            self.caches.append(cache)
+        self.windows = sorted({config.layer_window(i) for i in range(config.num_layers)}, key=lambda w: w or 0)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        for src, dst in copies:
+            for cache in self.caches:
+                cache[dst].copy_(cache[src])
+
+    def _views(self, tables: torch.Tensor, positions: torch.Tensor, starts: list[int], ends: list[int]) -> dict:
+        bs, b, q = self.block_size, positions.shape[0], positions.shape[1]
+        views = {}
+        for w in self.windows:
+            if b == 1:
+                # Gather only the blocks this window can see, and slice to the exact key range.
+                kstart = 0 if w is None else max(0, starts[0] - w + 1)
+                first = kstart // bs
+                bt = tables[:, first:self._nblocks(ends[0])]
+                lo, hi = kstart - first * bs, ends[0] - first * bs
+                mask = None
+                if q > 1:  # bottom-right causal (and windowed) mask for a multi-token query over the cache
+                    kpos = torch.arange(kstart, ends[0], device=self.device)
+                    qpos = positions[0, :, None]
+                    mask = kpos[None, :] <= qpos
+                    if w is not None:
+                        mask &= qpos - kpos[None, :] < w
+                    mask = mask[None, None]
+                views[w] = KVView(bt, lo, hi, mask)
+            else:
+                kmax = max(ends)
+                kpos = torch.arange(kmax, device=self.device)
+                qpos = positions[:, :, None]
+                end_t = torch.tensor(ends, device=self.device)[:, None, None]
+                mask = (kpos <= qpos) & (kpos < end_t)
+                if w is not None:
+                    mask &= qpos - kpos < w
+                views[w] = KVView(tables[:, :self._nblocks(kmax)], 0, kmax, mask[:, None])
+        return views
+
+    def _nblocks(self, n: int) -> int:
+        return -(-n // self.block_size)
+
+    @torch.inference_mode()
+    def forward(self, batch: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+        """Hidden states [B, Qmax, hidden] for tokens [start, end) of each sequence (padded to Qmax)."""
+        dev, bs = self.device, self.block_size
+        b = len(batch)
+        qmax = max(e - s for _, s, e in batch)
+        starts = [s for _, s, _ in batch]
+        ends = [e for _, _, e in batch]
+        if b == 1:
+            seq, s, e = batch[0]
+            ids = torch.tensor([seq.token_ids[s:e]], device=dev)
+            positions = torch.arange(s, e, device=dev).unsqueeze(0)
+            tables = torch.tensor([seq.block_table[:self._nblocks(e)]], device=dev)
+            pos_flat = positions[0]
+            slots = tables[0, pos_flat // bs] * bs + pos_flat % bs
+        else:
+            nb = max(self._nblocks(e) for e in ends)
+            ids_l, pos_l, tab_l = [], [], []
+            for seq, s, e in batch:
+                n = e - s
+                ids_l.append(seq.token_ids[s:e] + [0] * (qmax - n))
+                pos_l.append(list(range(s, e)) + [0] * (qmax - n))
+                t = seq.block_table[:self._nblocks(e)]
+                tab_l.append(t + [self.scratch_block] * (nb - len(t)))
+            ids = torch.tensor(ids_l, device=dev)
+            positions = torch.tensor(pos_l, device=dev)
+            tables = torch.tensor(tab_l, device=dev)
+            qlens = torch.tensor([e - s for _, s, e in batch], device=dev)
+            valid = torch.arange(qmax, device=dev)[None, :] < qlens[:, None]
+            slots = tables.gather(1, positions // bs) * bs + positions % bs
+            slots = torch.where(valid, slots, self.scratch_block * bs).reshape(-1)
+        self.model.ensure_positions(max(ends), dev, self.dtype)
+        meta = AttentionMetadata(positions=positions, slot_mapping=slots,
+                                 views=self._views(tables, positions, starts, ends))
+        return self.model(ids, meta)

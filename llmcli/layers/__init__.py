@@ -1,0 +1,1 @@
+"""Building blocks of the transformer: norms, rotary embeddings, activations, attention, sampling."""

@@ -1,0 +1,106 @@
+"""Self-attention over the paged KV cache, and the per-step metadata every layer shares.
+
+Cache layout (per layer): a tensor [num_blocks, block_size, kv_values_per_token]; ordinary attention views the
+last dimension as [2 (K, V), num_kv_heads, head_dim]. A step writes the new keys/values at `slot_mapping`
+(slot = block * block_size + offset) and reads a sequence's context by gathering its block table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcli.config import ModelConfig
+from llmcli.layers.norm import RMSNorm
+from llmcli.layers.rotary import apply_rotary
+
+
+@dataclass
+class KVView:
+    """How layers with one window size read the cache in this step.
+
+    block_tables [B, n] selects the blocks to gather; keys [start, end) of the gathered run are used; mask
+    [B, 1, Q, end - start] (True = attend) or None when every query may see every key (batch-1 decode).
+    """
+    block_tables: torch.Tensor
+    start: int
+    end: int
+    mask: torch.Tensor | None
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the model runner and shared by every layer."""
+    positions: torch.Tensor  # [B, Q] absolute positions of the query tokens
+    slot_mapping: torch.Tensor  # [B * Q] cache slot each new token is written to (padding -> a scratch slot)
+    views: dict  # window (None = full attention) -> KVView
+    rope: dict = field(default_factory=dict)  # rope key -> (cos, sin), filled by the model
+
+
+def sdpa_softcap(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 scale: float, cap: float) -> torch.Tensor:
+    """Attention with tanh soft-capping of the scores (gemma2): SDPA's fused kernels cannot do it.
+
+    q [B, H, Q, D], k/v [B, KVH, K, D]; grouped query heads are a broadcast dimension, not a copy.
+    """
+    b, h, ql, d = q.shape
+    kvh = k.shape[1]
+    qg = q.reshape(b, kvh, h // kvh, ql, d)
+    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)).float() * scale
+    scores = torch.tanh(scores / cap) * cap
+    if mask is not None:
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v.unsqueeze(2)).reshape(b, h, ql, v.shape[-1])
+
+
+class Attention(nn.Module):
+    """Grouped-query attention. Modules: qkv_proj (fused [q; k; v] rows), o_proj, optional q_norm/k_norm."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.qkv_proj = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        self.qk_norm = c.qk_norm
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset)
+        self.window = c.layer_window(layer_idx)
+        self.rope_key = "local" if (self.window and c.rope_local_theta) else "global"
+        self.scale = c.softmax_scale
+        self.softcap = c.attn_logit_softcap
+        self.kv_cache: torch.Tensor | None = None  # set by the model runner
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        b, ql, _ = x.shape
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(b, ql, h + 2 * kvh, d)
+        cos, sin = meta.rope[self.rope_key]
+        if self.qk_norm:
+            q = apply_rotary(self.q_norm(qkv[:, :, :h]), cos, sin)
+            k = apply_rotary(self.k_norm(qkv[:, :, h:h + kvh]), cos, sin)
+        else:
+            qk = apply_rotary(qkv[:, :, :h + kvh], cos, sin)  # q and k rotated in one pass
+            q, k = qk[:, :, :h], qk[:, :, h:]
+        v = qkv[:, :, h + kvh:]
+
+        cache = self.kv_cache
+        nb, bs = cache.shape[0], cache.shape[1]
+        slots = cache.view(nb * bs, 2, kvh, d)
+        slots.index_copy_(0, meta.slot_mapping, torch.stack((k, v), dim=2).view(b * ql, 2, kvh, d))
+
+        view = meta.views[self.window]
+        ctx = cache[view.block_tables].view(b, -1, 2, kvh, d)[:, view.start:view.end]
+        kc, vc = ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2)
+        qt = q.transpose(1, 2)
+        if self.softcap:
+            out = sdpa_softcap(qt, kc, vc, view.mask, self.scale, self.softcap)
+        else:
+            out = F.scaled_dot_product_attention(qt, kc, vc, attn_mask=view.mask, scale=self.scale,
+                                                 enable_gqa=kvh != h)
+        return self.o_proj(out.transpose(1, 2).reshape(b, ql, h * d))

@@ -1,0 +1,72 @@
+"""Batched sampling on device: repetition penalty, temperature, top-k, top-p, min-p, per-sequence seeds.
+
+The chosen ids stay on device; the caller reads them once per step. Rows with temperature 0 take the argmax.
+Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)), which draws from p exactly and lets every
+sequence use its own torch.Generator for reproducible seeds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmcli.engine.sequence import SamplingParams
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], penalties: list[float]) -> torch.Tensor:
+    """CTRL-style penalty on every token seen so far: divide positive logits, multiply negative ones."""
+    for row, (ids, p) in enumerate(zip(history, penalties)):
+        if p == 1.0 or not ids:
+            continue
+        idx = torch.tensor(ids, device=logits.device)
+        seen = logits[row].gather(0, idx)
+        logits[row].scatter_(0, idx, torch.where(seen > 0, seen / p, seen * p))
+    return logits
+
+
+def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+            any_k: bool, any_p: bool, any_min_p: bool) -> torch.Tensor:
+    """Mask filtered-out tokens with -inf (logits already divided by temperature)."""
+    if any_k:
+        vocab = logits.shape[-1]
+        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if any_p:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (always keeps the first)
+        drop = (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if any_min_p:
+        probs = logits.softmax(-1)
+        thresh = probs.max(-1, keepdim=True).values * min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < thresh, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           history: list[list[int]] | None = None) -> torch.Tensor:
+    """logits [B, V] (fp32) -> token ids [B] on device."""
+    if history is not None and any(p.repetition_penalty != 1.0 for p in params):
+        logits = apply_repetition_penalty(logits.clone(), history, [p.repetition_penalty for p in params])
+    greedy = logits.argmax(-1)
+    if all(p.greedy for p in params):
+        return greedy
+    dev = logits.device
+    temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
+    scaled = logits / temp.unsqueeze(1)
+    scaled = _filter(
+        scaled,
+        torch.tensor([p.top_k for p in params], device=dev),
+        torch.tensor([p.top_p for p in params], device=dev),
+        torch.tensor([p.min_p for p in params], device=dev),
+        any(p.top_k > 0 for p in params), any(p.top_p < 1.0 for p in params), any(p.min_p > 0 for p in params),
+    )
+    probs = scaled.softmax(-1)
+    noise = torch.empty_like(probs)
+    for row, g in enumerate(generators):  # one draw per sequence so a seeded sequence is reproducible
+        noise[row].exponential_(generator=g)
+    sampled = (probs / noise).argmax(-1)
+    is_greedy = torch.tensor([p.greedy for p in params], device=dev)
+    return torch.where(is_greedy, greedy, sampled)

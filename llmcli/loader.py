@@ -1,0 +1,180 @@
+"""Weights -> model: build the transformer without initializing it, then stream tensors in one by one.
+
+Sources: safetensors (single file or sharded with model.safetensors.index.json), memory-mapped with safe_open,
+and GGUF through llmcli.gguf.iter_gguf_tensors. Each tensor is copied straight into its (already allocated)
+parameter on the target device/dtype, so peak host memory stays near one copy of the model.
+
+Name handling is data: PREFIX_RENAMES strips wrappers (multimodal checkpoints), FUSED maps separate
+q/k/v and gate/up projections onto rows of the fused Linear. A module may also define
+`load_hf_weight(suffix, tensor) -> bool` to take tensors it stores differently (e.g. stacked experts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from llmcli.config import ModelConfig, load_config
+from llmcli.errors import UserError
+
+# Checkpoint prefixes of models that wrap a text decoder (gemma3 multimodal, v4 and v5 spellings).
+PREFIX_RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+SKIP_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+
+# separate projection -> (fused module, shard index); shard sizes come from fused_shards()
+FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def fused_shards(config: ModelConfig, fused: str) -> list[int]:
+    """Output features of each shard of a fused projection, in row order."""
+    if fused == "qkv_proj":
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        return [q, kv, kv]
+    return [config.intermediate_size, config.intermediate_size]
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"no .safetensors weights in {directory}")
+    return files
+
+
+def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for f in safetensors_files(directory):
+        if not f.is_file():
+            raise UserError(f"missing weight shard {f.name} in {directory}")
+        with safe_open(f, framework="pt", device="cpu") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def _rename(name: str) -> str | None:
+    if name.startswith(SKIP_PREFIXES) or name.endswith(SKIP_SUFFIXES):
+        return None
+    for old, new in PREFIX_RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def load_weights(model: nn.Module, config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy every tensor into its parameter; raise UserError for weights the model needs but never got."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for raw_name, tensor in tensors:
+            name = _rename(raw_name)
+            if name is None:
+                continue
+            if name in params:
+                _copy(params[name], tensor, name)
+                loaded.add(name)
+                continue
+            module_path, _, suffix = name.rpartition(".")
+            parent, _, leaf = module_path.rpartition(".")
+            if leaf in FUSED and f"{parent}.{FUSED[leaf][0]}.{suffix}" in params:
+                fused, shard = FUSED[leaf]
+                target = f"{parent}.{fused}.{suffix}"
+                p = params[target]
+                sizes = fused_shards(config, fused)
+                # rows scale with the parameter (quantized formats may pack rows): offsets are proportional
+                total = sum(sizes)
+                lo = p.shape[0] * sum(sizes[:shard]) // total
+                hi = p.shape[0] * sum(sizes[:shard + 1]) // total
+                _copy(p[lo:hi], tensor, name)
+                loaded.add(f"{target}#{shard}")
+                continue
+            if _module_hook(modules, name, tensor):
+                loaded.add(name)
+                continue
+            # unknown tensors (e.g. extra heads) are ignored; missing ones are reported below
+
+    missing = []
+    for pname, p in params.items():
+        leaf = pname.rsplit(".", 2)
+        if pname in loaded:
+            continue
+        fused = leaf[-2] if len(leaf) >= 2 else ""
+        if fused in ("qkv_proj", "gate_up_proj"):
+            n = len(fused_shards(config, fused))
+            if all(f"{pname}#{s}" in loaded for s in range(n)):
+                continue
+        if pname == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if getattr(p, "_llmcli_loaded", False):  # set by load_hf_weight hooks
+            continue
+        missing.append(pname)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise UserError(f"checkpoint lacks weights the model needs: {', '.join(missing[:3])}{more}")
+
+
+def _module_hook(modules: dict, name: str, tensor: torch.Tensor) -> bool:
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        m = modules.get(".".join(parts[:cut]))
+        if m is not None and hasattr(m, "load_hf_weight"):
+            return bool(m.load_hf_weight(".".join(parts[cut:]), tensor))
+    return False
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise UserError(f"weight {name} has shape {tuple(src.shape)}, the config expects {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                quantization_config: dict | None = None) -> nn.Module:
+    """Allocate (not initialize) the model on device; quantization swaps modules before allocation."""
+    from llmcli.models.transformer import Transformer
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = Transformer(config)
+            if quantization_config:
+                from llmcli.quant import prepare_model  # owned by the quantization work
+
+                prepare_model(model, config, quantization_config)
+    finally:
+        torch.set_default_dtype(prev)
+    model = model.to_empty(device=device)
+    if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ModelConfig]:
+    """A model directory (config.json + safetensors) or a .gguf file -> (model on device, ModelConfig)."""
+    path = Path(path)
+    device = torch.device(device)
+    if path.suffix == ".gguf":
+        from llmcli.gguf import iter_gguf_tensors, load_gguf_config
+
+        config = load_gguf_config(path)
+        model = build_model(config, device, dtype)
+        load_weights(model, config, iter_gguf_tensors(path, dtype))
+    else:
+        config = load_config(path)
+        qcfg = config.raw.get("quantization_config")
+        model = build_model(config, device, dtype, qcfg)
+        load_weights(model, config, iter_safetensors(path))
+    return model, config
