@@ -45,9 +45,13 @@ def ngram_propose(context: torch.Tensor, k: int, max_ngram: int = 4, min_ngram: 
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of probs [..., V] (rows need not be normalized) -> [...]."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    """One token per row of probs [..., V] (rows need not be normalized) -> [...].
+
+    argmax(p / E) with E ~ Exponential(1) picks index i with probability p_i / sum(p) (the exponential race); unlike
+    torch.multinomial it is one batched elementwise op with no host sync, on any device.
+    """
+    e = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / e).argmax(dim=-1)
 
 
 def rejection_sample(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_probs: torch.Tensor,
