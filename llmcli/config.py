@@ -81,6 +81,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    rope_interleave: bool = False  # deepseek: rope rotates adjacent pairs (x0, x1), (x2, x3), ...
     # tokens
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -293,6 +294,8 @@ def from_hf_dict(cfg: dict) -> ModelConfig:
         mc.qk_nope_head_dim = cfg["qk_nope_head_dim"]
         mc.qk_rope_head_dim = cfg["qk_rope_head_dim"]
         mc.v_head_dim = cfg["v_head_dim"]
+        # v2 always rotates interleaved pairs (complex form); v3 says so in rope_interleave (default True)
+        mc.rope_interleave = family == "deepseek_v2" or bool(cfg.get("rope_interleave", True))
         mc.head_dim = mc.v_head_dim
         mc.num_kv_heads = heads
         mc.num_experts = cfg.get("n_routed_experts") or 0
