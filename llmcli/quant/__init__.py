@@ -1,0 +1,110 @@
+"""Weight-only quantization: INT8 (per output row), INT4 (group-wise; RTN, HQQ or GPTQ), NF4 (bitsandbytes).
+
+Contract with the loader (llmcli.loader.build_model): when config.json carries a `quantization_config`,
+prepare_model() runs on the meta-device model before weights are allocated and swaps every quantizable
+nn.Linear for a quantized module whose parameter names are the checkpoint's tensor suffixes
+(`qweight`, `scales`, `zeros`). The loader then fills them by name, fusing q/k/v and gate/up rows; the
+kernel layout is built on the first forward (or by finalize()).
+
+What is quantized: every nn.Linear inside the decoder layers (attention and dense/shared MLP projections).
+Embeddings, lm_head, norms and MoE routers stay 16-bit (lm_head too unless quantize_embeddings).
+The checkpoint writer decides what to quantize by running prepare_model on a meta model, so the two can
+never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from llmcli.errors import UserError
+
+METHODS = ("rtn", "hqq", "gptq", "nf4")
+
+
+@dataclass
+class QuantSpec:
+    bits: int = 8
+    group_size: int = 128  # int4 only
+    method: str = "rtn"
+    quantize_embeddings: bool = False  # also quantize lm_head
+
+    def validate(self) -> "QuantSpec":
+        if self.method == "nf4":
+            self.bits = 4
+        if self.bits not in (4, 8):
+            raise UserError(f"--bits must be 8 or 4, not {self.bits}")
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.bits == 8 and self.method not in ("rtn", "gptq"):
+            raise UserError(f"method {self.method} is for 4 bits; INT8 uses rtn (or gptq)")
+        if self.bits == 4 and self.group_size not in (32, 64, 128):
+            raise UserError(f"--group-size must be 32, 64 or 128, not {self.group_size}")
+        return self
+
+    def to_config(self) -> dict:
+        d = {"quant_method": "llmcli", **asdict(self)}
+        if self.bits == 8:
+            d.pop("group_size")
+        return d
+
+    @classmethod
+    def from_config(cls, qc: dict) -> "QuantSpec":
+        if qc.get("quant_method") != "llmcli":
+            raise UserError(f"unsupported quantization_config quant_method {qc.get('quant_method')!r}")
+        return cls(bits=int(qc["bits"]), group_size=int(qc.get("group_size", 128)), method=qc.get("method", "rtn"),
+                   quantize_embeddings=bool(qc.get("quantize_embeddings", False)))
+
+
+def quantizable_linears(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every nn.Linear the spec quantizes, in model order."""
+    out = []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear:
+            continue
+        in_layers = name.startswith("model.layers.")
+        if not (in_layers or (name == "lm_head" and spec.quantize_embeddings)):
+            continue
+        if name.endswith("shared_expert_gate") or m.out_features < 2:  # a [1, H] gate: nothing to gain
+            continue
+        if spec.bits == 4 and m.in_features % 2:
+            continue  # int4 packs two columns per byte
+        out.append((name, m))
+    return out
+
+
+def make_quant_linear(m: nn.Linear, spec: QuantSpec) -> nn.Module:
+    from llmcli.quant.int4 import effective_group_size
+    from llmcli.quant.linear import Int4Linear, Int8Linear
+
+    bias = m.bias is not None
+    if spec.bits == 8:
+        return Int8Linear(m.in_features, m.out_features, bias)
+    return Int4Linear(m.in_features, m.out_features, effective_group_size(m.in_features, spec.group_size), bias)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def prepare_model(model: nn.Module, config, quantization_config: dict) -> nn.Module:
+    """Swap quantizable nn.Linear modules in place (call on the meta-device model, before loading)."""
+    qc = dict(quantization_config)
+    if qc.get("quant_method") == "bitsandbytes":
+        from llmcli.quant.nf4 import prepare_model_nf4
+
+        return prepare_model_nf4(model, config, qc)
+    spec = QuantSpec.from_config(qc)
+    for name, m in quantizable_linears(model, spec):
+        _set_module(model, name, make_quant_linear(m, spec))
+    return model
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Build every quantized module's kernel layout now instead of on its first forward."""
+    for m in model.modules():
+        if hasattr(m, "finalize") and m is not model:
+            m.finalize()
+    return model

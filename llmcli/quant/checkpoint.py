@@ -1,0 +1,269 @@
+"""Write a quantized model directory from a safetensors directory or a GGUF file, one tensor at a time.
+
+Source tensors are read memory-mapped (safe_open / GGUFReader) and quantized one by one, and output shards
+are flushed every SHARD_BYTES, so peak memory is about one layer's fp32 weight plus one output shard --
+never the whole fp32 model. Everything is written into a temporary sibling directory that is renamed onto
+the destination only once complete.
+
+Which tensors are quantized is decided by building the engine's model on the meta device and running
+prepare_model on it: a checkpoint tensor is quantized iff the module it loads into (after q/k/v and
+gate/up fusing) became a quantized module, so writer and loader cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from llmcli.errors import UserError
+from llmcli.quant import QuantSpec, make_quant_linear, quantizable_linears
+
+SHARD_BYTES = 2 * 2**30
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "added_tokens.json")
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    shape: tuple[int, ...]
+    group_size: int | None  # int4: the group size used (may be smaller than requested)
+
+
+@dataclass
+class Summary:
+    spec: QuantSpec
+    output: Path
+    layers: list[LayerRecord] = field(default_factory=list)
+    kept: int = 0  # tensors left in 16 bits
+    bytes_before: int = 0  # the source's weights as 16-bit (what a bf16 checkpoint would take)
+    bytes_after: int = 0  # safetensors written
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def group_sizes(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for r in self.layers:
+            if r.group_size is not None:
+                out[r.group_size] = out.get(r.group_size, 0) + 1
+        return out
+
+
+# ---- source access -------------------------------------------------------------------------------------------
+def open_source(path: Path) -> tuple[dict, Callable[[], Iterator[tuple[str, torch.Tensor]]]]:
+    """(HF config dict, a function returning a fresh tensor iterator) for a model dir or a .gguf file."""
+    if path.suffix == ".gguf":
+        from llmcli.gguf import iter_gguf_tensors, load_gguf_config
+
+        cfg = dict(load_gguf_config(path).raw)
+        return cfg, lambda: iter_gguf_tensors(path, torch.float32)
+    from llmcli.loader import iter_safetensors
+
+    cfg = json.loads((path / "config.json").read_text())
+    return cfg, lambda: iter_safetensors(path)
+
+
+def quantized_targets(config, spec: QuantSpec) -> dict[str, torch.nn.Module]:
+    """Engine module name -> the quantized module prepare_model puts there (built on the meta device)."""
+    from llmcli.models.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+        return {name: make_quant_linear(m, spec) for name, m in quantizable_linears(model, spec)}
+
+
+def target_module(name: str, targets: dict) -> str | None:
+    """Checkpoint tensor name -> engine module name it loads into if that module is quantized."""
+    from llmcli.loader import _rename
+
+    name = _rename(name)
+    if name is None or not name.endswith(".weight"):
+        return None
+    module = name[: -len(".weight")]
+    if module in targets:
+        return module
+    parent, _, leaf = module.rpartition(".")
+    fused = f"{parent}.{FUSED.get(leaf, leaf)}"
+    return fused if fused in targets else None
+
+
+def quantize_tensor(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tensor | None = None) -> dict:
+    """One weight [out, in] -> {suffix: tensor} in the on-disk layout of qmod's class."""
+    from llmcli.quant.int4 import pack_int4, quantize_int4_rtn
+    from llmcli.quant.int8 import quantize_int8
+
+    if spec.method == "gptq" and hessian is not None:
+        from llmcli.quant.gptq import gptq_quantize
+
+        q, scales, zeros = gptq_quantize(w, hessian, spec.bits, getattr(qmod, "group_size", None))
+    elif spec.bits == 8:
+        q, scales = quantize_int8(w)
+        return {"qweight": q, "scales": scales}
+    elif spec.method == "hqq":
+        from llmcli.quant.hqq import quantize_int4_hqq
+
+        q, scales, zeros = quantize_int4_hqq(w, qmod.group_size)
+    else:
+        q, scales, zeros = quantize_int4_rtn(w, qmod.group_size)
+    if spec.bits == 8:
+        return {"qweight": q, "scales": scales}
+    return {"qweight": pack_int4(q), "scales": scales, "zeros": zeros}
+
+
+class ShardWriter:
+    """Accumulates tensors and flushes a safetensors shard whenever SHARD_BYTES is reached."""
+
+    def __init__(self, directory: Path, metadata: dict | None = None):
+        self.dir, self.meta = directory, metadata or {"format": "pt"}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        self.pending[name] = t.contiguous()
+        self.pending_bytes += t.numel() * t.element_size()
+        if self.pending_bytes >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        fname = f"model-{len(self.shards) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.dir / fname), metadata=self.meta)
+        self.shards.append((fname, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        if len(self.shards) == 1:
+            os.replace(self.dir / self.shards[0][0], self.dir / "model.safetensors")
+            return
+        total = sum((self.dir / f).stat().st_size for f, _ in self.shards)
+        weight_map = {n: f for f, names in self.shards for n in names}
+        (self.dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def keep_dtype(cfg: dict) -> torch.dtype:
+    """Unquantized tensors are written in the model's 16-bit dtype (bf16 when the source is fp32)."""
+    name = cfg.get("torch_dtype") or cfg.get("dtype")
+    return torch.float16 if name == "float16" else torch.bfloat16
+
+
+def write_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer and template files (for a GGUF, build them from its metadata)."""
+    if src.suffix != ".gguf":
+        copied = []
+        for n in TOKENIZER_FILES:
+            if (src / n).is_file():
+                shutil.copy2(src / n, dst / n)
+                copied.append(n)
+        return copied
+    try:
+        from llmcli.tokenizer import Tokenizer
+    except ImportError:
+        return []
+    tok = Tokenizer.from_gguf(src)
+    save = getattr(tok, "save_pretrained", None) or getattr(tok, "save", None)
+    if save is None:
+        return []
+    save(dst)
+    return [p.name for p in dst.iterdir() if p.name in TOKENIZER_FILES]
+
+
+def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = False,
+                        hessians: dict[str, torch.Tensor] | None = None,
+                        progress: Callable[[str], None] | None = None) -> Summary:
+    """Quantize the model at src (directory or .gguf) into the directory out."""
+    from llmcli.config import from_hf_dict
+
+    t0 = time.perf_counter()
+    spec.validate()
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    cfg, tensors = open_source(src)
+    config = from_hf_dict(cfg)
+    if spec.method == "nf4":
+        from llmcli.quant.nf4 import nf4_targets
+
+        targets = nf4_targets(config)
+    else:
+        targets = quantized_targets(config, spec)
+    summary = Summary(spec=spec, output=out)
+    dtype16 = keep_dtype(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        writer = ShardWriter(tmp)
+        tied_head = spec.quantize_embeddings and config.tie_word_embeddings and "lm_head" in targets
+        for name, w in tensors():
+            summary.bytes_before += w.numel() * 2
+            module = target_module(name, targets)
+            if module is None and tied_head and name.endswith("embed_tokens.weight"):
+                writer.add(name, w.to(dtype16))  # the embedding stays 16-bit; the head gets a quantized copy
+                module, name = "lm_head", "lm_head.weight"
+            if module is None:
+                writer.add(name, w.to(dtype16) if w.is_floating_point() else w)
+                summary.kept += 1
+                continue
+            if progress:
+                progress(name)
+            prefix = name[: -len(".weight")]
+            qmod = targets[module]
+            h = (hessians or {}).get(prefix)
+            if spec.method == "nf4":
+                from llmcli.quant.nf4 import quantize_nf4_tensor
+
+                parts = quantize_nf4_tensor(w)
+            else:
+                parts = quantize_tensor(w, qmod, spec, h)
+            for suffix, t in parts.items():
+                writer.add(f"{prefix}.{suffix}", t)
+            summary.layers.append(LayerRecord(prefix, tuple(w.shape), getattr(qmod, "group_size", None)))
+        if tied_head:
+            cfg["tie_word_embeddings"] = False  # the head is now its own (quantized) tensor
+        writer.close()
+        if not summary.layers:
+            raise UserError(f"{src} has no layers this quantizer can handle")
+        cfg = dict(cfg)
+        if spec.method == "nf4":
+            from llmcli.quant.nf4 import bnb_quantization_config
+
+            cfg["quantization_config"] = bnb_quantization_config()
+        else:
+            cfg["quantization_config"] = spec.to_config()
+        cfg.setdefault("torch_dtype", str(dtype16).removeprefix("torch."))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        write_tokenizer(src, tmp)
+        summary.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        if out.exists():  # --force: the old output goes only once the new one is complete
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    requested = spec.group_size
+    smaller = sorted({r.group_size for r in summary.layers if r.group_size and r.group_size != requested})
+    if spec.bits == 4 and spec.method != "nf4" and smaller:
+        n = sum(1 for r in summary.layers if r.group_size != requested)
+        summary.notes.append(f"{n} layers use group size {', '.join(map(str, smaller))}: their input size is not a "
+                             f"multiple of {requested}")
+    summary.seconds = time.perf_counter() - t0
+    return summary

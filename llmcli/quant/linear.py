@@ -1,0 +1,139 @@
+"""Quantized drop-in replacements for nn.Linear and the kernels they run.
+
+Parameters hold the plain on-disk layout (see int8.py / int4.py) so the loader copies checkpoint tensors
+into them by name, fusing q/k/v and gate/up rows first. The kernel layout is built lazily on the first
+forward (or by llmcli.quant.finalize), i.e. after fusing, on whatever device the weights ended up on:
+
+  CPU  int8: aten._weight_int8pack_mm (bf16 activations; only when in_features % 16 == 0, because in
+             torch 2.13 other sizes return garbage or crash), else dequantize-on-the-fly.
+  CPU  int4: aten._weight_int4pack_mm_for_cpu (bf16 activations, tinygemm [G, N, 2] scale/offset table).
+  CUDA int4: aten._weight_int4pack_mm (bf16, sm80+) for decode; prefill dequantizes to a dense matmul.
+  CUDA int8: dense matmul on the int8 weight cast to the activation dtype, times the row scales.
+Activations in another dtype are cast to bf16 for the kernel and back (fp32 activations are ~10x slower
+in these kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcli.quant.int4 import dequantize_int4, unpack_int4
+
+# Above this many activation rows a dense matmul on the dequantized weight beats the weight-only kernels
+# (prefill); decode (a handful of rows) stays on the kernels.
+DENSE_ROWS_CPU = 64
+DENSE_ROWS_CUDA = 16
+
+
+def _frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+def int8_kernel_ok(in_features: int) -> bool:
+    """aten._weight_int8pack_mm on CPU is only correct for K % 16 == 0 (torch 2.13)."""
+    return in_features % 16 == 0
+
+
+class QuantLinear(nn.Module):
+    """Shared plumbing: bias, lazy kernel preparation, flattening leading dims."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self._kernel: dict | None = None  # built by finalize(); keyed data for the device's kernel
+
+    def finalize(self) -> None:
+        """Build the kernel layout from the loaded parameters (idempotent)."""
+        if self._kernel is None:
+            self._kernel = self._prepare(self.scales.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is None:
+            self.finalize()
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, shape[-1]))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(QuantLinear):
+    """y = x @ (qweight * scales[:, None]).T: int8 symmetric per output row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.qweight = _frozen(out_features, in_features, dtype=torch.int8)
+        self.scales = _frozen(out_features, dtype=torch.float16)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.qweight.to(dtype) * self.scales.to(dtype).unsqueeze(-1))
+
+    def _prepare(self, device: torch.device) -> dict:
+        use_kernel = device.type == "cpu" and int8_kernel_ok(self.in_features)
+        return {"kernel": use_kernel, "scales_bf16": self.scales.to(torch.bfloat16)}
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        k = self._kernel
+        if k["kernel"] and x.shape[0] <= DENSE_ROWS_CPU:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.qweight, k["scales_bf16"])
+            return y.to(x.dtype)
+        # fused dequant matmul: the int8 -> activation dtype cast is the only extra pass over the weight
+        dt = x.dtype if x.dtype != torch.float16 or x.is_cuda else torch.float32
+        return (F.linear(x.to(dt), self.qweight.to(dt)) * self.scales.to(dt)).to(x.dtype)
+
+
+class Int4Linear(QuantLinear):
+    """Group-wise asymmetric int4: w = (q - zeros) * scales per group of `group_size` input columns."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.group_size = group_size
+        n_groups = in_features // group_size
+        self.qweight = _frozen(out_features, in_features // 2, dtype=torch.uint8)
+        self.scales = _frozen(out_features, n_groups, dtype=torch.float16)
+        self.zeros = _frozen(out_features, n_groups, dtype=torch.float16)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int4(unpack_int4(self.qweight), self.scales, self.zeros, dtype)
+
+    def _tinygemm_scales_zeros(self) -> torch.Tensor:
+        # tinygemm computes w = (q - 8) * scale + offset, ours w = (q - zero) * scale => offset = (8 - zero) * scale
+        s, z = self.scales.float(), self.zeros.float()
+        return torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+    def _prepare(self, device: torch.device) -> dict:
+        k = {"packed": None}
+        if self.group_size not in (32, 64, 128, 256) or self.in_features % self.group_size:
+            return k
+        q = unpack_int4(self.qweight)
+        try:
+            if device.type == "cpu":
+                k["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            elif device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+                # CUDA tinygemm wants uint8 [N, K/2] with the even column in the HIGH nibble
+                hi_even = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
+                k["packed"] = torch.ops.aten._convert_weight_to_int4pack(hi_even.contiguous(), 8)
+        except RuntimeError:  # shape the kernel does not support: dequantize-on-the-fly instead
+            k["packed"] = None
+        if k["packed"] is not None:
+            k["sz"] = self._tinygemm_scales_zeros()
+        return k
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        k = self._kernel
+        limit = DENSE_ROWS_CUDA if x.is_cuda else DENSE_ROWS_CPU
+        if k["packed"] is not None and x.shape[0] <= limit:
+            xb = x.to(torch.bfloat16).contiguous()
+            if x.is_cuda:
+                y = torch.ops.aten._weight_int4pack_mm(xb, k["packed"], self.group_size, k["sz"])
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, k["packed"], self.group_size, k["sz"])
+            return y.to(x.dtype)
+        dt = x.dtype if x.dtype != torch.float16 or x.is_cuda else torch.float32
+        return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
