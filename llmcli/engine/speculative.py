@@ -14,9 +14,11 @@ The functions here are pure (tensors in, tensors out, batched over rows); the de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from llmcli.engine.llm_engine import GenerationStats, StreamEvent
 
 # ---- drafting -------------------------------------------------------------------------------------------------
 
@@ -144,6 +146,15 @@ class SpecStats:
 
 
 @dataclass
+class SpecGenerationStats(GenerationStats):
+    """The engine's generation stats plus the speculation counters (in to_dict under "speculative")."""
+    speculative: SpecStats = field(default_factory=SpecStats)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "speculative": self.speculative.to_dict()}
+
+
+@dataclass
 class AdaptiveK:
     """Draft length that grows by 2 after a fully accepted step and shrinks by 1 after a rejection, in [lo, hi].
 
@@ -159,3 +170,209 @@ class AdaptiveK:
             self.k = min(self.hi, self.k + 2)
         elif accepted < drafted:
             self.k = max(self.lo, self.k - 1)
+
+
+# ---- the decoder ---------------------------------------------------------------------------------------------------
+
+DEFAULT_NUM_DRAFT = {"draft": 4, "ngram": 8}
+MAX_NUM_DRAFT = 16
+
+
+def sampling_probs(logits: torch.Tensor, params, histories: list[list[int]] | None = None) -> torch.Tensor:
+    """The distribution the engine's sampler draws from for these logits [N, V] (one params for all rows).
+
+    Rejection sampling is exact only with respect to the distribution the plain sampler would use, so this applies
+    the same repetition penalty, temperature and top-k/top-p/min-p filters (the sampler's own functions).
+    """
+    from llmcli.layers.sampler import _filter, apply_repetition_penalty
+
+    n = logits.shape[0]
+    if params.repetition_penalty != 1.0 and histories is not None:
+        logits = apply_repetition_penalty(logits.clone(), histories, [params.repetition_penalty] * n)
+    scaled = logits / params.temperature
+    dev = logits.device
+    scaled = _filter(scaled, torch.full((n,), params.top_k, device=dev), torch.full((n,), params.top_p, device=dev),
+                     torch.full((n,), params.min_p, device=dev), params.top_k > 0, params.top_p < 1.0,
+                     params.min_p > 0)
+    return scaled.softmax(-1)
+
+
+def _penalized(logits: torch.Tensor, params, histories: list[list[int]]) -> torch.Tensor:
+    if params.repetition_penalty == 1.0:
+        return logits
+    from llmcli.layers.sampler import apply_repetition_penalty
+
+    return apply_repetition_penalty(logits.clone(), histories, [params.repetition_penalty] * logits.shape[0])
+
+
+def check_compatible(target, draft) -> None:
+    """A draft must speak the target's token ids: same vocabulary size and, when both are known, the same vocab."""
+    from llmcli.errors import UserError
+
+    tv, dv = target.config.vocab_size, draft.config.vocab_size
+    if tv != dv:
+        raise UserError(f"the draft model's vocabulary ({dv} tokens) differs from the target's ({tv} tokens); "
+                        "a draft must use the same tokenizer")
+    ta, da = _vocab(target.tokenizer), _vocab(draft.tokenizer)
+    if ta is not None and da is not None and ta != da:
+        diff = sum(1 for k, v in ta.items() if da.get(k) != v)
+        raise UserError(f"the draft model's tokenizer differs from the target's ({diff} of {len(ta)} tokens map to "
+                        "other ids); a draft must use the same tokenizer")
+
+
+def _vocab(tokenizer) -> dict | None:
+    if tokenizer is None:
+        return None
+    for name in ("get_vocab", "vocab"):
+        v = getattr(tokenizer, name, None)
+        v = v() if callable(v) else v
+        if isinstance(v, dict):
+            return v
+    inner = getattr(tokenizer, "tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if inner is not None and inner is not tokenizer and hasattr(inner, "get_vocab"):
+        return inner.get_vocab()
+    return None
+
+
+class SpeculativeDecoder:
+    """Generate with a target LLMEngine, drafting with a draft LLMEngine or n-gram lookup; same output distribution.
+
+    Both engines keep their own paged cache for their own copy of the sequence. Each step: draft K tokens, append
+    them to the target sequence and compute them in one forward over its cache (the engine's bottom-right causal
+    multi-token forward), verify, then truncate both sequences back to the accepted length and append the corrected /
+    bonus token (still pending: it is computed as the first query of the next step's forward).
+    """
+
+    def __init__(self, target, draft=None, *, method: str | None = None, num_draft: int | None = None,
+                 adaptive: bool = True, max_ngram: int = 4, min_ngram: int = 1):
+        from llmcli.errors import UserError
+
+        method = method or ("draft" if draft is not None else "ngram")
+        if method not in DEFAULT_NUM_DRAFT:
+            raise UserError(f"unknown speculation method {method!r} (use a draft model or 'ngram')")
+        if method == "draft" and draft is None:
+            raise UserError("speculation with a draft model needs --draft MODEL")
+        if draft is not None:
+            check_compatible(target, draft)
+        num_draft = DEFAULT_NUM_DRAFT[method] if num_draft is None else num_draft
+        if not 1 <= num_draft <= MAX_NUM_DRAFT:
+            raise UserError(f"--num-draft must be between 1 and {MAX_NUM_DRAFT} (got {num_draft})")
+        self.target, self.draft, self.method = target, draft if method == "draft" else None, method
+        self.num_draft, self.adaptive = num_draft, adaptive
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.stats = SpecStats()
+
+    # ---- public API ---------------------------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], params=None) -> list[int]:
+        return [ev.token_id for ev in self.stream(prompt_ids, params)]
+
+    def stream(self, prompt_ids: list[int], params=None):
+        """Like LLMEngine.stream: yields StreamEvent(token_id, stats) per token; stats.speculative holds SpecStats."""
+        import time
+
+        from llmcli.engine.sequence import SamplingParams
+
+        params = params or SamplingParams()
+        t0 = time.perf_counter()
+        target = self.target
+        ts = target.add(prompt_ids, params)
+        ds = self.draft.add(prompt_ids, params) if self.draft is not None else None
+        stats = SpecGenerationStats(prompt_tokens=len(prompt_ids), cached_prompt_tokens=ts.num_cached_prompt)
+        self.stats = stats.speculative
+        draft_gen = None
+        if ds is not None and params.seed is not None:  # drafts get their own stream so seeded runs reproduce
+            draft_gen = torch.Generator(self.draft.device).manual_seed(params.seed + 1)
+        k_ctl = AdaptiveK(self.num_draft, 1, self.num_draft) if self.adaptive else None
+        try:
+            if params.max_tokens <= 0:
+                return
+            (first,) = target.step([ts])  # prompt prefill + first token, exactly as plain decoding
+            if ds is not None:
+                self.draft.forward_logits([ds])  # draft prefill, counted in time-to-first-token like the target's
+                ds.token_ids.append(first)
+            stats.ttft_s = time.perf_counter() - t0
+            t_first = time.perf_counter()
+            stats.generated_tokens = 1
+            stats.finish_reason = ts.finish_reason if ts.finished else None
+            yield StreamEvent(first, stats)
+            while not ts.finished:
+                k = k_ctl.k if k_ctl else self.num_draft
+                k = min(k, params.max_tokens - ts.num_generated - 1)  # never draft past the token budget
+                emitted, drafted, n_acc = self._step(ts, ds, max(k, 0), draft_gen)
+                self.stats.update(drafted, n_acc)
+                if k_ctl and drafted:
+                    k_ctl.update(drafted, n_acc)
+                for tok in emitted:
+                    stats.generated_tokens += 1
+                    stats.decode_s = time.perf_counter() - t_first
+                    if ts.finished:
+                        stats.finish_reason = ts.finish_reason
+                    yield StreamEvent(tok, stats)
+        finally:
+            target.release(ts)
+            if ds is not None:
+                self.draft.release(ds)
+
+    # ---- one draft-verify step ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _step(self, ts, ds, k: int, draft_gen) -> tuple[list[int], int, int]:
+        """Draft up to k tokens, verify them; returns (emitted tokens, drafted count, accepted count)."""
+        target, params = self.target, ts.params
+        length = len(ts)  # the last token is pending (sampled, not yet in the cache)
+        drafts, q = self._propose(ts, ds, k, draft_gen)
+        kd = len(drafts)
+        logits = target.extend(ts, drafts)  # [kd + 1, V]: next-token logits after the last token and each draft
+        histories = [ts.token_ids[:length + i] for i in range(kd + 1)] if params.repetition_penalty != 1 else None
+        d = torch.tensor([drafts], dtype=torch.long, device=logits.device)
+        if params.greedy:
+            tokens, n = greedy_verify(d, _penalized(logits, params, histories).unsqueeze(0))
+        else:
+            p = sampling_probs(logits, params, histories).unsqueeze(0)
+            tokens, n = rejection_sample(d, q, p, ts.generator)
+        n = int(n)
+        emitted = tokens[0, :n + 1].tolist()  # the one host sync of the step
+        # roll back to the accepted prefix and append the corrected/bonus token (pending, like after engine.step)
+        if n < kd:
+            target.truncate(ts, length + n)
+        ts.token_ids.append(emitted[-1])
+        # stop at the first token that ends the sequence; any accepted tokens after it are never shown
+        for i, tok in enumerate(emitted):
+            if self._finishes(ts, tok, length + i + 1):
+                emitted = emitted[:i + 1]
+                break
+        if ds is not None and not ts.finished:
+            if n < kd:
+                self.draft.truncate(ds, length + n)
+            ds.token_ids.append(emitted[-1])
+        return emitted, kd, n
+
+    def _finishes(self, ts, tok: int, new_len: int) -> bool:
+        p = ts.params
+        if (not p.ignore_eos and tok in self.target.eos_token_ids) or tok in p.stop_token_ids:
+            ts.finished, ts.finish_reason = True, "stop"
+        elif new_len - ts.num_prompt_tokens >= p.max_tokens:
+            ts.finished, ts.finish_reason = True, "length"
+        return ts.finished
+
+    def _propose(self, ts, ds, k: int, draft_gen) -> tuple[list[int], torch.Tensor | None]:
+        """k draft tokens (maybe fewer for n-gram) and their draft distributions [1, k, V] (None: deterministic)."""
+        if k <= 0:
+            return [], None
+        if ds is None:
+            ctx = torch.tensor(ts.token_ids, dtype=torch.long)
+            return ngram_propose(ctx, k, self.max_ngram, self.min_ngram).tolist(), None
+        draft, params = self.draft, ts.params
+        toks, qs = [], []
+        for _ in range(k):  # autoregressive by nature: each draft token conditions on the previous one
+            logits = draft.forward_logits([ds])  # [1, V]; computes every pending token (1, or 2 after a full accept)
+            hist = [ds.token_ids] if params.repetition_penalty != 1 else None
+            if params.greedy:
+                tok = int(_penalized(logits, params, hist).argmax(-1))
+            else:
+                q = sampling_probs(logits, params, hist)
+                qs.append(q)
+                tok = int(sample(q, draft_gen))
+            ds.token_ids.append(tok)
+            toks.append(tok)
+        q = torch.stack(qs, dim=1).to(self.target.device) if qs else None
+        return toks, q
