@@ -6,20 +6,21 @@ The per-expert checkpoint layout is read from the safetensors file transformers 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from safetensors import safe_open
 
-from llmcli.config import load_config
 from llmcli.layers import moe as moe_mod
-from llmcli.layers.moe import MoE, expert_usage, load_moe_weights, reset_expert_usage
+from llmcli.layers.moe import MoE, expert_usage, reset_expert_usage
+from llmcli.loader import build_model, load_model, load_weights
 
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 
 
 @pytest.fixture(scope="module")
 def hf_models(tiny_model):
-    """family (+ overrides) -> (our ModelConfig, transformers model, checkpoint getter); built once per module."""
+    """family (+ overrides) -> (our ModelConfig, transformers model, our model loaded from the same files)."""
     import transformers
 
     cache = {}
@@ -29,18 +30,18 @@ def hf_models(tiny_model):
         if key not in cache:
             d = tiny_model(family, **overrides)
             hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-            with safe_open(d / "model.safetensors", "pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            cache[key] = (load_config(d), hf, tensors.get)
+            ours, cfg = load_model(d)
+            cache[key] = (cfg, hf, ours)
         return cache[key]
 
     return get
 
 
-def _ours(cfg, getter, layer: int) -> MoE:
-    m = MoE(cfg)
-    load_moe_weights(m, getter, f"model.layers.{layer}.")
-    return m.eval()
+def _ours(model, layer: int) -> MoE:
+    """A private copy of our layer's MoE block (tests below poison or re-route it)."""
+    m = copy.deepcopy(model.model.layers[layer].mlp)
+    assert isinstance(m, MoE)
+    return m
 
 
 def _hidden(t: int, h: int, seed: int = 1) -> torch.Tensor:
@@ -59,14 +60,14 @@ def test_sparse_layers_match_reference(hf_models, family):
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 @pytest.mark.parametrize("tokens", [1, 2, 37])
 def test_block_matches_transformers(hf_models, family, tokens):
-    cfg, hf, getter = hf_models(family)
+    cfg, hf, ours = hf_models(family)
     for i in range(cfg.num_layers):
         if not cfg.is_moe_layer(i):
             continue
         x = _hidden(tokens, cfg.hidden_size, seed=i)
         with torch.no_grad():
             ref = hf.model.layers[i].mlp(x.unsqueeze(0)).squeeze(0)
-            got = _ours(cfg, getter, i)(x)
+            got = _ours(ours, i)(x)
         assert ref.abs().max() > 1e-3  # the block does something
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -78,22 +79,24 @@ def test_fused_checkpoint_layout(hf_models, family):
     sd = hf.state_dict()
     i = cfg.num_layers - 1
     assert f"model.layers.{i}.mlp.experts.gate_up_proj" in sd
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    load_weights(model, cfg, iter(sd.items()))
     x = _hidden(9, cfg.hidden_size)
     with torch.no_grad():
         ref = hf.model.layers[i].mlp(x.unsqueeze(0)).squeeze(0)
-        got = _ours(cfg, sd.get, i)(x)
+        got = model.model.layers[i].mlp(x)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_deepseek_v2_group_limited_greedy(hf_models):
-    cfg, hf, getter = hf_models("deepseek_v2", topk_method="group_limited_greedy", n_group=2, topk_group=1,
+    cfg, hf, ours = hf_models("deepseek_v2", topk_method="group_limited_greedy", n_group=2, topk_group=1,
                                 routed_scaling_factor=1.5)
     assert cfg.n_group == 2 and cfg.topk_group == 1
     x = _hidden(23, cfg.hidden_size)
     with torch.no_grad():
         ref = hf.model.layers[1].mlp(x.unsqueeze(0)).squeeze(0)
-        got = _ours(cfg, getter, 1)(x)
-        ids = _ours(cfg, getter, 1).router(x)[1]
+        got = _ours(ours, 1)(x)
+        ids = _ours(ours, 1).gate(x)[1]
     # group-limited: both experts of every token come from one group of two
     assert torch.equal(ids[:, 0] // 2, ids[:, 1] // 2)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -101,13 +104,13 @@ def test_deepseek_v2_group_limited_greedy(hf_models):
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_router_matches_and_usage_counts(hf_models, family):
-    cfg, hf, getter = hf_models(family)
+    cfg, hf, ours = hf_models(family)
     i = cfg.num_layers - 1
-    m = _ours(cfg, getter, i)
+    m = _ours(ours, i)
     x = _hidden(50, cfg.hidden_size)
     with torch.no_grad():
         _, ref_w, ref_ids = hf.model.layers[i].mlp.gate(x)
-        w, ids = m.router(x)
+        w, ids = m.gate(x)
         # same set of experts per token, same weight per expert (order within top-k is not meaningful)
         ref_sorted, ref_perm = ref_ids.sort(-1)
         got_sorted, got_perm = ids.sort(-1)
@@ -124,20 +127,20 @@ def test_router_matches_and_usage_counts(hf_models, family):
 
 def test_deepseek_v3_correction_bias_steers_selection_only(hf_models):
     """A large e_score_correction_bias changes which experts run but not their weights (unbiased scores)."""
-    import copy
-
-    cfg, hf, _ = hf_models("deepseek_v3")
-    block = copy.deepcopy(hf.model.layers[cfg.num_layers - 1].mlp)
+    cfg, hf, ours = hf_models("deepseek_v3")
+    i = cfg.num_layers - 1
+    block = copy.deepcopy(hf.model.layers[i].mlp)
+    bias = torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(3))
+    m = _ours(ours, i)
     with torch.no_grad():
-        block.gate.e_score_correction_bias.copy_(torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(3)))
-    m = MoE(cfg)
-    load_moe_weights(m, {f"mlp.{k}": v for k, v in block.state_dict().items()}.get, "")
+        block.gate.e_score_correction_bias.copy_(bias)
+        m.gate.e_score_correction_bias.copy_(bias)
     x = _hidden(40, cfg.hidden_size)
     with torch.no_grad():
         ref = block(x.unsqueeze(0)).squeeze(0)
         got = m(x)
-        unbiased = m.router.e_score_correction_bias.clone()
-        m.router.e_score_correction_bias.zero_()
+        unbiased = m.gate.e_score_correction_bias.clone()
+        m.gate.e_score_correction_bias.zero_()
         without = m(x)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert (without - ref).abs().max() > 1e-2  # the bias really changed the routing
@@ -147,26 +150,26 @@ def test_deepseek_v3_correction_bias_steers_selection_only(hf_models):
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_decode_reads_only_selected_experts(hf_models, family):
     """Poison every expert the token did not pick with NaN: a batch-1 step must not notice."""
-    cfg, _, getter = hf_models(family)
+    cfg, _, ours = hf_models(family)
     i = cfg.num_layers - 1
-    m = _ours(cfg, getter, i)
+    m = _ours(ours, i)
     x = _hidden(1, cfg.hidden_size, seed=5)
     with torch.no_grad():
         before = m(x)
-        chosen = m.router(x)[1].reshape(-1)
+        chosen = m.gate(x)[1].reshape(-1)
         others = torch.ones(cfg.num_experts, dtype=torch.bool)
         others[chosen] = False
         assert others.any()
-        m.experts.gate_up[others] = float("nan")
-        m.experts.down[others] = float("nan")
+        m.experts.gate_up_proj[others] = float("nan")
+        m.experts.down_proj[others] = float("nan")
         after = m(x)
     assert torch.equal(before, after)
 
 
 def test_loop_fallback_matches_grouped_mm(hf_models, monkeypatch):
     """Where torch._grouped_mm has no kernel we loop over the active experts; both paths must agree."""
-    cfg, _, getter = hf_models("deepseek_v3")
-    m = _ours(cfg, getter, cfg.num_layers - 1)
+    cfg, _, ours = hf_models("deepseek_v3")
+    m = _ours(ours, cfg.num_layers - 1)
     x = _hidden(33, cfg.hidden_size)
     with torch.no_grad():
         grouped = m(x)
@@ -179,8 +182,8 @@ def test_loop_fallback_matches_grouped_mm(hf_models, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tokens", [1, 64])
 def test_cuda_bf16_matches_cpu_fp32(hf_models, tokens):
-    cfg, _, getter = hf_models("deepseek_v3")
-    m = _ours(cfg, getter, cfg.num_layers - 1)
+    cfg, _, ours = hf_models("deepseek_v3")
+    m = _ours(ours, cfg.num_layers - 1)
     x = _hidden(tokens, cfg.hidden_size)
     with torch.no_grad():
         ref = m(x)

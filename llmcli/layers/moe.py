@@ -135,11 +135,14 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
 # ---- modules -----------------------------------------------------------------------------------------------
 
 class Router(nn.Module):
+    """`gate` in checkpoints: weight [E, H] (+ DeepSeek-V3's e_score_correction_bias). Kept out of nn.Linear on
+    purpose: it is tiny, runs in fp32, and a quantizer must not touch it."""
+
     def __init__(self, hidden: int, rc: RouterConfig):
         super().__init__()
         self.rc = rc
         self.weight = nn.Parameter(torch.empty(rc.num_experts, hidden))
-        # Only DeepSeek-V3 has the bias (a checkpoint tensor, but not trained by gradient: a buffer).
+        # A checkpoint tensor that is not trained by gradient: a buffer.
         self.register_buffer("e_score_correction_bias",
                              torch.zeros(rc.num_experts) if rc.scoring == "sigmoid" else None)
 
@@ -150,57 +153,99 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
+    """Stacked experts under transformers v5's names, so fused checkpoints load by name."""
+
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str):
         super().__init__()
-        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.intermediate = intermediate
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))  # [gate; up] rows
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return experts_forward(x, ids, weights, self.gate_up, self.down, self.act)
+        return experts_forward(x, ids, weights, self.gate_up_proj, self.down_proj, self.act)
 
 
-class SharedExpert(nn.Module):
-    """A dense gated MLP every token goes through (DeepSeek's n_shared_experts are fused into one wide MLP)."""
-
-    def __init__(self, hidden: int, intermediate: int, act: str, gate: bool):
-        super().__init__()
-        self.gate_up = nn.Parameter(torch.empty(2 * intermediate, hidden))
-        self.down = nn.Parameter(torch.empty(hidden, intermediate))
-        self.gate = nn.Parameter(torch.empty(1, hidden)) if gate else None  # qwen2_moe's sigmoid gate
-        self.act = activation(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(gated(self.act, F.linear(x, self.gate_up)), self.down)
-        if self.gate is not None:
-            y = torch.sigmoid(F.linear(x, self.gate)) * y
-        return y
+# per-expert checkpoint projection -> (stacked parameter, row half: 0 gate, 1 up, None whole)
+_PER_EXPERT = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+               "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
 
 
 class MoE(nn.Module):
-    """Drop-in for the dense MLP of a sparse layer: x [T, H] -> [T, H]."""
+    """Drop-in for the dense MLP of a sparse layer: x [..., H] -> [..., H].
 
-    def __init__(self, cfg: ModelConfig):
+    Modules (checkpoint names): gate (Router), experts (stacked), and the shared expert as the engine's dense
+    MLP under the family's name (`shared_experts` for DeepSeek, `shared_expert` + `shared_expert_gate` for
+    Qwen2-MoE) so the loader fills its fused gate_up rows like any other MLP.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int | None = None):
         super().__init__()
+        from llmcli.models.transformer import MLP  # the dense gated MLP; imported late (transformer imports us)
+
         self.rc = RouterConfig.from_model_config(cfg)
-        self.router = Router(cfg.hidden_size, self.rc)
+        self.gate = Router(cfg.hidden_size, self.rc)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
-        self.shared = (SharedExpert(cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act,
-                                    cfg.shared_expert_gate)
-                       if cfg.shared_expert_intermediate_size else None)
+        self.shared_expert_gate: nn.Linear | None = None
+        if cfg.shared_expert_intermediate_size:
+            shared = MLP(cfg, cfg.shared_expert_intermediate_size)
+            if cfg.shared_expert_gate:  # qwen2_moe: sigmoid(x . w) scales the shared expert per token
+                self.shared_expert = shared
+                self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+            else:
+                self.shared_experts = shared
         # Tokens routed to each expert since the last reset (router statistics for `llm run --json`).
         # A device tensor updated in place: no host sync on the hot path and safe inside a CUDA graph.
         self.register_buffer("usage", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
+        self._filled: set[tuple[int, str, int | None]] = set()
+
+    @property
+    def shared(self) -> nn.Module | None:
+        return self._modules.get("shared_experts") or self._modules.get("shared_expert")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, ids = self.router(x)
+        weights, ids = self.gate(x)
         self.usage += torch.bincount(ids.reshape(-1), minlength=self.usage.numel())
         y = self.experts(x, ids, weights)
-        if self.shared is not None:
-            y = y + self.shared(x)
+        shared = self.shared
+        if shared is not None:
+            s = shared(x)
+            if self.shared_expert_gate is not None:
+                s = torch.sigmoid(self.shared_expert_gate(x)) * s
+            y = y + s
         return y.view(shape)
+
+    def load_hf_weight(self, suffix: str, tensor: torch.Tensor) -> bool:
+        """Loader hook for what does not load by name: per-expert tensors and the router's bias.
+
+        suffix is relative to this module: "experts.{j}.gate_proj.weight" (qwen/deepseek),
+        "experts.{j}.w1.weight" (mixtral; the loader maps block_sparse_moe -> mlp), "gate.e_score_correction_bias".
+        """
+        parts = suffix.split(".")
+        with torch.no_grad():
+            if parts[-1] == "e_score_correction_bias" and self.gate.e_score_correction_bias is not None:
+                self.gate.e_score_correction_bias.copy_(tensor)
+                return True
+            if len(parts) != 4 or parts[0] != "experts" or parts[2] not in _PER_EXPERT or parts[3] != "weight":
+                return False
+            j = int(parts[1])
+            pname, half = _PER_EXPERT[parts[2]]
+            p = getattr(self.experts, pname)
+            dst = p[j] if half is None else p[j].chunk(2, dim=0)[half]
+            if tuple(dst.shape) != tuple(tensor.shape):
+                from llmcli.errors import UserError
+
+                raise UserError(f"expert weight {suffix} has shape {tuple(tensor.shape)}, "
+                                f"the config expects {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            self._filled.add((j, pname, half))
+            # the loader's missing-weights check trusts this flag: set it only once every expert is complete
+            n = self.rc.num_experts
+            self.experts.gate_up_proj._llmcli_loaded = sum(k[1] == "gate_up_proj" for k in self._filled) == 2 * n
+            self.experts.down_proj._llmcli_loaded = sum(k[1] == "down_proj" for k in self._filled) == n
+            return True
 
 
 def expert_usage(model: nn.Module) -> list[list[int]]:
@@ -212,54 +257,3 @@ def reset_expert_usage(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, MoE):
             m.usage.zero_()
-
-
-# ---- checkpoint weights ------------------------------------------------------------------------------------
-
-def load_moe_weights(moe: MoE, get: Callable[[str], torch.Tensor | None], prefix: str) -> set[str]:
-    """Fill `moe` from a checkpoint; `get(name)` returns the tensor stored under a full HF name or None.
-
-    prefix is the layer's prefix, e.g. "model.layers.3.". Accepted layouts:
-      per expert  mixtral: block_sparse_moe.experts.{j}.w1 (gate) / w3 (up) / w2 (down)
-                  qwen/deepseek: mlp.experts.{j}.gate_proj / up_proj / down_proj
-      fused (transformers v5): mlp.experts.gate_up_proj [E, 2I, H] (gate rows first), mlp.experts.down_proj [E, H, I]
-    Returns the names consumed, so the caller can report leftovers.
-    """
-    used: set[str] = set()
-
-    def take(*names: str) -> torch.Tensor:
-        for n in names:
-            t = get(n)
-            if t is not None:
-                used.add(n)
-                return t
-        raise KeyError(names[0])
-
-    blocks = [prefix + "mlp.", prefix + "block_sparse_moe."]
-    block = next((b for b in blocks if get(b + "gate.weight") is not None), None)
-    if block is None:
-        raise KeyError(prefix + "mlp.gate.weight")
-    with torch.no_grad():
-        moe.router.weight.copy_(take(block + "gate.weight"))
-        if moe.router.e_score_correction_bias is not None:
-            moe.router.e_score_correction_bias.copy_(
-                take(block + "gate.e_score_correction_bias", block + "e_score_correction_bias"))
-        ex = block + "experts."
-        if get(ex + "gate_up_proj") is not None:
-            moe.experts.gate_up.copy_(take(ex + "gate_up_proj"))
-            moe.experts.down.copy_(take(ex + "down_proj"))
-        else:
-            for j in range(moe.rc.num_experts):
-                e = f"{ex}{j}."
-                gate = take(e + "gate_proj.weight", e + "w1.weight")
-                up = take(e + "up_proj.weight", e + "w3.weight")
-                moe.experts.gate_up[j].copy_(torch.cat([gate, up], 0))
-                moe.experts.down[j].copy_(take(e + "down_proj.weight", e + "w2.weight"))
-        if moe.shared is not None:
-            s = next(s for s in (block + "shared_experts.", block + "shared_expert.")
-                     if get(s + "down_proj.weight") is not None)
-            moe.shared.gate_up.copy_(torch.cat([take(s + "gate_proj.weight"), take(s + "up_proj.weight")], 0))
-            moe.shared.down.copy_(take(s + "down_proj.weight"))
-            if moe.shared.gate is not None:
-                moe.shared.gate.copy_(take(block + "shared_expert_gate.weight"))
-    return used
