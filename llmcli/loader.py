@@ -65,6 +65,8 @@ def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def _rename(name: str) -> str | None:
     if name.startswith(SKIP_PREFIXES) or name.endswith(SKIP_SUFFIXES):
         return None
+    # mixtral's sparse block is `block_sparse_moe` in checkpoints, `mlp` (llmcli.layers.moe.MoE) here
+    name = name.replace(".block_sparse_moe.", ".mlp.")
     for old, new in PREFIX_RENAMES:
         if name.startswith(old):
             return new + name[len(old):]

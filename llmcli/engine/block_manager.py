@@ -134,12 +134,21 @@ class BlockManager:
         seq.num_cached_prompt = min(seq.num_cached_prompt, length)
         copies = []
         if length % bs and seq.block_table:
-            last = self.blocks[seq.block_table[-1]]
-            if last.ref_count > 1:
-                new = self._take()
-                last.ref_count -= 1
-                seq.block_table[-1] = new
-                copies.append((last.block_id, new))
-            else:
-                self._unhash(last)
+            copies = self._private(seq, len(seq.block_table) - 1)
+            self._unhash(self.blocks[seq.block_table[-1]])
         return copies
+
+    def _private(self, seq: Sequence, i: int) -> list[tuple[int, int]]:
+        """Make block i of seq writable by seq alone (copy-on-write when shared)."""
+        b = self.blocks[seq.block_table[i]]
+        if b.ref_count == 1:
+            return []
+        new = self._take()
+        b.ref_count -= 1
+        seq.block_table[i] = new
+        return [(b.block_id, new)]
+
+    def uncompute_last(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Mark the last token as pending again (its logits are needed), so its K/V will be rewritten."""
+        seq.num_computed = len(seq) - 1
+        return self._private(seq, seq.num_computed // self.block_size)

@@ -154,8 +154,8 @@ class LLMEngine:
     def forward_logits(self, seqs: list[Sequence], all_positions: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Compute every pending token of each sequence; logits of the last one [B, V] (or all of them, listed)."""
         for seq in seqs:
-            if seq.num_computed >= len(seq):
-                raise ValueError(f"sequence {seq.seq_id} has no pending token")
+            if seq.num_computed >= len(seq):  # e.g. after a rollback: recompute the last token for its logits
+                self.runner.copy_blocks(self.block_manager.uncompute_last(seq))
             self.block_manager.ensure_capacity(seq, len(seq))
         batch = [(seq, seq.num_computed, len(seq)) for seq in seqs]
         hidden = self.runner.forward(batch)
@@ -185,7 +185,8 @@ class LLMEngine:
         return self.forward_logits([seq], all_positions=True)[0]
 
     def truncate(self, seq: Sequence, length: int) -> None:
-        """Roll seq back to its first `length` tokens (its cache too)."""
+        """Roll seq back to its first `length` tokens (its cache too). The next step recomputes the last one
+        if its logits are needed (nothing is pending)."""
         if not 0 < length <= len(seq):
             raise ValueError(f"cannot truncate a {len(seq)}-token sequence to {length}")
         self.runner.copy_blocks(self.block_manager.truncate(seq, length))

@@ -49,7 +49,7 @@ def make_mlp(config: ModelConfig, i: int) -> nn.Module:
     if config.is_moe_layer(i):
         from llmcli.layers.moe import MoE  # written by the MoE engineer
 
-        return MoE(config, i)
+        return MoE(config)
     return MLP(config)
 
 

@@ -1,0 +1,142 @@
+"""`llm bench`: prefill and decode throughput of the engine, optionally side by side with transformers.
+
+Prompts are random token ids (seeded, different per row and per run) so the prefix cache never helps; every
+measurement is preceded by a short warm-up. With compare, both engines run in this process, alternating
+rounds, and the best round of each is kept, so background load hits both alike.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from llmcli.errors import UserError
+
+
+@dataclass
+class BenchResult:
+    engine: str
+    batch: int
+    prompt_len: int
+    gen_len: int
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    peak_memory_gib: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def random_prompts(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, max(11, vocab - 10), (batch, length), generator=g)
+
+
+def bench_engine(engine, prompts: torch.Tensor, gen_len: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) for one batched generation of gen_len tokens per prompt."""
+    from llmcli.engine.sequence import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True)
+    seqs = [engine.add(p.tolist(), params) for p in prompts]
+    try:
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        engine.step(seqs)  # prefill: all prompts in one batch, yields each sequence's first token
+        t1 = time.perf_counter()
+        for _ in range(gen_len - 1):
+            engine.step(seqs)
+        _sync(engine.device)
+        t2 = time.perf_counter()
+    finally:
+        for s in seqs:
+            engine.release(s)
+    return t1 - t0, t2 - t1
+
+
+def bench_transformers(model, prompts: torch.Tensor, gen_len: int, device: torch.device) -> tuple[float, float]:
+    ids = prompts.to(device)
+    mask = torch.ones_like(ids)
+    kw = dict(do_sample=False, attention_mask=mask, pad_token_id=0)
+    with torch.inference_mode():
+        _sync(device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        _sync(device)
+        t1 = time.perf_counter()
+        model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, **kw)
+        _sync(device)
+        t2 = time.perf_counter()
+    prefill = t1 - t0
+    return prefill, max(t2 - t1 - prefill, 1e-9)
+
+
+def _result(name: str, batch: int, plen: int, glen: int, prefill: float, decode: float, mem: float) -> BenchResult:
+    return BenchResult(name, batch, plen, glen, prefill, batch * plen / prefill,
+                       batch * (glen - 1) / decode if glen > 1 else 0.0, mem)
+
+
+def load_transformers(path, device: torch.device, dtype: torch.dtype):
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("--compare transformers needs the transformers package (pip install transformers)") from None
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix == ".gguf":
+        model = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    return model.to(device).eval()
+
+
+def run_bench(engine, path, prompt_len: int, gen_len: int, batch: int, compare: str | None = None,
+              rounds: int = 2, log=None) -> list[BenchResult]:
+    if prompt_len < 1 or gen_len < 1 or batch < 1:
+        raise UserError("--prompt-len, --gen-len and --batch must be at least 1")
+    vocab = engine.config.vocab_size
+    dev = engine.device
+    log = log or (lambda msg: None)
+    bench_engine(engine, random_prompts(vocab, batch, min(prompt_len, 16), 1), 4)  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    ours: list[tuple[float, float]] = []
+    theirs: list[tuple[float, float]] = []
+    ref = None
+    if compare:
+        if compare != "transformers":
+            raise UserError(f"--compare supports only 'transformers', not {compare!r}")
+        log("loading the model in transformers ...")
+        ref = load_transformers(path, dev, engine.dtype)
+        bench_transformers(ref, random_prompts(vocab, batch, min(prompt_len, 16), 2), 4, dev)  # warm-up
+    mem = 0.0
+    for r in range(rounds if compare else 1):
+        log(f"round {r + 1}: llmcli ...")
+        ours.append(bench_engine(engine, random_prompts(vocab, batch, prompt_len, 100 + r), gen_len))
+        mem = max(mem, peak_memory_gib(dev))
+        if ref is not None:
+            log(f"round {r + 1}: transformers ...")
+            theirs.append(bench_transformers(ref, random_prompts(vocab, batch, prompt_len, 100 + r), gen_len, dev))
+    best = lambda runs: (min(p for p, _ in runs), min(d for _, d in runs))  # noqa: E731
+    results = [_result("llmcli", batch, prompt_len, gen_len, *best(ours), mem)]
+    if theirs:
+        results.append(_result("transformers", batch, prompt_len, gen_len, *best(theirs), peak_memory_gib(dev)))
+    return results
