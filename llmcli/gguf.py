@@ -169,12 +169,19 @@ def gguf_to_hf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str
         # llama.cpp hard-codes the query scale: hidden/heads for the 27B models, head_dim otherwise.
         is_27b = (family == "gemma2" and n_layers == 46) or (family == "gemma3_text" and n_layers == 62)
         hf["query_pre_attn_scalar"] = hidden // heads if is_27b else hf["head_dim"]
+        if get("attention.scale"):  # newer converters may write the scale explicitly
+            hf["query_pre_attn_scalar"] = float(get("attention.scale")) ** -2
         hf["hidden_activation"] = "gelu_pytorch_tanh"
     if family == "gemma":
         hf["hidden_activation"] = "gelu_pytorch_tanh"
     if family == "gemma3_text":
-        hf["sliding_window_pattern"] = 6  # llama.cpp's fixed pattern: every 6th layer is global
-        hf["rope_local_base_freq"] = 10000.0
+        # Older converters wrote neither key: llama.cpp then assumes every 6th layer global, local base 1e4.
+        pattern = get("attention.sliding_window_pattern", 6)
+        if isinstance(pattern, list):  # one bool per layer, True = sliding
+            hf["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+        else:
+            hf["sliding_window_pattern"] = int(pattern)
+        hf["rope_local_base_freq"] = float(get("rope.freq_base_swa", 10000.0))
     if family == "phi3" and window:
         hf["sliding_window"] = int(window)
     if family == "llama" and get("expert_count"):
@@ -275,21 +282,22 @@ def llama3_scaling_from_factors(f: np.ndarray, theta: float, dim: int) -> dict |
     orig = LLAMA3_ORIGINAL_CONTEXT
     inv_freq = theta ** -(np.arange(0, dim, 2, dtype=np.float64) / dim)
     x = inv_freq / (2 * math.pi)  # 1 / wavelen
-    mid = (f > 1 + 1e-6) & (f < factor - 1e-6)
+    mid = (f > 1 + 1e-4) & (f < factor * (1 - 1e-4))  # float32 noise must not count as the smooth band
     if mid.sum() >= 2:
         s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
         a, b = np.polyfit(x[mid], s, 1)
         low, high = -b * orig / a, (1 - b) * orig / a
     else:  # no smooth band to fit: place the band edges between the unscaled and the fully scaled ones
-        lo_edge = x[f >= factor - 1e-6].max()  # highest 1/wavelen fully scaled
-        hi_edge = x[f <= 1 + 1e-6].min()
+        lo_edge = x[f >= factor * (1 - 1e-4)].max()  # highest 1/wavelen fully scaled
+        hi_edge = x[f <= 1 + 1e-4].min()
         low, high = lo_edge * orig * 1.0001, hi_edge * orig * 0.9999
-    for digits in (3, 6, None):  # prefer round numbers when they reproduce the stored factors
-        lo, hi = (round(low, digits), round(high, digits)) if digits else (low, high)
-        if hi > lo > 0 and np.allclose(llama3_factors(theta, dim, factor, lo, hi, orig), f, rtol=1e-5, atol=1e-6):
-            low, high = lo, hi
+    # Prefer Llama 3.x's own (1, 4), then round numbers, when they reproduce the stored (float32) factors.
+    candidates = [(round(factor, 3), 1.0, 4.0)] + [(round(factor, d), round(low, d), round(high, d)) for d in (3, 6)]
+    for fa, lo, hi in candidates:
+        if hi > lo > 0 and np.allclose(llama3_factors(theta, dim, fa, lo, hi, orig), f, rtol=1e-5, atol=1e-6):
+            factor, low, high = fa, lo, hi
             break
-    return {"rope_type": "llama3", "factor": round(factor, 6), "low_freq_factor": float(low),
+    return {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": float(low),
             "high_freq_factor": float(high), "original_max_position_embeddings": orig}
 
 
