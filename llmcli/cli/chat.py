@@ -1,10 +1,68 @@
-"""Placeholder commands until their issue lands."""
+"""`llm chat`: an interactive chat in the terminal (the REPL itself lives in llmcli/chat.py)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
 
 from llmcli.cli import app
-from llmcli.errors import UserError
+from llmcli.cli.run import DEVICE_HELP, DTYPE_HELP
 
 
 @app.command("chat")
-def chat(model: str = None) -> None:
-    """Chat with a model in the terminal."""
-    raise UserError("llm chat is not yet implemented", exit_code=2)
+def chat(
+    model: Optional[str] = typer.Argument(None, help="Model (directory, .gguf or store name; default: SmolLM2-135M)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1, help="Most tokens per reply."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0,
+                                                help="0 = greedy (default 0.8, or the model's generation_config)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k likeliest tokens (default 40; 0 = off)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (default 0.95)."),
+    min_p: Optional[float] = typer.Option(None, "--min-p", min=0.0, max=1.0,
+                                          help="Drop tokens below min_p x the top one (default 0.05)."),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", min=0.0, help="> 1 discourages repeats."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", help="KV-cache size (default: CPU 1 GiB, CUDA most free memory)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Render replies as Markdown (in a terminal)."),
+    no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
+    # Speculative decoding (--draft MODEL, --speculate ngram, --num-draft K) plugs in here: build a
+    # SpeculativeDecoder(engine, draft_engine, ...) and pass it as EngineBackend(..., streamer=decoder).
+) -> None:
+    """Chat with a model in the terminal (pipe messages in, one per line, for scripts)."""
+    from rich.console import Console
+
+    from llmcli.chat import ChatSession, ChatSettings, EngineBackend, generation_defaults, history_path, setup_readline
+    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.store import resolve_model
+
+    path = resolve_model(model)
+    settings = ChatSettings(**generation_defaults(path))
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
+                        ("repeat_penalty", repeat_penalty), ("seed", seed), ("max_tokens", max_tokens)):
+        if value is not None:
+            setattr(settings, name, value)
+
+    interactive = sys.stdin.isatty()
+    engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+    backend = EngineBackend(engine, path.name)
+    if interactive:
+        console = Console(highlight=False)
+        session = ChatSession(backend, settings, system, console=console, interactive=True, markdown=markdown,
+                              model_name=path.name)
+        save_history = setup_readline(None if no_history else history_path())
+        session.banner()
+        try:
+            session.run_interactive()
+        finally:
+            save_history()
+    else:
+        # Scripts: plain replies on stdout, no banner, no colour; notices go to stderr.
+        out = Console(color_system=None, highlight=False, soft_wrap=True)
+        err = Console(file=sys.stderr, color_system=None, highlight=False, soft_wrap=True)
+        session = ChatSession(backend, settings, system, console=out, err=err, interactive=False,
+                              model_name=path.name)
+        session.run_piped(sys.stdin)

@@ -1,0 +1,214 @@
+"""`llm chat`: REPL logic against a scripted backend, then the real program on SmolLM2 in a pseudo-terminal."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmcli.chat import (ChatSession, ChatSettings, CommandError, Conversation, TurnStats, _Tail, fit_context,
+                         generation_defaults, load_conversation, read_message, split_finished_blocks)
+
+ROOT = Path(__file__).resolve().parents[1]
+LLM = str(ROOT / ".venv" / "bin" / "llm") if (ROOT / ".venv" / "bin" / "llm").exists() else "llm"
+
+
+# ---- a scripted backend ---------------------------------------------------------------------------------------------
+
+
+class EchoBackend:
+    """Replies 'you said: <message>' word by word; one token per word (+2 per message for the template)."""
+
+    context_length = 64
+
+    def __init__(self, interrupt_after: int | None = None):
+        self.interrupt_after = interrupt_after
+        self.seen: list[list[dict]] = []
+        self.last_stats = TurnStats()
+
+    def count_tokens(self, messages):
+        return sum(len(m["content"].split()) + 2 for m in messages)
+
+    def stream(self, messages, settings):
+        self.seen.append([dict(m) for m in messages])
+        words = ["you", "said:"] + messages[-1]["content"].split()
+        self.last_stats = TurnStats(prompt_tokens=self.count_tokens(messages))
+        for i, w in enumerate(words):
+            if self.interrupt_after is not None and i == self.interrupt_after:
+                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in the terminal does
+            self.last_stats.generated_tokens += 1
+            yield (" " if i else "") + w
+
+    def info(self):
+        return {"model": "echo", "device": "cpu", "dtype": "float32"}
+
+
+def session(backend=None, **kw):
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, color_system=None, width=120, highlight=False)
+    s = ChatSession(backend or EchoBackend(), ChatSettings(), console=console, **kw)
+    return s, buf
+
+
+# ---- settings -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,value", [("temperature", "-1"), ("temperature", "hot"), ("top_p", "0"),
+                                        ("top_p", "1.5"), ("top_k", "2.5"), ("min_p", "nan"), ("max_tokens", "0"),
+                                        ("repeat_penalty", "0"), ("seed", "x")])
+def test_set_rejects_bad_values_with_a_clear_message(name, value):
+    s, out = session()
+    before = s.settings.to_dict()
+    assert s.handle(f"/set {name} {value}") is True  # the chat goes on
+    msg = out.getvalue().strip()
+    assert msg.startswith(f"invalid value for {name}: {value!r} (expected")
+    assert "\n" not in msg and s.settings.to_dict() == before
+
+
+def test_set_accepts_good_values_and_ollama_spelling():
+    s, out = session()
+    for line in ("/set temperature 0", "/set top_k 5", "/set parameter top_p 0.5", "/set seed 7", "/set seed none",
+                 "/set max_tokens 3", "/set min_p 0", "/set repeat_penalty 1.1"):
+        s.handle(line)
+    assert s.settings == ChatSettings(temperature=0.0, top_k=5, top_p=0.5, min_p=0.0, repeat_penalty=1.1,
+                                      seed=None, max_tokens=3)
+    s.handle("/set bogus 1")
+    assert "unknown setting 'bogus'" in out.getvalue()
+
+
+def test_generation_config_overrides_defaults(tmp_path):
+    from transformers import GenerationConfig
+
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, repetition_penalty=1.05).save_pretrained(tmp_path)
+    s = ChatSettings(**generation_defaults(tmp_path))
+    assert (s.temperature, s.top_p, s.repeat_penalty) == (0.6, 0.9, 1.05)
+    assert (s.top_k, s.min_p) == (ChatSettings().top_k, ChatSettings().min_p)  # unset keys keep llama.cpp's
+    assert generation_defaults(tmp_path / "absent") == {}
+
+
+# ---- commands and turns ---------------------------------------------------------------------------------------------
+
+
+def test_turns_commands_and_unknown_command():
+    b = EchoBackend()
+    s, out = session(b, system="be brief")
+    s.handle("hello there")
+    assert s.conv.messages == [{"role": "user", "content": "hello there"},
+                               {"role": "assistant", "content": "you said: hello there"}]
+    assert b.seen[0][0] == {"role": "system", "content": "be brief"}
+    assert s.handle("/frobnicate") is True
+    assert "Unknown command '/frobnicate'. Type /? for help." in out.getvalue()
+    s.handle("/clear")
+    assert s.conv.messages == [] and s.conv.system == "be brief"
+    s.handle("/system talk like a pirate")
+    s.handle("ahoy")
+    assert b.seen[-1][0]["content"] == "talk like a pirate" and len(b.seen[-1]) == 2
+    s.handle("/show")
+    assert "talk like a pirate" in out.getvalue() and "temperature" in out.getvalue()
+    s.handle("/stats")
+    assert "2 replies" in out.getvalue()
+    for cmd in ("/bye", "/exit"):
+        assert s.handle(cmd) is False
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_it():
+    b = EchoBackend(interrupt_after=3)
+    s, out = session(b)
+    s.handle("one two three four five six")
+    # the handler turns SIGINT into a flag; the reply stops after the piece being produced
+    assert s.conv.messages[-1] == {"role": "assistant", "content": "you said: one two"}
+    assert "(interrupted)" in out.getvalue()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    b.interrupt_after = None
+    s.handle("again")
+    assert s.conv.messages[-1]["content"] == "you said: again" and len(s.conv.messages) == 4
+
+
+def test_save_and_load_round_trip(tmp_path):
+    s, _ = session(system="sys")
+    s.handle("/set temperature 0.3")
+    s.handle("first")
+    s.handle("second")
+    f = tmp_path / "chat.json"
+    s.handle(f"/save {f}")
+    data = json.loads(f.read_text())
+    assert data["system"] == "sys" and data["settings"]["temperature"] == 0.3
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert data["messages"][3]["content"] == "you said: second"
+    assert not list(tmp_path.glob(".*tmp"))
+
+    t, out = session()
+    t.handle(f"/load {f}")
+    assert t.conv == Conversation("sys", data["messages"]) and t.settings.temperature == 0.3
+    assert "Loaded 4 messages" in out.getvalue()
+    t.handle(f"/load {tmp_path / 'missing.json'}")
+    (tmp_path / "bad.json").write_text('{"messages": [{"role": "wizard", "content": "x"}]}')
+    t.handle(f"/load {tmp_path / 'bad.json'}")
+    assert "cannot read" in out.getvalue() and "message 0 needs a role" in out.getvalue()
+    assert t.conv.system == "sys" and len(t.conv.messages) == 4  # failed loads change nothing
+    with pytest.raises(CommandError):
+        load_conversation(tmp_path / "bad.json")
+
+
+def test_context_overflow_drops_oldest_turns_keeps_system():
+    b = EchoBackend()
+    s, out = session(b, system="keep me")
+    s.settings.max_tokens = 8  # reserve 8 of the 64-token context for the reply
+    for i in range(8):
+        s.handle(f"message number {i} with some words")
+    assert "dropped the 2 oldest messages" in out.getvalue()
+    sent = b.seen[-1]
+    assert sent[0] == {"role": "system", "content": "keep me"} and sent[1]["role"] == "user"
+    assert b.count_tokens(sent) <= 64 - 8
+    assert sent[-1]["content"] == "message number 7 with some words"
+    s.handle("word " * 70)  # alone larger than the context
+    assert "This message is too long" in out.getvalue() and s.conv.messages[-1]["role"] == "assistant"
+
+
+def test_fit_context_keeps_whole_turns():
+    conv = Conversation("s", [{"role": r, "content": "a b c"} for r in ("user", "assistant") * 3])
+    count = EchoBackend().count_tokens
+    assert fit_context(conv, count, 100) == 0
+    dropped = fit_context(conv, count, count(conv.for_template()) - 1)
+    assert dropped == 2 and conv.messages[0]["role"] == "user" and len(conv.messages) == 4
+
+
+def test_multiline_input():
+    lines = iter(['"""first line', "second", 'third"""', '"""inline"""', "plain"])
+    read = lambda prompt: next(lines)  # noqa: E731
+    assert read_message(read) == "first line\nsecond\nthird"
+    assert read_message(read) == "inline"
+    assert read_message(read) == "plain"
+
+
+def test_piped_session_reads_one_message_per_line():
+    b = EchoBackend()
+    s, out = session(b, interactive=False)
+    s.run_piped(io.StringIO("hi\n\n/set temperature 0\nhow are you\n"))
+    assert out.getvalue().splitlines() == ["you said: hi", "Set temperature to 0.0.", "you said: how are you"]
+
+
+# ---- markdown -------------------------------------------------------------------------------------------------------
+
+
+def test_markdown_blocks_split_outside_code_fences():
+    done, tail = split_finished_blocks("# Title\n\nSome text\n\n```py\nx = 1\n\ny = 2\n")
+    assert done == "# Title\n\nSome text\n\n" and tail.startswith("```py")
+    done, tail = split_finished_blocks("```py\nx = 1\n\ny = 2\n```\nafter")
+    assert done == "```py\nx = 1\n\ny = 2\n```\n" and tail == "after"
+
+
+def test_live_tail_never_taller_than_the_terminal():
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=40, height=10, color_system=None)
+    lines = console.render_lines(_Tail("\n\n".join(f"paragraph {i}" for i in range(50))), pad=False)
+    assert len(lines) <= 8 and "paragraph 49" in "".join(seg.text for seg in lines[-1])
