@@ -1,10 +1,143 @@
-"""Placeholder commands until their issue lands."""
+"""`llm pull REPO[:REVISION|:TAG]`: download a model from the Hugging Face Hub into the shared HF cache."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import List, Optional
+
+import typer
 
 from llmcli.cli import app
-from llmcli.errors import UserError
+
+
+class PlainReporter:
+    """Not a terminal: one line per file when it is done (to stderr, so stdout is just the path)."""
+
+    def __init__(self) -> None:
+        self.t0 = 0.0
+        self.got = 0
+
+    def start(self, plan, todo):
+        from llmcli.hub import human
+
+        print(f"pulling {plan.repo_id} @ {plan.commit[:12]} ({len(plan.files)} files, {human(todo)} to download)",
+              file=sys.stderr, flush=True)
+
+    def file_start(self, f, have):
+        self.t0, self.got = time.monotonic(), 0
+        if have:
+            print(f"resuming {f.path} from {have} bytes", file=sys.stderr, flush=True)
+
+    def advance(self, n):
+        self.got += n
+
+    def file_done(self, f, skipped):
+        from llmcli.hub import human
+
+        if skipped:
+            print(f"{f.path}  {human(f.size)}  already present", file=sys.stderr, flush=True)
+            return
+        dt = max(time.monotonic() - self.t0, 1e-6)
+        print(f"{f.path}  {human(f.size)}  verified  {human(self.got / dt)}/s", file=sys.stderr, flush=True)
+
+    def note(self, msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+class RichReporter:
+    """A terminal: Ollama-style bars per file (bytes, speed, ETA) and a total."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self.progress = Progress(TextColumn("{task.description:<40}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=False)
+        self.total = None
+        self.task = None
+
+    def start(self, plan, todo):
+        self.progress.start()
+        self.total = self.progress.add_task(f"pulling {plan.repo_id}", total=todo)
+
+    def file_start(self, f, have):
+        name = f.path if len(f.path) <= 38 else "…" + f.path[-37:]
+        self.task = self.progress.add_task(name, total=f.size, completed=have)
+
+    def advance(self, n):
+        self.progress.advance(self.task, n)
+        self.progress.advance(self.total, n)
+
+    def file_done(self, f, skipped):
+        if skipped:
+            name = f.path if len(f.path) <= 38 else "…" + f.path[-37:]
+            self.progress.add_task(name, total=f.size, completed=f.size)
+        elif self.task is not None:
+            self.progress.update(self.task, completed=f.size)
+
+    def note(self, msg):
+        self.progress.console.print(msg)
+
+    def close(self):
+        self.progress.stop()
+
+
+def _choose(ggufs):
+    """Interactive: list the GGUF files with sizes and ask for one."""
+    from llmcli.hub import human
+
+    for i, f in enumerate(ggufs, 1):
+        typer.echo(f"  {i:>2}. {f.path}  ({human(f.size)})", err=True)
+    n = typer.prompt("which file", type=typer.IntRange(1, len(ggufs)), err=True)
+    return ggufs[n - 1]
+
+
+def pull_model(spec: str, *, revision: str | None = None, filename: str | None = None,
+               include: list[str] = (), exclude: list[str] = (), token: str | None = None,
+               quiet: bool = False):
+    """Plan and download with the right progress display; returns the local path."""
+    from llmcli import hub
+
+    repo_id, _ = hub.parse_spec(spec)
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        from llmcli.store import find_cached
+
+        try:
+            return find_cached(spec, revision=revision)
+        except Exception:
+            from llmcli.errors import UserError
+
+            raise UserError(f"HF_HUB_OFFLINE is set and {spec} is not in the cache ({hub.cache_root()})") from None
+    plan = hub.plan_pull(spec, revision=revision, filename=filename, include=list(include), exclude=list(exclude),
+                         token=token, choose=_choose if sys.stdin.isatty() else None)
+    if quiet:
+        reporter = hub.QuietReporter()
+    elif sys.stdout.isatty():
+        reporter = RichReporter()
+    else:
+        reporter = PlainReporter()
+    return hub.pull(plan, token=token, reporter=reporter)
 
 
 @app.command("pull")
-def pull(model: str = None) -> None:
-    """Download a model from the Hugging Face Hub."""
-    raise UserError("llm pull is not yet implemented", exit_code=2)
+def pull(
+    model: str = typer.Argument(..., help="ORG/NAME, ORG/NAME:REVISION, or ORG/NAME:Q4_K_M for a GGUF repo."),
+    revision: Optional[str] = typer.Option(None, "--revision", "-r", help="Branch, tag or commit."),
+    file: Optional[str] = typer.Option(None, "--file", "-f", help="The .gguf file to fetch from a GGUF repo."),
+    include: Optional[List[str]] = typer.Option(None, "--include", help="Only files matching this glob (repeatable)."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Skip files matching this glob (repeatable)."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress; print only the path."),
+) -> None:
+    """Download a model from the Hugging Face Hub into the shared HF cache (resumable, verified)."""
+    path = pull_model(model, revision=revision, filename=file, include=include or [], exclude=exclude or [],
+                      token=token, quiet=quiet)
+    typer.echo(str(path))

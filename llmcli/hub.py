@@ -1,0 +1,446 @@
+"""`llm pull`: download a Hub repo into the standard Hugging Face cache, resumably and verified.
+
+The cache layout is huggingface_hub's own (models--org--name/{blobs,snapshots/<commit>,refs/<rev>}),
+so transformers, `huggingface_hub.scan_cache_dir()` and `llm` share one copy. We do the byte transfer
+ourselves because huggingface_hub restarts interrupted files from byte 0 and only checks sizes:
+here a partial blob (`blobs/<etag>.incomplete`) is continued with `Range: bytes=N-`, and every file
+is hashed (sha256 for LFS files, git blob sha1 for the others) before it is renamed into blobs/.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from llmcli.errors import UserError
+
+# What `llm pull` fetches by default: everything our engine reads, never pickled weights.
+DEFAULT_PATTERNS = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "*.safetensors", "model.safetensors.index.json", "quantization_config.json",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CHUNK = 1 << 20
+# Split GGUFs: model-Q4_K_M-00001-of-00003.gguf
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.I)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+    blob_id: str  # git object id (sha1 of "blob <size>\0" + bytes; for LFS files: of the pointer)
+    sha256: str | None  # LFS files only
+
+    @property
+    def etag(self) -> str:
+        """The blob's name in the cache, as huggingface_hub names it (X-Linked-Etag or ETag)."""
+        return self.sha256 or self.blob_id
+
+
+@dataclass
+class PullPlan:
+    repo_id: str
+    revision: str
+    commit: str
+    files: list[RemoteFile]
+    gguf: bool = False
+    result: str = ""  # path inside the snapshot that `pull` returns ("" = the snapshot dir)
+
+
+class Reporter(Protocol):
+    def start(self, plan: PullPlan, todo: int) -> None: ...
+    def file_start(self, f: RemoteFile, have: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def file_done(self, f: RemoteFile, skipped: bool) -> None: ...
+    def note(self, msg: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class QuietReporter:
+    def start(self, plan, todo): pass
+    def file_start(self, f, have): pass
+    def advance(self, n): pass
+    def file_done(self, f, skipped): pass
+    def note(self, msg): pass
+    def close(self): pass
+
+
+# ---- spec and cache paths --------------------------------------------------------------------------
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """'org/name:rest' -> ('org/name', 'rest'); rest is a revision or a GGUF quant tag."""
+    repo, _, rest = spec.partition(":")
+    repo = repo.strip().strip("/")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise UserError(f"{spec!r} is not a Hub repo id (expected ORG/NAME[:REVISION or GGUF tag])")
+    return repo, (rest or None)
+
+
+def cache_root() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def repo_folder(repo_id: str) -> Path:
+    return cache_root() / ("models--" + repo_id.replace("/", "--"))
+
+
+def cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a revision points to in the local cache (refs/<rev>), or the revision if it is a cached commit."""
+    folder = repo_folder(repo_id)
+    revision = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision) and (folder / "snapshots" / revision).is_dir():
+        return revision
+    ref = folder / "refs" / revision
+    if ref.is_file():
+        commit = ref.read_text().strip()
+        if (folder / "snapshots" / commit).is_dir():
+            return commit
+    return None
+
+
+def free_bytes(path: Path) -> int:
+    """Free space where the cache lives. LLMCLI_FREE_BYTES overrides it (tests simulate a full disk)."""
+    if os.environ.get("LLMCLI_FREE_BYTES"):
+        return int(os.environ["LLMCLI_FREE_BYTES"])
+    p = path
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# ---- choosing files --------------------------------------------------------------------------------
+
+
+def _matches(path: str, patterns) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def select_files(files: list[RemoteFile], include: list[str], exclude: list[str]) -> list[RemoteFile]:
+    """Default set (or --include globs), minus --exclude, never pickles."""
+    patterns = include or DEFAULT_PATTERNS
+    out = [f for f in files if _matches(f.path, patterns) and not _matches(f.path, exclude)]
+    return [f for f in out if not f.path.lower().endswith(PICKLE_SUFFIXES)]
+
+
+def gguf_group(path: str) -> str:
+    """Split parts of one GGUF share a group name."""
+    return _SPLIT.sub(".gguf", path)
+
+
+def match_gguf_tag(ggufs: list[RemoteFile], tag: str) -> list[RemoteFile]:
+    """The .gguf files a tag like Q4_K_M names (case-insensitive); several only if they are parts of one split file."""
+    t = tag.lower()
+    hits = [f for f in ggufs if t in f.path.rsplit("/", 1)[-1].lower()]
+    if len({gguf_group(f.path) for f in hits}) > 1:  # Q4_K matches Q4_K_M and Q4_K_S: prefer a delimited match
+        delim = re.compile(r"(^|[^a-z0-9])" + re.escape(t) + r"([^a-z0-9]|$)")
+        hits = [f for f in hits if delim.search(f.path.rsplit("/", 1)[-1].lower().removesuffix(".gguf"))]
+    return sorted(hits, key=lambda f: f.path)
+
+
+# ---- talking to the Hub ----------------------------------------------------------------------------
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _hub_error(e: Exception, repo_id: str, revision: str | None) -> UserError:
+    """One line for every way the Hub can say no."""
+    import httpx2
+    from huggingface_hub import errors
+
+    if isinstance(e, errors.GatedRepoError):
+        return UserError(f"{repo_id} is gated: accept its licence at {_endpoint()}/{repo_id} "
+                         "and set HF_TOKEN or pass --token")
+    if isinstance(e, errors.RevisionNotFoundError):
+        return UserError(f"revision {revision!r} not found in {repo_id}")
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return UserError(f"repository {repo_id} not found on {_endpoint()} "
+                         "(if it is private, set HF_TOKEN or pass --token)")
+    if isinstance(e, errors.RemoteEntryNotFoundError):
+        return UserError(f"a file of {repo_id} disappeared from the Hub during the pull; run `llm pull` again")
+    if isinstance(e, errors.OfflineModeIsEnabled):
+        return UserError(f"HF_HUB_OFFLINE is set and {repo_id} is not in the cache ({cache_root()})")
+    if isinstance(e, (httpx2.TransportError, OSError)):
+        cached = cached_commit(repo_id, revision)
+        have = (f"a cached copy exists ({revision or 'main'} -> {cached[:12]}); `llm run {repo_id}` uses it"
+                if cached else "no cached copy exists")
+        return UserError(f"cannot reach {_endpoint()} ({type(e).__name__}: {e}); {have}")
+    if isinstance(e, errors.HfHubHTTPError):
+        return UserError(f"the Hub refused the request for {repo_id}: {str(e).splitlines()[0]}")
+    raise e
+
+
+def plan_pull(spec: str, *, revision: str | None = None, filename: str | None = None,
+              include: list[str] = (), exclude: list[str] = (), token: str | None = None,
+              choose: Callable[[list[RemoteFile]], RemoteFile] | None = None) -> PullPlan:
+    """Ask the Hub which commit and files `llm pull spec` means."""
+    from huggingface_hub import HfApi
+
+    repo_id, suffix = parse_spec(spec)
+    api = HfApi(token=token)
+
+    def listing(rev: str) -> tuple[str, list[RemoteFile]]:
+        info = api.model_info(repo_id, revision=rev)
+        commit = info.sha or rev
+        files = [RemoteFile(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None)
+                 for e in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+                 if hasattr(e, "size")]
+        return commit, files
+
+    tag = None
+    rev = revision
+    try:
+        if suffix and revision is None:
+            # REPO:X is a GGUF tag if it names a .gguf at the default revision, else a revision.
+            commit, files = listing("main")
+            ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
+            if ggufs and match_gguf_tag(ggufs, suffix):
+                tag, rev = suffix, "main"
+            else:
+                rev = suffix
+                commit, files = listing(rev)
+        else:
+            tag = suffix
+            rev = revision or "main"
+            commit, files = listing(rev)
+    except Exception as e:
+        raise _hub_error(e, repo_id, rev) from None
+
+    ggufs = sorted((f for f in files if f.path.lower().endswith(".gguf")), key=lambda f: f.path)
+    has_safetensors = any(f.path.endswith(".safetensors") for f in files)
+    if filename or tag or (ggufs and not has_safetensors and not include):
+        if filename:
+            chosen = [f for f in ggufs + files if f.path == filename or f.path.rsplit("/", 1)[-1] == filename][:1]
+            if not chosen:
+                raise UserError(f"{repo_id} has no file {filename!r} at {rev}")
+            group = gguf_group(chosen[0].path)
+            chosen = [f for f in ggufs if gguf_group(f.path) == group] or chosen
+        elif tag:
+            chosen = match_gguf_tag(ggufs, tag)
+            if not chosen:
+                raise UserError(f"{repo_id} has no GGUF file matching {tag!r}; it has: "
+                                + ", ".join(f.path for f in ggufs))
+            if len({gguf_group(f.path) for f in chosen}) > 1:
+                raise UserError(f"{tag!r} matches several GGUF files in {repo_id}: "
+                                + ", ".join(f.path for f in chosen) + "; use --file NAME")
+        else:
+            if choose is None:
+                listing_txt = "; ".join(f"{f.path} ({human(f.size)})" for f in ggufs)
+                raise UserError(f"{repo_id} has {len(ggufs)} GGUF files, pick one with "
+                                f"`llm pull {repo_id}:TAG` (e.g. Q4_K_M) or --file NAME: {listing_txt}")
+            pick = choose(ggufs)
+            chosen = [f for f in ggufs if gguf_group(f.path) == gguf_group(pick.path)]
+        chosen = sorted(chosen, key=lambda f: f.path)
+        return PullPlan(repo_id, rev, commit, chosen, gguf=True, result=chosen[0].path)
+
+    selected = select_files(files, list(include), list(exclude))
+    if not any(f.path.endswith((".safetensors", ".gguf")) for f in selected) and not include:
+        pickles = [f.path for f in files if f.path.lower().endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise UserError(f"{repo_id} only has pickled weights ({', '.join(pickles[:3])}); llm never loads "
+                            "pickles (they can run code). Look for a safetensors or GGUF version of this model")
+        raise UserError(f"{repo_id} has no safetensors or GGUF weights")
+    if not selected:
+        raise UserError(f"no file of {repo_id} matches the --include/--exclude patterns")
+    return PullPlan(repo_id, rev, commit, selected)
+
+
+# ---- the transfer ----------------------------------------------------------------------------------
+
+
+def _hasher(f: RemoteFile):
+    if f.sha256:
+        return hashlib.sha256()
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % f.size)  # git's object header
+    return h
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _transfer(session, url: str, headers: dict, f: RemoteFile, part: Path, reporter: Reporter) -> None:
+    """Continue part (an .incomplete blob) to f.size bytes; raise _Corrupt if the hash is wrong."""
+    from huggingface_hub.utils import hf_raise_for_status
+
+    have = part.stat().st_size if part.exists() else 0
+    if have > f.size:
+        part.unlink()
+        have = 0
+    h = _hasher(f)
+    if have:
+        with open(part, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+    reporter.file_start(f, have)
+    if have < f.size:
+        hdrs = dict(headers)
+        if have:
+            hdrs["Range"] = f"bytes={have}-"
+        import httpx2
+
+        timeout = httpx2.Timeout(30.0, read=60.0)
+        with session.stream("GET", url, headers=hdrs, timeout=timeout) as r:
+            if r.status_code >= 400:
+                r.read()
+                hf_raise_for_status(r)
+            if have and r.status_code != 206:  # the server ignored Range: start over
+                have, h = 0, _hasher(f)
+            with open(part, "ab" if have else "wb") as out:
+                for chunk in r.iter_bytes(CHUNK):
+                    out.write(chunk)
+                    h.update(chunk)
+                    reporter.advance(len(chunk))
+    if part.stat().st_size != f.size or h.hexdigest() != (f.sha256 or f.blob_id):
+        raise _Corrupt(h.hexdigest())
+
+
+def _link(blob: Path, pointer: Path) -> None:
+    """snapshots/<commit>/<path> -> ../../blobs/<etag>, relative like huggingface_hub's (copy without symlinks)."""
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_name(pointer.name + f".{os.getpid()}.tmp")
+    try:
+        os.symlink(os.path.relpath(blob, pointer.parent), tmp)
+    except OSError:
+        shutil.copyfile(blob, tmp)
+    os.replace(tmp, pointer)
+
+
+def _fetch_one(session, plan: PullPlan, f: RemoteFile, headers: dict, reporter: Reporter) -> bool:
+    """Make sure blobs/<etag> holds f, verified. Returns False if it was already there."""
+    from filelock import FileLock, Timeout
+    from huggingface_hub import hf_hub_url
+
+    folder = repo_folder(plan.repo_id)
+    blob = folder / "blobs" / f.etag
+    part = blob.with_name(blob.name + ".incomplete")
+    lock_path = cache_root() / ".locks" / folder.name / f"{f.etag}.lock"  # the same lock huggingface_hub takes
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0.5)
+    except Timeout:
+        reporter.note(f"waiting for another download of {f.path} ...")
+        lock.acquire()
+    try:
+        if blob.is_file() and blob.stat().st_size == f.size:
+            return False
+        url = hf_hub_url(plan.repo_id, f.path, revision=plan.commit)
+        for attempt in (1, 2):
+            try:
+                _transfer(session, url, headers, f, part, reporter)
+                break
+            except _Corrupt as e:
+                part.unlink(missing_ok=True)  # a bad file is never kept
+                if attempt == 2:
+                    want = f"sha256 {f.sha256}" if f.sha256 else f"git sha1 {f.blob_id}"
+                    raise UserError(f"{f.path} from {plan.repo_id} failed verification twice (expected {want}, "
+                                    f"got {e}); nothing was kept") from None
+                reporter.note(f"{f.path}: checksum mismatch, downloading it again")
+        os.replace(part, blob)
+        return True
+    finally:
+        lock.release()
+
+
+def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None = None) -> Path:
+    """Download what the plan lists that is not in the cache yet; return the local path."""
+    import httpx2
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    reporter = reporter or QuietReporter()
+    folder = repo_folder(plan.repo_id)
+    snapshot = folder / "snapshots" / plan.commit
+
+    def missing(f: RemoteFile) -> int:
+        blob = folder / "blobs" / f.etag
+        if blob.is_file():
+            return 0
+        part = blob.with_name(blob.name + ".incomplete")
+        return f.size - min(part.stat().st_size, f.size) if part.exists() else f.size
+
+    todo = sum(missing(f) for f in plan.files)
+    free = free_bytes(folder)
+    if todo > free:
+        raise UserError(f"not enough disk space for {plan.repo_id}: {human(todo)} to download, "
+                        f"{human(free)} free in {cache_root()}")
+    headers = build_hf_headers(token=token)
+    session = get_session()
+    reporter.start(plan, todo)
+    current = None
+    try:
+        for f in plan.files:
+            current = f
+            fetched = _fetch_one(session, plan, f, headers, reporter)  # checks for the blob under its lock
+            _link(folder / "blobs" / f.etag, snapshot / f.path)
+            reporter.file_done(f, skipped=not fetched)
+    except KeyboardInterrupt:
+        reporter.close()
+        raise UserError(f"interrupted; run `llm pull {_resume_spec(plan)}` to resume "
+                        "from the bytes already downloaded", exit_code=130) from None
+    except UserError:
+        reporter.close()
+        raise
+    except OSError as e:
+        reporter.close()
+        if getattr(e, "errno", None) == 28:  # ENOSPC
+            raise UserError(f"disk full while writing {current.path}; free some space and run "
+                            f"`llm pull {_resume_spec(plan)}` to resume") from None
+        raise UserError(f"could not write {current.path} into {folder}: {e}") from None
+    except (httpx2.TransportError,) as e:
+        reporter.close()
+        raise UserError(f"connection lost while downloading {current.path} ({type(e).__name__}); run "
+                        f"`llm pull {_resume_spec(plan)}` to resume from the bytes already downloaded") from None
+    except Exception as e:
+        reporter.close()
+        raise _hub_error(e, plan.repo_id, plan.revision) from None
+    reporter.close()
+    if plan.revision != plan.commit:
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        ref = folder / "refs" / plan.revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref.with_name(ref.name + f".{os.getpid()}.tmp")
+        tmp.write_text(plan.commit)
+        os.replace(tmp, ref)
+    return snapshot / plan.result if plan.result else snapshot
+
+
+def _resume_spec(plan: PullPlan) -> str:
+    if plan.gguf:
+        return f"{plan.repo_id} --file {plan.result}" + (f" --revision {plan.revision}" if plan.revision != "main" else "")
+    return plan.repo_id + (f":{plan.revision}" if plan.revision != "main" else "")
+
+
+def offline_path(spec: str, revision: str | None = None) -> Path | None:
+    """What a pull would return from the cache alone (used in offline mode)."""
+    from llmcli.store import find_cached
+
+    try:
+        return find_cached(spec, revision=revision)
+    except UserError:
+        return None
