@@ -1,10 +1,206 @@
-"""Placeholder commands until their issue lands."""
+"""`llm estimate MODEL`: exact parameters, memory, KV cache, FLOPs and GPU fit from the config alone.
+
+This module only finds the config (directory, config.json, .gguf metadata or a Hub repo's config.json),
+parses flags and renders; every number comes from llmcli.estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
 
 from llmcli.cli import app
 from llmcli.errors import UserError
 
+DEFAULT_CONTEXT = 4096  # capped at the model's max_position_embeddings
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
 
-@app.command("estimate")
-def estimate(model: str = None) -> None:
-    """Estimate parameters, memory and what fits a GPU."""
-    raise UserError("llm estimate is not yet implemented", exit_code=2)
+EXAMPLES = """
+[bold]Examples[/bold]
+
+  llm estimate meta-llama/Meta-Llama-3-8B --gpu RTX-4090 --dtype int4
+  llm estimate ./Mixtral-8x7B -c 32768 -b 4 --kv-dtype fp8 --gpu H100-80GB
+  llm estimate model.Q4_K_M.gguf --json
+  llm estimate deepseek-ai/DeepSeek-V3 --dtype int4 --gpu-memory 640 --explain
+"""
+
+
+def _hub_config(spec: str) -> Path:
+    """config.json of a Hub repo (REPO or REPO:REVISION), from the cache when offline."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    repo, _, rev = spec.partition(":")
+    try:
+        return Path(hf_hub_download(repo, "config.json", revision=rev or None))
+    except GatedRepoError:
+        raise UserError(f"{repo} is gated: accept its license on huggingface.co and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"no Hub repository {repo!r} (or it is private)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{repo} has no revision {rev!r}") from None
+    except EntryNotFoundError:
+        raise UserError(f"{spec} has no config.json") from None
+    except LocalEntryNotFoundError:
+        raise UserError(f"cannot reach the Hub and {spec}'s config.json is not in the local cache") from None
+    except HFValidationError as e:
+        raise UserError(f"{spec!r} is not a valid Hub repo id: {e}") from None
+    except OSError as e:  # network and HTTP errors
+        raise UserError(f"could not fetch {spec}'s config.json: {str(e).splitlines()[0]}") from None
+
+
+def load_model_config(spec: str):
+    """(ModelConfig, where it came from) for a directory, config.json, .gguf file or Hub repo id."""
+    from llmcli.config import load_config
+
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return load_config(p), str(p)
+    if p.is_file():
+        if p.suffix == ".gguf":
+            from llmcli.gguf import load_gguf_config  # lazy: pulls in the gguf reader
+
+            try:
+                return load_gguf_config(p), str(p)
+            except UserError:
+                raise
+            except Exception as e:  # a truncated or foreign file
+                raise UserError(f"{p} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+        if p.suffix == ".json":
+            return load_config(p), str(p)
+        raise UserError(f"{spec} is neither a model directory, a config.json nor a .gguf file")
+    if _REPO_ID.match(spec) and not spec.endswith((".json", ".gguf")) and not spec.startswith((".", "~")):
+        return load_config(_hub_config(spec)), spec
+    raise UserError(f"{spec}: no such file or directory (and not a Hub repo id)")
+
+
+def quantized_dtype(cfg) -> tuple[str | None, int | None, bool]:
+    """(dtype, group size, quantize_embeddings) a checkpoint's quantization_config implies; None: not quantized."""
+    qc = cfg.raw.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method == "bitsandbytes":
+        if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
+            return "nf4", None, False
+        if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+            return "int8", None, False
+    elif method in ("llmcli", "gptq", "awq") and qc.get("bits") in (4, 8):
+        if qc.get("method") == "nf4":
+            return "nf4", None, False
+        return ("int8" if qc["bits"] == 8 else "int4"), qc.get("group_size"), bool(qc.get("quantize_embeddings"))
+    return None, None, False
+
+
+def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
+    v = value.lower()
+    if v not in allowed:
+        raise UserError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+    return v
+
+
+def _render(est, cfg, source: str, gpu_label: str | None, notes: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmcli.estimate import fmt_bytes
+
+    def n(x: int) -> str:
+        return f"{x:,}"
+
+    t = Table(title=f"{source}  ({cfg.family}, {cfg.num_layers} layers, d={cfg.hidden_size})", title_justify="left")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_column("", style="dim")
+    t.add_row("parameters", n(est.params_total), f"{est.params_total / 1e9:.2f}B")
+    if est.params_active != est.params_total:
+        t.add_row("active per token", n(est.params_active), f"{est.params_active / 1e9:.2f}B")
+    t.add_row("embedding / non-embedding", f"{n(est.params_embedding)} / {n(est.params_non_embedding)}", "")
+    dt = est.dtype + (f" g{est.group_size}" if est.group_size else "")
+    t.add_row(f"weights ({dt})", fmt_bytes(est.weight_bytes), n(est.weight_bytes) + " B")
+    t.add_row(f"KV cache per token ({est.kv_dtype})", fmt_bytes(est.kv_bytes_per_token), n(est.kv_bytes_per_token) + " B")
+    t.add_row(f"KV cache ({est.context} tokens x {est.batch})", fmt_bytes(est.kv_bytes), n(est.kv_bytes) + " B")
+    t.add_row("activations / workspace", fmt_bytes(est.activation_bytes), n(est.activation_bytes) + " B")
+    t.add_row("[bold]total[/bold]", f"[bold]{fmt_bytes(est.total_bytes)}[/bold]", n(est.total_bytes) + " B")
+    t.add_row(f"FLOPs per token (at {est.context})", f"{est.flops_per_token / 1e9:.2f} G", n(est.flops_per_token))
+    if est.gpu_bytes is not None:
+        verdict = "[green]fits[/green]" if est.fits else "[red]does not fit[/red]"
+        t.add_row(f"{gpu_label} ({fmt_bytes(est.usable_bytes)} usable)", verdict, "")
+        t.add_row(f"max context at batch {est.batch}", n(est.max_context),
+                  "model limit" if est.max_context == cfg.max_position_embeddings else "")
+        t.add_row(f"max batch at context {est.context}", n(est.max_batch), "")
+    console = Console()
+    console.print(t)
+    for note in notes:
+        console.print(f"[dim]note: {note}[/dim]")
+
+
+@app.command("estimate", epilog=EXAMPLES)
+def estimate(
+    model: Optional[str] = typer.Argument(None, help="Model directory, config.json, .gguf file or Hub repo id "
+                                                     "(REPO[:REVISION]); default: the built-in model."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights: fp32, bf16, fp16, int8, int4, nf4. "
+                                        "Default: the checkpoint's quantization, else bf16."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="int4 group size: 32, 64 or 128 (default 128, or the checkpoint's)."),
+    quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings",
+                                             help="Also quantize lm_head (otherwise embeddings stay 16-bit)."),
+    context: Optional[int] = typer.Option(None, "--context", "-c", help=f"Tokens per sequence. Default: "
+                                          f"{DEFAULT_CONTEXT}, or the model's maximum if smaller."),
+    batch: int = typer.Option(1, "--batch", "-b", help="Sequences held at once."),
+    kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache: fp32, bf16, fp16, fp8."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU from the built-in table (e.g. H100-80GB, RTX-4090)."),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GPU memory in GiB instead of --gpu."),
+    explain: bool = typer.Option(False, "--explain", help="Show every formula with the numbers plugged in."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Exact parameters, weight memory, KV cache, FLOPs and GPU fit, from the config alone (no weights read)."""
+    from llmcli import estimate as E
+    from llmcli.gpus import GIB, find_gpu
+
+    if model is None:
+        from llmcli.default_model import default_model_path
+
+        model = str(default_model_path(fetch=False))
+    cfg, source = load_model_config(model)
+
+    q_dtype, q_group, q_emb = quantized_dtype(cfg)
+    dtype = _choice(dtype, E.WEIGHT_DTYPES, "--dtype") if dtype else (q_dtype or "bf16")
+    kv_dtype = _choice(kv_dtype, E.KV_DTYPES, "--kv-dtype")
+    group_size = group_size or q_group or 128
+    if group_size not in (32, 64, 128):
+        raise UserError(f"--group-size must be 32, 64 or 128, not {group_size}")
+    if context is None:
+        context = min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
+    if context < 1 or batch < 1:
+        raise UserError("--context and --batch must be at least 1")
+    if gpu and gpu_memory is not None:
+        raise UserError("give --gpu or --gpu-memory, not both")
+    gpu_bytes, gpu_label = None, None
+    if gpu:
+        g = find_gpu(gpu)
+        gpu_bytes, gpu_label = g.memory_bytes, g.name
+    elif gpu_memory is not None:
+        if gpu_memory <= 0:
+            raise UserError("--gpu-memory must be a positive number of GiB")
+        gpu_bytes, gpu_label = int(gpu_memory * GIB), f"{gpu_memory:g} GiB"
+
+    opts = E.Options(dtype=dtype, group_size=group_size, quantize_embeddings=quantize_embeddings or q_emb,
+                     context=context, batch=batch, kv_dtype=kv_dtype, gpu_bytes=gpu_bytes)
+    est = E.estimate(cfg, opts)
+    notes = []
+    if context > cfg.max_position_embeddings:
+        notes.append(f"context {context} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+    if as_json:
+        d = {"model": source, **est.to_dict(), "max_position_embeddings": cfg.max_position_embeddings}
+        if gpu_label:
+            d["gpu"] = gpu_label
+        if explain:
+            d["explain"] = E.explain(cfg, opts, est)
+        typer.echo(json.dumps(d, indent=2))
+        return
+    _render(est, cfg, source, gpu_label, notes)
+    if explain:
+        typer.echo("\n".join(E.explain(cfg, opts, est)))
