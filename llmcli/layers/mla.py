@@ -11,9 +11,16 @@ W_UV [dv, r]:
     out_h(t)      = sum_s p_h(t, s) W_UV_h c(s) = W_UV_h (sum_s p_h(t, s) c(s))
 so it is one-KV-head attention whose key is the cached row itself and whose value is its first r values;
 nothing is up-projected per cached token, and each step reads kv_lora_rank + qk_rope_head_dim values per token.
+
+Long query chunks (prefill) instead up-project the context to per-head K/V once ("expanded" form): per context
+token that costs r * h * (dn + dv) multiply-adds but makes every (query, key) pair cost h * (dn + dr + dv)
+instead of h * (2r + dr); it wins once the chunk has more than r (dn + dv) / (2r - dn - dv) queries
+(170 for DeepSeek-V3's shapes).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +64,8 @@ class MLAttention(nn.Module):
         self.interleaved = c.rope_interleave
         self.scale = c.softmax_scale  # includes yarn's mscale^2 when the checkpoint asks for it
         self.kv_cache: torch.Tensor | None = None  # [blocks, block_size, rank + rope], set by the model runner
+        gain = 2 * self.rank - self.nope - self.v_dim  # per-pair saving of the expanded form, per head
+        self.expand_from = math.floor(self.rank * (self.nope + self.v_dim) / gain) + 1 if gain > 0 else 1 << 62
 
     def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj as per-head W_UK [h, dn, r] and W_UV [h, dv, r]."""
@@ -97,6 +106,19 @@ class MLAttention(nn.Module):
         out = torch.einsum("bhqr,hvr->bqhv", out, w_uv).reshape(b, ql, self.num_heads * self.v_dim)
         return self.o_proj(out)
 
+    def attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: torch.Tensor,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+        """Same result as attend(), computed with per-head K/V up-projected from the cached latents."""
+        b, ql = q_nope.shape[:2]
+        kl, h = ctx.shape[1], self.num_heads
+        kv = self.kv_b_proj(ctx[..., :self.rank]).view(b, kl, h, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, ctx[..., self.rank:].unsqueeze(2).expand(b, kl, h, self.rope)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, scale=self.scale)  # [B, h, Q, dv]
+        return self.o_proj(out.transpose(1, 2).reshape(b, ql, h * self.v_dim))
+
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         b, ql, _ = x.shape
         cos, sin = meta.rope["global"]
@@ -106,4 +128,6 @@ class MLAttention(nn.Module):
         cache.view(-1, width).index_copy_(0, meta.slot_mapping, rows.reshape(b * ql, width).to(cache.dtype))
         view = meta.views[None]  # MLA models have no sliding window
         ctx = cache[view.block_tables].view(b, -1, width)[:, view.start:view.end]
+        if ql >= self.expand_from:
+            return self.attend_expanded(q_nope, q_rope, ctx, view.mask)
         return self.attend(q_nope, q_rope, ctx, view.mask)

@@ -101,8 +101,12 @@ def _selected_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
 
 
 def _grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                     down: torch.Tensor, act: Callable) -> torch.Tensor:
-    """Many tokens: sort the (token, expert) pairs by expert and run one grouped matmul per projection."""
+                     down: torch.Tensor, act: Callable, grouped_mm: bool) -> torch.Tensor:
+    """Sort the (token, expert) pairs by expert, run each expert once on its contiguous run of tokens.
+
+    grouped_mm: one torch._grouped_mm per projection (no host sync; empty groups cost nothing). Otherwise a
+    loop over the experts that received tokens (never over tokens), indexing the stacked weights in place.
+    """
     t, k = ids.shape
     e = gate_up.shape[0]
     flat = ids.reshape(-1)
@@ -110,15 +114,14 @@ def _grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     token = order // k  # source token of each sorted pair
     counts = torch.bincount(flat, minlength=e)
     xs = x.index_select(0, token)
-    if _grouped_mm_ok(x, gate_up):
+    if grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
         h = gated(act, torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs))
         y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)
-    else:  # a loop over the experts that have tokens (never over tokens); one host sync for the counts
-        parts = []
-        for j, (xj, n) in enumerate(zip(xs.split(counts.tolist()), counts.tolist())):
-            if n:
-                parts.append(F.linear(gated(act, F.linear(xj, gate_up[j])), down[j]))
+    else:
+        sizes = counts.tolist()  # one host sync per layer
+        parts = [F.linear(gated(act, F.linear(xj, gate_up[j])), down[j])
+                 for j, xj in enumerate(xs.split(sizes)) if sizes[j]]
         y = torch.cat(parts)
     y = y * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(y.dtype)
     return torch.zeros_like(x).index_add_(0, token, y)
@@ -126,10 +129,20 @@ def _grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
 
 def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                     down: torch.Tensor, act: Callable) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for x [T, H]; gate_up [E, 2I, H], down [E, H, I]."""
-    if x.shape[0] == 1:
-        return _selected_experts(x, ids, weights, gate_up, down, act)
-    return _grouped_experts(x, ids, weights, gate_up, down, act)
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for x [T, H]; gate_up [E, 2I, H], down [E, H, I].
+
+    Every path reads only the experts that some token selected.
+    CUDA: grouped matmul (graph-safe, no sync); without a kernel for this GPU/dtype, batch-1 decode gathers
+    its k experts (still no sync) and larger batches loop over the active experts.
+    CPU: the active-expert loop; a host sync is free there and it avoids copying weights (measured on
+    E=64, H=2048, I=1408, k=6: as fast as _grouped_mm, 25% faster than the gather at one token).
+    """
+    if x.is_cuda:
+        if _grouped_mm_ok(x, gate_up):
+            return _grouped_experts(x, ids, weights, gate_up, down, act, grouped_mm=True)
+        if x.shape[0] == 1:
+            return _selected_experts(x, ids, weights, gate_up, down, act)
+    return _grouped_experts(x, ids, weights, gate_up, down, act, grouped_mm=False)
 
 
 # ---- modules -----------------------------------------------------------------------------------------------
