@@ -120,9 +120,9 @@ def test_router_matches_and_usage_counts(hf_models, family):
         m(x[:20])
         m(x[20:21])
         m(x[21:])
-    assert expert_usage(m) == [torch.bincount(ref_ids.reshape(-1), minlength=cfg.num_experts).tolist()]
+    assert m.usage.tolist() == torch.bincount(ref_ids.reshape(-1), minlength=cfg.num_experts).tolist()
     reset_expert_usage(m)
-    assert expert_usage(m) == [[0] * cfg.num_experts]
+    assert m.usage.tolist() == [0] * cfg.num_experts
 
 
 def test_deepseek_v3_correction_bias_steers_selection_only(hf_models):
@@ -255,6 +255,6 @@ def test_engine_usage_counts_cover_every_routed_token(hf_models):
     prompt = _prompt(9, seed=9)
     eng.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     usage = expert_usage(ours)
-    assert len(usage) == sum(cfg.moe_layers) == cfg.num_layers - 1  # mlp_only_layers=[1] is dense
+    assert sorted(usage) == [0, 2]  # mlp_only_layers=[1] is dense
     computed = len(prompt) + 6 - 1  # the last sampled token is never fed back
-    assert all(sum(u) == computed * cfg.num_experts_per_tok for u in usage)
+    assert all(sum(u) == computed * cfg.num_experts_per_tok for u in usage.values())

@@ -77,8 +77,9 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     key = (x.device.type, x.dtype)
     if key not in _GROUPED_MM_OK:
         try:
+            # same operand layout as the real call: stacked [E, out, in] weights viewed as [E, in, out]
             a = torch.zeros(16, w.shape[-1], device=x.device, dtype=x.dtype)
-            b = torch.zeros(2, w.shape[-1], 16, device=x.device, dtype=x.dtype)
+            b = torch.zeros(2, 16, w.shape[-1], device=x.device, dtype=x.dtype).transpose(1, 2)
             torch._grouped_mm(a, b, offs=torch.tensor([8, 16], device=x.device, dtype=torch.int32))
             _GROUPED_MM_OK[key] = True
         except (RuntimeError, NotImplementedError, TypeError):
@@ -139,7 +140,10 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
     """
     if x.is_cuda:
         if _grouped_mm_ok(x, gate_up):
-            return _grouped_experts(x, ids, weights, gate_up, down, act, grouped_mm=True)
+            try:
+                return _grouped_experts(x, ids, weights, gate_up, down, act, grouped_mm=True)
+            except RuntimeError:  # a shape the kernel rejects (alignment): fall back for good
+                _GROUPED_MM_OK[(x.device.type, x.dtype)] = False
         if x.shape[0] == 1:
             return _selected_experts(x, ids, weights, gate_up, down, act)
     return _grouped_experts(x, ids, weights, gate_up, down, act, grouped_mm=False)
@@ -261,9 +265,12 @@ class MoE(nn.Module):
             return True
 
 
-def expert_usage(model: nn.Module) -> list[list[int]]:
-    """Per sparse layer (in model order), how many tokens each expert received since reset_expert_usage."""
-    return [m.usage.tolist() for m in model.modules() if isinstance(m, MoE)]
+def expert_usage(model: nn.Module) -> dict[int, list[int]]:
+    """{layer index: tokens routed to each expert} for every sparse layer, since reset_expert_usage.
+
+    The router statistics `llm run --json` reports; {} for a dense model."""
+    layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else []
+    return {i: layer.mlp.usage.tolist() for i, layer in enumerate(layers) if isinstance(getattr(layer, "mlp", None), MoE)}
 
 
 def reset_expert_usage(model: nn.Module) -> None:
