@@ -151,3 +151,31 @@ def test_absorbed_and_expanded_forms_agree(pair):
         for m in (None, mask):
             torch.testing.assert_close(attn.attend(q_nope, q_rope, ctx, m),
                                        attn.attend_expanded(q_nope, q_rope, ctx, m), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_kv_b_proj(pair):
+    """With kv_b_proj swapped for llmcli.quant's Int8Linear, both attention forms use its dequantized matrix."""
+    import copy
+
+    from llmcli.quant.int8 import dequantize_int8, quantize_int8
+    from llmcli.quant.linear import Int8Linear
+
+    _, _, eng = pair("v3")
+    dense = copy.deepcopy(eng.model.model.layers[1].self_attn)
+    quant = copy.deepcopy(dense)
+    q, s = quantize_int8(dense.kv_b_proj.weight.detach())
+    qlin = Int8Linear(dense.kv_b_proj.in_features, dense.kv_b_proj.out_features)
+    with torch.no_grad():
+        qlin.qweight.copy_(q)
+        qlin.scales.copy_(s)
+        dense.kv_b_proj.weight.copy_(dequantize_int8(q, s))
+    quant.kv_b_proj = qlin
+    g = torch.Generator().manual_seed(1)
+    q_nope = torch.randn(1, 3, dense.num_heads, dense.nope, generator=g)
+    q_rope = torch.randn(1, 3, dense.num_heads, dense.rope, generator=g)
+    ctx = torch.randn(1, 9, dense.rank + dense.rope, generator=g)
+    with torch.no_grad():
+        ref = dense.attend(q_nope, q_rope, ctx, None)
+        torch.testing.assert_close(quant.attend(q_nope, q_rope, ctx, None), ref, rtol=1e-5, atol=1e-5)
+        # the expanded form runs the quantized module itself (bf16 kernel): close, not equal
+        torch.testing.assert_close(quant.attend_expanded(q_nope, q_rope, ctx, None), ref, rtol=2e-2, atol=2e-2)

@@ -64,16 +64,20 @@ class MLAttention(nn.Module):
         self.interleaved = c.rope_interleave
         self.scale = c.softmax_scale  # includes yarn's mscale^2 when the checkpoint asks for it
         self.kv_cache: torch.Tensor | None = None  # [blocks, block_size, rank + rope], set by the model runner
+        self._kv_b_dense: torch.Tensor | None = None  # dequantized kv_b_proj, when it is quantized
         gain = 2 * self.rank - self.nope - self.v_dim  # per-pair saving of the expanded form, per head
         self.expand_from = math.floor(self.rank * (self.nope + self.v_dim) / gain) + 1 if gain > 0 else 1 << 62
 
     def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj as per-head W_UK [h, dn, r] and W_UV [h, dv, r]."""
-        w = self.kv_b_proj.weight
-        if not torch.is_floating_point(w) or w.dim() != 2:
-            # a quantized replacement: its matrix is its response to the identity (no bias)
-            eye = torch.eye(self.rank, device=w.device, dtype=self.kv_a_layernorm.weight.dtype)
-            w = self.kv_b_proj(eye).t()
+        w = getattr(self.kv_b_proj, "weight", None)
+        if not (isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 2):
+            # A quantized kv_b_proj (llmcli.quant): the absorbed form needs the matrix itself, so dequantize it
+            # once. It is small next to the experts (r x h (dn + dv) per layer).
+            if self._kv_b_dense is None:
+                dt = self.kv_a_layernorm.weight.dtype
+                self._kv_b_dense = self.kv_b_proj.dequantize(dt).to(self.kv_a_layernorm.weight.device)
+            w = self._kv_b_dense
         w = w.view(self.num_heads, self.nope + self.v_dim, self.rank)
         return w[:, :self.nope], w[:, self.nope:]
 
