@@ -28,13 +28,16 @@ class ModelRunner:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.scratch_block = num_blocks  # one extra block takes the writes of padding tokens
         # zeros, not empty: masked-out keys must still be finite or they turn softmax into NaN
-        self.caches = []
-        for i, layer in enumerate(model.model.layers):
-            cache = torch.zeros(num_blocks + 1, block_size, config.kv_values_per_token(i),
-                                dtype=self.dtype, device=self.device)
-            layer.self_attn.kv_cache = cache
-            self.caches.append(cache)
+        self.caches = [torch.zeros(num_blocks + 1, block_size, config.kv_values_per_token(i),
+                                   dtype=self.dtype, device=self.device) for i in range(config.num_layers)]
+        self._bind()
         self.windows = sorted({config.layer_window(i) for i in range(config.num_layers)}, key=lambda w: w or 0)
+
+    def _bind(self) -> None:
+        """Point each attention module at this runner's cache (several engines may share one model)."""
+        for layer, cache in zip(self.model.model.layers, self.caches):
+            layer.self_attn.kv_cache = cache
+        self.model._cache_owner = self
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for src, dst in copies:
@@ -105,6 +108,8 @@ class ModelRunner:
             valid = torch.arange(qmax, device=dev)[None, :] < qlens[:, None]
             slots = tables.gather(1, positions // bs) * bs + positions % bs
             slots = torch.where(valid, slots, self.scratch_block * bs).reshape(-1)
+        if getattr(self.model, "_cache_owner", None) is not self:
+            self._bind()
         self.model.ensure_positions(max(ends), dev, self.dtype)
         meta = AttentionMetadata(positions=positions, slot_mapping=slots,
                                  views=self._views(tables, positions, starts, ends))
