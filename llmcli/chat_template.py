@@ -45,7 +45,7 @@ def compile_template(source: str):
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise UserError(f"chat template has a syntax error: {e.message} (line {e.lineno})") from None
+        raise UserError(f"chat template has a syntax error: {' '.join(str(e.message).split())} (line {e.lineno})") from None
 
 
 def render_chat_template(source: str, messages: list[dict], *, add_generation_prompt: bool = True,
@@ -73,7 +73,14 @@ def render_chat_template(source: str, messages: list[dict], *, add_generation_pr
     except UserError:
         raise
     except jinja2.TemplateError as e:
-        raise UserError(f"chat template failed: {e}") from None
+        raise UserError(f"chat template failed: {_one_line(e)}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as e:
+        # The template's own code choked on these messages (e.g. tojson of a missing field).
+        raise UserError(f"chat template failed on these messages: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def pick_template(template: str | list | dict | None, name: str | None = None, tools: bool = False) -> str | None:

@@ -206,13 +206,9 @@ def _from_dir(d: Path) -> Tokenizer:
     if missing:
         backend.add_tokens(missing)
 
-    add_bos, add_eos = bool(tc.get("add_bos_token", False)), bool(tc.get("add_eos_token", False))
-    # transformers v5 rebuilds the post-processor only when the config says add_bos/add_eos explicitly
-    # (or there is none); otherwise tokenizer.json's own (which may already add BOS, as Llama 3's does) rules.
-    if "add_bos_token" in tc or "add_eos_token" in tc or backend.post_processor is None:
-        backend.post_processor = _template_processor(special.get("bos_token") if add_bos else None,
-                                                     special.get("eos_token") if add_eos else None, backend)
-    add_bos = add_bos or _post_processor_adds_bos(backend, special.get("bos_token"))
+    # tokenizer.json's post-processor alone decides whether encode() adds BOS/EOS: transformers v5 ignores
+    # tokenizer_config's add_bos_token/add_eos_token when a tokenizer.json exists, and so do we.
+    add_bos = _post_processor_adds_bos(backend, special.get("bos_token"))
 
     # Chat template: chat_template.jinja beats chat_template.json beats tokenizer_config.json.
     template: Any = tc.get("chat_template")
