@@ -397,55 +397,72 @@ def _gguf_bpe(meta: dict[str, Any]):
 
 
 def _gguf_spm(meta: dict[str, Any]):
-    """SentencePiece BPE (llama/mistral/gemma style): '▁' for spaces, byte fallback <0xNN> tokens.
+    """SentencePiece BPE (llama/mistral/gemma/phi3 style): '▁' for spaces, <0xNN> byte-fallback tokens.
 
-    GGUF stores scores, not merges; the merges are every pair (a, b) whose concatenation is a vocab
-    entry, ranked by that entry's score (highest first), which is how SentencePiece BPE picks merges.
+    Built the way transformers builds it from the same file (LlamaTokenizer; GemmaTokenizer and phi3's
+    normalizer for those architectures) so ids agree. GGUF stores scores, not merges: every split (a, b)
+    of a vocab entry into two vocab entries is a merge, ranked by that entry's score, best first.
     """
-    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    arch = meta.get("general.architecture", "llama")
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     scores: list[float] = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    vocab = {}
+    gemma = arch in ("gemma", "gemma2", "gemma3")
+    if gemma:  # gemma files store runs of spaces as real spaces; the model spells them with '▁'
+        tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        scores = [-float(i) for i in range(len(tokens))]  # gemma's merge order is file order, not its scores
+    vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
     merges = meta.get("tokenizer.ggml.merges")
-    if merges:
-        merges = [tuple(m.split(" ", 1)) for m in merges]
-    else:
-        merges = _merges_from_scores(tokens, types, scores, vocab)
-    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True,
-                                 dropout=None))
+    merges = [tuple(m.split(" ", 1)) for m in merges] if merges else _merges_from_scores(tokens, scores, vocab)
+
     add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    norm = [normalizers.Replace(" ", "▁")]
-    if add_prefix:
-        norm.insert(0, normalizers.Prepend("▁"))
-    backend.normalizer = normalizers.Sequence(norm)
-    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_prefix:
-        dec.append(decoders.Strip(content=" ", left=1, right=0))
-    backend.decoder = decoders.Sequence(dec)
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)]
+    if gemma:
+        unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+        unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True,
+                                     dropout=None))
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+        if arch == "phi3":  # phi3 prefixes '▁' with a normalizer (so after every special token too)
+            backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        else:
+            backend.pre_tokenizer = pre_tokenizers.Metaspace(
+                replacement="▁", prepend_scheme="first" if add_prefix else "never", split=False)
+        dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_prefix or arch == "phi3":
+            dec.append(decoders.Strip(content=" ", left=1, right=0))
+        backend.decoder = decoders.Sequence(dec)
+
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    special = [AddedToken(t, special=True, normalized=False)
+               for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL or i == unk_id]
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
-    if control:
-        backend.add_special_tokens(control)
+    if special:
+        backend.add_special_tokens(special)
     if user:
         backend.add_tokens(user)
     return backend
 
 
-def _merges_from_scores(tokens: list[str], types: list[int], scores: list[float], vocab: dict[str, int]):
-    ranked = []
-    for t, ty, s in zip(tokens, types, scores):
-        if ty != NORMAL or len(t) < 2:
+def _merges_from_scores(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    # Same ranking as transformers' generate_merges: by score (best first), then longer left and right
+    # parts first; ties keep vocabulary order (the sort is stable).
+    found = []
+    seen = set()
+    for t, s in zip(tokens, scores):
+        if t in seen:
             continue
-        for k in range(1, len(t)):
-            a, b = t[:k], t[k:]
-            if a in vocab and b in vocab:
-                ranked.append((-s, vocab[a], vocab[b], a, b))
-    ranked.sort()
-    return [(a, b) for _, _, _, a, b in ranked]
+        seen.add(t)
+        local = [(t[:k], t[k:], s) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        found.extend(local)
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in found]

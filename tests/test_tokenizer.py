@@ -360,3 +360,60 @@ def test_template_errors_are_user_errors():
         render_chat_template("{{ ''.__class__.__mro__ }}", [{"role": "user", "content": "x"}])  # sandbox
     with pytest.raises(UserError, match="empty"):
         render_chat_template("x", [])
+
+
+# ---- SentencePiece-style GGUF vocabularies ------------------------------------------------------------------
+
+
+def _write_spm_gguf(path, arch: str, add_space_prefix: bool | None):
+    """A small but real SentencePiece-BPE vocabulary: bytes, control tokens, and every substring (up to 5
+    characters) of a training text's words with '▁' marking word starts, scored by frequency."""
+    import collections
+
+    import gguf
+    import numpy as np
+
+    text = " ".join(CORPUS[:12]) + " the then there hello help world word worn"
+    counts: collections.Counter = collections.Counter()
+    for word in text.split():
+        w = "▁" + word
+        for i in range(len(w)):
+            for j in range(i + 1, min(len(w), i + 5) + 1):
+                counts[w[i:j]] += 1
+    special = ["<unk>", "<s>", "</s>"]
+    pieces = [p for p, _ in counts.most_common() if p not in special]
+    rng = np.random.default_rng(0)
+    tokens = special + [f"<0x{b:02X}>" for b in range(256)] + ["<tool>"] + pieces
+    types = [2, 3, 3] + [6] * 256 + [4] + [1] * len(pieces)
+    scores = [0.0] * 260 + [-float(i) - rng.random() * 0.5 for i in range(len(pieces))]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    if add_space_prefix is not None:
+        w.add_add_space_prefix(add_space_prefix)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2"])
+def test_spm_gguf_matches_transformers(arch, tmp_path):
+    from transformers import AutoTokenizer
+
+    path = tmp_path / f"{arch}.gguf"
+    _write_spm_gguf(path, arch, None)
+    ours = Tokenizer.from_gguf(path)
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    texts = CORPUS + ["<s>hello</s> world<tool>x", "<unk> the  there"]
+    for text in texts:
+        for add in (True, False):
+            want = ref.encode(text, add_special_tokens=add)
+            assert ours.encode(text, add_special_tokens=add) == want, (text, add)
+            assert ours.decode(want) == ref.decode(want), text
+        deltas, tail = _stream(ours, ref.encode(text, add_special_tokens=False))
+        assert "".join(deltas) + tail == ref.decode(ref.encode(text, add_special_tokens=False))
+    assert ours.add_bos_token and ours.bos_token_id == 1 and 2 in ours.eos_token_ids
