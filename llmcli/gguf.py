@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -54,43 +56,176 @@ _PERMUTED_QK = ("llama",)
 # ---- opening and metadata -------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def _reader(path: str, mtime_ns: int, size: int):
-    # Parsing the header of a big vocab takes ~2 s; cache per file version (mtime/size in the key).
+# A small reader of our own: gguf.GGUFReader builds a numpy view per array element, which takes seconds
+# for a 50k-token vocabulary (and that is on the `llm run` startup path). Here the header is parsed with
+# struct into plain Python values and tensors are numpy views of one read-only memory map, laid out
+# exactly as GGUFReader lays them out (so gguf.quants.dequantize accepts them).
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class GGUFField:
+    """One metadata value; contents() mirrors gguf.ReaderField.contents()."""
+
+    value: Any
+
+    def contents(self) -> Any:
+        return self.value
+
+
+@dataclass
+class GGUFTensorInfo:
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: np.ndarray  # GGUF order: innermost dimension first (as gguf.ReaderTensor.shape)
+    n_elements: int
+    n_bytes: int
+    data_offset: int  # absolute offset in the file
+    data: np.ndarray  # rows-first view; uint8 blocks for quantized types and BF16
+
+
+@dataclass
+class GGUFFile:
+    path: str
+    version: int
+    fields: dict[str, GGUFField]
+    tensors: list[GGUFTensorInfo]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {k: f.value for k, f in self.fields.items()}
+
+
+class _Cursor:
+    def __init__(self, buf, size: int):
+        self.buf, self.size, self.pos = buf, size, 0
+
+    def scalar(self, fmt: str):
+        v = struct.unpack_from("<" + fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.scalar("Q")
+        if self.pos + n > self.size:
+            raise ValueError("string runs past the end of the file")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, count = self.scalar("I"), self.scalar("Q")
+            if count > self.size:  # every element takes at least a byte: garbage length
+                raise ValueError(f"array of {count} elements in a {self.size}-byte file")
+            if itype in _NUMPY:  # numeric arrays in one go
+                dt = np.dtype(_NUMPY[itype]).newbyteorder("<")
+                end = self.pos + count * dt.itemsize
+                if end > self.size:
+                    raise ValueError("array runs past the end of the file")
+                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
+                self.pos = end
+                return arr.tolist()
+            return [self.value(itype) for _ in range(count)]
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def _parse(path: str) -> GGUFFile:
+    import mmap
+
     import gguf
 
-    return gguf.GGUFReader(path, "r")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise ValueError("file too short")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if mm[:4] != b"GGUF":
+        raise ValueError("no GGUF magic")
+    cur = _Cursor(mm, size)
+    cur.pos = 4
+    version = cur.scalar("I")
+    if version not in (2, 3):
+        if version & 0xFFFF == 0:
+            raise ValueError("big-endian GGUF files are not supported")
+        raise ValueError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = cur.scalar("Q"), cur.scalar("Q")
+    if n_tensors > size or n_kv > size:
+        raise ValueError("corrupt header counts")
+    fields: dict[str, GGUFField] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        fields[key] = GGUFField(cur.value(cur.scalar("I")))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.scalar("I")
+        if n_dims > 8:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions")
+        dims = [cur.scalar("Q") for _ in range(n_dims)]
+        infos.append((name, dims, cur.scalar("I"), cur.scalar("Q")))
+    align = int(fields["general.alignment"].value) if "general.alignment" in fields else 32
+    data_start = -(-cur.pos // align) * align
+
+    whole = np.frombuffer(mm, dtype=np.uint8)  # read-only view of the map; slices are zero-copy
+    tensors = []
+    for name, dims, type_id, offset in infos:
+        qtype = gguf.GGMLQuantizationType(type_id)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        n_el = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        n_bytes = n_el // block * type_size
+        start = data_start + offset
+        if start + n_bytes > size:
+            raise ValueError(f"tensor {name} runs past the end of the file (truncated download?)")
+        np_dims = list(reversed(dims))
+        raw = whole[start:start + n_bytes]
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                     gguf.GGMLQuantizationType.F64, gguf.GGMLQuantizationType.I8,
+                     gguf.GGMLQuantizationType.I16, gguf.GGMLQuantizationType.I32,
+                     gguf.GGMLQuantizationType.I64):
+            dt = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                  "I32": np.int32, "I64": np.int64}[qtype.name]
+            data = raw.view(dt).reshape(np_dims)
+        else:  # quantized and BF16: rows of whole blocks, as bytes
+            if np_dims[-1] % block:
+                raise ValueError(f"tensor {name}: row of {np_dims[-1]} is not a whole number of {qtype.name} blocks")
+            data = raw.reshape(*np_dims[:-1], np_dims[-1] // block * type_size)
+        tensors.append(GGUFTensorInfo(name, qtype, np.array(dims, dtype=np.uint64), n_el, n_bytes, start, data))
+    return GGUFFile(path, version, fields, tensors)
 
 
-def open_gguf(path: str | Path):
-    """A (cached) gguf.GGUFReader; UserError if the file is missing or not a valid GGUF."""
+@functools.lru_cache(maxsize=4)
+def _reader(path: str, mtime_ns: int, size: int) -> GGUFFile:
+    return _parse(path)  # cached per file version (mtime/size in the key)
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """The parsed (cached) GGUF header + memory-mapped tensors; UserError if missing or not a valid GGUF."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no GGUF file at {p}")
     st = p.stat()
     try:
         return _reader(str(p.resolve()), st.st_mtime_ns, st.st_size)
-    except Exception as e:  # the gguf package raises ValueError/struct errors/IndexError on garbage
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # struct.error, ValueError, KeyError... on garbage or truncated files
+        msg = " ".join(str(e).split()) or type(e).__name__
         raise UserError(f"{p} is not a valid GGUF file ({msg})") from None
 
 
 def gguf_metadata(path: str | Path) -> dict[str, Any]:
     """All key/value metadata as Python values (strings, numbers, lists)."""
-    reader = open_gguf(path)
-    return _metadata(reader)
-
-
-def _metadata(reader) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception as e:
-            raise UserError(f"GGUF metadata field {key!r} is corrupt ({e})") from None
-    return out
+    return open_gguf(path).metadata
 
 
 # ---- config -----------------------------------------------------------------------------------------
@@ -98,7 +233,7 @@ def _metadata(reader) -> dict[str, Any]:
 
 def load_gguf_config(path: str | Path) -> ModelConfig:
     reader = open_gguf(path)
-    meta = _metadata(reader)
+    meta = reader.metadata
     tensors = {t.name: t for t in reader.tensors}
     try:
         hf = gguf_to_hf_config(meta, tensors)
@@ -396,7 +531,7 @@ def iter_gguf_raw(path: str | Path) -> Iterator[RawTensor]:
     import gguf
 
     reader = open_gguf(path)
-    meta = _metadata_small(reader)
+    meta = reader.metadata
     tensors = {t.name: t for t in reader.tensors}
     hf = gguf_to_hf_config(meta, tensors)
     family = hf["model_type"]
@@ -439,12 +574,6 @@ def _split_experts(t, shape: tuple[int, ...], family: str, layer: int) -> Iterat
         proj = _EXPERTS[part]
     for e in range(shape[0]):
         yield RawTensor(f"{prefix}.{e}.{proj}.weight", t.tensor_type, shape[1:], t.data[e])
-
-
-def _metadata_small(reader) -> dict[str, Any]:
-    """Metadata without the big tokenizer arrays (not needed for weights; converting them costs time)."""
-    skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.") and k not in skip}
 
 
 def gguf_raw_tensor(path: str | Path, hf_name: str) -> RawTensor:

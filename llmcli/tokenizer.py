@@ -298,15 +298,7 @@ def _byte_alphabet() -> dict[int, str]:
 def _gguf_fields(path: Path) -> dict[str, Any]:
     from llmcli.gguf import open_gguf
 
-    reader = open_gguf(path)
-    out = {}
-    for k, f in reader.fields.items():
-        if k.startswith("tokenizer.") or k == "general.architecture":
-            try:
-                out[k] = f.contents()
-            except Exception as e:
-                raise UserError(f"{path}: GGUF field {k} is corrupt ({e})") from None
-    return out
+    return open_gguf(path).metadata
 
 
 def _from_gguf(path: Path) -> Tokenizer:

@@ -324,3 +324,20 @@ def test_unsupported_architecture(tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(UserError, match="unsupported GGUF architecture 'bert'"):
         load_gguf_config(p)
+
+
+def test_reader_matches_gguf_package(smollm2_gguf):
+    """Our header parser (fast path) must see exactly what gguf.GGUFReader sees."""
+    from llmcli.gguf import open_gguf
+
+    ours, ref = open_gguf(smollm2_gguf), gguf.GGUFReader(smollm2_gguf)
+    ref_fields = {k: f for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert set(ours.fields) == set(ref_fields)
+    for k, f in ref_fields.items():
+        assert ours.fields[k].contents() == f.contents(), k
+    assert len(ours.tensors) == len(ref.tensors)
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert (a.name, a.tensor_type, a.n_elements, a.n_bytes) == (b.name, b.tensor_type, b.n_elements, b.n_bytes)
+        assert a.shape.tolist() == b.shape.tolist()
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
+        assert np.array_equal(a.data, b.data), a.name
