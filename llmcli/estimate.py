@@ -120,8 +120,8 @@ def _layer(cfg: ModelConfig, i: int) -> list[Weights]:
     _mlp(cfg, out, "experts.", cfg.moe_intermediate_size, count=e, active=k)
     if cfg.shared_expert_intermediate_size:
         _mlp(cfg, out, "shared_expert.", cfg.shared_expert_intermediate_size)
-        if cfg.shared_expert_gate:
-            _linear(out, "shared_expert_gate", d, 1, False, role="router")
+    if cfg.shared_expert_gate or cfg.family == "qwen2_moe":  # transformers builds qwen2_moe's gate even unused
+        _linear(out, "shared_expert_gate", d, 1, False, role="router")
     return out
 
 
