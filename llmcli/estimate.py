@@ -10,7 +10,7 @@ No torch here: these are plain integer formulas and run instantly for 671B model
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from llmcli.config import ModelConfig
 
@@ -365,12 +365,9 @@ class Estimate:
     fits: bool | None = None
     max_context: int | None = None
     max_batch: int | None = None
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(d.pop("extra"))
-        return {k: v for k, v in d.items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def estimate(cfg: ModelConfig, opts: Options) -> Estimate:
@@ -535,9 +532,14 @@ def explain(cfg: ModelConfig, opts: Options, est: Estimate) -> list[str]:
     att = attention_flops(c, opts.context)
     lines.append(f"  2*active matmul weights (incl. lm_head) + attention = 2*{_n(mm)} + {_n(att)} = "
                  f"{_n(est.flops_per_token)}")
-    lines.append(f"  attention = 2*sum over layers of 2*H*head_dim*min(context, window) at context {opts.context}")
+    per_pos = (f"H*(qk_dim+v_dim) = {c.num_heads}*({c.qk_head_dim}+{c.v_head_dim})" if c.is_mla
+               else f"2*H*head_dim = 2*{c.num_heads}*{c.head_dim}")
+    lines.append(f"  attention = 2 * sum over layers of {per_pos} * min(context, window), at context {opts.context}")
     lines.append(f"  rule of thumb 2*N = {_n(2 * est.params_total)}: {_off(est.flops_per_token, 2 * est.params_total)}"
                  + (" (N counts idle experts)" if c.is_moe else ""))
+    if att > 0.1 * est.flops_per_token:
+        lines.append(f"    - attention over {opts.context} tokens is {100 * att / est.flops_per_token:.0f}% of the "
+                     "FLOPs and is not in 2*N")
 
     lines.append("ACTIVATIONS / WORKSPACE")
     t = min(opts.batch * opts.context, PREFILL_CHUNK)

@@ -41,7 +41,7 @@ def _hub_config(spec: str) -> Path:
     except GatedRepoError:
         raise UserError(f"{repo} is gated: accept its license on huggingface.co and log in (hf auth login)") from None
     except RepositoryNotFoundError:
-        raise UserError(f"no Hub repository {repo!r} (or it is private)") from None
+        raise UserError(f"{repo!r} is neither a local path nor a Hub repository (or the repo is private)") from None
     except RevisionNotFoundError:
         raise UserError(f"{repo} has no revision {rev!r}") from None
     except EntryNotFoundError:
