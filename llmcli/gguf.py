@@ -105,14 +105,17 @@ class _Cursor:
         self.buf, self.size, self.pos = buf, size, 0
 
     def scalar(self, fmt: str):
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            raise ValueError("the header runs past the end of the file (truncated download?)")
         v = struct.unpack_from("<" + fmt, self.buf, self.pos)[0]
-        self.pos += struct.calcsize(fmt)
+        self.pos += n
         return v
 
     def string(self) -> str:
         n = self.scalar("Q")
         if self.pos + n > self.size:
-            raise ValueError("string runs past the end of the file")
+            raise ValueError("a string runs past the end of the file (truncated download?)")
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         try:
@@ -133,7 +136,7 @@ class _Cursor:
                 dt = np.dtype(_NUMPY[itype]).newbyteorder("<")
                 end = self.pos + count * dt.itemsize
                 if end > self.size:
-                    raise ValueError("array runs past the end of the file")
+                    raise ValueError("an array runs past the end of the file (truncated download?)")
                 arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
                 self.pos = end
                 return arr.tolist()
@@ -149,7 +152,7 @@ def _parse(path: str) -> GGUFFile:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 24:
-            raise ValueError("file too short")
+            raise ValueError("too short to be one")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if mm[:4] != b"GGUF":
         raise ValueError("no GGUF magic")
@@ -220,7 +223,7 @@ def open_gguf(path: str | Path) -> GGUFFile:
         return _reader(str(p.resolve()), st.st_mtime_ns, st.st_size)
     except Exception as e:  # struct.error, ValueError, KeyError... on garbage or truncated files
         msg = " ".join(str(e).split()) or type(e).__name__
-        raise UserError(f"{p} is not a valid GGUF file ({msg})") from None
+        raise UserError(f"{p} is not a valid GGUF file: {msg}") from None
 
 
 def gguf_metadata(path: str | Path) -> dict[str, Any]:
