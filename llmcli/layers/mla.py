@@ -101,13 +101,18 @@ class MLAttention(nn.Module):
                mask: torch.Tensor | None) -> torch.Tensor:
         """Absorbed attention over cache rows ctx [B, K, r + dr]; mask [B, 1, Q, K] (True = attend) or None."""
         b, ql = q_nope.shape[:2]
+        h, kl = self.num_heads, ctx.shape[1]
         w_uk, w_uv = self._up_weights()
         q_latent = torch.einsum("bqhd,hdr->bhqr", q_nope, w_uk)
         q = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # [B, h, Q, r + dr]
-        kv = ctx.unsqueeze(1)  # one shared "head" for all query heads
-        out = F.scaled_dot_product_attention(q, kv, kv[..., :self.rank], attn_mask=mask, scale=self.scale,
-                                             enable_gqa=True)  # [B, h, Q, r]
-        out = torch.einsum("bhqr,hvr->bqhv", out, w_uv).reshape(b, ql, self.num_heads * self.v_dim)
+        # One KV "head" shared by all query heads: fold heads into the query rows, so scores and output are
+        # one batched matmul each over the cache rows as stored (no per-head expansion, unlike SDPA's GQA).
+        scores = torch.bmm(q.reshape(b, h * ql, -1), ctx.transpose(1, 2)).view(b, h, ql, kl).float() * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(ctx.dtype)
+        out = torch.bmm(probs.view(b, h * ql, kl), ctx[..., :self.rank]).view(b, h, ql, self.rank)
+        out = torch.einsum("bhqr,hvr->bqhv", out, w_uv).reshape(b, ql, h * self.v_dim)
         return self.o_proj(out)
 
     def attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: torch.Tensor,

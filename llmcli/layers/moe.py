@@ -102,7 +102,8 @@ def _selected_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
 
 
 def _grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                     down: torch.Tensor, act: Callable, grouped_mm: bool) -> torch.Tensor:
+                     down: torch.Tensor, act: Callable, grouped_mm: bool,
+                     counts: torch.Tensor | None = None) -> torch.Tensor:
     """Sort the (token, expert) pairs by expert, run each expert once on its contiguous run of tokens.
 
     grouped_mm: one torch._grouped_mm per projection (no host sync; empty groups cost nothing). Otherwise a
@@ -113,7 +114,8 @@ def _grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     flat = ids.reshape(-1)
     order = flat.argsort(stable=True)
     token = order // k  # source token of each sorted pair
-    counts = torch.bincount(flat, minlength=e)
+    if counts is None:
+        counts = torch.bincount(flat, minlength=e)
     xs = x.index_select(0, token)
     if grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
@@ -129,7 +131,7 @@ def _grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
 
 
 def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                    down: torch.Tensor, act: Callable) -> torch.Tensor:
+                    down: torch.Tensor, act: Callable, counts: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for x [T, H]; gate_up [E, 2I, H], down [E, H, I].
 
     Every path reads only the experts that some token selected.
@@ -141,12 +143,12 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
     if x.is_cuda:
         if _grouped_mm_ok(x, gate_up):
             try:
-                return _grouped_experts(x, ids, weights, gate_up, down, act, grouped_mm=True)
+                return _grouped_experts(x, ids, weights, gate_up, down, act, grouped_mm=True, counts=counts)
             except RuntimeError:  # a shape the kernel rejects (alignment): fall back for good
                 _GROUPED_MM_OK[(x.device.type, x.dtype)] = False
         if x.shape[0] == 1:
             return _selected_experts(x, ids, weights, gate_up, down, act)
-    return _grouped_experts(x, ids, weights, gate_up, down, act, grouped_mm=False)
+    return _grouped_experts(x, ids, weights, gate_up, down, act, grouped_mm=False, counts=counts)
 
 
 # ---- modules -----------------------------------------------------------------------------------------------
@@ -179,8 +181,9 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.act = activation(act)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return experts_forward(x, ids, weights, self.gate_up_proj, self.down_proj, self.act)
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        return experts_forward(x, ids, weights, self.gate_up_proj, self.down_proj, self.act, counts)
 
 
 # per-expert checkpoint projection -> (stacked parameter, row half: 0 gate, 1 up, None whole)
@@ -224,8 +227,9 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x)
-        self.usage += torch.bincount(ids.reshape(-1), minlength=self.usage.numel())
-        y = self.experts(x, ids, weights)
+        counts = torch.bincount(ids.reshape(-1), minlength=self.usage.numel())  # tokens per expert
+        self.usage += counts
+        y = self.experts(x, ids, weights, counts)
         shared = self.shared
         if shared is not None:
             s = shared(x)
