@@ -231,17 +231,18 @@ def test_weight_bytes_llama3_closed_form():
         E.weight_bytes(mc, "int4", 128) - 2 * V * d + E.matrix_bytes(V, d, "int4", 128))
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
-def test_weight_bytes_match_llm_quantize_checkpoint(tmp_path, tiny_model, bits, group):
-    """A dense model quantized by `llm quantize`: our estimate is the checkpoint's tensor bytes, and the
-    quantized directory defaults --dtype/--group-size to its quantization_config."""
+@pytest.mark.parametrize("bits,group,head", [(8, None, True), (4, 32, False)])
+def test_weight_bytes_match_llm_quantize_checkpoint(tmp_path, tiny_model, bits, group, head):
+    """A dense model quantized by `llm quantize`: the estimate from the source config is the checkpoint's
+    tensor bytes, and the quantized directory defaults --dtype/--group-size to its quantization_config.
+    (qwen3 tiny ties its embeddings: with --quantize-embeddings the head gets its own packed copy.)"""
+    from safetensors import safe_open
+
     src = tiny_model("qwen3", num_hidden_layers=2)
     out = tmp_path / "q"
     args = ["quantize", str(src), "--bits", str(bits), "--method", "rtn", "-o", str(out)]
-    r = llm(*args, *(["--group-size", str(group)] if group else []))
+    r = llm(*args, *(["--group-size", str(group)] if group else []), *(["--quantize-embeddings"] if head else []))
     assert r.returncode == 0, r.stderr
-    from safetensors import safe_open
-
     stored = 0
     for f in out.glob("*.safetensors"):
         with safe_open(f, "pt") as st:
@@ -249,7 +250,7 @@ def test_weight_bytes_match_llm_quantize_checkpoint(tmp_path, tiny_model, bits, 
                 t = st.get_tensor(k)
                 stored += t.numel() * t.element_size()
     dtype = "int8" if bits == 8 else "int4"
-    assert E.weight_bytes(load_config(out), dtype, group or 128) == stored
+    assert E.weight_bytes(load_config(src), dtype, group or 128, quantize_embeddings=head) == stored
     j = json.loads(llm("estimate", str(out), "--json").stdout)
     assert j["dtype"] == dtype and j["weight_bytes"] == stored
     if group:
