@@ -1,16 +1,148 @@
-"""Placeholder commands until their issue lands."""
+"""`llm run` (one prompt, streamed reply) and `llm bench` (prefill/decode throughput)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
 
 from llmcli.cli import app
 from llmcli.errors import UserError
 
+DEVICE_HELP = "cpu or cuda (default: cuda when available)."
+DTYPE_HELP = "float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)."
+
+
+def _split_args(model_or_prompt: str, prompt: Optional[str]) -> tuple[Optional[str], str]:
+    """`llm run PROMPT` uses the default model; `llm run MODEL PROMPT` names one. `-` reads the prompt from stdin."""
+    model, text = (None, model_or_prompt) if prompt is None else (model_or_prompt, prompt)
+    if text == "-":
+        text = sys.stdin.read()
+    if not text.strip():
+        raise UserError("the prompt is empty")
+    return model, text
+
+
+def _prompt_ids(engine, text: str, system: Optional[str], raw: bool) -> list[int]:
+    tok = engine.tokenizer
+    if tok is None:
+        raise UserError("this model has no tokenizer")
+    if raw:
+        if system:
+            raise UserError("--system needs the chat template; drop --raw")
+        return list(tok.encode(text))
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    if hasattr(tok, "encode_chat"):
+        return list(tok.encode_chat(messages))
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def _stream_decoder(tok):
+    """A callable token_id -> new text, and a flush() -> remaining text."""
+    from llmcli.tokenizer import StreamDecoder
+
+    return StreamDecoder(tok)
+
 
 @app.command("run")
-def run(model: str = None) -> None:
-    """Generate a reply to one prompt."""
-    raise UserError("llm run is not yet implemented", exit_code=2)
+def run(
+    model_or_prompt: str = typer.Argument(..., metavar="[MODEL] PROMPT",
+                                          help="Model (directory, .gguf or store name) then the prompt; `-` reads stdin."),
+    prompt: Optional[str] = typer.Argument(None, hidden=True),
+    system: Optional[str] = typer.Option(None, "--system", help="System message for the chat template."),
+    raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=0, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_k: int = typer.Option(40, "--top-k", min=0, help="Keep the k likeliest tokens (0 = off)."),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off)."),
+    min_p: float = typer.Option(0.05, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the top one."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", min=0.0, help="> 1 discourages repeats."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", help="KV-cache size (default: CPU 1 GiB, CUDA most free memory)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings)."),
+) -> None:
+    """Generate a reply to one prompt, streamed to stdout (stats go to stderr)."""
+    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.engine.sequence import SamplingParams
+
+    model, text = _split_args(model_or_prompt, prompt)
+    engine = LLMEngine.load(model, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+    ids = _prompt_ids(engine, text, system, raw)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens,
+                            ignore_eos=ignore_eos)
+    decoder = _stream_decoder(engine.tokenizer)
+    out_ids: list[int] = []
+    stats = None
+    eos = engine.eos_token_ids
+    for ev in engine.stream(ids, params):
+        stats = ev.stats
+        out_ids.append(ev.token_id)
+        if ev.token_id in eos and not ignore_eos:
+            continue  # the end-of-turn marker is not part of the reply
+        piece = decoder.push(ev.token_id)
+        if piece and not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    tail = decoder.flush()
+    if tail and not as_json:
+        sys.stdout.write(tail)
+    reply_ids = [t for t in out_ids if ignore_eos or t not in eos]
+    s = stats.to_dict() if stats else {"prompt_tokens": len(ids), "generated_tokens": 0}
+    if as_json:
+        print(json.dumps({"text": engine.tokenizer.decode(reply_ids), **s}))
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats:
+        cached = f" ({stats.cached_prompt_tokens} cached)" if stats.cached_prompt_tokens else ""
+        print(f"prompt {stats.prompt_tokens} tokens{cached}, TTFT {stats.ttft_s * 1000:.0f} ms, "
+              f"{stats.generated_tokens} tokens at {stats.decode_tok_s:.1f} tok/s", file=sys.stderr)
 
 
 @app.command("bench")
-def bench(model: str = None) -> None:
-    """Benchmark prefill and decode speed."""
-    raise UserError("llm bench is not yet implemented", exit_code=2)
+def bench(
+    model: Optional[str] = typer.Argument(None, help="Model (default: the embedded SmolLM2-135M)."),
+    prompt_len: int = typer.Option(128, "--prompt-len", min=1, help="Prompt tokens per sequence."),
+    gen_len: int = typer.Option(64, "--gen-len", min=1, help="Tokens generated per sequence."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Sequences decoded together."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="`transformers`: run its generate() side by side."),
+    rounds: int = typer.Option(2, "--rounds", min=1, help="Alternating rounds with --compare; the best is kept."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", help="KV-cache size."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Measure prefill and decode speed (tok/s), time to first token and peak memory."""
+    from llmcli.bench import run_bench
+    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.store import resolve_model
+
+    if compare is not None and compare != "transformers":
+        raise UserError(f"--compare supports only 'transformers', not {compare!r}")
+    path = resolve_model(model)
+    engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, tokenizer=False)
+    log = (lambda m: None) if as_json else (lambda m: print(m, file=sys.stderr))
+    results = run_bench(engine, path, prompt_len, gen_len, batch, compare, rounds=rounds, log=log)
+    if as_json:
+        out = {"model": str(path), "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
+               "results": [r.to_dict() for r in results]}
+        if len(results) == 2:
+            out["decode_speedup"] = results[0].decode_tok_s / results[1].decode_tok_s
+            out["prefill_speedup"] = results[0].prefill_tok_s / results[1].prefill_tok_s
+        print(json.dumps(out))
+        return
+    print(f"{path.name}  device={engine.device}  dtype={str(engine.dtype).replace('torch.', '')}  "
+          f"batch={batch} prompt={prompt_len} gen={gen_len}")
+    print(f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT ms':>10}{'peak GiB':>10}")
+    for r in results:
+        print(f"{r.engine:<14}{r.prefill_tok_s:>15.1f}{r.decode_tok_s:>14.1f}{r.ttft_s * 1000:>10.1f}"
+              f"{r.peak_memory_gib:>10.2f}")
+    if len(results) == 2:
+        print(f"speedup: decode {results[0].decode_tok_s / results[1].decode_tok_s:.2f}x, "
+              f"prefill {results[0].prefill_tok_s / results[1].prefill_tok_s:.2f}x")
