@@ -161,9 +161,10 @@ class Router(nn.Module):
         super().__init__()
         self.rc = rc
         self.weight = nn.Parameter(torch.empty(rc.num_experts, hidden))
-        # A checkpoint tensor that is not trained by gradient: a buffer.
+        # A checkpoint tensor that is not trained by gradient: a buffer. fp32 whatever the model dtype (like the
+        # reference): it is added to sigmoid scores, where bf16's 3 digits would reorder close experts.
         self.register_buffer("e_score_correction_bias",
-                             torch.zeros(rc.num_experts) if rc.scoring == "sigmoid" else None)
+                             torch.zeros(rc.num_experts, dtype=torch.float32) if rc.scoring == "sigmoid" else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Routing in fp32 for every family: a bf16 near-tie must not flip which expert runs.
