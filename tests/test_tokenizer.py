@@ -417,3 +417,49 @@ def test_spm_gguf_matches_transformers(arch, tmp_path):
         deltas, tail = _stream(ours, ref.encode(text, add_special_tokens=False))
         assert "".join(deltas) + tail == ref.decode(ref.encode(text, add_special_tokens=False))
     assert ours.add_bos_token and ours.bos_token_id == 1 and 2 in ours.eos_token_ids
+
+
+# ---- byte-level GGUF vocabularies with other pre-tokenizers -------------------------------------------------
+
+
+def _write_bpe_gguf(path, source_gguf, pre: str, add_bos: bool, n_vocab: int = 6000):
+    """The first n_vocab tokens of SmolLM2's vocabulary (a valid BPE on its own: merges are kept only where
+    both parts and the result survive) under another tokenizer.ggml.pre."""
+    import gguf
+
+    from llmcli.gguf import gguf_metadata
+
+    meta = gguf_metadata(source_gguf)
+    tokens = meta["tokenizer.ggml.tokens"][:n_vocab]
+    kept = set(tokens)
+    merges = [m for m in meta["tokenizer.ggml.merges"]
+              if (lambda a, b: a in kept and b in kept and a + b in kept)(*m.split(" ", 1))]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(meta["tokenizer.ggml.token_type"][:n_vocab])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(add_bos)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+
+@pytest.mark.parametrize("pre,add_bos", [("llama-bpe", True), ("qwen2", False), ("gpt-4o", False),
+                                         ("tekken", False), ("default", True)])
+def test_bpe_pre_tokenizers_match_transformers(pre, add_bos, smollm2_gguf, tmp_path):
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "bpe.gguf"
+    _write_bpe_gguf(path, smollm2_gguf, pre, add_bos)
+    ours = Tokenizer.from_gguf(path)
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in CORPUS + ["Hello123world 12345 I'M 'LL x\r\n\r\n  y", "ÀÉÎ ÕÜ Straße ǅungla", "a   \n  b\t\t c",
+                          "#include <stdio.h>\nint main(void) {\n\treturn 0;\n}\n", "x=1;\ny=2;\r\n\r\nz = x+y",
+                          "hello!!!??? ...\n\n\n   indented\n  \n", "—«quoted»— “smart” ‘quotes’"]:
+        assert ours.encode(text) == ref.encode(text), (pre, text)
+        ids = ref.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == ref.decode(ids)
+    assert ours.add_bos_token is add_bos
