@@ -183,13 +183,13 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None) -> UserError:
         return UserError(f"a file of {repo_id} disappeared from the Hub during the pull; run `llm pull` again")
     if isinstance(e, errors.OfflineModeIsEnabled):
         return UserError(f"HF_HUB_OFFLINE is set and {repo_id} is not in the cache ({cache_root()})")
+    if isinstance(e, errors.HfHubHTTPError):
+        return UserError(f"the Hub refused the request for {repo_id}: {str(e).splitlines()[0]}")
     if isinstance(e, (httpx2.TransportError, OSError)):
         cached = cached_commit(repo_id, revision)
         have = (f"a cached copy exists ({revision or 'main'} -> {cached[:12]}); `llm run {repo_id}` uses it"
                 if cached else "no cached copy exists")
         return UserError(f"cannot reach {_endpoint()} ({type(e).__name__}: {e}); {have}")
-    if isinstance(e, errors.HfHubHTTPError):
-        return UserError(f"the Hub refused the request for {repo_id}: {str(e).splitlines()[0]}")
     raise e
 
 
@@ -311,7 +311,7 @@ def _transfer(session, url: str, headers: dict, f: RemoteFile, part: Path, repor
             if have and r.status_code != 206:  # the server ignored Range: start over
                 have, h = 0, _hasher(f)
             with open(part, "ab" if have else "wb") as out:
-                for chunk in r.iter_bytes(CHUNK):
+                for chunk in r.iter_bytes():  # as received: a dropped connection keeps every byte so far
                     out.write(chunk)
                     h.update(chunk)
                     reporter.advance(len(chunk))
@@ -407,6 +407,11 @@ def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None 
         reporter.close()
         raise
     except OSError as e:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if isinstance(e, HfHubHTTPError):  # an HTTP error is an OSError too
+            reporter.close()
+            raise _hub_error(e, plan.repo_id, plan.revision) from None
         reporter.close()
         if getattr(e, "errno", None) == 28:  # ENOSPC
             raise UserError(f"disk full while writing {current.path}; free some space and run "

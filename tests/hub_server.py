@@ -104,8 +104,9 @@ class HubServer:
         self.httpd.server_close()
 
     def ranges(self, path_suffix: str) -> list[str | None]:
-        """Range headers of the GETs for files whose URL ends with path_suffix."""
-        return [r for m, p, r in self.log if m == "GET" and "/resolve/" in p and p.endswith(path_suffix)]
+        """Range headers of the GETs of file path_suffix ("" = every file)."""
+        return [r for m, p, r in self.log if m == "GET" and "/resolve/" in p
+                and (p.endswith("/" + path_suffix) or not path_suffix)]
 
     # ---- protocol ------------------------------------------------------------------------------
 

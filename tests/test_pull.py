@@ -1,0 +1,276 @@
+"""`llm pull` against a real local HTTP server speaking the Hub protocol (tests/hub_server.py).
+
+The CLI runs as a subprocess: huggingface_hub reads HF_ENDPOINT/HF_HOME when it is imported.
+References: huggingface_hub's own cache reader (scan_cache_dir, hf_hub_download(local_files_only=True)),
+transformers' AutoConfig, and hashlib over the bytes the server holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hub_server import HubServer, Knobs, add_revision, files_from_dir, make_repo
+
+ROOT = Path(__file__).resolve().parents[1]
+BIG = "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tiny_model):
+    files = files_from_dir(tiny_model("llama"))
+    files["pytorch_model.bin"] = b"\x80\x04pickled weights"  # must never be fetched
+    files["README.md"] = b"# tiny\n"
+    files["tokenizer_config.json"] = b'{"eos_token": "</s>", "chat_template": "{{ messages }}"}'
+    return files
+
+
+@pytest.fixture(scope="module")
+def server(tiny_files):
+    with HubServer() as s:
+        s.repos["org/tiny"] = make_repo(tiny_files)
+        add_revision(s.repos["org/tiny"], "v2", {**tiny_files, "config.json": tiny_files["config.json"] + b"\n"})
+        s.repos["org/pickles"] = make_repo({"config.json": tiny_files["config.json"],
+                                            "pytorch_model.bin": b"\x80\x04x", "README.md": b"hi"})
+        s.repos["org/gated"] = make_repo({k: tiny_files[k] for k in ("config.json", BIG)}, gated=True)
+        gg = {"model-Q4_K_M.gguf": os.urandom(3000), "model-Q4_K_S.gguf": os.urandom(2500),
+              "model-Q8_0.gguf": os.urandom(5000), "README.md": b"gguf"}
+        s.repos["org/gg"] = make_repo(gg)
+        add_revision(s.repos["org/gg"], "Q8_0", {"model-F16.gguf": os.urandom(100)})  # a branch named like a tag
+        yield s
+
+
+@pytest.fixture()
+def hub(server):
+    server.knobs = Knobs()
+    server.log.clear()
+    return server
+
+
+@pytest.fixture()
+def env(tmp_path, hub):
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    e.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), LLMCLI_HOME=str(tmp_path / "llmcli"),
+             HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", PYTHONPATH=str(ROOT))
+    return e
+
+
+def llm(env, *args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "llmcli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, cwd=ROOT)
+
+
+def start(env, *args):
+    return subprocess.Popen([sys.executable, "-m", "llmcli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=ROOT)
+
+
+def repo_dir(env, repo="org/tiny") -> Path:
+    return Path(env["HF_HOME"]) / "hub" / ("models--" + repo.replace("/", "--"))
+
+
+def one_error_line(r) -> str:
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    return lines[-1]
+
+
+def sha256(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def test_clean_pull_is_the_huggingface_cache(env, hub, tiny_files):
+    r = llm(env, "pull", "org/tiny")
+    assert r.returncode == 0, r.stderr
+    snap = Path(r.stdout.strip().splitlines()[-1])
+    commit = hub.repos["org/tiny"].refs["main"]
+    assert snap == repo_dir(env) / "snapshots" / commit
+    got = sorted(str(p.relative_to(snap)) for p in snap.rglob("*"))
+    assert got == ["config.json", "generation_config.json", BIG, "tokenizer_config.json"]
+    for name in got:
+        assert (snap / name).read_bytes() == tiny_files[name]
+    # huggingface_hub's own reader sees the same thing
+    from huggingface_hub import hf_hub_download, scan_cache_dir
+
+    cache = Path(env["HF_HOME"]) / "hub"
+    info = scan_cache_dir(cache)
+    (repo,) = info.repos
+    assert repo.repo_id == "org/tiny" and not info.warnings
+    (rev,) = repo.revisions
+    assert rev.commit_hash == commit and rev.refs == frozenset({"main"})
+    assert {f.file_name for f in rev.files} == set(got)
+    blob = Path(hf_hub_download("org/tiny", BIG, cache_dir=cache, local_files_only=True))
+    assert blob == snap / BIG and blob.resolve().name == sha256(tiny_files[BIG])
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained("org/tiny", cache_dir=cache, local_files_only=True)
+    assert cfg.num_hidden_layers == 3
+    # pulling again downloads nothing
+    hub.log.clear()
+    r2 = llm(env, "pull", "org/tiny", "--quiet")
+    assert r2.returncode == 0 and r2.stdout.strip() == str(snap) and not hub.ranges("")
+
+
+def test_include_exclude_and_revision(env, hub, tiny_files):
+    r = llm(env, "pull", "org/tiny", "--include", "*.json", "--exclude", "generation_config.json", "-q")
+    assert r.returncode == 0, r.stderr
+    snap = Path(r.stdout.strip())
+    assert sorted(p.name for p in snap.iterdir()) == ["config.json", "tokenizer_config.json"]
+    r = llm(env, "pull", "org/tiny:v2", "-q")
+    assert r.returncode == 0, r.stderr
+    v2 = Path(r.stdout.strip())
+    assert v2.name == hub.repos["org/tiny"].refs["v2"]
+    assert (repo_dir(env) / "refs" / "v2").read_text() == v2.name
+    assert (v2 / "config.json").read_bytes() == tiny_files["config.json"] + b"\n"
+
+
+def test_pickle_only_repo_is_refused(env, hub):
+    line = one_error_line(llm(env, "pull", "org/pickles"))
+    assert "pickle" in line and "pytorch_model.bin" in line
+    assert not hub.ranges("pytorch_model.bin")
+
+
+def test_cut_connection_then_resume_with_range(env, hub, tiny_files):
+    hub.knobs.cut_after[BIG] = 200_000
+    line = one_error_line(llm(env, "pull", "org/tiny"))
+    assert BIG in line and "llm pull org/tiny" in line
+    part = repo_dir(env) / "blobs" / (sha256(tiny_files[BIG]) + ".incomplete")
+    kept = part.stat().st_size
+    assert 0 < kept <= 200_000
+    assert not (repo_dir(env) / "blobs" / sha256(tiny_files[BIG])).exists()
+    hub.log.clear()
+    r = llm(env, "pull", "org/tiny")
+    assert r.returncode == 0, r.stderr
+    assert hub.ranges(BIG) == [f"bytes={kept}-"]
+    assert (Path(r.stdout.strip()) / BIG).read_bytes() == tiny_files[BIG]
+
+
+def test_killed_pull_resumes(env, hub, tiny_files):
+    hub.knobs.throttle = 0.1  # 64 KiB per 0.1 s: the 580 KB file takes ~1 s
+    p = start(env, "pull", "org/tiny")
+    part = repo_dir(env) / "blobs" / (sha256(tiny_files[BIG]) + ".incomplete")
+    deadline = time.time() + 30
+    while time.time() < deadline and not (part.exists() and part.stat().st_size >= 130_000):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    kept = part.stat().st_size
+    assert 0 < kept < len(tiny_files[BIG])
+    hub.knobs.throttle = 0
+    hub.log.clear()
+    r = llm(env, "pull", "org/tiny")
+    assert r.returncode == 0, r.stderr
+    (rng,) = hub.ranges(BIG)
+    assert int(rng.removeprefix("bytes=").rstrip("-")) >= kept > 0
+    assert (Path(r.stdout.strip()) / BIG).read_bytes() == tiny_files[BIG]
+
+
+def test_ctrl_c_stops_quickly_and_says_how_to_resume(env, hub, tiny_files):
+    hub.knobs.throttle = 0.2
+    p = start(env, "pull", "org/tiny")
+    part = repo_dir(env) / "blobs" / (sha256(tiny_files[BIG]) + ".incomplete")
+    deadline = time.time() + 30
+    while time.time() < deadline and not part.exists():
+        time.sleep(0.02)
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=10)
+    assert time.time() - t0 < 1.5
+    assert p.returncode == 130 and "llm pull org/tiny" in err and "Traceback" not in err
+    assert part.exists()
+
+
+@pytest.mark.parametrize("name", [BIG, "config.json"])  # sha256 (LFS) and git blob sha1
+def test_corrupt_bytes_retried_once_then_named(env, hub, tiny_files, name):
+    hub.knobs.corrupt[name] = 1
+    r = llm(env, "pull", "org/tiny")
+    assert r.returncode == 0, r.stderr
+    assert "mismatch" in r.stderr and len(hub.ranges(name)) == 2
+    assert (Path(r.stdout.strip()) / name).read_bytes() == tiny_files[name]
+
+
+def test_corrupt_twice_fails_and_keeps_nothing(env, hub, tiny_files):
+    hub.knobs.corrupt[BIG] = 2
+    line = one_error_line(llm(env, "pull", "org/tiny"))
+    assert BIG in line and "verification" in line
+    blobs = repo_dir(env) / "blobs"
+    assert not (blobs / sha256(tiny_files[BIG])).exists()
+    assert not list(blobs.glob("*.incomplete"))
+    assert not list((repo_dir(env) / "snapshots").rglob(BIG))
+
+
+def test_gated_repo_needs_a_token(env, hub):
+    line = one_error_line(llm(env, "pull", "org/gated"))
+    assert "gated" in line and "HF_TOKEN" in line and "--token" in line
+    line = one_error_line(llm({**env, "HF_TOKEN": "hf_wrong"}, "pull", "org/gated"))
+    assert "gated" in line
+    r = llm({**env, "HF_TOKEN": "hf_good"}, "pull", "org/gated", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (Path(r.stdout.strip()) / BIG).is_file()
+    r = llm(env, "pull", "org/gated", "--token", "hf_good", "-q")
+    assert r.returncode == 0, r.stderr
+
+
+def test_missing_repo_and_revision(env):
+    assert "org/nope not found" in one_error_line(llm(env, "pull", "org/nope"))
+    assert "revision 'nope' not found" in one_error_line(llm(env, "pull", "org/tiny", "--revision", "nope"))
+    assert "revision 'nope' not found" in one_error_line(llm(env, "pull", "org/tiny:nope"))
+    assert "not a Hub repo id" in one_error_line(llm(env, "pull", "justaname"))
+
+
+def test_offline_and_no_network(env, hub, tiny_files):
+    off = {**env, "HF_HUB_OFFLINE": "1"}
+    line = one_error_line(llm(off, "pull", "org/tiny"))
+    assert "HF_HUB_OFFLINE" in line and "not in the cache" in line
+    dead = {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on the discard port
+    line = one_error_line(llm(dead, "pull", "org/tiny"))
+    assert "cannot reach" in line and "no cached copy" in line
+    r = llm(env, "pull", "org/tiny", "-q")
+    assert r.returncode == 0, r.stderr
+    hub.log.clear()
+    r2 = llm(off, "pull", "org/tiny", "-q")
+    assert r2.returncode == 0 and r2.stdout.strip() == r.stdout.strip() and not hub.log
+    line = one_error_line(llm(dead, "pull", "org/tiny"))
+    assert "a cached copy exists" in line
+
+
+def test_concurrent_pulls_share_one_download(env, hub, tiny_files):
+    hub.knobs.throttle = 0.05
+    a, b = start(env, "pull", "org/tiny"), start(env, "pull", "org/tiny")
+    outs = [p.communicate(timeout=60) for p in (a, b)]
+    assert a.returncode == 0 and b.returncode == 0, outs
+    assert outs[0][0].strip() == outs[1][0].strip()
+    assert len(hub.ranges(BIG)) == 1  # the second waited on the blob lock instead of downloading again
+    assert (Path(outs[0][0].strip()) / BIG).read_bytes() == tiny_files[BIG]
+
+
+def test_gguf_tags(env, hub):
+    files = hub.repos["org/gg"].commits[hub.repos["org/gg"].refs["main"]]
+    line = one_error_line(llm(env, "pull", "org/gg"))  # not interactive: list and fail
+    assert all(n in line for n in ("model-Q4_K_M.gguf", "model-Q8_0.gguf", "3.0 KB")) and "org/gg:TAG" in line
+    r = llm(env, "pull", "org/gg:q4_k_m", "-q")
+    assert r.returncode == 0, r.stderr
+    p = Path(r.stdout.strip())
+    assert p.name == "model-Q4_K_M.gguf" and p.read_bytes() == files["model-Q4_K_M.gguf"]
+    assert [x.name for x in p.parent.iterdir()] == ["model-Q4_K_M.gguf"]
+    assert "several" in one_error_line(llm(env, "pull", "org/gg:Q4_K"))
+    # A tag that names a GGUF wins over the branch of the same name
+    r = llm(env, "pull", "org/gg:Q8_0", "-q")
+    assert Path(r.stdout.strip()).name == "model-Q8_0.gguf"
+    r = llm(env, "pull", "org/gg", "--revision", "Q8_0", "--file", "model-F16.gguf", "-q")
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).parent.name == hub.repos["org/gg"].refs["Q8_0"]
+
+
+def test_disk_space_is_checked_first(env, hub):
+    line = one_error_line(llm({**env, "LLMCLI_FREE_BYTES": "1000"}, "pull", "org/tiny"))
+    assert "not enough disk space" in line
+    assert not hub.ranges("")
