@@ -31,6 +31,27 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+@functools.lru_cache(maxsize=1)
+def _generation_extension():
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks in some templates;
+    when rendering a prompt it is a no-op, but without the tag the template would not even parse."""
+    import jinja2.ext
+    import jinja2.nodes
+
+    class GenerationBlock(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return GenerationBlock
+
+
 @functools.lru_cache(maxsize=16)
 def compile_template(source: str):
     """Compile once per template text (templates are reused for every turn of a chat)."""
@@ -38,7 +59,8 @@ def compile_template(source: str):
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_generation_extension(), jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -64,7 +86,7 @@ def render_chat_template(source: str, messages: list[dict], *, add_generation_pr
     for m in messages:
         if not isinstance(m, dict):
             raise UserError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
-    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    messages = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in messages]
     template = compile_template(source)
     variables = {**(special_tokens or {}), **kwargs}
     try:
@@ -81,6 +103,18 @@ def render_chat_template(source: str, messages: list[dict], *, add_generation_pr
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+# Names clients use for a message's reasoning; templates read `reasoning_content` (Qwen3, DeepSeek) or
+# `thinking` (gpt-oss), so like transformers we fill both from whichever is given.
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(m: dict) -> dict:
+    reasoning = next((m[k] for k in _REASONING_KEYS if m.get(k) is not None), None)
+    if reasoning is None:
+        return m
+    return {"thinking": reasoning, **m, "reasoning_content": reasoning}
 
 
 def pick_template(template: str | list | dict | None, name: str | None = None, tools: bool = False) -> str | None:

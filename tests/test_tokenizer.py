@@ -307,6 +307,19 @@ MISC = """{% set ns = namespace(n=0) %}
 count={{ ns.n }} extra={{ extra_flag | default('none') }}{{ eos_token }}
 """
 
+# Qwen3-style reasoning, and a {% generation %} block (training-mask marker some templates carry).
+REASONING = """{%- for m in messages %}
+<|im_start|>{{ m.role }}
+{%- if m.role == 'assistant' and m.reasoning_content is defined %}
+<think>{{ m.reasoning_content }}</think>{% endif %}
+{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}<|im_end|>
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and not enable_thinking %}<think>
+
+</think>
+{% endif %}{% endif %}"""
+
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <b>now</b> & 'later' in 東京",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                           "required": ["city"]}}}]
@@ -318,6 +331,8 @@ CONVERSATIONS = [
      {"role": "tool", "content": "{\"temp\": 21}"}, {"role": "assistant", "content": "21 °C"},
      {"role": "user", "content": "Thanks 😀"}],
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b <&>"}, {"role": "user", "content": "c"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning": "Add them."},
+     {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6", "thinking": "Again."}],
 ]
 
 
@@ -325,8 +340,8 @@ def _ref_render(ref, template, messages, **kw):
     return ref.apply_chat_template(messages, chat_template=template, tokenize=False, **kw)
 
 
-@pytest.mark.parametrize("template", [LLAMA3, QWEN25, GEMMA, MISTRAL, MISC], ids=["llama3", "qwen25", "gemma",
-                                                                               "mistral", "misc"])
+@pytest.mark.parametrize("template", [LLAMA3, QWEN25, GEMMA, MISTRAL, MISC, REASONING],
+                         ids=["llama3", "qwen25", "gemma", "mistral", "misc", "reasoning"])
 @pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
 @pytest.mark.parametrize("gen", [True, False])
 def test_templates_match_transformers(ref, template, conv, gen):
@@ -336,6 +351,8 @@ def test_templates_match_transformers(ref, template, conv, gen):
         kw["tools"] = TOOLS
     if template is MISC:
         kw.update(documents=[{"title": "T<1>", "text": "ünï & <x>"}], extra_flag=True)
+    if template is REASONING and conv == 3:
+        kw["enable_thinking"] = False
     special = dict(ref.special_tokens_map)
     try:
         want = _ref_render(ref, template, messages, **kw)
