@@ -37,8 +37,7 @@ from llmcli.errors import UserError
 
 # GGUF general.architecture -> transformers model_type.
 ARCH_TO_FAMILY = {
-    "llama": "llama",
-    "mistral": "mistral",
+    "llama": "llama",  # also Mistral/Mixtral GGUFs, which llama.cpp writes as llama
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "qwen2moe": "qwen2_moe",
