@@ -225,18 +225,47 @@ def open_gguf(path: str | Path) -> GGUFFile:
         raise UserError(f"{p} is not a valid GGUF file: {msg}") from None
 
 
+_SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def gguf_shards(path: str | Path) -> list[Path]:
+    """All files of a model: [path], or every shard of a split GGUF (NAME-00001-of-0000N.gguf), in order.
+
+    Any shard may be given; the first one holds the metadata.
+    """
+    p = Path(path)
+    count = int(open_gguf(p).metadata.get("split.count", 1) or 1)
+    if count <= 1:
+        return [p]
+    m = _SHARD_NAME.match(p.name)
+    if not m or int(m["count"]) != count:
+        raise UserError(f"{p} is one of {count} shards of a split GGUF, but its name does not follow "
+                        "NAME-00001-of-0000N.gguf, so the other shards cannot be found")
+    shards = [p.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise UserError(f"split GGUF {p.name} is missing shard(s): {', '.join(missing)}")
+    return shards
+
+
+def _open_model(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
+    """(metadata of the first shard, tensors of every shard)."""
+    shards = gguf_shards(path)
+    files = [open_gguf(s) for s in shards]
+    return files[0].metadata, [t for f in files for t in f.tensors]
+
+
 def gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """All key/value metadata as Python values (strings, numbers, lists)."""
-    return open_gguf(path).metadata
+    """All key/value metadata as Python values (strings, numbers, lists); of the first shard if split."""
+    return open_gguf(gguf_shards(path)[0]).metadata
 
 
 # ---- config -----------------------------------------------------------------------------------------
 
 
 def load_gguf_config(path: str | Path) -> ModelConfig:
-    reader = open_gguf(path)
-    meta = reader.metadata
-    tensors = {t.name: t for t in reader.tensors}
+    meta, infos = _open_model(path)
+    tensors = {t.name: t for t in infos}
     try:
         hf = gguf_to_hf_config(meta, tensors)
     except KeyError as e:
@@ -532,16 +561,15 @@ def iter_gguf_raw(path: str | Path) -> Iterator[RawTensor]:
     """Every weight of the file as a RawTensor under its HF name, in file order."""
     import gguf
 
-    reader = open_gguf(path)
-    meta = reader.metadata
-    tensors = {t.name: t for t in reader.tensors}
+    meta, infos = _open_model(path)
+    tensors = {t.name: t for t in infos}
     hf = gguf_to_hf_config(meta, tensors)
     family = hf["model_type"]
     arch = meta["general.architecture"]
     has_ffn_gate = "blk.0.ffn_gate.weight" in tensors
     heads, kv_heads = hf["num_attention_heads"], hf["num_key_value_heads"]
 
-    for t in reader.tensors:
+    for t in infos:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
         data = t.data
         part = _BLK.match(t.name)
@@ -623,7 +651,7 @@ def is_gguf(path: str | Path) -> bool:
 
 
 __all__ = [
-    "ARCH_TO_FAMILY", "RawTensor", "gguf_metadata", "gguf_raw_tensor", "gguf_state_dict", "gguf_to_hf_config",
+    "ARCH_TO_FAMILY", "RawTensor", "gguf_metadata", "gguf_shards", "gguf_raw_tensor", "gguf_state_dict", "gguf_to_hf_config",
     "hf_tensor_name", "is_gguf", "iter_gguf_raw", "iter_gguf_tensors", "llama3_factors",
     "llama3_scaling_from_factors", "load_gguf_config", "open_gguf",
 ]

@@ -296,9 +296,9 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def _gguf_fields(path: Path) -> dict[str, Any]:
-    from llmcli.gguf import open_gguf
+    from llmcli.gguf import gguf_metadata
 
-    return open_gguf(path).metadata
+    return gguf_metadata(path)  # the first shard's, for split files
 
 
 def _from_gguf(path: Path) -> Tokenizer:

@@ -95,14 +95,14 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model_dir, path, family: str, qtype=Q.F32) -> dict[str, np.ndarray]:
+def write_gguf(model_dir, path, family: str, qtype=Q.F32, split_max_tensors: int = 0) -> dict[str, np.ndarray]:
     """Convert a tiny HF checkpoint to GGUF; returns the expected HF tensors (dequantized if qtype is lossy)."""
     cfg = json.loads((model_dir / "config.json").read_text())
     sd = {k: v.numpy() for k, v in load_file(model_dir / "model.safetensors").items()}
     arch = ARCH[family]
     n = cfg["num_hidden_layers"]
     name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n)
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     w.add_block_count(n)
@@ -341,3 +341,20 @@ def test_reader_matches_gguf_package(smollm2_gguf):
         assert a.shape.tolist() == b.shape.tolist()
         assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
         assert np.array_equal(a.data, b.data), a.name
+
+
+def test_split_gguf(tiny_model, tmp_path):
+    # llama.cpp's gguf-split layout: NAME-0000i-of-0000N.gguf, metadata in the first shard.
+    expected = write_gguf(tiny_model("qwen2", use_sliding_window=False), tmp_path / "m.gguf", "qwen2",
+                          split_max_tensors=10)
+    shards = sorted(tmp_path.glob("m-*-of-*.gguf"))
+    assert len(shards) >= 3
+    for entry in (shards[0], shards[1]):  # any shard opens the whole model
+        got = dict(iter_gguf_tensors(entry))
+        assert set(got) == set(expected)
+        for name, t in got.items():
+            np.testing.assert_array_equal(t.numpy(), expected[name], err_msg=name)
+        assert load_gguf_config(entry).num_layers == 3
+    shards[-1].unlink()
+    with pytest.raises(UserError, match="missing shard"):
+        load_gguf_config(shards[0])
