@@ -543,6 +543,20 @@ class RawTensor:
     shape: tuple[int, ...]
     data: np.ndarray
 
+    @property
+    def block_size(self) -> int:
+        """Values per block (32 for Q8_0/Q4_0/Q4_1, 256 for K-quants, 1 for float types)."""
+        import gguf
+
+        return gguf.GGML_QUANT_SIZES[self.ggml_type][0]
+
+    @property
+    def type_size(self) -> int:
+        """Bytes per block (34 for Q8_0: an f16 scale + 32 int8; 18 for Q4_0; 20 for Q4_1)."""
+        import gguf
+
+        return gguf.GGML_QUANT_SIZES[self.ggml_type][1]
+
     def dequantize(self) -> np.ndarray:
         from gguf import dequantize
 

@@ -71,6 +71,7 @@ def test_smollm2_raw_blocks_are_quantized_and_unpermuted(smollm2_gguf, hf_smollm
     raw = gguf_raw_tensor(smollm2_gguf, "model.layers.3.self_attn.k_proj.weight")
     assert raw.ggml_type == Q.Q4_1 and raw.shape == (192, 576)
     block, size = gguf.GGML_QUANT_SIZES[Q.Q4_1]
+    assert (raw.block_size, raw.type_size) == (block, size) == (32, 20)
     assert raw.data.dtype == np.uint8 and raw.data.shape == (192, 576 // block * size)
     ref = hf_smollm2.state_dict()["model.layers.3.self_attn.k_proj.weight"]
     assert torch.equal(torch.from_numpy(raw.dequantize()), ref)
