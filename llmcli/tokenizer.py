@@ -138,7 +138,8 @@ class StreamDecoder:
         prefix_text = self._decode(self.ids[self.prefix:self.read])
         new_text = self._decode(self.ids[self.prefix:])
         if new_text.endswith("\ufffd") or not new_text.startswith(prefix_text):
-            return ""  # mid-character: wait for the rest of its bytes
+            # Mid-character (or the window does not yet extend the emitted text): wait for more tokens.
+            return ""
         delta = new_text[len(prefix_text):]
         self.prefix, self.read = self.read, len(self.ids)
         return delta
@@ -193,7 +194,8 @@ def _from_dir(d: Path) -> Tokenizer:
     try:
         backend = Backend.from_file(str(tj))
     except Exception as e:
-        raise UserError(f"{tj} could not be loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"{tj} could not be loaded: {msg}") from None
     tc = _read_json(d / "tokenizer_config.json")
     stm = _read_json(d / "special_tokens_map.json")
     special = {}

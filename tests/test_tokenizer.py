@@ -480,3 +480,17 @@ def test_bpe_pre_tokenizers_match_transformers(pre, add_bos, smollm2_gguf, tmp_p
         ids = ref.encode(text, add_special_tokens=False)
         assert ours.decode(ids) == ref.decode(ids)
     assert ours.add_bos_token is add_bos
+
+
+def test_no_template_and_named_templates(saved_dir, tmp_path):
+    d = _copy_dir(saved_dir, tmp_path / "t")
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer.load(d)
+    assert tok.chat_template is None
+    with pytest.raises(UserError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+    # An explicit template text still works, with the tokenizer's special tokens as variables.
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], template="{{ eos_token }}") == cfg["eos_token"]
