@@ -420,6 +420,7 @@ def test_cli_hub_repo_from_offline_cache(tmp_path):
     assert json.loads(r.stdout)["params_total"] == 124_439_808
     r = llm("estimate", "acme/missing", env=env)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert "not in the local cache" in r.stderr
 
 
 def test_cli_bad_inputs_are_one_line_errors(tmp_path):

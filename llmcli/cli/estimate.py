@@ -7,6 +7,7 @@ parses flags and renders; every number comes from llmcli.estimate.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Optional
@@ -36,6 +37,9 @@ def _hub_config(spec: str) -> Path:
                                         LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
     repo, _, rev = spec.partition(":")
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings would break the one-line error contract
     try:
         return Path(hf_hub_download(repo, "config.json", revision=rev or None))
     except GatedRepoError:
@@ -44,14 +48,16 @@ def _hub_config(spec: str) -> Path:
         raise UserError(f"{repo!r} is neither a local path nor a Hub repository (or the repo is private)") from None
     except RevisionNotFoundError:
         raise UserError(f"{repo} has no revision {rev!r}") from None
+    except LocalEntryNotFoundError:  # before EntryNotFoundError: it is a subclass
+        raise UserError(f"cannot reach the Hub and {spec}'s config.json is not in the local cache") from None
     except EntryNotFoundError:
         raise UserError(f"{spec} has no config.json") from None
-    except LocalEntryNotFoundError:
-        raise UserError(f"cannot reach the Hub and {spec}'s config.json is not in the local cache") from None
     except HFValidationError as e:
         raise UserError(f"{spec!r} is not a valid Hub repo id: {e}") from None
     except OSError as e:  # network and HTTP errors
         raise UserError(f"could not fetch {spec}'s config.json: {str(e).splitlines()[0]}") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def load_model_config(spec: str):
