@@ -359,3 +359,26 @@ def test_split_gguf(tiny_model, tmp_path):
     shards[-1].unlink()
     with pytest.raises(UserError, match="missing shard"):
         load_gguf_config(shards[0])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K])
+def test_torch_dequantize_bit_identical_to_gguf(qtype):
+    from llmcli.gguf import dequantize_torch
+
+    rng = np.random.default_rng(int(qtype))
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    shape = (3, 5, 2 * block)  # stacked experts: [experts, rows, cols]
+    blocks = rng.integers(0, 256, size=(3 * 5 * 2, size), dtype=np.uint8)
+    scales = np.frombuffer((rng.standard_normal(blocks.shape[0] * 2) * 0.01).astype(np.float16).tobytes(), np.uint8)
+    scales = scales.reshape(-1, 4)
+    if qtype == Q.Q6_K:  # d is the block's last f16; elsewhere the first one (or two: Q4_1's m, Q4_K's dmin)
+        blocks[:, -2:] = scales[:, :2]
+    else:
+        n = 4 if qtype in (Q.Q4_1, Q.Q4_K) else 2
+        blocks[:, :n] = scales[:, :n]
+    data = blocks.reshape(3, 5, -1)
+    ref = gguf.quants.dequantize(data, qtype)
+    got = dequantize_torch(data, qtype, shape)
+    assert got.dtype == torch.float32 and tuple(got.shape) == shape == ref.shape
+    np.testing.assert_array_equal(got.numpy(), ref)
+    assert dequantize_torch(data, Q.Q5_K, shape) is None  # no torch path: callers fall back to gguf's
