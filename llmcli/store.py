@@ -151,8 +151,9 @@ def model_params(path: Path, config=None) -> tuple[int | None, int | None]:
     if config is not None:
         est_total, est_active = _estimate_params(config)
     total = total or est_total
-    active = est_active if (est_active and est_total) else total
-    if config is not None and config.is_moe and total and not est_active:
+    # The estimator knows which experts a token skips; keep our exact count and subtract those.
+    active = total - (est_total - est_active) if (total and est_total and est_active) else total
+    if config is not None and config.is_moe and total and not est_total:
         # Experts a token does not use: (E - k) per MoE layer, each gate+up+down (or fc+proj).
         per_expert = (3 if config.gated_mlp else 2) * config.hidden_size * config.moe_intermediate_size
         moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers)) or config.num_layers
@@ -229,9 +230,10 @@ def _hub_models() -> list[LocalModel]:
                                       size=rev.size_on_disk, **base))
             ggufs = _snapshot_ggufs(snap)
             for g in ggufs:
-                name = repo.repo_id + (f":{gguf_tag(g.name)}" if len(ggufs) > 1 or suffix else "")
-                if len(ggufs) > 1 and suffix:
-                    name += f" (revision {ref or rev.commit_hash[:12]})"
+                # Always REPO:TAG (resolvable: a tag that names a GGUF wins); other revisions say which.
+                name = f"{repo.repo_id}:{gguf_tag(g.name)}"
+                if suffix:
+                    name += f"@{ref or rev.commit_hash[:12]}"
                 size = sum(f.size_on_disk for f in rev.files if f.file_name.endswith(".gguf")
                            and _same_group(f.file_path, g))
                 out.append(LocalModel(name=name, path=str(g), format=_safe(gguf_file_type, g), size=size, **base))
@@ -329,6 +331,9 @@ def find_cached(spec: str, revision: str | None = None) -> Path:
     snapshots = folder / "snapshots"
     if not snapshots.is_dir():
         raise _NotCached(f"{repo_id} is not downloaded")
+    if revision is None and suffix and "@" in suffix:  # TAG@REVISION, as `llm list` names other revisions
+        suffix, revision = suffix.split("@", 1)
+        return _pick_in_snapshot(snapshots / (_commit_of(repo_id, snapshots, revision) or "-"), spec, suffix)
     if revision is None and suffix:
         # A GGUF tag wins over a revision of the same name (as in `llm pull`).
         main = cached_commit(repo_id, "main")
@@ -338,16 +343,24 @@ def find_cached(spec: str, revision: str | None = None) -> Path:
             except _NotCached:
                 continue
         revision, suffix = suffix, None
-    commit = cached_commit(repo_id, revision)
-    if commit is None and revision and _HEX.fullmatch(revision):
-        hits = [p.name for p in snapshots.iterdir() if p.name.startswith(revision)]
-        commit = hits[0] if len(hits) == 1 else None
+    commit = _commit_of(repo_id, snapshots, revision)
     if commit is None and revision is None:
         snaps = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
         commit = snaps[-1].name if snaps else None
     if commit is None:
         raise _NotCached(f"{repo_id} at revision {revision} is not downloaded")
     return _pick_in_snapshot(snapshots / commit, spec, suffix)
+
+
+def _commit_of(repo_id: str, snapshots: Path, revision: str | None) -> str | None:
+    """A cached ref, full commit, or unique commit prefix -> the snapshot's commit."""
+    from llmcli.hub import cached_commit
+
+    commit = cached_commit(repo_id, revision)
+    if commit is None and revision and _HEX.fullmatch(revision):
+        hits = [p.name for p in snapshots.iterdir() if p.name.startswith(revision)]
+        commit = hits[0] if len(hits) == 1 else None
+    return commit
 
 
 def _offer_pull(spec: str, pull: bool) -> Path:

@@ -246,3 +246,27 @@ class HubServer:
                 h.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+# ---- running the CLI against the server ---------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(hub_url: str, tmp: Path) -> dict[str, str]:
+    """A subprocess environment with its own HF cache and llmcli home, talking only to hub_url."""
+    import os
+
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "LLMCLI_"))}
+    e.update(HF_ENDPOINT=hub_url, HF_HOME=str(tmp / "hf"), LLMCLI_HOME=str(tmp / "llmcli"),
+             HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", PYTHONPATH=str(ROOT))
+    return e
+
+
+def run_llm(env: dict, *args: str, timeout: float = 60, input: str | None = None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "llmcli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, input=input,
+                          stdin=None if input is not None else subprocess.DEVNULL)

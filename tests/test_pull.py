@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_server import HubServer, Knobs, add_revision, files_from_dir, make_repo
-
-ROOT = Path(__file__).resolve().parents[1]
+from hub_server import ROOT, HubServer, Knobs, add_revision, cli_env, files_from_dir, make_repo, run_llm
 BIG = "model.safetensors"
 
 
@@ -56,15 +54,10 @@ def hub(server):
 
 @pytest.fixture()
 def env(tmp_path, hub):
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    e.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), LLMCLI_HOME=str(tmp_path / "llmcli"),
-             HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", PYTHONPATH=str(ROOT))
-    return e
+    return cli_env(hub.url, tmp_path)
 
 
-def llm(env, *args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "llmcli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL, cwd=ROOT)
+llm = run_llm
 
 
 def start(env, *args):
