@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,3 +268,40 @@ def test_disk_space_is_checked_first(env, hub):
     line = one_error_line(llm({**env, "LLMCLI_FREE_BYTES": "1000"}, "pull", "org/tiny"))
     assert "not enough disk space" in line
     assert not hub.ranges("")
+
+
+def test_terminal_progress_prompts_and_offer(env, hub, tiny_files):
+    """On a terminal: pick a GGUF from a list, rich progress bars, rm asks, a missing repo is offered."""
+    pexpect = pytest.importorskip("pexpect")
+
+    def spawn(*args):
+        return pexpect.spawn(sys.executable, ["-m", "llmcli", *args], env={**env, "COLUMNS": "120"}, cwd=str(ROOT),
+                             encoding="utf-8", timeout=30, dimensions=(40, 120))
+
+    files = hub.repos["org/gg"].commits[hub.repos["org/gg"].refs["main"]]
+    p = spawn("pull", "org/gg")
+    p.expect("model-Q8_0.gguf  \\(5.0 KB\\)")
+    p.expect("which file")
+    p.sendline("3")
+    p.expect(pexpect.EOF)
+    out = p.before
+    p.close()
+    assert p.exitstatus == 0, out
+    assert "pulling org/gg" in out and "5.0/5.0 kB" in out  # rich's bar: bytes done/total
+    path = Path(re.search(r"/\S+model-Q8_0\.gguf", out).group(0))  # the last line, past rich's cursor codes
+    assert path.read_bytes() == files["model-Q8_0.gguf"]
+
+    p = spawn("rm", "org/gg")
+    p.expect("delete org/gg")
+    p.sendline("y")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0 and not path.exists()
+
+    p = spawn("show", "org/tiny")
+    p.expect("org/tiny is not downloaded. Pull it now")
+    p.sendline("")  # default: yes
+    p.expect("architecture +llama")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0

