@@ -215,7 +215,12 @@ def plan_pull(spec: str, *, revision: str | None = None, filename: str | None = 
     try:
         if suffix and revision is None:
             # REPO:X is a GGUF tag if it names a .gguf at the default revision, else a revision.
-            commit, files = listing("main")
+            from huggingface_hub.errors import RevisionNotFoundError
+
+            try:
+                commit, files = listing("main")
+            except RevisionNotFoundError:  # no main branch: X can only be a revision
+                commit, files = "", []
             ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
             if ggufs and match_gguf_tag(ggufs, suffix):
                 tag, rev = suffix, "main"
@@ -413,10 +418,13 @@ def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None 
             reporter.close()
             raise _hub_error(e, plan.repo_id, plan.revision) from None
         reporter.close()
-        if getattr(e, "errno", None) == 28:  # ENOSPC
-            raise UserError(f"disk full while writing {current.path}; free some space and run "
+        import errno
+
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise UserError(f"disk full while writing {current.path} ({e.strerror}); free some space and run "
                             f"`llm pull {_resume_spec(plan)}` to resume") from None
-        raise UserError(f"could not write {current.path} into {folder}: {e}") from None
+        raise UserError(f"could not write {current.path} into {folder}: {e}; run "
+                        f"`llm pull {_resume_spec(plan)}` to resume") from None
     except (httpx2.TransportError,) as e:
         reporter.close()
         raise UserError(f"connection lost while downloading {current.path} ({type(e).__name__}); run "

@@ -305,3 +305,25 @@ def test_terminal_progress_prompts_and_offer(env, hub, tiny_files):
     p.expect(pexpect.EOF)
     p.close()
     assert p.exitstatus == 0
+
+
+def test_full_disk_mid_file_keeps_bytes_and_resumes(env, hub, tiny_files):
+    """A file-size limit makes writes fail past 300 kB, as a full disk does; the next pull continues."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    r = subprocess.run([sys.executable, "-m", "llmcli", "pull", "org/tiny"], env=env, capture_output=True,
+                       text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL, preexec_fn=limit)
+    line = one_error_line(r)
+    assert "disk full" in line and BIG in line and "llm pull org/tiny" in line
+    part = repo_dir(env) / "blobs" / (sha256(tiny_files[BIG]) + ".incomplete")
+    kept = part.stat().st_size
+    assert 0 < kept <= 300_000
+    hub.log.clear()
+    r = llm(env, "pull", "org/tiny", "-q")
+    assert r.returncode == 0, r.stderr
+    assert hub.ranges(BIG) == [f"bytes={kept}-"]
+    assert (Path(r.stdout.strip()) / BIG).read_bytes() == tiny_files[BIG]
