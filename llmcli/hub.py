@@ -9,12 +9,13 @@ is hashed (sha256 for LFS files, git blob sha1 for the others) before it is rena
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -375,7 +376,6 @@ def _fetch_one(session, plan: PullPlan, f: RemoteFile, headers: dict, reporter: 
 
 def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None = None) -> Path:
     """Download what the plan lists that is not in the cache yet; return the local path."""
-    import httpx2
     from huggingface_hub.utils import build_hf_headers, get_session
 
     reporter = reporter or QuietReporter()
@@ -397,7 +397,7 @@ def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None 
     headers = build_hf_headers(token=token)
     session = get_session()
     reporter.start(plan, todo)
-    current = None
+    current = plan.files[0]
     try:
         for f in plan.files:
             current = f
@@ -405,34 +405,14 @@ def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None 
             _link(folder / "blobs" / f.etag, snapshot / f.path)
             reporter.file_done(f, skipped=not fetched)
     except KeyboardInterrupt:
-        reporter.close()
         raise UserError(f"interrupted; run `llm pull {_resume_spec(plan)}` to resume "
                         "from the bytes already downloaded", exit_code=130) from None
     except UserError:
-        reporter.close()
         raise
-    except OSError as e:
-        from huggingface_hub.errors import HfHubHTTPError
-
-        if isinstance(e, HfHubHTTPError):  # an HTTP error is an OSError too
-            reporter.close()
-            raise _hub_error(e, plan.repo_id, plan.revision) from None
-        reporter.close()
-        import errno
-
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise UserError(f"disk full while writing {current.path} ({e.strerror}); free some space and run "
-                            f"`llm pull {_resume_spec(plan)}` to resume") from None
-        raise UserError(f"could not write {current.path} into {folder}: {e}; run "
-                        f"`llm pull {_resume_spec(plan)}` to resume") from None
-    except (httpx2.TransportError,) as e:
-        reporter.close()
-        raise UserError(f"connection lost while downloading {current.path} ({type(e).__name__}); run "
-                        f"`llm pull {_resume_spec(plan)}` to resume from the bytes already downloaded") from None
     except Exception as e:
+        raise _transfer_error(e, plan, current) from None
+    finally:
         reporter.close()
-        raise _hub_error(e, plan.repo_id, plan.revision) from None
-    reporter.close()
     if plan.revision != plan.commit:
         (folder / "refs").mkdir(parents=True, exist_ok=True)
         ref = folder / "refs" / plan.revision
@@ -443,17 +423,25 @@ def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None 
     return snapshot / plan.result if plan.result else snapshot
 
 
+def _transfer_error(e: Exception, plan: PullPlan, f: RemoteFile) -> UserError:
+    """One line saying what failed during the transfer of f, and how to resume."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    resume = f"run `llm pull {_resume_spec(plan)}` to resume from the bytes already downloaded"
+    if isinstance(e, HfHubHTTPError):  # checked first: an HTTP error is an OSError too
+        return _hub_error(e, plan.repo_id, plan.revision)
+    if isinstance(e, httpx2.TransportError):
+        return UserError(f"connection lost while downloading {f.path} ({type(e).__name__}); {resume}")
+    if isinstance(e, OSError):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return UserError(f"disk full while writing {f.path} ({e.strerror}); free some space and {resume}")
+        return UserError(f"could not write {f.path} into {repo_folder(plan.repo_id)}: {e}; {resume}")
+    return _hub_error(e, plan.repo_id, plan.revision)
+
+
 def _resume_spec(plan: PullPlan) -> str:
     if plan.gguf:
         return f"{plan.repo_id} --file {plan.result}" + (f" --revision {plan.revision}" if plan.revision != "main" else "")
     return plan.repo_id + (f":{plan.revision}" if plan.revision != "main" else "")
 
-
-def offline_path(spec: str, revision: str | None = None) -> Path | None:
-    """What a pull would return from the cache alone (used in offline mode)."""
-    from llmcli.store import find_cached
-
-    try:
-        return find_cached(spec, revision=revision)
-    except UserError:
-        return None

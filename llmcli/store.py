@@ -8,7 +8,6 @@ GGUF. resolve_model(spec) -> Path of a local model directory (config.json + safe
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import sys
