@@ -107,6 +107,12 @@ def test_clean_pull_is_the_huggingface_cache(env, hub, tiny_files):
 
     cfg = AutoConfig.from_pretrained("org/tiny", cache_dir=cache, local_files_only=True)
     assert cfg.num_hidden_layers == 3
+    # huggingface_hub online (HEAD -> etag) finds our blob under the name it would have used: no download
+    hub.log.clear()
+    code = "from huggingface_hub import hf_hub_download as d; print(d('org/tiny', 'model.safetensors'))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == str(blob), r.stderr
+    assert ("HEAD", f"/org/tiny/resolve/main/{BIG}", None) in hub.log and not hub.ranges("")
     # pulling again downloads nothing
     hub.log.clear()
     r2 = llm(env, "pull", "org/tiny", "--quiet")
