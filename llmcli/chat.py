@@ -604,32 +604,31 @@ class ChatSession:
 
     # ---- one turn ----
     def send(self, text: str) -> None:
-        self.conv.messages.append({"role": "user", "content": text})
-        if not self._fit():
-            self.conv.messages.pop()
-            return
-        renderer = (MarkdownRenderer(self.console) if self.markdown and self.interactive
-                    else PlainRenderer(self.console.file))
-        pieces: list[str] = []
-        interrupted = False
-        stream = self.backend.stream(self.conv.for_template(), self.settings)
-        try:
-            with sigint_flag() as flag:
+        # Ctrl-C anywhere in a turn sets the flag (never raises mid engine step); the reply stops at the next token.
+        with sigint_flag() as flag:
+            self.conv.messages.append({"role": "user", "content": text})
+            if not self._fit():
+                self.conv.messages.pop()
+                return
+            renderer = (MarkdownRenderer(self.console) if self.markdown and self.interactive
+                        else PlainRenderer(self.console.file))
+            pieces: list[str] = []
+            stream = self.backend.stream(self.conv.for_template(), self.settings)
+            try:
                 for piece in stream:
                     pieces.append(piece)
                     renderer.feed(piece)
                     if flag["hit"]:
-                        interrupted = True
                         break
-                interrupted = interrupted or flag["hit"]
-        except UserError as e:
+            except UserError as e:
+                renderer.close()
+                self.conv.messages.pop()
+                self.notice(str(e), style="red")
+                return
+            finally:
+                stream.close()
             renderer.close()
-            self.conv.messages.pop()
-            self.notice(str(e), style="red")
-            return
-        finally:
-            stream.close()
-        renderer.close()
+            interrupted = flag["hit"]
         reply = "".join(pieces)
         if reply:
             self.conv.messages.append({"role": "assistant", "content": reply})
@@ -670,8 +669,12 @@ class ChatSession:
                 self.console.print()
                 self.notice("Use Ctrl-D or /bye to exit.", style="dim")
                 continue
-            if not self.handle(text):
-                return
+            try:
+                if not self.handle(text):
+                    return
+            except KeyboardInterrupt:  # Ctrl-C in a slow command (a reply has its own handling)
+                self.console.print()
+                self.notice("(interrupted)", style="dim")
 
     def run_piped(self, lines: Iterable[str]) -> None:
         it = iter(lines)

@@ -212,3 +212,130 @@ def test_live_tail_never_taller_than_the_terminal():
     console = Console(file=io.StringIO(), width=40, height=10, color_system=None)
     lines = console.render_lines(_Tail("\n\n".join(f"paragraph {i}" for i in range(50))), pad=False)
     assert len(lines) <= 8 and "paragraph 49" in "".join(seg.text for seg in lines[-1])
+
+
+# ---- the real program on SmolLM2 --------------------------------------------------------------------------------------
+
+STATS = r"\d+ tokens · [\d.]+ tok/s · TTFT \d+ ms · \d+/\d+ prompt tokens reused"
+
+
+def spawn_chat(model: Path, home: Path, *args: str):
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, LLMCLI_HOME=str(home), TERM="xterm-256color", COLUMNS="120", LINES="40")
+    child = pexpect.spawn(LLM, ["chat", str(model), "--device", "cpu", *args], env=env, encoding="utf-8",
+                          timeout=90, dimensions=(40, 120))
+    child.expect(r"context \d+ tokens")
+    child.expect_exact(">>> ")
+    return child
+
+
+def ask(child, text: str) -> str:
+    """Send a message; the reply as printed (between the echoed input and the stats line)."""
+    child.sendline(text)
+    child.expect(STATS)
+    out = child.before.replace("\r\n", "\n")
+    reply = out.split(text, 1)[1] if text in out else out
+    child.expect_exact(">>> ")
+    return reply.strip()
+
+
+def test_terminal_chat(smollm2_gguf, tmp_path):
+    child = spawn_chat(smollm2_gguf, tmp_path, "--max-tokens", "24")
+    child.sendline("/set temperature 0")
+    child.expect_exact("Set temperature to 0.0.")
+    first = ask(child, "What is the capital of France?")
+    assert "Paris" in first
+    child.sendline("/clear")
+    child.expect_exact("Cleared the conversation.")
+    assert ask(child, "What is the capital of France?") == first  # greedy: reproducible
+
+    # sampling with a seed reproduces too
+    child.sendline("/set temperature 0.8")
+    child.sendline("/set seed 3")
+    child.expect_exact("Set seed to 3.")
+    child.sendline("/clear")
+    a = ask(child, "Name a colour.")
+    child.sendline("/clear")
+    assert ask(child, "Name a colour.") == a
+
+    # bad values and unknown commands: one clear line, the chat goes on
+    child.sendline("/set temperature warm")
+    child.expect_exact("invalid value for temperature: 'warm' (expected a number >= 0 (0 = greedy))")
+    child.sendline("/set top_p 2")
+    child.expect_exact("invalid value for top_p: '2'")
+    child.sendline("/nope")
+    child.expect_exact("Unknown command '/nope'. Type /? for help.")
+
+    # Ctrl-C mid-reply stops it, keeps the partial reply, and the next question is answered
+    child.sendline("/set temperature 0")
+    child.sendline("/set max_tokens 400")
+    child.expect_exact("Set max_tokens to 400.")
+    child.sendline("/clear")
+    child.sendline("Write a very long story about a dragon who learns to bake bread.")
+    child.expect_exact("bread.\r\n")  # the echoed input
+    child.expect(r"\w+ \w+ \w+ \w+ \w+")  # the reply is streaming
+    child.sendintr()
+    child.expect_exact("(interrupted)")
+    child.expect(STATS)
+    m = [int(x) for x in child.after.split(" tokens")[0].split()[-1:]]
+    assert 0 < m[0] < 400
+    child.expect_exact(">>> ")
+    assert "Paris" in ask(child, "What is the capital of France?")
+
+    # /save writes the conversation as JSON; /load restores exactly that state
+    saved, again = tmp_path / "chat.json", tmp_path / "again.json"
+    child.sendline(f"/save {saved}")
+    child.expect_exact("Saved 4 messages")
+    data = json.loads(saved.read_text())
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert data["messages"][0]["content"].startswith("Write a very long story")
+    assert 0 < len(data["messages"][1]["content"]) and "Paris" in data["messages"][3]["content"]
+    assert data["settings"]["max_tokens"] == 400 and data["settings"]["temperature"] == 0.0
+    child.sendline("/clear")
+    child.sendline("/set max_tokens 24")
+    child.sendline(f"/load {saved}")
+    child.expect_exact("Loaded 4 messages")
+    child.sendline(f"/save {again}")
+    child.expect_exact("Saved 4 messages")
+    assert json.loads(again.read_text()) == data
+    # the restored conversation is the context of the next turn
+    assert "Paris" in ask(child, "Repeat the name of that capital city.")
+
+    child.sendintr()  # Ctrl-C at an empty prompt
+    child.expect_exact("Use Ctrl-D or /bye to exit.")
+    child.sendline("/bye")
+    child.expect(pytest.importorskip("pexpect").EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "What is the capital of France?" in (tmp_path / "chat_history").read_text()
+
+
+def test_terminal_markdown_multiline_and_ctrl_d(smollm2_gguf, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_chat(smollm2_gguf, tmp_path, "--markdown", "--temperature", "0", "--max-tokens", "16")
+    child.sendline("Tell me a story.")
+    child.sendintr()  # right after Enter: whichever step it lands in, the chat survives
+    child.expect_exact(["(interrupted)", "Use Ctrl-D or /bye to exit."])
+    child.expect_exact(">>> ")
+    child.sendline('"""What is the capital')
+    child.expect_exact("... ")
+    child.sendline('of France?"""')
+    child.expect("Paris")
+    child.expect(STATS)
+    child.expect_exact(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_piped_stdin(smollm2_gguf, tmp_path):
+    r = subprocess.run([LLM, "chat", str(smollm2_gguf), "--device", "cpu", "--temperature", "0", "--max-tokens", "20"],
+                       input="What is the capital of France?\n/set temperature hot\nAnd of Germany?\n",
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, LLMCLI_HOME=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "Paris" in lines[0] and "Berlin" in lines[-1]
+    assert "\x1b" not in r.stdout and "context" not in r.stdout  # no colour, no banner
+    assert "invalid value for temperature: 'hot'" in r.stderr
