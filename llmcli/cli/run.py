@@ -80,6 +80,9 @@ def run(
     out_ids: list[int] = []
     stats = None
     eos = engine.eos_token_ids
+    from llmcli.layers.moe import expert_usage, reset_expert_usage
+
+    reset_expert_usage(engine.model)  # MoE router statistics cover this generation only
     for ev in engine.stream(ids, params):
         stats = ev.stats
         out_ids.append(ev.token_id)
@@ -95,7 +98,11 @@ def run(
     reply_ids = [t for t in out_ids if ignore_eos or t not in eos]
     s = stats.to_dict() if stats else {"prompt_tokens": len(ids), "generated_tokens": 0}
     if as_json:
-        print(json.dumps({"text": engine.tokenizer.decode(reply_ids), **s}))
+        out = {"text": engine.tokenizer.decode(reply_ids), **s}
+        usage = expert_usage(engine.model)
+        if usage:  # MoE: tokens routed to each expert, per sparse layer index
+            out["expert_usage"] = {str(i): counts for i, counts in usage.items()}
+        print(json.dumps(out))
         return
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -129,8 +136,12 @@ def bench(
     engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, tokenizer=False)
     log = (lambda m: None) if as_json else (lambda m: print(m, file=sys.stderr))
     results = run_bench(engine, path, prompt_len, gen_len, batch, compare, rounds=rounds, log=log)
+    from llmcli.estimate import _n as human_count, count_params
+
+    pc = count_params(engine.config)  # MoE: a token multiplies only its k routed experts
     if as_json:
         out = {"model": str(path), "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
+               "params_total": pc.total, "params_active_per_token": pc.active,
                "results": [r.to_dict() for r in results]}
         if len(results) == 2:
             out["decode_speedup"] = results[0].decode_tok_s / results[1].decode_tok_s
