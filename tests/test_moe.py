@@ -258,3 +258,53 @@ def test_engine_usage_counts_cover_every_routed_token(hf_models):
     assert sorted(usage) == [0, 2]  # mlp_only_layers=[1] is dense
     computed = len(prompt) + 6 - 1  # the last sampled token is never fed back
     assert all(sum(u) == computed * cfg.num_experts_per_tok for u in usage.values())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_active_params_per_token_match_the_loaded_model(hf_models, family):
+    """`llm bench`'s active-parameter count == our model's tensors minus the (E - k) experts a token skips."""
+    from llmcli.estimate import count_params
+
+    cfg, _, ours = hf_models(family)
+    total = sum(p.numel() for p in ours.parameters())  # tied embeddings once
+    skipped = 0
+    for layer in ours.model.layers:
+        if isinstance(layer.mlp, MoE):
+            per_expert = (layer.mlp.experts.gate_up_proj[0].numel() + layer.mlp.experts.down_proj[0].numel())
+            skipped += (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+    pc = count_params(cfg)
+    assert pc.total == total
+    assert pc.active == total - skipped
+
+
+def _byte_tokenizer(directory) -> None:
+    """A byte-level BPE with no merges: exactly the 256 ids of the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(directory / "tokenizer.json"))
+
+
+def test_run_json_reports_expert_usage(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model("qwen2_moe"), d)
+    _byte_tokenizer(d)
+    res = CliRunner().invoke(app, ["run", str(d), "hello world", "--raw", "--json", "-n", "5", "--ignore-eos",
+                                   "-t", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    usage = out["expert_usage"]
+    assert sorted(usage) == ["0", "2"]  # layer 1 is in mlp_only_layers
+    computed = out["prompt_tokens"] + out["generated_tokens"] - 1
+    assert all(len(c) == 4 and sum(c) == computed * 2 for c in usage.values())
