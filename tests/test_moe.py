@@ -26,7 +26,7 @@ def hf_models(tiny_model):
     cache = {}
 
     def get(family: str, **overrides):
-        key = (family, tuple(sorted(overrides.items())))
+        key = (family, repr(sorted(overrides.items())))
         if key not in cache:
             d = tiny_model(family, **overrides)
             hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
@@ -55,6 +55,23 @@ def test_sparse_layers_match_reference(hf_models, family):
     sparse = [hasattr(layer.mlp, "experts") for layer in hf.model.layers]
     assert list(cfg.moe_layers) == sparse
     assert any(sparse) and (family in ("mixtral", "qwen3_moe") or not all(sparse))
+
+
+def test_qwen_sparse_step_and_dense_layers(hf_models):
+    """decoder_sparse_step and mlp_only_layers pick the sparse layers exactly as transformers does."""
+    cfg, hf, ours = hf_models("qwen3_moe", num_hidden_layers=5, decoder_sparse_step=2, mlp_only_layers=[3])
+    sparse = [hasattr(layer.mlp, "experts") for layer in hf.model.layers]
+    assert sparse == [False, True, False, False, False] == list(cfg.moe_layers)
+    assert [isinstance(layer.mlp, MoE) for layer in ours.model.layers] == sparse
+    with torch.no_grad():
+        ids = torch.tensor([_prompt(12, seed=11)])
+        ref = hf(ids).logits[0]
+    from llmcli.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(ours, cfg, None, num_blocks=16)
+    seq = eng.add(ids[0].tolist())
+    got = eng.forward_logits([seq], all_positions=True)[0]
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
