@@ -49,7 +49,8 @@ class MLAttention(nn.Module):
         super().__init__()
         c = config
         self.num_heads = c.num_heads
-        self.nope, self.rope, self.v_dim, self.rank = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        self.nope, self.rope = c.qk_nope_head_dim, c.qk_rope_head_dim
+        self.v_dim, self.rank = c.v_head_dim, c.kv_lora_rank
         qk = self.nope + self.rope
         if c.q_lora_rank:
             self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.qkv_bias)

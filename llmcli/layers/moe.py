@@ -275,7 +275,8 @@ def expert_usage(model: nn.Module) -> dict[int, list[int]]:
 
     The router statistics `llm run --json` reports; {} for a dense model."""
     layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else []
-    return {i: layer.mlp.usage.tolist() for i, layer in enumerate(layers) if isinstance(getattr(layer, "mlp", None), MoE)}
+    return {i: layer.mlp.usage.tolist() for i, layer in enumerate(layers)
+            if isinstance(getattr(layer, "mlp", None), MoE)}
 
 
 def reset_expert_usage(model: nn.Module) -> None:
