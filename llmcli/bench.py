@@ -26,7 +26,7 @@ class BenchResult:
     ttft_s: float
     prefill_tok_s: float
     decode_tok_s: float
-    peak_memory_gib: float
+    peak_memory_gib: float | None  # None: not measurable apart (transformers on CPU, same process)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +88,7 @@ def bench_transformers(model, prompts: torch.Tensor, gen_len: int, device: torch
     return prefill, max(t2 - t1 - prefill, 1e-9)
 
 
-def _result(name: str, batch: int, plen: int, glen: int, prefill: float, decode: float, mem: float) -> BenchResult:
+def _result(name: str, batch: int, plen: int, glen: int, prefill: float, decode: float, mem: float | None) -> BenchResult:
     return BenchResult(name, batch, plen, glen, prefill, batch * plen / prefill,
                        batch * (glen - 1) / decode if glen > 1 else 0.0, mem)
 
@@ -118,25 +118,28 @@ def run_bench(engine, path, prompt_len: int, gen_len: int, batch: int, compare: 
     bench_engine(engine, random_prompts(vocab, batch, min(prompt_len, 16), 1), 4)  # warm-up
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    ours: list[tuple[float, float]] = []
+    log("round 1: llmcli ...")
+    ours = [bench_engine(engine, random_prompts(vocab, batch, prompt_len, 100), gen_len)]
+    mem = peak_memory_gib(dev)  # before transformers is loaded: the process peak is ours alone
     theirs: list[tuple[float, float]] = []
-    ref = None
     if compare:
         if compare != "transformers":
             raise UserError(f"--compare supports only 'transformers', not {compare!r}")
         log("loading the model in transformers ...")
         ref = load_transformers(path, dev, engine.dtype)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         bench_transformers(ref, random_prompts(vocab, batch, min(prompt_len, 16), 2), 4, dev)  # warm-up
-    mem = 0.0
-    for r in range(rounds if compare else 1):
-        log(f"round {r + 1}: llmcli ...")
-        ours.append(bench_engine(engine, random_prompts(vocab, batch, prompt_len, 100 + r), gen_len))
-        mem = max(mem, peak_memory_gib(dev))
-        if ref is not None:
+        for r in range(rounds):
+            if r:
+                log(f"round {r + 1}: llmcli ...")
+                ours.append(bench_engine(engine, random_prompts(vocab, batch, prompt_len, 100 + r), gen_len))
             log(f"round {r + 1}: transformers ...")
             theirs.append(bench_transformers(ref, random_prompts(vocab, batch, prompt_len, 100 + r), gen_len, dev))
     best = lambda runs: (min(p for p, _ in runs), min(d for _, d in runs))  # noqa: E731
     results = [_result("llmcli", batch, prompt_len, gen_len, *best(ours), mem)]
     if theirs:
-        results.append(_result("transformers", batch, prompt_len, gen_len, *best(theirs), peak_memory_gib(dev)))
+        # on CPU the process peak includes both models, so only CUDA reports transformers' own peak
+        their_mem = peak_memory_gib(dev) if dev.type == "cuda" else None
+        results.append(_result("transformers", batch, prompt_len, gen_len, *best(theirs), their_mem))
     return results

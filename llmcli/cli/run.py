@@ -150,10 +150,11 @@ def bench(
         return
     print(f"{path.name}  device={engine.device}  dtype={str(engine.dtype).replace('torch.', '')}  "
           f"batch={batch} prompt={prompt_len} gen={gen_len}")
+    print(f"parameters: {human_count(pc.total)} total, {human_count(pc.active)} active per token")
     print(f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT ms':>10}{'peak GiB':>10}")
     for r in results:
-        print(f"{r.engine:<14}{r.prefill_tok_s:>15.1f}{r.decode_tok_s:>14.1f}{r.ttft_s * 1000:>10.1f}"
-              f"{r.peak_memory_gib:>10.2f}")
+        mem = f"{r.peak_memory_gib:>10.2f}" if r.peak_memory_gib is not None else f"{'-':>10}"
+        print(f"{r.engine:<14}{r.prefill_tok_s:>15.1f}{r.decode_tok_s:>14.1f}{r.ttft_s * 1000:>10.1f}{mem}")
     if len(results) == 2:
         print(f"speedup: decode {results[0].decode_tok_s / results[1].decode_tok_s:.2f}x, "
               f"prefill {results[0].prefill_tok_s / results[1].prefill_tok_s:.2f}x")

@@ -44,7 +44,8 @@ class ModelRunner:
             for cache in self.caches:
                 cache[dst].copy_(cache[src])
 
-    def _views(self, tables: torch.Tensor, positions: torch.Tensor, starts: list[int], ends: list[int]) -> dict:
+    def _views(self, tables: torch.Tensor, positions: torch.Tensor, starts: list[int], ends: list[int],
+               batch_tables: list[int]) -> dict:
         bs, b, q = self.block_size, positions.shape[0], positions.shape[1]
         views = {}
         for w in self.windows:
@@ -62,7 +63,10 @@ class ModelRunner:
                     if w is not None:
                         mask &= qpos - kpos[None, :] < w
                     mask = mask[None, None]
-                views[w] = KVView(bt, lo, hi, mask)
+                blocks = batch_tables[first:self._nblocks(ends[0])]
+                # a fresh single stream gets consecutive blocks: then attention reads a slice, no gather
+                consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+                views[w] = KVView(bt, lo, hi, mask, blocks[0] * bs if consecutive else None)
             else:
                 kmax = max(ends)
                 kpos = torch.arange(kmax, device=self.device)
@@ -112,5 +116,6 @@ class ModelRunner:
             self._bind()
         self.model.ensure_positions(max(ends), dev, self.dtype)
         meta = AttentionMetadata(positions=positions, slot_mapping=slots,
-                                 views=self._views(tables, positions, starts, ends))
+                                 views=self._views(tables, positions, starts, ends, batch[0][0].block_table),
+                                 pos_start=starts[0] if b == 1 else None)
         return self.model(ids, meta)

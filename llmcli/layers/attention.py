@@ -29,6 +29,7 @@ class KVView:
     start: int
     end: int
     mask: torch.Tensor | None
+    first_slot: int | None = None  # batch 1 with consecutive blocks: keys are slots [first_slot+start, +end)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [B * Q] cache slot each new token is written to (padding -> a scratch slot)
     views: dict  # window (None = full attention) -> KVView
     rope: dict = field(default_factory=dict)  # rope key -> (cos, sin), filled by the model
+    pos_start: int | None = None  # batch 1: positions are pos_start + arange(Q), so rope rows are a slice
 
 
 def sdpa_softcap(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -95,7 +97,10 @@ class Attention(nn.Module):
         slots.index_copy_(0, meta.slot_mapping, torch.stack((k, v), dim=2).view(b * ql, 2, kvh, d))
 
         view = meta.views[self.window]
-        ctx = cache[view.block_tables].view(b, -1, 2, kvh, d)[:, view.start:view.end]
+        if view.first_slot is not None:  # consecutive blocks: a zero-copy slice of the pool
+            ctx = slots[view.first_slot + view.start:view.first_slot + view.end].unsqueeze(0)
+        else:
+            ctx = cache.index_select(0, view.block_tables.view(-1)).view(b, -1, 2, kvh, d)[:, view.start:view.end]
         kc, vc = ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2)
         qt = q.transpose(1, 2)
         if self.softcap:

@@ -123,8 +123,14 @@ class RotaryEmbedding(nn.Module):
         self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)
         self.length = length
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, Q] -> cos, sin [B, Q, 1, dim] (broadcast over heads)."""
+    def forward(self, positions: torch.Tensor, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, Q] -> cos, sin [B, Q, 1, dim] (broadcast over heads).
+
+        With `start` (one sequence, consecutive positions) the rows are a slice: no gather kernel.
+        """
+        if start is not None:
+            q = positions.shape[1]
+            return self.cos[start:start + q, None].unsqueeze(0), self.sin[start:start + q, None].unsqueeze(0)
         return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
 
 

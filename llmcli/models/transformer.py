@@ -109,7 +109,7 @@ class Transformer(nn.Module):
         if self.config.embedding_scale:
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         for key, rot in self.rotary.items():
-            meta.rope[key] = rot(meta.positions)
+            meta.rope[key] = rot(meta.positions, meta.pos_start)
         for layer in self.model.layers:
             x = layer(x, meta)
         return self.model.norm(x)
