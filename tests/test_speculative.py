@@ -7,10 +7,21 @@ batch must match it within sampling error (chi-square test, p-value from the reg
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from llmcli.engine.speculative import AdaptiveK, SpecStats, greedy_verify, ngram_propose, rejection_sample, sample
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Many tiny forwards: one intra-op thread is faster, and far faster on a shared, oversubscribed CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 # ---- n-gram drafting ----------------------------------------------------------------------------------------------
 
@@ -134,7 +145,7 @@ def _pvalues(samples: torch.Tensor, target: torch.Tensor) -> list[float]:
     return out
 
 
-ROWS = 100_000
+ROWS = 50_000
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
@@ -233,3 +244,174 @@ def test_stats_and_adaptive_k():
     for _ in range(10):
         a.update(a.k, 0)
     assert a.k == 1
+
+
+# ---- integration with the engine: tiny random models ------------------------------------------------------------------
+
+# a prompt with repeated runs, so n-gram lookup finds matches
+PROMPT = [5, 17, 42, 99, 7, 5, 17, 42, 99, 7, 5, 17, 3, 250, 12, 5, 17]
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tiny_model, tmp_path_factory):
+    """(target, draft with other weights, second copy of the target, target dir) on CPU."""
+    from conftest import build_tiny_model
+
+    from llmcli.engine.llm_engine import LLMEngine
+
+    target_dir = tiny_model("llama")
+    other_dir = build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama-draft"), seed=1)
+
+    def load(d):
+        return LLMEngine.load(d, device="cpu", tokenizer=False, kv_cache_gib=0.01)
+
+    return load(target_dir), load(other_dir), load(target_dir), target_dir
+
+
+def _params(**kw):
+    from llmcli.engine.sequence import SamplingParams
+
+    return SamplingParams(**{"temperature": 0.0, "max_tokens": 40, "ignore_eos": True, **kw})
+
+
+@pytest.mark.parametrize("method,k,adaptive", [("ngram", 3, False), ("ngram", 10, True), ("draft", 4, True),
+                                               ("draft", 2, False), ("self", 5, False)])
+def test_greedy_output_identical_to_plain_decoding(tiny_engines, method, k, adaptive):
+    from llmcli.engine.speculative import SpeculativeDecoder
+
+    target, other, copy, _ = tiny_engines
+    plain = target.generate([PROMPT], _params())[0]
+    draft = {"ngram": None, "draft": other, "self": copy}[method]
+    dec = SpeculativeDecoder(target, draft, method="ngram" if method == "ngram" else "draft", num_draft=k,
+                             adaptive=adaptive)
+    assert dec.generate(PROMPT, _params()) == plain
+    s = dec.stats
+    assert s.drafted > 0 and s.emitted == len(plain) - 1  # the first token comes from the prefill step
+    assert s.steps < len(plain) - 1 or method == "draft"  # something was accepted
+    if method == "self":  # a draft with the target's own weights is right every time: checks the cache rollback
+        assert s.acceptance_rate == 1.0
+
+
+def test_stops_like_plain_decoding(tiny_engines):
+    from llmcli.engine.speculative import SpeculativeDecoder
+
+    target, _, copy, _ = tiny_engines
+    plain = target.generate([PROMPT], _params())[0]
+    stop = plain[13]  # a token first seen mid-way: plain decoding stops right after it
+    ref = target.generate([PROMPT], _params(stop_token_ids=(stop,)))[0]
+    assert ref[-1] == stop and len(ref) < len(plain)
+    dec = SpeculativeDecoder(target, copy, num_draft=6)
+    events = list(dec.stream(PROMPT, _params(stop_token_ids=(stop,))))
+    assert [e.token_id for e in events] == ref and events[-1].stats.finish_reason == "stop"
+    for n in (1, 2, 7):  # the token budget is exact even when a step could emit more
+        events = list(dec.stream(PROMPT, _params(max_tokens=n)))
+        assert [e.token_id for e in events] == plain[:n] and events[-1].stats.finish_reason == "length"
+    # sequences are released: the pool is whole again
+    assert target.block_manager.num_free == len(target.block_manager.blocks)
+
+
+def test_seeded_sampling_reproduces(tiny_engines):
+    from llmcli.engine.speculative import SpeculativeDecoder
+
+    target, other, _, _ = tiny_engines
+    dec = SpeculativeDecoder(target, other, num_draft=3)
+    a = dec.generate(PROMPT, _params(temperature=0.8, seed=11))
+    b = dec.generate(PROMPT, _params(temperature=0.8, seed=11))
+    c = dec.generate(PROMPT, _params(temperature=0.8, seed=12))
+    assert a == b and a != c
+
+
+def test_draft_with_other_vocabulary_is_refused(tiny_engines, tiny_model):
+    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.engine.speculative import SpeculativeDecoder
+    from llmcli.errors import UserError
+
+    target = tiny_engines[0]
+    other = LLMEngine.load(tiny_model("llama", vocab_size=300), device="cpu", tokenizer=False, kv_cache_gib=0.01)
+    with pytest.raises(UserError, match="vocabulary"):
+        SpeculativeDecoder(target, other)
+
+    class Tok:  # same size, one token mapped elsewhere
+        def __init__(self, swap):
+            v = {f"t{i}": i for i in range(256)}
+            if swap:
+                v["t0"], v["t1"] = 1, 0
+            self.vocab = v
+
+        def get_vocab(self):
+            return self.vocab
+
+    a, b = tiny_engines[0], tiny_engines[2]
+    try:
+        a.tokenizer, b.tokenizer = Tok(False), Tok(True)
+        with pytest.raises(UserError, match="tokenizer"):
+            SpeculativeDecoder(a, b)
+        b.tokenizer = Tok(False)
+        SpeculativeDecoder(a, b)
+    finally:
+        a.tokenizer = b.tokenizer = None
+
+
+TEMPERATURE = 0.1  # the tiny model's logits are small: sharpen them so a few hundred runs resolve the distribution
+RUNS = 400
+
+
+@functools.lru_cache(maxsize=2)  # both drafting methods check against the same reference
+def _reference_marginals(model_dir, prompt, temperature, n_tokens=3, min_prob=1e-6):
+    """Exact marginals of generated tokens 2..n_tokens from transformers, enumerating prefixes of prob > min_prob.
+
+    The prompt runs once; each enumeration level forwards one token per kept prefix over the parent's KV cache
+    (reorder_cache selects/duplicates the parents' rows).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    marginals = []
+    with torch.no_grad():
+        out = model(torch.tensor([list(prompt)]), use_cache=True)
+        cache, logits, weights = out.past_key_values, out.logits[:, -1], torch.ones(1, dtype=torch.float64)
+        for step in range(n_tokens):
+            probs = (logits.double() / temperature).softmax(-1) * weights[:, None]  # joint P(prefix, next)
+            if step:
+                marginals.append(probs.sum(0))
+            if step == n_tokens - 1:
+                break
+            parents, toks = (probs > min_prob).nonzero().unbind(1)
+            cache.reorder_cache(parents)
+            logits = model(toks[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            weights = probs[parents, toks]
+    return marginals
+
+
+def _binned_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square over tokens expected >= 5 times, the rest pooled into one bin."""
+    n = counts.sum()
+    big = probs * n >= 5
+    c = torch.cat([counts[big], counts[~big].sum().reshape(1)])
+    p = torch.cat([probs[big], (1 - probs[big].sum()).clamp(min=0).reshape(1)])
+    if p[-1] * n < 1:  # nothing worth a bin left over
+        c, p = c[:-1], p[:-1] / p[:-1].sum()
+    return _chi2_pvalue(c.double(), p)
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_sampling_distribution_matches_target(tiny_engines, method):
+    """Tokens 2 and 3 (both produced by draft-verify steps) follow the target's exact distribution."""
+    from llmcli.engine.speculative import SpeculativeDecoder
+
+    target, other, _, target_dir = tiny_engines
+    # every token id occurs once in the prompt, so n-gram lookup always finds the last token and drafts
+    prompt = torch.randperm(256, generator=torch.Generator().manual_seed(0)).tolist() + PROMPT[:6]
+    dec = SpeculativeDecoder(target, other if method == "draft" else None, method=method, num_draft=2,
+                             adaptive=False, min_ngram=1)
+    outs, drafted = [], 0
+    for seed in range(RUNS):
+        outs.append(dec.generate(prompt, _params(temperature=TEMPERATURE, max_tokens=3, seed=seed)))
+        drafted += dec.stats.drafted
+    outs = torch.tensor(outs)
+    m2, m3 = _reference_marginals(target_dir, tuple(prompt), TEMPERATURE)
+    vocab = m2.numel()
+    p2 = _binned_pvalue(torch.bincount(outs[:, 1], minlength=vocab), m2)
+    p3 = _binned_pvalue(torch.bincount(outs[:, 2], minlength=vocab), m3)
+    assert min(p2, p3) > 1e-3, (p2, p3)
+    assert drafted > RUNS // 2  # most runs really went through a draft-verify step

@@ -125,11 +125,12 @@ class SpecStats:
     accepted: int = 0
     emitted: int = 0
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def update(self, drafted: int, accepted: int, emitted: int | None = None) -> None:
+        """emitted: tokens actually kept (fewer than accepted + 1 when an EOS cut the step short)."""
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
-        self.emitted += accepted + 1
+        self.emitted += accepted + 1 if emitted is None else emitted
 
     @property
     def acceptance_rate(self) -> float:
@@ -299,7 +300,7 @@ class SpeculativeDecoder:
                 k = k_ctl.k if k_ctl else self.num_draft
                 k = min(k, params.max_tokens - ts.num_generated - 1)  # never draft past the token budget
                 emitted, drafted, n_acc = self._step(ts, ds, max(k, 0), draft_gen)
-                self.stats.update(drafted, n_acc)
+                self.stats.update(drafted, n_acc, len(emitted))
                 if k_ctl and drafted:
                     k_ctl.update(drafted, n_acc)
                 for tok in emitted:
