@@ -1,16 +1,184 @@
-"""Placeholder commands until their issue lands."""
+"""`llm quantize` and `llm perplexity`: parse, call llmcli.quant / llmcli.perplexity, render."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
 
 from llmcli.cli import app
 from llmcli.errors import UserError
 
 
+def _default_name(src: Path) -> str:
+    if src.suffix == ".gguf":
+        from llmcli import default_model
+
+        if src.name == default_model.GGUF_NAME:
+            return default_model.NAME
+        # drop llama.cpp's quant tag: Foo-7B.Q4_K_M.gguf -> Foo-7B
+        return re.sub(r"[.-](Q\d\w*|F16|F32|BF16)$", "", src.stem, flags=re.I).lower()
+    return src.name.lower()
+
+
+def _output_dir(src: Path, bits: int, group_size: int, method: str, fmt: str) -> Path:
+    from llmcli.paths import store_dir
+
+    name = _default_name(src)
+    if fmt == "gguf":
+        tag = "Q8_0" if bits == 8 else "Q4_1"
+        return store_dir() / f"{name}.{tag}.gguf"
+    if method == "nf4":
+        return store_dir() / f"{name}-nf4"
+    return store_dir() / (f"{name}-int8" if bits == 8 else f"{name}-int4-g{group_size}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def encode_text(path: Path, engine, text: str) -> list[int]:
+    """Token ids of plain text (no special tokens added), via the engine's tokenizer or tokenizer.json."""
+    tok = getattr(engine, "tokenizer", None)
+    if tok is not None and hasattr(tok, "encode"):
+        try:
+            ids = tok.encode(text, add_special_tokens=False)
+        except TypeError:
+            ids = tok.encode(text)
+        return list(getattr(ids, "ids", ids))
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    raise UserError(f"no tokenizer found for {path}")
+
+
+def measure_perplexity(path: Path, text: str, window: int, max_tokens: Optional[int], device: Optional[str],
+                       dtype: Optional[str]):
+    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.perplexity import perplexity
+
+    engine = LLMEngine.load(str(path), device=device, dtype=dtype)
+    ids = encode_text(path, engine, text)
+    return perplexity(engine, ids, window=window, max_tokens=max_tokens)
+
+
 @app.command("quantize")
-def quantize(model: str = None) -> None:
+def quantize(
+    model: Optional[str] = typer.Argument(None, help="Model directory, .gguf file or store name (default: the built-in model)."),
+    bits: int = typer.Option(8, "--bits", "-b", help="8 or 4."),
+    group_size: int = typer.Option(128, "--group-size", "-g", help="INT4 group size: 32, 64 or 128."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="rtn | hqq | gptq | nf4 (default: rtn for 8 bits, hqq for 4)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default: in the llmcli store)."),
+    fmt: str = typer.Option("llmcli", "--format", help="llmcli (safetensors directory) or gguf."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Text file for GPTQ calibration."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="Text file: report perplexity before and after."),
+    quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings", help="Also quantize lm_head."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
     """Write an INT8/INT4/NF4 weight-only checkpoint."""
-    raise UserError("llm quantize is not yet implemented", exit_code=2)
+    from llmcli.quant import QuantSpec
+    from llmcli.store import resolve_model
+
+    if fmt not in ("llmcli", "gguf"):
+        raise UserError(f"--format must be llmcli or gguf, not {fmt!r}")
+    if method is None:
+        method = "rtn" if bits == 8 else "hqq"
+    spec = QuantSpec(bits=bits, group_size=group_size, method=method, quantize_embeddings=quantize_embeddings)
+    spec.validate()
+    if method == "gptq" and calibration is None:
+        raise UserError("--method gptq needs --calibration FILE (text to collect layer inputs from)")
+    if calibration is not None and not calibration.is_file():
+        raise UserError(f"calibration file {calibration} not found")
+    if eval_file is not None and not eval_file.is_file():
+        raise UserError(f"eval file {eval_file} not found")
+    src = resolve_model(model)
+    out = output or _output_dir(src, spec.bits, spec.group_size, method, fmt)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    if fmt == "gguf":
+        from llmcli.quant.gguf_writer import write_gguf
+
+        summary = write_gguf(src, out, spec, force=force)
+    else:
+        from llmcli.quant.checkpoint import quantize_checkpoint
+
+        hessians = None
+        if method == "gptq":
+            from llmcli.perplexity import read_text
+            from llmcli.quant.gptq import collect_hessians
+
+            hessians = collect_hessians(src, read_text(calibration), spec)
+        summary = quantize_checkpoint(src, out, spec, force=force, hessians=hessians)
+    ppl = {}
+    if eval_file is not None:
+        from llmcli.perplexity import read_text
+
+        text = read_text(eval_file)
+        for key, p in (("before", src), ("after", out)):
+            ppl[key] = measure_perplexity(p, text, 512, 4096, None, None).perplexity
+    _render(summary, ppl, as_json)
+
+
+def _render(s, ppl: dict, as_json: bool) -> None:
+    ratio = s.bytes_after / s.bytes_before if s.bytes_before else float("nan")
+    data = {"output": str(s.output), "bits": s.spec.bits, "method": s.spec.method,
+            "layers_quantized": len(s.layers), "tensors_kept_16bit": s.kept,
+            "group_sizes": {str(k): v for k, v in s.group_sizes().items()},
+            "bytes_before_16bit": s.bytes_before, "bytes_after": s.bytes_after, "ratio": ratio,
+            "seconds": round(s.seconds, 2), "notes": s.notes}
+    if ppl:
+        data["perplexity"] = ppl
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"quantized -> {s.output}", show_header=False)
+    t.add_row("method", f"{s.spec.method}, {s.spec.bits}-bit")
+    t.add_row("layers quantized", str(len(s.layers)))
+    if s.group_sizes():
+        t.add_row("group sizes", ", ".join(f"{g}: {n} layers" for g, n in sorted(s.group_sizes().items())))
+    t.add_row("kept 16-bit", f"{s.kept} tensors (embeddings, norms, head, routers)")
+    t.add_row("size", f"{_human(s.bytes_before)} (16-bit) -> {_human(s.bytes_after)} ({ratio:.2f}x)")
+    t.add_row("time", f"{s.seconds:.1f} s")
+    if ppl:
+        b, a = ppl["before"], ppl["after"]
+        t.add_row("perplexity", f"{b:.3f} -> {a:.3f} ({(a / b - 1) * 100:+.1f}%)")
+    for n in s.notes:
+        t.add_row("note", n)
+    Console().print(t)
 
 
 @app.command("perplexity")
-def perplexity(model: str = None) -> None:
+def perplexity_cmd(
+    model: Optional[str] = typer.Argument(None, help="Model directory, .gguf file or store name (default: the built-in model)."),
+    file: Optional[Path] = typer.Option(None, "--file", help="UTF-8 text to score (default: the GPL-3 text in /usr/share/common-licenses)."),
+    window: int = typer.Option(512, "--window", help="Tokens per window (no overlap)."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Score at most this many tokens of the text."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
+    as_json: bool = typer.Option(False, "--json", help="Print {\"perplexity\": ..., \"tokens\": ...}."),
+) -> None:
     """Measure a model's perplexity on a text file."""
-    raise UserError("llm perplexity is not yet implemented", exit_code=2)
+    from llmcli.perplexity import DEFAULT_TEXT, read_text
+    from llmcli.store import resolve_model
+
+    if max_tokens < 2:
+        raise UserError("--max-tokens must be at least 2")
+    text = read_text(file or DEFAULT_TEXT)
+    path = resolve_model(model)
+    r = measure_perplexity(path, text, window, max_tokens, device, dtype)
+    if as_json:
+        typer.echo(json.dumps({"perplexity": r.perplexity, "tokens": r.tokens}))
+    else:
+        typer.echo(f"perplexity {r.perplexity:.4f} over {r.tokens} tokens (window {window})")
