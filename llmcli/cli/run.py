@@ -65,6 +65,9 @@ def run(
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", help="KV-cache size (default: CPU 1 GiB, CUDA most free memory)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings)."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Draft model for speculative decoding (same tokenizer)."),
+    speculate: Optional[str] = typer.Option(None, "--speculate", help="`ngram`: draft by looking up the context."),
+    num_draft: Optional[int] = typer.Option(None, "--num-draft", help="Tokens drafted per step (4 draft, 8 ngram)."),
 ) -> None:
     """Generate a reply to one prompt, streamed to stdout (stats go to stderr)."""
     from llmcli.engine.llm_engine import LLMEngine
@@ -83,7 +86,10 @@ def run(
     from llmcli.layers.moe import expert_usage, reset_expert_usage
 
     reset_expert_usage(engine.model)  # MoE router statistics cover this generation only
-    for ev in engine.stream(ids, params):
+    from llmcli.engine.speculative import make_decoder, run_summary
+
+    spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+    for ev in (spec or engine).stream(ids, params):
         stats = ev.stats
         out_ids.append(ev.token_id)
         if ev.token_id in eos and not ignore_eos:
@@ -97,6 +103,8 @@ def run(
         sys.stdout.write(tail)
     reply_ids = [t for t in out_ids if ignore_eos or t not in eos]
     s = stats.to_dict() if stats else {"prompt_tokens": len(ids), "generated_tokens": 0}
+    if spec and stats:  # acceptance, mean accepted per step, speed-up vs a short plain decode
+        s["speculative"] = run_summary(spec, ids, stats.decode_tok_s)
     if as_json:
         out = {"text": engine.tokenizer.decode(reply_ids), **s}
         usage = expert_usage(engine.model)
@@ -110,6 +118,10 @@ def run(
         cached = f" ({stats.cached_prompt_tokens} cached)" if stats.cached_prompt_tokens else ""
         print(f"prompt {stats.prompt_tokens} tokens{cached}, TTFT {stats.ttft_s * 1000:.0f} ms, "
               f"{stats.generated_tokens} tokens at {stats.decode_tok_s:.1f} tok/s", file=sys.stderr)
+        if spec:
+            sp = s["speculative"]
+            print(f"speculative: {sp['acceptance_rate']:.0%} of {sp['drafted']} drafts accepted, "
+                  f"{sp['mean_accepted']:.2f} per step, speed-up ~{sp['speedup_est']}x", file=sys.stderr)
 
 
 @app.command("bench")

@@ -229,7 +229,7 @@ def _vocab(tokenizer) -> dict | None:
         v = v() if callable(v) else v
         if isinstance(v, dict):
             return v
-    inner = getattr(tokenizer, "tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    inner = next((getattr(tokenizer, a) for a in ("backend", "tokenizer", "_tokenizer") if hasattr(tokenizer, a)), None)
     if inner is not None and inner is not tokenizer and hasattr(inner, "get_vocab"):
         return inner.get_vocab()
     return None
@@ -377,3 +377,90 @@ class SpeculativeDecoder:
             toks.append(tok)
         q = torch.stack(qs, dim=1).to(self.target.device) if qs else None
         return toks, q
+
+
+def make_decoder(target, draft: str | None = None, speculate: str | None = None, num_draft: int | None = None,
+                 **load_kw) -> SpeculativeDecoder | None:
+    """The CLI's --draft MODEL / --speculate ngram / --num-draft K -> a decoder (None: plain decoding)."""
+    from llmcli.errors import UserError
+
+    if draft is None and speculate is None:
+        if num_draft is not None:
+            raise UserError("--num-draft needs --draft MODEL or --speculate ngram")
+        return None
+    if speculate is not None and speculate != "ngram":
+        raise UserError(f"--speculate supports only 'ngram', not {speculate!r} (use --draft MODEL for a draft model)")
+    if draft is not None and speculate is not None:
+        raise UserError("use either --draft MODEL or --speculate ngram, not both")
+    if draft is None:
+        return SpeculativeDecoder(target, None, method="ngram", num_draft=num_draft)
+    from llmcli.engine.llm_engine import LLMEngine
+
+    load_kw.setdefault("tokenizer", target.tokenizer is not None)  # needed to compare vocabularies
+    return SpeculativeDecoder(target, LLMEngine.load(draft, **load_kw), method="draft", num_draft=num_draft)
+
+
+def run_summary(decoder: SpeculativeDecoder, prompt_ids: list[int], decode_tok_s: float) -> dict:
+    """Stats for `llm run`: the counters plus a speed-up against a short plain decode of the same prompt."""
+    plain = plain_decode_tok_s(decoder.target, prompt_ids)
+    return {**decoder.stats.to_dict(), "plain_decode_tok_s_est": round(plain, 2),
+            "speedup_est": round(decode_tok_s / plain, 3) if plain and decode_tok_s else None}
+
+
+# ---- measuring ----------------------------------------------------------------------------------------------------
+
+# A workload speculation is made for: the reply copies a passage that is in the prompt.
+PASSAGE = ("The old lighthouse stood at the edge of the cliff for over a hundred years. Every night its beam swept "
+           "across the dark water, guiding fishing boats safely back to the harbor. The keeper, a quiet man named "
+           "Elias, climbed the spiral stairs each evening to light the lamp and wind the clockwork that turned it. "
+           "In winter the storms came without warning, and more than once he stayed awake until dawn, watching the "
+           "waves break against the rocks below and listening for the horns of ships lost in the fog.")
+REPEAT_PROMPT = "Repeat the following passage exactly, word for word, and say nothing else:\n\n" + PASSAGE
+
+
+def plain_decode_tok_s(engine, prompt_ids: list[int], steps: int = 6) -> float:
+    """Plain one-token-per-forward decode speed of engine after this prompt (the prompt prefix is usually cached).
+
+    `llm run` uses it to turn speculative tok/s into a speed-up without generating the whole reply twice.
+    """
+    import time
+
+    from llmcli.engine.sequence import SamplingParams
+
+    seq = engine.add(prompt_ids, SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True))
+    try:
+        engine.step([seq])  # the uncached prompt tail
+        engine.step([seq])  # warm-up
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step([seq])
+        return steps / (time.perf_counter() - t)
+    finally:
+        engine.release(seq)
+
+
+@dataclass
+class SpeedComparison:
+    plain_tok_s: float
+    spec_tok_s: float
+    identical: bool  # greedy: the speculative reply equals the plain one, token for token
+    stats: SpecStats
+    tokens: int
+
+    @property
+    def speedup(self) -> float:
+        return self.spec_tok_s / self.plain_tok_s if self.plain_tok_s else 0.0
+
+    def to_dict(self) -> dict:
+        return {"plain_decode_tok_s": round(self.plain_tok_s, 2), "speculative_decode_tok_s": round(self.spec_tok_s, 2),
+                "speedup": round(self.speedup, 3), "identical_output": self.identical, "generated_tokens": self.tokens,
+                **self.stats.to_dict()}
+
+
+def compare_speed(decoder: SpeculativeDecoder, prompt_ids: list[int], params) -> SpeedComparison:
+    """Generate the same reply plainly and speculatively (decode tok/s after the first token of each)."""
+    plain = list(decoder.target.stream(prompt_ids, params))
+    spec = list(decoder.stream(prompt_ids, params))
+    return SpeedComparison(plain[-1].stats.decode_tok_s, spec[-1].stats.decode_tok_s,
+                           [e.token_id for e in plain] == [e.token_id for e in spec], decoder.stats,
+                           len(spec))
