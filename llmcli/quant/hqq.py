@@ -35,6 +35,8 @@ def optimize_zero(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, 
         # keep the best zero per group (the reference stops globally per tensor; per group is never worse)
         err = err_w.abs().mean(dim=-1, keepdim=True)
         better = err < best_err
+        if i > 0 and not bool(better.any()):  # no group improved: the reference's early stop
+            break
         best_z = torch.where(better, z, best_z)
         best_err = torch.where(better, err, best_err)
         if i == iters:

@@ -1,0 +1,120 @@
+"""Quantizers against closed-form bounds, kernels against dense references, and quantized checkpoints run by
+our engine against transformers running the same (dequantized) weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcli.quant.hqq import quantize_int4_hqq
+from llmcli.quant.int4 import (dequantize_int4, effective_group_size, pack_int4, quantize_int4_rtn,
+                               unpack_int4)
+from llmcli.quant.int8 import dequantize_int8, quantize_int8
+from llmcli.quant.linear import Int4Linear, Int8Linear
+
+
+def test_int8_error_is_at_most_half_a_step():
+    w = torch.randn(96, 80) * 0.05
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    err = (dequantize_int8(q, s) - w).abs()
+    assert bool((err <= s.float()[:, None] / 2 + 1e-6).all())
+
+
+def test_int4_rtn_bound_packing_and_group_fallback():
+    w = torch.randn(3, 40, 576) * 0.02  # a stack of experts: quantized as batched rows
+    q, s, z = quantize_int4_rtn(w, 128)
+    assert s.shape == (3, 40, 576 // 64)  # 576 is not a multiple of 128: largest power of two that divides
+    assert int(q.max()) <= 15
+    err = (dequantize_int4(q, s, z) - w).abs().reshape(3, 40, 9, 64)
+    assert bool((err <= s.float().unsqueeze(-1) / 2 + 1e-5).all())
+    packed = pack_int4(q)
+    assert packed.shape == (3, 40, 288) and torch.equal(unpack_int4(packed), q)
+    assert packed[0, 0, 0] == q[0, 0, 0] | (q[0, 0, 1] << 4)  # documented layout: even column in low nibble
+    assert effective_group_size(1536, 128) == 128 and effective_group_size(576, 128) == 64
+    assert effective_group_size(24, 32) == 24
+
+
+def test_hqq_lowers_the_lp_error_of_rtn():
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((128, 256)) * 0.02  # heavy tails, like real weights
+    def lp(qsz):
+        return (dequantize_int4(*qsz) - w).abs().pow(0.7).mean()
+    assert lp(quantize_int4_hqq(w, 64)) < lp(quantize_int4_rtn(w, 64))
+
+
+def _load(mod, parts):
+    with torch.no_grad():
+        for k, v in parts.items():
+            getattr(mod, k).copy_(v)
+    return mod
+
+
+@pytest.mark.parametrize("k", [64, 24])  # 24: the aten int8 kernel is wrong for K % 16 != 0 -> fallback path
+def test_int8_linear_matches_dense(k):
+    w = torch.randn(48, k) * 0.1
+    q, s = quantize_int8(w)
+    lin = _load(Int8Linear(k, 48, bias=True), {"qweight": q, "scales": s, "bias": torch.randn(48)})
+    lin.finalize()
+    assert lin._kernel["kernel"] == (k % 16 == 0)
+    ref_w = dequantize_int8(q, s)
+    for rows in (1, 3, 100):  # decode rows use the kernel, prefill rows a dense matmul
+        x = torch.randn(rows, k)
+        ref = x @ ref_w.T + lin.bias
+        torch.testing.assert_close(lin(x), ref, atol=0.03 * float(ref.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_linear_matches_dense(group):
+    w = torch.randn(96, 256) * 0.1
+    q, s, z = quantize_int4_hqq(w, group)
+    lin = _load(Int4Linear(256, 96, group), {"qweight": pack_int4(q), "scales": s, "zeros": z})
+    lin.finalize()
+    assert lin._kernel["packed"] is not None
+    ref_w = dequantize_int4(q, s, z)
+    for rows in (1, 5, 100):
+        x = torch.randn(2, rows, 256)
+        ref = x @ ref_w.T
+        torch.testing.assert_close(lin(x), ref, atol=0.02 * float(ref.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("bits,method,group", [(8, "rtn", 128), (4, "rtn", 32), (4, "hqq", 128)])
+def test_quantized_checkpoint_matches_transformers(tiny_model, tmp_path, bits, method, group):
+    """Our engine on the quantized dir == transformers on the original with every quantized weight replaced
+    by its dequantized value (so only the kernels and the loader are under test, not quantization error)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.loader import load_model
+    from llmcli.quant import QuantSpec
+    from llmcli.quant.checkpoint import quantize_checkpoint
+
+    src = tiny_model("llama")
+    out = tmp_path / "q"
+    summary = quantize_checkpoint(src, out, QuantSpec(bits, group, method))
+    assert len(summary.layers) == 3 * 7  # q k v o gate up down per layer
+    sd = load_file(out / "model.safetensors")
+    assert not any(k.startswith("model.embed_tokens") and k.endswith("qweight") for k in sd)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        for n, m in ref.named_modules():
+            if f"{n}.qweight" in sd:
+                if bits == 8:
+                    w = sd[f"{n}.qweight"].float() * sd[f"{n}.scales"].float()[:, None]
+                else:
+                    w = dequantize_int4(unpack_int4(sd[f"{n}.qweight"]), sd[f"{n}.scales"], sd[f"{n}.zeros"])
+                m.weight.copy_(w)
+            elif f"{n}.weight" in sd and hasattr(m, "weight"):
+                m.weight.copy_(sd[f"{n}.weight"].float())  # 16-bit copies of the rest
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    model, config = load_model(out, "cpu", torch.float32)
+    engine = LLMEngine(model, config)
+    seq = engine.add(ids[:4])
+    first = engine.forward_logits([seq], all_positions=True)[0]  # few rows: the int kernels
+    rest = engine.extend(seq, ids[4:])  # many rows: the dense path
+    got = torch.cat([first, rest]).float()
+    torch.testing.assert_close(got, expected, atol=0.02 * float(expected.abs().max()), rtol=0)
+    assert torch.equal(got.argmax(-1)[:4], expected.argmax(-1)[:4])
