@@ -136,6 +136,9 @@ def bench(
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", help="KV-cache size."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Compare plain vs speculative decoding with this draft."),
+    speculate: Optional[str] = typer.Option(None, "--speculate", help="`ngram`: compare plain vs n-gram speculation."),
+    num_draft: Optional[int] = typer.Option(None, "--num-draft", help="Tokens drafted per step."),
 ) -> None:
     """Measure prefill and decode speed (tok/s), time to first token and peak memory."""
     from llmcli.bench import run_bench
@@ -145,6 +148,24 @@ def bench(
     if compare is not None and compare != "transformers":
         raise UserError(f"--compare supports only 'transformers', not {compare!r}")
     path = resolve_model(model)
+    if draft is not None or speculate is not None or num_draft is not None:
+        # speculation needs real text to be worth anything: a reply that copies a passage from the prompt
+        from llmcli.engine.speculative import REPEAT_PROMPT, compare_speed, make_decoder
+        from llmcli.engine.sequence import SamplingParams
+
+        engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+        spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+        r = compare_speed(spec, _prompt_ids(engine, REPEAT_PROMPT, None, False),
+                          SamplingParams(temperature=0.0, max_tokens=gen_len)).to_dict()
+        if as_json:
+            print(json.dumps({"model": str(path), "draft": draft or speculate, "device": str(engine.device), **r}))
+            return
+        print(f"{path.name}  speculative ({draft or speculate}, K={spec.num_draft})  device={engine.device}  "
+              f"{r['generated_tokens']} tokens, repeat-a-passage prompt")
+        print(f"plain {r['plain_decode_tok_s']:.1f} tok/s, speculative {r['speculative_decode_tok_s']:.1f} tok/s: "
+              f"speed-up {r['speedup']:.2f}x; acceptance {r['acceptance_rate']:.0%}, "
+              f"{r['mean_accepted']:.2f} accepted per step; identical output: {r['identical_output']}")
+        return
     engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, tokenizer=False)
     log = (lambda m: None) if as_json else (lambda m: print(m, file=sys.stderr))
     results = run_bench(engine, path, prompt_len, gen_len, batch, compare, rounds=rounds, log=log)
