@@ -244,3 +244,16 @@ def test_seeded_sampling_batch_equals_alone(loaded):
     batched = _engine(loaded).generate(prompts, params)
     alone = [_engine(loaded).generate([p], [sp])[0] for p, sp in zip(prompts, params)]
     assert batched == alone
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(tiny_model):
+    path = tiny_model("mistral")
+    prompts = [_prompt(n, 40 + n) for n in (9, 30)]
+    cpu = LLMEngine(*load_model(path), block_size=4, num_blocks=256).generate(prompts, GREEDY)
+    model, config = load_model(path, "cuda", torch.float32)
+    gpu = LLMEngine(model, config, block_size=4, num_blocks=256).generate(prompts, GREEDY)
+    assert gpu == cpu
+    bf16 = LLMEngine(*load_model(path, "cuda", torch.bfloat16), block_size=16, num_blocks=64)
+    assert all(len(o) == 40 for o in bf16.generate(prompts, GREEDY))
