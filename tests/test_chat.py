@@ -229,12 +229,16 @@ def spawn_chat(model: Path, home: Path, *args: str):
     return child
 
 
-def ask(child, text: str) -> str:
-    """Send a message; the reply as printed (between the echoed input and the stats line)."""
+def ask(child, text: str, stats: list | None = None) -> str:
+    """Send a message; the reply as printed (between the echoed input and the stats line).
+    (reused, prompt) token counts of the stats line are appended to `stats` when given."""
     child.sendline(text)
     child.expect(STATS)
     out = child.before.replace("\r\n", "\n")
     reply = out.split(text, 1)[1] if text in out else out
+    if stats is not None:
+        reused, prompt = child.after.rsplit("·", 1)[1].split()[0].split("/")
+        stats.append((int(reused), int(prompt)))
     child.expect_exact(">>> ")
     return reply.strip()
 
@@ -243,11 +247,18 @@ def test_terminal_chat(smollm2_gguf, tmp_path):
     child = spawn_chat(smollm2_gguf, tmp_path, "--max-tokens", "24")
     child.sendline("/set temperature 0")
     child.expect_exact("Set temperature to 0.0.")
-    first = ask(child, "What is the capital of France?")
+    counts: list[tuple[int, int]] = []
+    first = ask(child, "What is the capital of France?", counts)
     assert "Paris" in first
     child.sendline("/clear")
     child.expect_exact("Cleared the conversation.")
-    assert ask(child, "What is the capital of France?") == first  # greedy: reproducible
+    assert ask(child, "What is the capital of France?", counts) == first  # greedy: reproducible
+    ask(child, "And of Germany?", counts)
+    # prefix caching across turns (16-token blocks): a repeated prompt reuses every full block but the one
+    # holding its last token; the next turn reuses at least every full block of the turn before
+    (r0, p0), (r1, p1), (r2, p2) = counts
+    assert r0 == 0 and p1 == p0 and r1 == (p0 - 1) // 16 * 16
+    assert p2 > p1 and r2 >= p1 // 16 * 16
 
     # sampling with a seed reproduces too
     child.sendline("/set temperature 0.8")
@@ -314,6 +325,7 @@ def test_terminal_markdown_multiline_and_ctrl_d(smollm2_gguf, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     child = spawn_chat(smollm2_gguf, tmp_path, "--markdown", "--temperature", "0", "--max-tokens", "16")
     child.sendline("Tell me a story.")
+    child.expect_exact("story.\r\n")  # read by the program (a Ctrl-C typed ahead would flush the tty's queue)
     child.sendintr()  # right after Enter: whichever step it lands in, the chat survives
     child.expect_exact(["(interrupted)", "Use Ctrl-D or /bye to exit."])
     child.expect_exact(">>> ")
