@@ -118,3 +118,32 @@ def test_quantized_checkpoint_matches_transformers(tiny_model, tmp_path, bits, m
     got = torch.cat([first, rest]).float()
     torch.testing.assert_close(got, expected, atol=0.02 * float(expected.abs().max()), rtol=0)
     assert torch.equal(got.argmax(-1)[:4], expected.argmax(-1)[:4])
+
+
+def test_nf4_checkpoint_loads_in_transformers_bitsandbytes(tiny_model, tmp_path):
+    """The NF4 dir is a transformers bitsandbytes checkpoint: transformers loads Linear4bit modules from it and
+    computes the same logits as the original model with our stored weights dequantized by bitsandbytes."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from llmcli.quant import QuantSpec
+    from llmcli.quant.checkpoint import quantize_checkpoint
+    from llmcli.quant.nf4 import dequantize_nf4_tensor
+
+    src = tiny_model("llama")
+    out = tmp_path / "nf4"
+    quantize_checkpoint(src, out, QuantSpec(4, 64, "nf4"))
+    sd = load_file(out / "model.safetensors")
+    assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+    assert "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4" in sd
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        for n, m in ref.named_modules():
+            if f"{n}.weight.absmax" in sd:
+                parts = {k[len(n) + 1:]: v for k, v in sd.items() if k.startswith(f"{n}.weight")}
+                m.weight.copy_(dequantize_nf4_tensor(parts).reshape(m.weight.shape).float())
+        ids = torch.tensor([[1, 5, 9, 33, 70, 100, 7, 200]])
+        a, b = ref(ids).logits, loaded(ids).logits.float()
+    torch.testing.assert_close(b, a, atol=0.03 * float(a.abs().max()), rtol=0)
