@@ -394,10 +394,16 @@ def make_decoder(target, draft: str | None = None, speculate: str | None = None,
         raise UserError("use either --draft MODEL or --speculate ngram, not both")
     if draft is None:
         return SpeculativeDecoder(target, None, method="ngram", num_draft=num_draft)
-    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.engine.llm_engine import LLMEngine, _load_tokenizer
+    from llmcli.store import resolve_model
 
-    load_kw.setdefault("tokenizer", target.tokenizer is not None)  # needed to compare vocabularies
-    return SpeculativeDecoder(target, LLMEngine.load(draft, **load_kw), method="draft", num_draft=num_draft)
+    path = resolve_model(draft)
+    engine = LLMEngine.load(path, tokenizer=False, **load_kw)
+    try:  # only to compare vocabularies: a quantized copy may ship without tokenizer files (sizes are still checked)
+        engine.tokenizer = _load_tokenizer(path)
+    except UserError:
+        engine.tokenizer = None
+    return SpeculativeDecoder(target, engine, method="draft", num_draft=num_draft)
 
 
 def run_summary(decoder: SpeculativeDecoder, prompt_ids: list[int], decode_tok_s: float) -> dict:
