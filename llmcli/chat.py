@@ -194,6 +194,7 @@ class TurnStats:
     decode_tok_s: float = 0.0
     elapsed_s: float = 0.0
     finish_reason: str | None = None
+    speculative: dict | None = None  # SpecStats.to_dict() when a speculative decoder produced the reply
 
 
 class ChatBackend(Protocol):
@@ -251,6 +252,8 @@ class EngineBackend:
                 s = ev.stats
                 stats.cached_tokens, stats.generated_tokens = s.cached_prompt_tokens, s.generated_tokens
                 stats.ttft_s, stats.decode_tok_s, stats.finish_reason = s.ttft_s, s.decode_tok_s, s.finish_reason
+                if hasattr(s, "speculative"):
+                    stats.speculative = s.speculative.to_dict()
                 stats.elapsed_s = time.perf_counter() - t0
                 if ev.token_id in eos:
                     continue  # the end-of-turn marker is not part of the reply
@@ -601,6 +604,14 @@ class ChatSession:
                  f"({reused} reused from the prefix cache)")
         used = self.backend.count_tokens(self.conv.for_template()) if self.conv.messages else 0
         self.say(f"  context           {used} of {self.backend.context_length} tokens used")
+        spec = [s.speculative for s in self.history if s.speculative]
+        if spec:
+            drafted, accepted = sum(s["drafted"] for s in spec), sum(s["accepted"] for s in spec)
+            steps = sum(s["steps"] for s in spec)
+            rate = f"{accepted / drafted:.0%}" if drafted else "-"
+            self.say(f"  speculative       last reply {last.speculative['acceptance_rate']:.0%} accepted, "
+                     f"{last.speculative['mean_accepted']:.2f} per step; session {rate} of {drafted} drafts, "
+                     f"{accepted / max(steps, 1):.2f} per step")
 
     # ---- one turn ----
     def send(self, text: str) -> None:

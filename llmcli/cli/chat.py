@@ -29,8 +29,9 @@ def chat(
     kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", help="KV-cache size (default: CPU 1 GiB, CUDA most free memory)."),
     markdown: bool = typer.Option(False, "--markdown", help="Render replies as Markdown (in a terminal)."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
-    # Speculative decoding (--draft MODEL, --speculate ngram, --num-draft K) plugs in here: build a
-    # SpeculativeDecoder(engine, draft_engine, ...) and pass it as EngineBackend(..., streamer=decoder).
+    draft: Optional[str] = typer.Option(None, "--draft", help="Draft model for speculative decoding (same tokenizer)."),
+    speculate: Optional[str] = typer.Option(None, "--speculate", help="`ngram`: draft by looking up the context."),
+    num_draft: Optional[int] = typer.Option(None, "--num-draft", help="Tokens drafted per step (4 draft, 8 ngram)."),
 ) -> None:
     """Chat with a model in the terminal (pipe messages in, one per line, for scripts)."""
     from rich.console import Console
@@ -48,7 +49,10 @@ def chat(
 
     interactive = sys.stdin.isatty()
     engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
-    backend = EngineBackend(engine, path.name)
+    from llmcli.engine.speculative import make_decoder
+
+    spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+    backend = EngineBackend(engine, path.name, streamer=spec)
     if interactive:
         console = Console(highlight=False)
         session = ChatSession(backend, settings, system, console=console, interactive=True, markdown=markdown,
