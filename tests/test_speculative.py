@@ -415,3 +415,56 @@ def test_sampling_distribution_matches_target(tiny_engines, method):
     p3 = _binned_pvalue(torch.bincount(outs[:, 2], minlength=vocab), m3)
     assert min(p2, p3) > 1e-3, (p2, p3)
     assert drafted > RUNS // 2  # most runs really went through a draft-verify step
+
+
+def test_cli_flag_errors_are_user_errors(tiny_engines):
+    from llmcli.engine.speculative import make_decoder
+    from llmcli.errors import UserError
+
+    target = tiny_engines[0]
+    assert make_decoder(target) is None
+    for kw, msg in ((dict(num_draft=3), "--num-draft needs"), (dict(speculate="eagle"), "only 'ngram'"),
+                    (dict(speculate="ngram", draft="x"), "either"), (dict(speculate="ngram", num_draft=0), "between")):
+        with pytest.raises(UserError, match=msg):
+            make_decoder(target, **kw)
+
+
+# ---- the real model --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine(smollm2_gguf):
+    from llmcli.engine.llm_engine import LLMEngine
+
+    return LLMEngine.load(smollm2_gguf, device="cpu", kv_cache_gib=0.1)
+
+
+def test_smollm2_ngram_greedy_identical_and_accepted(smollm2_engine):
+    """Copying a passage: n-gram drafts are mostly accepted and the reply is plain greedy's, token for token."""
+    from llmcli.engine.sequence import SamplingParams
+    from llmcli.engine.speculative import REPEAT_PROMPT, SpeculativeDecoder
+
+    engine = smollm2_engine
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": REPEAT_PROMPT}])
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    plain = engine.generate([ids], params)[0]
+    dec = SpeculativeDecoder(engine, None, method="ngram", num_draft=8)
+    assert dec.generate(ids, params) == plain
+    assert engine.tokenizer.decode(plain).startswith("The old lighthouse stood")  # it really copies
+    assert dec.stats.acceptance_rate > 0.8 and dec.stats.steps <= len(plain) // 3
+
+
+def test_smollm2_run_json_reports_speculation(smollm2_gguf, capsys):
+    import json
+
+    from llmcli.cli import main
+    from llmcli.engine.speculative import PASSAGE
+
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(smollm2_gguf), f"Repeat this exactly: {PASSAGE[:120]}", "--json", "-t", "0", "-n", "24",
+              "--speculate", "ngram", "--kv-cache-gib", "0.1"])
+    assert e.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    s = out["speculative"]
+    assert s["drafted"] > 0 and 0 < s["acceptance_rate"] <= 1 and s["mean_accepted"] > 1
+    assert s["speedup_est"] > 0 and out["generated_tokens"] == s["emitted"] + 1
