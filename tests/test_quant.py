@@ -147,3 +147,23 @@ def test_nf4_checkpoint_loads_in_transformers_bitsandbytes(tiny_model, tmp_path)
         ids = torch.tensor([[1, 5, 9, 33, 70, 100, 7, 200]])
         a, b = ref(ids).logits, loaded(ids).logits.float()
     torch.testing.assert_close(b, a, atol=0.03 * float(a.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gptq_beats_rtn_on_the_layer_output(bits):
+    """GPTQ minimises ||X W^T - X Q^T||: with correlated inputs it must beat per-weight rounding."""
+    from llmcli.quant.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g)  # correlated features
+    w = torch.randn(64, 128, generator=g) * 0.05
+    q, s, z = gptq_quantize(w, 2 * x.T @ x / x.shape[0], bits, 64)
+    if bits == 8:
+        deq, rq, rs = dequantize_int8(q, s), *quantize_int8(w)
+        rtn = dequantize_int8(rq, rs)
+    else:
+        deq, rtn = dequantize_int4(q, s, z), dequantize_int4(*quantize_int4_rtn(w, 64))
+    assert s.dtype == torch.float16 and (bits == 8 or int(q.max()) <= 15)
+    err_gptq = (x @ (w - deq).T).pow(2).mean()
+    err_rtn = (x @ (w - rtn).T).pow(2).mean()
+    assert err_gptq < 0.8 * err_rtn

@@ -44,20 +44,11 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def encode_text(path: Path, engine, text: str) -> list[int]:
-    """Token ids of plain text (no special tokens added), via the engine's tokenizer or tokenizer.json."""
-    tok = getattr(engine, "tokenizer", None)
-    if tok is not None and hasattr(tok, "encode"):
-        try:
-            ids = tok.encode(text, add_special_tokens=False)
-        except TypeError:
-            ids = tok.encode(text)
-        return list(getattr(ids, "ids", ids))
-    if path.is_dir() and (path / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+def encode_text(path: Path, text: str) -> list[int]:
+    """Token ids of plain text (no special tokens added) with the model's own tokenizer."""
+    from llmcli.tokenizer import Tokenizer
 
-        return Tokenizer.from_file(str(path / "tokenizer.json")).encode(text, add_special_tokens=False).ids
-    raise UserError(f"no tokenizer found for {path}")
+    return list(Tokenizer.load(path).encode(text, add_special_tokens=False))
 
 
 def measure_perplexity(path: Path, text: str, window: int, max_tokens: Optional[int], device: Optional[str],
@@ -65,8 +56,8 @@ def measure_perplexity(path: Path, text: str, window: int, max_tokens: Optional[
     from llmcli.engine.llm_engine import LLMEngine
     from llmcli.perplexity import perplexity
 
-    engine = LLMEngine.load(str(path), device=device, dtype=dtype)
-    ids = encode_text(path, engine, text)
+    ids = encode_text(path, text)
+    engine = LLMEngine.load(str(path), device=device, dtype=dtype, tokenizer=False)
     return perplexity(engine, ids, window=window, max_tokens=max_tokens)
 
 

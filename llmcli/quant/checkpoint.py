@@ -107,6 +107,8 @@ def quantize_tensor(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tenso
         from llmcli.quant.gptq import gptq_quantize
 
         q, scales, zeros = gptq_quantize(w, hessian, spec.bits, getattr(qmod, "group_size", None))
+        if spec.bits == 8:
+            return {"qweight": q, "scales": scales}
     elif spec.bits == 8:
         q, scales = quantize_int8(w)
         return {"qweight": q, "scales": scales}
@@ -172,16 +174,15 @@ def write_tokenizer(src: Path, dst: Path) -> list[str]:
                 shutil.copy2(src / n, dst / n)
                 copied.append(n)
         return copied
-    try:
-        from llmcli.tokenizer import Tokenizer
-    except ImportError:
-        return []
+    from llmcli.tokenizer import Tokenizer
+
     tok = Tokenizer.from_gguf(src)
-    save = getattr(tok, "save_pretrained", None) or getattr(tok, "save", None)
-    if save is None:
-        return []
-    save(dst)
-    return [p.name for p in dst.iterdir() if p.name in TOKENIZER_FILES]
+    tok.backend.save(str(dst / "tokenizer.json"))
+    tc = {**tok.special_tokens, "add_bos_token": tok.add_bos_token}
+    if tok.chat_template:
+        tc["chat_template"] = tok.chat_template
+    (dst / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    return ["tokenizer.json", "tokenizer_config.json"]
 
 
 def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = False,
@@ -223,7 +224,7 @@ def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = 
                 progress(name)
             prefix = name[: -len(".weight")]
             qmod = targets[module]
-            h = (hessians or {}).get(prefix)
+            h = (hessians or {}).get(module)  # keyed by engine module: q/k/v share qkv_proj's inputs
             if spec.method == "nf4":
                 from llmcli.quant.nf4 import quantize_nf4_tensor
 
