@@ -54,3 +54,27 @@ def test_smollm2_perplexity_matches_transformers(smollm2_gguf):
     assert r.tokens == 300 - 3
     assert abs(r.perplexity / expected - 1) < 0.005
     assert 2 < r.perplexity < 100  # a working language model on English prose
+
+
+def test_perplexity_cli_json_and_errors(smollm2_gguf, tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from llmcli.cli import main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as e:
+            main(list(args))
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    text = tmp_path / "t.txt"
+    text.write_text(DEFAULT_TEXT.read_text()[:2000])
+    code, out, _ = run("perplexity", str(smollm2_gguf), "--file", str(text), "--max-tokens", "100", "--window", "50",
+                       "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["tokens"] == 98 and 1 < r["perplexity"] < 1000
+    code, _, err = run("perplexity", str(smollm2_gguf), "--file", str(tmp_path / "missing.txt"))
+    assert code == 1 and "not found" in err and len(err.strip().splitlines()) == 1
