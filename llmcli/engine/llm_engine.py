@@ -10,9 +10,13 @@ Lower level (what speculative decoding and chat build on):
                                         # samples one token each, appends it; returns the new ids
     logits = engine.extend(seq, ids)    # append tokens, compute them over the cache, return logits [n, vocab]
                                         # for every token that was pending (the last sampled one + ids)
-    engine.truncate(seq, n)             # roll back to n tokens (frees blocks past it)
+    engine.truncate(seq, n)             # roll back to n tokens (frees blocks past it; the next step
+                                        # recomputes the last token if nothing is pending)
     engine.release(seq)                 # done: blocks return to the pool, still reusable as cached prefix
-    engine.forward_logits(seq)          # logits for all pending tokens without sampling (used by extend)
+    engine.forward_logits(seqs, all_positions=False)  # compute pending tokens without sampling: logits of the
+                                        # last one [B, V], or with all_positions a list of [n_i, V]
+A sequence's last token is "pending" (its K/V not yet cached) between steps; seq.num_computed counts the
+cached ones. Several engines may share one model object (each keeps its own cache).
 """
 
 from __future__ import annotations
