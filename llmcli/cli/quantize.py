@@ -96,8 +96,10 @@ def quantize(
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it")
     if fmt == "gguf":
-        from llmcli.quant.gguf_writer import write_gguf
-
+        try:
+            from llmcli.quant.gguf_writer import write_gguf
+        except ImportError:
+            raise UserError("--format gguf is not implemented yet; use --format llmcli") from None
         summary = write_gguf(src, out, spec, force=force)
     else:
         from llmcli.quant.checkpoint import quantize_checkpoint
