@@ -468,3 +468,24 @@ def test_smollm2_run_json_reports_speculation(smollm2_gguf, capsys):
     s = out["speculative"]
     assert s["drafted"] > 0 and 0 < s["acceptance_rate"] <= 1 and s["mean_accepted"] > 1
     assert s["speedup_est"] > 0 and out["generated_tokens"] == s["emitted"] + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_greedy_and_seeded_sampling(tiny_model, tmp_path_factory):
+    from conftest import build_tiny_model
+
+    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.engine.speculative import SpeculativeDecoder
+
+    def load(d):  # float32 so the k-token and one-token forwards agree on argmax
+        return LLMEngine.load(d, device="cuda", dtype="float32", tokenizer=False, kv_cache_gib=0.01)
+
+    target = load(tiny_model("llama"))
+    other = load(build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama-draft-cuda"), seed=1))
+    plain = target.generate([PROMPT], _params())[0]
+    for draft in (None, other):
+        dec = SpeculativeDecoder(target, draft, num_draft=4)
+        assert dec.generate(PROMPT, _params()) == plain
+        a = dec.generate(PROMPT, _params(temperature=0.8, seed=3))
+        assert a == dec.generate(PROMPT, _params(temperature=0.8, seed=3))
