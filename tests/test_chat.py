@@ -342,12 +342,19 @@ def test_terminal_markdown_multiline_and_ctrl_d(smollm2_gguf, tmp_path):
 
 
 def test_piped_stdin(smollm2_gguf, tmp_path):
-    r = subprocess.run([LLM, "chat", str(smollm2_gguf), "--device", "cpu", "--temperature", "0", "--max-tokens", "20"],
-                       input="What is the capital of France?\n/set temperature hot\nAnd of Germany?\n",
-                       capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, LLMCLI_HOME=str(tmp_path)))
+    # a KV pool of 0.01 GiB holds 14 blocks of 16 tokens (SmolLM2: 30 layers x 2 x 3 kv heads x 64 x 4 bytes a token),
+    # so the conversation outgrows it after a few turns and the oldest turns must go
+    per_token = 30 * 2 * 3 * 64 * 4
+    pool = int(0.01 * 2**30 // (per_token * 16)) * 16
+    questions = ["What is the capital of France?", "/set temperature hot", "And of Germany?",
+                 "Describe the Eiffel Tower.", "Describe the Louvre.", "Describe a croissant.",
+                 "Describe a baguette.", "Describe Berlin.",
+                 "What is the capital of Italy?"]
+    r = subprocess.run([LLM, "chat", str(smollm2_gguf), "--device", "cpu", "--temperature", "0", "--max-tokens", "20",
+                        "--kv-cache-gib", "0.01"], input="\n".join(questions) + "\n",
+                       capture_output=True, text=True, timeout=180, env=dict(os.environ, LLMCLI_HOME=str(tmp_path)))
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
-    assert "Paris" in lines[0] and "Berlin" in lines[-1]
+    assert "Paris" in r.stdout and "Berlin" in r.stdout and "Rome" in r.stdout
     assert "\x1b" not in r.stdout and "context" not in r.stdout  # no colour, no banner
     assert "invalid value for temperature: 'hot'" in r.stderr
+    assert f"outgrew the {pool}-token context: dropped the" in r.stderr
