@@ -232,6 +232,7 @@ class EngineBackend:
         return len(self.encode(messages))
 
     def stream(self, messages: list[dict], settings: ChatSettings) -> Iterator[str]:
+        from llmcli.engine.block_manager import OutOfBlocks
         from llmcli.engine.sequence import SamplingParams
         from llmcli.tokenizer import StreamDecoder
 
@@ -263,6 +264,8 @@ class EngineBackend:
             tail = decoder.flush()
             if tail:
                 yield tail
+        except OutOfBlocks:  # we size replies to fit, so only a pool shared with other work gets here
+            raise UserError("the KV cache is full; raise --kv-cache-gib or /clear the conversation") from None
         finally:
             events.close()  # an interrupted reply releases its sequence now (its full blocks stay cached)
             stats.elapsed_s = time.perf_counter() - t0
