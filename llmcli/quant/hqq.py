@@ -47,27 +47,6 @@ def optimize_zero(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, 
     return best_z.squeeze(-1)
 
 
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
-
-
-def clip_search(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group, the min/max grid shrunk by the ratio with the least squared error: clipping a few outliers
-    buys a finer step for all the other weights (the starting point HQQ then refines)."""
-    best = None
-    for r in CLIP_RATIOS:
-        lo, hi = wg.amin(dim=-1) * r, wg.amax(dim=-1) * r
-        scale = ((hi - lo) / 15.0).clamp(min=1e-8)
-        zero = -lo / scale
-        err = (wg - (quantize_groups(wg, scale, zero) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).pow(2).sum(-1)
-        if best is None:
-            best = (err, scale, zero)
-        else:
-            better = err < best[0]
-            best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
-                    torch.where(better, zero, best[2]))
-    return best[1], best[2]
-
-
 def quantize_int4_hqq(w: torch.Tensor, group_size: int, rows_per_chunk: int = 4096,
                       **kw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as quantize_int4_rtn: (q uint8 [..., in], scales fp16 [..., G], zeros fp16 [..., G])."""
@@ -77,7 +56,7 @@ def quantize_int4_hqq(w: torch.Tensor, group_size: int, rows_per_chunk: int = 40
     qs, ss, zs = [], [], []
     for r0 in range(0, rows.shape[0], rows_per_chunk):  # bounded temporaries for huge layers
         wg = rows[r0:r0 + rows_per_chunk].float().reshape(-1, k // g, g)
-        scale, zero = clip_search(wg)
+        scale, zero = minmax_params(wg)
         scale = scale.half().float()
         zero = optimize_zero(wg, scale, zero, **kw).half().float()
         qs.append(quantize_groups(wg, scale, zero).reshape(-1, k).to(torch.uint8))
