@@ -292,6 +292,21 @@ def test_greedy_output_identical_to_plain_decoding(tiny_engines, method, k, adap
         assert s.acceptance_rate == 1.0
 
 
+@pytest.mark.parametrize("use_draft", [False, True])
+def test_greedy_with_repetition_penalty_identical(tiny_engines, use_draft):
+    """The penalty depends on the history, so each verified position must see its own prefix (drafts included)."""
+    from llmcli.engine.speculative import SpeculativeDecoder
+
+    target, _, copy, _ = tiny_engines
+    params = _params(repetition_penalty=1.5)
+    plain = target.generate([PROMPT], params)[0]
+    assert plain != target.generate([PROMPT], _params())[0]  # the penalty matters here
+    dec = SpeculativeDecoder(target, copy if use_draft else None, num_draft=5)
+    assert dec.generate(PROMPT, params) == plain
+    if use_draft:
+        assert dec.stats.acceptance_rate == 1.0
+
+
 def test_stops_like_plain_decoding(tiny_engines):
     from llmcli.engine.speculative import SpeculativeDecoder
 
