@@ -11,7 +11,7 @@ from llmcli.cli import app
 from llmcli.cli.run import DEVICE_HELP, DTYPE_HELP
 
 
-@app.command("chat")
+@app.command("chat", epilog="[bold]Examples[/bold]\n\n  llm chat\n  llm chat ./Qwen2.5-0.5B-Instruct --system 'Answer briefly.'\n  llm chat --temperature 0 --speculate ngram\n  echo 'What is the capital of France?' | llm chat")
 def chat(
     model: Optional[str] = typer.Argument(None, help="Model (directory, .gguf or store name; default: SmolLM2-135M)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),

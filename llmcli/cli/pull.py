@@ -130,7 +130,7 @@ def pull_model(spec: str, *, revision: str | None = None, filename: str | None =
     return hub.pull(plan, token=token, reporter=reporter)
 
 
-@app.command("pull")
+@app.command("pull", epilog="[bold]Examples[/bold]\n\n  llm pull Qwen/Qwen2.5-0.5B-Instruct\n  llm pull meta-llama/Llama-3.2-1B-Instruct:main --token $HF_TOKEN\n  llm pull bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M\n  llm pull Qwen/Qwen2.5-0.5B-Instruct --include '*.json' --quiet")
 def pull(
     model: Optional[str] = typer.Argument(None, help="ORG/NAME, ORG/NAME:REVISION, or ORG/NAME:Q4_K_M for a GGUF repo."),
     revision: Optional[str] = typer.Option(None, "--revision", "-r", help="Branch, tag or commit."),

@@ -61,7 +61,7 @@ def measure_perplexity(path: Path, text: str, window: int, max_tokens: Optional[
     return perplexity(engine, ids, window=window, max_tokens=max_tokens)
 
 
-@app.command("quantize")
+@app.command("quantize", epilog="[bold]Examples[/bold]\n\n  llm quantize --bits 8\n  llm quantize Qwen/Qwen2.5-0.5B-Instruct --bits 4 --group-size 64 --method hqq\n  llm quantize ./model --bits 4 --method gptq --calibration text.txt\n  llm quantize ./model --method nf4 --output ./model-nf4")
 def quantize(
     model: Optional[str] = typer.Argument(None, help="Model directory, .gguf file or store name (default: the built-in model)."),
     bits: int = typer.Option(8, "--bits", "-b", help="8 or 4."),
@@ -152,7 +152,7 @@ def _render(s, ppl: dict, as_json: bool) -> None:
     Console().print(t)
 
 
-@app.command("perplexity")
+@app.command("perplexity", epilog="[bold]Examples[/bold]\n\n  llm perplexity\n  llm perplexity ./model-int4-g64 --file book.txt --window 512 --json")
 def perplexity_cmd(
     model: Optional[str] = typer.Argument(None, help="Model directory, .gguf file or store name (default: the built-in model)."),
     file: Optional[Path] = typer.Option(None, "--file", help="UTF-8 text to score (default: the GPL-3 text in /usr/share/common-licenses)."),

@@ -46,7 +46,7 @@ def _stream_decoder(tok):
     return StreamDecoder(tok)
 
 
-@app.command("run")
+@app.command("run", epilog="[bold]Examples[/bold]\n\n  llm run 'What is the capital of France?'\n  llm run ./Qwen2.5-0.5B-Instruct 'Write a haiku' --temperature 0.7 --seed 1\n  cat notes.txt | llm run - --system 'Summarize this.' --json\n  llm run 'Repeat: ...' --speculate ngram --temperature 0")
 def run(
     model_or_prompt: str = typer.Argument(..., metavar="[MODEL] PROMPT",
                                           help="Model (directory, .gguf or store name) then the prompt; `-` reads stdin."),
@@ -124,7 +124,7 @@ def run(
                   f"{sp['mean_accepted']:.2f} per step, speed-up ~{sp['speedup_est']}x", file=sys.stderr)
 
 
-@app.command("bench")
+@app.command("bench", epilog="[bold]Examples[/bold]\n\n  llm bench\n  llm bench --compare transformers --json\n  llm bench ./model --prompt-len 512 --gen-len 128 --batch 4\n  llm bench --speculate ngram")
 def bench(
     model: Optional[str] = typer.Argument(None, help="Model (default: the embedded SmolLM2-135M)."),
     prompt_len: int = typer.Option(128, "--prompt-len", min=1, help="Prompt tokens per sequence."),

@@ -32,7 +32,7 @@ def _ago(t: float) -> str:
     return "just now"
 
 
-@app.command("list")
+@app.command("list", epilog="[bold]Examples[/bold]\n\n  llm list\n  llm list --json")
 def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List local models: Hub repos in the HF cache, `llm quantize` output, and the default model."""
     from rich.console import Console
@@ -53,7 +53,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
 
 
-@app.command("show")
+@app.command("show", epilog="[bold]Examples[/bold]\n\n  llm show\n  llm show Qwen/Qwen2.5-0.5B-Instruct --json")
 def show(model: Optional[str] = typer.Argument(None, help="Path, name from `llm list`, or ORG/NAME[:REV]."),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show a model's architecture, size, quantization, chat template, special tokens and files."""
@@ -91,7 +91,7 @@ def show(model: Optional[str] = typer.Argument(None, help="Path, name from `llm 
         typer.echo(f"    {f['name']:<44}{human(f['size']):>10}")
 
 
-@app.command("rm")
+@app.command("rm", epilog="[bold]Examples[/bold]\n\n  llm rm Qwen/Qwen2.5-0.5B-Instruct\n  llm rm smollm2-135m-instruct-int8 --yes")
 def rm(model: str = typer.Argument(..., help="A name from `llm list` (ORG/NAME removes every revision)."),
        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
     """Remove a local model (frees the blobs no other revision uses)."""
