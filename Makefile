@@ -11,7 +11,8 @@ install: $(VENV)/.installed
 
 # torch first, so `pip install -e .` finds it satisfied and never pulls another build:
 # with an NVIDIA GPU, PyPI's default (CUDA) wheel; without one, the CPU build, from a local
-# wheel directory when pip is configured with one (--no-index), else from PyTorch's CPU index.
+# wheel directory when pip is configured with one (--no-index --no-deps, then its dependencies from the
+# index, which sees the +cpu build as satisfying torch==X), else from PyTorch's CPU index.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -19,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 		$(BIN)/pip install "torch>=2.4,<=2.14.1"; \
 	else \
 		echo "no NVIDIA GPU: installing CPU torch $(TORCH_CPU_VERSION)"; \
-		$(BIN)/pip install --no-index "torch==$(TORCH_CPU_VERSION)" 2>/dev/null || \
-		$(BIN)/pip install "torch==$(TORCH_CPU_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+		if $(BIN)/pip install -q --no-index --no-deps "torch==$(TORCH_CPU_VERSION)" 2>/dev/null; then \
+			$(BIN)/pip install "torch==$(TORCH_CPU_VERSION)"; \
+		else \
+			$(BIN)/pip install "torch==$(TORCH_CPU_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+		fi; \
 	fi
 	$(BIN)/pip install -e '.[test]'
 	touch $@
