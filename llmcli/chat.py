@@ -236,7 +236,7 @@ class EngineBackend:
         from llmcli.engine.sequence import SamplingParams
         from llmcli.tokenizer import StreamDecoder
 
-        ids = self.encode(messages)
+        ids = self.last_prompt_ids = self.encode(messages)
         room = self.context_length - len(ids)
         if room < 1:
             raise UserError(f"the prompt ({len(ids)} tokens) does not fit the context ({self.context_length})")
@@ -269,6 +269,18 @@ class EngineBackend:
         finally:
             events.close()  # an interrupted reply releases its sequence now (its full blocks stay cached)
             stats.elapsed_s = time.perf_counter() - t0
+
+    def plain_decode_tok_s(self) -> float | None:
+        """Plain (non-speculative) decode speed after the last prompt, measured on demand for /stats' speed-up."""
+        if self.streamer is self.engine or not getattr(self, "last_prompt_ids", None):
+            return None
+        from llmcli.engine.block_manager import OutOfBlocks
+        from llmcli.engine.speculative import plain_decode_tok_s
+
+        try:
+            return plain_decode_tok_s(self.engine, self.last_prompt_ids)
+        except OutOfBlocks:  # the pool is full of this conversation: no room for a measuring sequence
+            return None
 
     def info(self) -> dict[str, str]:
         c, e = self.engine.config, self.engine
@@ -615,6 +627,10 @@ class ChatSession:
             self.say(f"  speculative       last reply {last.speculative['acceptance_rate']:.0%} accepted, "
                      f"{last.speculative['mean_accepted']:.2f} per step; session {rate} of {drafted} drafts, "
                      f"{accepted / max(steps, 1):.2f} per step")
+            plain = getattr(self.backend, "plain_decode_tok_s", lambda: None)()
+            if plain and last.decode_tok_s:
+                self.say(f"  speed-up          ~{last.decode_tok_s / plain:.2f}x vs plain decoding "
+                         f"({last.decode_tok_s:.1f} vs {plain:.1f} tok/s, plain measured now on the last prompt)")
 
     # ---- one turn ----
     def send(self, text: str) -> None:

@@ -485,6 +485,30 @@ def test_smollm2_run_json_reports_speculation(smollm2_gguf, capsys):
     assert s["speedup_est"] > 0 and out["generated_tokens"] == s["emitted"] + 1
 
 
+def test_smollm2_chat_stats_show_acceptance_and_speedup(smollm2_engine):
+    """/stats in chat: acceptance, accepted per step, and a speed-up against plain decoding measured on the same prompt."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from llmcli.chat import ChatSession, ChatSettings, EngineBackend
+    from llmcli.engine.speculative import PASSAGE, SpeculativeDecoder
+
+    dec = SpeculativeDecoder(smollm2_engine, None, method="ngram", num_draft=8)
+    buf = io.StringIO()
+    s = ChatSession(EngineBackend(smollm2_engine, "smollm2", streamer=dec),
+                    ChatSettings(temperature=0.0, max_tokens=24), console=Console(file=buf, color_system=None, width=200))
+    s.handle(f"Repeat this exactly: {PASSAGE[:120]}")
+    s.handle("/stats")
+    out = buf.getvalue()
+    rate = re.search(r"last reply (\d+)% accepted, ([\d.]+) per step", out)
+    assert rate and int(rate.group(1)) == round(100 * dec.stats.acceptance_rate)
+    m = re.search(r"speed-up +~([\d.]+)x vs plain decoding \(([\d.]+) vs ([\d.]+) tok/s", out)
+    assert m, out
+    assert float(m.group(1)) == pytest.approx(float(m.group(2)) / float(m.group(3)), rel=0.05)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_greedy_and_seeded_sampling(tiny_model, tmp_path_factory):
