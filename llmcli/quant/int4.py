@@ -15,18 +15,10 @@ from __future__ import annotations
 
 import torch
 
+# One group-size rule for the quantizer and `llm estimate` (kept torch-free there, so estimate stays light).
+from llmcli.estimate import effective_group_size  # noqa: F401
+
 GROUP_SIZES = (32, 64, 128)
-
-
-def effective_group_size(in_features: int, group_size: int) -> int:
-    """The requested group size, or the largest smaller power of two (>= 16) dividing in_features,
-    or the whole row when none does."""
-    g = group_size
-    while g >= 16:
-        if in_features % g == 0:
-            return g
-        g //= 2
-    return in_features
 
 
 def minmax_params(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
