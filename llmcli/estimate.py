@@ -192,8 +192,9 @@ def matrix_bytes(out_f: int, in_f: int, dtype: str, group_size: int = 128) -> in
 
 def _quantizable(w: Weights, dtype: str, quantize_embeddings: bool) -> bool:
     if w.role == "lm_head" or (w.role == "embedding" and w.name == "embed_tokens"):
-        return quantize_embeddings and w.role == "lm_head"
-    if w.role != "linear" or w.shape[0] < 2:
+        if not quantize_embeddings:  # token table and head: packed (per row) only with --quantize-embeddings
+            return False
+    elif w.role != "linear" or w.shape[0] < 2:
         return False
     return not (dtype in ("int4",) and w.shape[1] % 2)  # int4 packs two input columns per byte
 
@@ -201,8 +202,8 @@ def _quantizable(w: Weights, dtype: str, quantize_embeddings: bool) -> bool:
 def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", group_size: int = 128,
                  quantize_embeddings: bool = False) -> int:
     """Bytes of all weights. For int8/int4/nf4 only decoder-layer matmuls are packed (what `llm quantize`
-    does); embeddings, lm_head, norms, biases and routers stay 16-bit. quantize_embeddings packs lm_head too
-    (a tied head then gets its own packed copy, as the checkpoint writer does)."""
+    does); embeddings, lm_head, norms, biases and routers stay 16-bit. quantize_embeddings packs the token
+    embedding and lm_head too (a tied model stores its one table once, as the checkpoint writer does)."""
     if dtype in BYTES:
         return sum(w.total for w in param_groups(cfg)) * BYTES[dtype]
     total = 0
@@ -211,8 +212,6 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", group_size: int = 128,
             total += w.count * matrix_bytes(w.shape[0], w.shape[1], dtype, group_size)
         else:
             total += w.total * 2
-    if quantize_embeddings and cfg.tie_word_embeddings:
-        total += matrix_bytes(cfg.vocab_size, cfg.hidden_size, dtype, group_size)
     return total
 
 
@@ -481,8 +480,7 @@ def explain(cfg: ModelConfig, opts: Options, est: Estimate) -> list[str]:
     else:
         packed = sum(w.total for w in groups if _quantizable(w, opts.dtype, opts.quantize_embeddings))
         rest = est.params_total - packed
-        qb = est.weight_bytes - 2 * rest - (matrix_bytes(V, d, opts.dtype, opts.group_size)
-                                            if opts.quantize_embeddings and c.tie_word_embeddings else 0)
+        qb = est.weight_bytes - 2 * rest
         how = {"int8": "1 byte + fp16 scale per output row",
                "int4": f"4 bits + fp16 scale and zero per group of {opts.group_size} (largest divisor if it does not "
                        "divide the input size)",

@@ -116,7 +116,7 @@ def load_weights(model: nn.Module, config: ModelConfig, tensors: Iterator[tuple[
             n = len(fused_shards(config, fused))
             if all(f"{pname}#{s}" in loaded for s in range(n)):
                 continue
-        if pname == "lm_head.weight" and config.tie_word_embeddings:
+        if pname.startswith("lm_head.") and config.tie_word_embeddings:  # shares embed_tokens' tensors
             continue
         if getattr(p, "_llmcli_loaded", False):  # set by load_hf_weight hooks
             continue
@@ -160,6 +160,10 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
     model = model.to_empty(device=device)
     if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
+    elif config.tie_word_embeddings and hasattr(model.model.embed_tokens, "qweight"):
+        from llmcli.quant.embedding import tie_quantized_head
+
+        tie_quantized_head(model)  # one quantized table serves the lookup and the head's kernel
     return model.eval()
 
 

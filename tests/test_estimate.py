@@ -227,16 +227,16 @@ def test_weight_bytes_llama3_closed_form():
     assert E.weight_bytes(mc, "int8") == rows_int8 + 2 * (n - packed)
     int4 = packed // 2 + 4 * L * (2 * d * d // 128 + 2 * kv * d // 128 + 2 * inter * d // 128 + d * inter // 128)
     assert E.weight_bytes(mc, "int4", 128) == int4 + 2 * (n - packed)
-    # lm_head packed too with --quantize-embeddings (untied: the 16-bit copy goes away)
+    # token table and lm_head packed too with --quantize-embeddings (untied: two packed [V, d] tables)
     assert E.weight_bytes(mc, "int4", 128, quantize_embeddings=True) == (
-        E.weight_bytes(mc, "int4", 128) - 2 * V * d + E.matrix_bytes(V, d, "int4", 128))
+        E.weight_bytes(mc, "int4", 128) - 2 * 2 * V * d + 2 * E.matrix_bytes(V, d, "int4", 128))
 
 
 @pytest.mark.parametrize("bits,group,head", [(8, None, True), (4, 32, False)])
 def test_weight_bytes_match_llm_quantize_checkpoint(tmp_path, tiny_model, bits, group, head):
     """A dense model quantized by `llm quantize`: the estimate from the source config is the checkpoint's
     tensor bytes, and the quantized directory defaults --dtype/--group-size to its quantization_config.
-    (qwen3 tiny ties its embeddings: with --quantize-embeddings the head gets its own packed copy.)"""
+    (qwen3 tiny ties its embeddings: with --quantize-embeddings its one table is stored packed, once.)"""
     from safetensors import safe_open
 
     src = tiny_model("qwen3", num_hidden_layers=2)

@@ -152,7 +152,7 @@ def estimate(
                                         "Default: the checkpoint's quantization, else bf16."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="int4 group size: 32, 64 or 128 (default 128, or the checkpoint's)."),
     quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings",
-                                             help="Also quantize lm_head (otherwise embeddings stay 16-bit)."),
+                                             help="Also quantize the token embedding and lm_head (else they stay 16-bit)."),
     context: Optional[int] = typer.Option(None, "--context", "-c", help=f"Tokens per sequence. Default: "
                                           f"{DEFAULT_CONTEXT}, or the model's maximum if smaller."),
     batch: int = typer.Option(1, "--batch", "-b", help="Sequences held at once."),

@@ -71,7 +71,7 @@ def quantize(
     fmt: str = typer.Option("llmcli", "--format", help="llmcli (safetensors directory) or gguf."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Text file for GPTQ calibration."),
     eval_file: Optional[Path] = typer.Option(None, "--eval", help="Text file: report perplexity before and after."),
-    quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings", help="Also quantize lm_head."),
+    quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings", help="Also quantize the token embedding and lm_head (one shared table when tied)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:

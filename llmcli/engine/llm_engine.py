@@ -99,7 +99,7 @@ class LLMEngine:
     def __init__(self, model: nn.Module, config: ModelConfig, tokenizer=None, *, block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_gib: float | None = None):
         self.model, self.config, self.tokenizer = model, config, tokenizer
-        p = next(model.parameters())
+        p = model.model.norm.weight  # compute dtype even when the embedding table is quantized
         self.device, self.dtype = p.device, p.dtype
         if num_blocks is None:
             num_blocks = self._pool_blocks(block_size, kv_cache_gib)

@@ -23,7 +23,7 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int = 16):
         self.model, self.config = model, config
-        p = next(model.parameters())
+        p = model.model.norm.weight  # compute dtype even when the embedding table is quantized
         self.device, self.dtype = p.device, p.dtype
         self.block_size, self.num_blocks = block_size, num_blocks
         self.scratch_block = num_blocks  # one extra block takes the writes of padding tokens

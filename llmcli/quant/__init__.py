@@ -7,7 +7,9 @@ nn.Linear for a quantized module whose parameter names are the checkpoint's tens
 kernel layout is built on the first forward (or by finalize()).
 
 What is quantized: every nn.Linear inside the decoder layers (attention and dense/shared MLP projections).
-Embeddings, lm_head, norms and MoE routers stay 16-bit (lm_head too unless quantize_embeddings).
+Embeddings, lm_head, norms and MoE routers stay 16-bit unless quantize_embeddings, which quantizes the
+token embedding (llmcli.quant.embedding) and lm_head in the same per-row layout; a tied model keeps one
+quantized table that serves both (the loader ties the head's tensors to the embedding's).
 The checkpoint writer decides what to quantize by running prepare_model on a meta model, so the two can
 never disagree.
 """
@@ -28,7 +30,7 @@ class QuantSpec:
     bits: int = 8
     group_size: int = 128  # int4 only
     method: str = "rtn"
-    quantize_embeddings: bool = False  # also quantize lm_head
+    quantize_embeddings: bool = False  # also quantize the token embedding and lm_head
 
     def validate(self) -> "QuantSpec":
         if self.method == "nf4":
@@ -74,6 +76,23 @@ def quantizable_linears(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn
     return out
 
 
+def quantizable_embeddings(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Embedding]]:
+    """(name, module) of the token embedding when the spec quantizes it (same row rules as a linear)."""
+    m = model.get_submodule("model.embed_tokens")
+    if not spec.quantize_embeddings or type(m) is not nn.Embedding or (spec.bits == 4 and m.embedding_dim % 2):
+        return []
+    return [("model.embed_tokens", m)]
+
+
+def make_quant_module(m: nn.Module, spec: QuantSpec) -> nn.Module:
+    """The quantized replacement of an nn.Linear or nn.Embedding the spec selected."""
+    if isinstance(m, nn.Embedding):
+        from llmcli.quant.embedding import make_quant_embedding
+
+        return make_quant_embedding(m, spec.bits, spec.group_size)
+    return make_quant_linear(m, spec)
+
+
 def make_quant_linear(m: nn.Linear, spec: QuantSpec) -> nn.Module:
     from llmcli.quant.int4 import effective_group_size
     from llmcli.quant.linear import Int4Linear, Int8Linear
@@ -97,8 +116,8 @@ def prepare_model(model: nn.Module, config, quantization_config: dict) -> nn.Mod
 
         return prepare_model_nf4(model, config, qc)
     spec = QuantSpec.from_config(qc)
-    for name, m in quantizable_linears(model, spec):
-        _set_module(model, name, make_quant_linear(m, spec))
+    for name, m in quantizable_linears(model, spec) + quantizable_embeddings(model, spec):
+        _set_module(model, name, make_quant_module(m, spec))
     return model
 
 

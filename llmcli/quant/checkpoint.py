@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import torch
 
 from llmcli.errors import UserError
-from llmcli.quant import QuantSpec, make_quant_linear, quantizable_linears
+from llmcli.quant import QuantSpec, make_quant_module, quantizable_embeddings, quantizable_linears
 
 SHARD_BYTES = 2 * 2**30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -80,7 +80,8 @@ def quantized_targets(config, spec: QuantSpec) -> dict[str, torch.nn.Module]:
 
     with torch.device("meta"):
         model = Transformer(config)
-        return {name: make_quant_linear(m, spec) for name, m in quantizable_linears(model, spec)}
+        chosen = quantizable_linears(model, spec) + quantizable_embeddings(model, spec)
+        return {name: make_quant_module(m, spec) for name, m in chosen}
 
 
 def target_module(name: str, targets: dict) -> str | None:
@@ -96,6 +97,12 @@ def target_module(name: str, targets: dict) -> str | None:
     parent, _, leaf = module.rpartition(".")
     fused = f"{parent}.{FUSED.get(leaf, leaf)}"
     return fused if fused in targets else None
+
+
+def _is_head(name: str) -> bool:
+    from llmcli.loader import _rename
+
+    return _rename(name) == "lm_head.weight"
 
 
 def quantize_tensor(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tensor | None = None) -> dict:
@@ -209,13 +216,13 @@ def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         writer = ShardWriter(tmp)
-        tied_head = spec.quantize_embeddings and config.tie_word_embeddings and "lm_head" in targets
+        # a tied model stores one quantized table: the loader points the quantized head at the embedding's
+        tied_table = config.tie_word_embeddings and "model.embed_tokens" in targets
         for name, w in tensors():
+            if tied_table and _is_head(name):
+                continue  # a copy of the tied embedding some checkpoints carry anyway
             summary.bytes_before += w.numel() * 2
             module = target_module(name, targets)
-            if module is None and tied_head and name.endswith("embed_tokens.weight"):
-                writer.add(name, w.to(dtype16))  # the embedding stays 16-bit; the head gets a quantized copy
-                module, name = "lm_head", "lm_head.weight"
             if module is None:
                 writer.add(name, w.to(dtype16) if w.is_floating_point() else w)
                 summary.kept += 1
@@ -234,8 +241,6 @@ def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = 
             for suffix, t in parts.items():
                 writer.add(f"{prefix}.{suffix}", t)
             summary.layers.append(LayerRecord(prefix, tuple(w.shape), getattr(qmod, "group_size", None)))
-        if tied_head:
-            cfg["tie_word_embeddings"] = False  # the head is now its own (quantized) tensor
         writer.close()
         if not summary.layers:
             raise UserError(f"{src} has no layers this quantizer can handle")
