@@ -7,8 +7,10 @@ a time. Three entry points:
                                    llmcli.config.from_hf_dict: one normalisation path for every format)
   iter_gguf_tensors(path, dtype) -> (hf_name, dequantized tensor), one at a time
   iter_gguf_raw(path) / gguf_raw_tensor(path, hf_name)
-                                -> RawTensor: the still-quantized blocks, for engines that keep Q8_0/Q4_0/Q4_1
-                                   weights quantized instead of dequantizing them.
+                                -> RawTensor: the still-quantized blocks
+  iter_gguf_kept(path, dtype, keep) -> like iter_gguf_tensors, but the weights in `keep` come out as our
+                                   quantized modules' tensors (Q4_0/Q4_1 -> int4 group 32 with offsets,
+                                   exact; Q8_0 -> int8 per row, requantized), which the loader keeps.
 
 What differs from a safetensors checkpoint and is undone here:
   * names: blk.N.attn_q.weight -> model.layers.N.self_attn.q_proj.weight, etc.
@@ -628,6 +630,82 @@ def gguf_raw_tensor(path: str | Path, hf_name: str) -> RawTensor:
     raise UserError(f"{path} has no tensor {hf_name}")
 
 
+def gguf_tensor_types(path: str | Path) -> dict[str, Any]:
+    """HF weight name -> GGML type of every non-expert tensor, from the header alone (no data is read).
+
+    The loader uses it to decide, before allocating the model, which linears stay quantized."""
+    meta, infos = _open_model(path)
+    tensors = {t.name: t for t in infos}
+    family = gguf_to_hf_config(meta, tensors)["model_type"]
+    has_ffn_gate = "blk.0.ffn_gate.weight" in tensors
+    out = {}
+    for t in infos:
+        name = hf_tensor_name(t.name, family, has_ffn_gate=has_ffn_gate)
+        if name is not None:
+            out[name] = t.tensor_type
+    return out
+
+
+# ---- kept-quantized tensors (Q4_0 / Q4_1 -> int4 group 32 with offsets, Q8_0 -> int8 per row) --------------
+
+# The GGML types whose blocks map onto our kernels' layouts (llmcli.quant.linear): which module they load into.
+KEEP_INT4 = ("Q4_0", "Q4_1")  # Int4OffsetLinear, group 32: exact
+KEEP_INT8 = ("Q8_0",)  # Int8Linear, requantized per row (see requantize_q8_0 for why)
+KEPT_GROUP_SIZE = 32
+
+
+def _nibbles_to_pairs(qs: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """ggml's 16 bytes per block (element j low nibble, j + 16 high nibble) -> llmcli.quant.int4's packing
+    (columns 2j, 2j + 1 in the low/high nibble of byte j)."""
+    import torch
+
+    from llmcli.quant.int4 import pack_int4
+
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # [..., 32] in element order
+    return pack_int4(q)
+
+
+def raw_to_int4(raw: RawTensor) -> dict[str, "torch.Tensor"]:  # noqa: F821
+    """A Q4_0/Q4_1 RawTensor [out, in] -> Int4OffsetLinear tensors: qweight uint8 [out, in/2],
+    scales and offsets fp16 [out, in/32], with w = q * scale + offset exactly as ggml dequantizes."""
+    import warnings
+
+    import torch
+
+    out, k = raw.shape
+    n_groups = k // KEPT_GROUP_SIZE
+    with warnings.catch_warnings():  # read-only memory map; nothing here writes to it
+        warnings.simplefilter("ignore")
+        b = torch.from_numpy(raw.data).reshape(out, n_groups, raw.type_size)
+    d = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1)
+    if raw.ggml_type.name == "Q4_1":  # d, m, 16 bytes: w = d * q + m
+        m = b[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
+        qs = b[..., 4:]
+    else:  # Q4_0: d, 16 bytes: w = d * (q - 8) = d * q + (-8 d); -8d is exact in fp16 unless it overflows
+        m = (d.float() * -8.0).to(torch.float16)
+        if not torch.isfinite(m).all():
+            raise UserError(f"{raw.name}: Q4_0 scale too large to keep quantized (load with --dequantize)")
+        qs = b[..., 2:]
+    qweight = _nibbles_to_pairs(qs).reshape(out, k // 2)
+    return {"qweight": qweight, "scales": d.clone(), "offsets": m.clone()}
+
+
+def requantize_q8_0(raw: RawTensor) -> dict[str, "torch.Tensor"]:  # noqa: F821
+    """A Q8_0 RawTensor [out, in] -> Int8Linear tensors (qweight int8 [out, in], scales fp16 [out]).
+
+    Q8_0 has one scale per 32 values; the fast CPU kernel (aten._weight_int8pack_mm) takes one per row.
+    Measured on this 2-core CPU at decode (one row, SmolLM2 shapes): the per-row kernel takes 25-47 us per
+    projection, an exact block-scaled dequantize-then-matmul 150-440 us, slower even than the fp32 matmul
+    it would replace (64-99 us). So the row is requantized: the extra error is at most half a row step
+    (row max / 254) per weight, ~0.7% relative (Frobenius) on Gaussian weights, on top of Q8_0's own.
+    """
+    from llmcli.quant.int8 import quantize_int8
+
+    w = dequantize_torch(raw.data, raw.ggml_type, raw.shape)
+    q, scales = quantize_int8(w)
+    return {"qweight": q, "scales": scales}
+
+
 # ---- dequantized tensors --------------------------------------------------------------------------------
 
 
@@ -687,22 +765,44 @@ def iter_gguf_tensors(path: str | Path, dtype=None) -> Iterator[tuple[str, "torc
 
     One tensor is materialised at a time, so peak memory is the largest tensor, not the model.
     """
+    return iter_gguf_kept(path, dtype, {})
+
+
+def iter_gguf_kept(path: str | Path, dtype=None,
+                   keep: dict[str, str] | None = None) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+    """Like iter_gguf_tensors, but the weights named in keep (HF name -> "int4" | "int8") come out as the
+    quantized module's tensors instead: NAME.qweight / .scales / .offsets (raw_to_int4) or NAME.qweight /
+    .scales (requantize_q8_0), NAME being the weight's name without `.weight`."""
     import torch
 
     dtype = dtype or torch.float32
+    keep = keep or {}
     for raw in iter_gguf_raw(path):
-        t = dequantize_torch(raw.data, raw.ggml_type, raw.shape)
-        if t is None:
-            try:
-                w = raw.dequantize()
-            except NotImplementedError:
-                raise UserError(f"{path}: tensor {raw.name} uses GGML type {raw.ggml_type.name}, which cannot be "
-                                "dequantized") from None
-            w = np.ascontiguousarray(w, dtype=np.float32)
-            if not w.flags.writeable:  # still a view of the read-only memory map (F32 tensors)
-                w = w.copy()
-            t = torch.from_numpy(w)
-        yield raw.name, t.to(dtype)
+        kind = keep.get(raw.name)
+        if kind is not None:
+            base = raw.name.removesuffix(".weight")
+            parts = raw_to_int4(raw) if kind == "int4" else requantize_q8_0(raw)
+            for suffix, t in parts.items():
+                yield f"{base}.{suffix}", t
+            continue
+        yield raw.name, _dense(raw, path).to(dtype)
+
+
+def _dense(raw: RawTensor, path: str | Path) -> "torch.Tensor":  # noqa: F821
+    import torch
+
+    t = dequantize_torch(raw.data, raw.ggml_type, raw.shape)
+    if t is not None:
+        return t
+    try:
+        w = raw.dequantize()
+    except NotImplementedError:
+        raise UserError(f"{path}: tensor {raw.name} uses GGML type {raw.ggml_type.name}, which cannot be "
+                        "dequantized") from None
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if not w.flags.writeable:  # still a view of the read-only memory map (F32 tensors)
+        w = w.copy()
+    return torch.from_numpy(w)
 
 
 def gguf_state_dict(path: str | Path, dtype=None) -> dict[str, "torch.Tensor"]:  # noqa: F821
@@ -719,7 +819,8 @@ def is_gguf(path: str | Path) -> bool:
 
 
 __all__ = [
-    "ARCH_TO_FAMILY", "RawTensor", "gguf_metadata", "gguf_shards", "gguf_raw_tensor", "gguf_state_dict", "gguf_to_hf_config",
+    "ARCH_TO_FAMILY", "KEEP_INT4", "KEEP_INT8", "RawTensor", "gguf_metadata", "gguf_tensor_types", "iter_gguf_kept",
+    "raw_to_int4", "requantize_q8_0", "gguf_shards", "gguf_raw_tensor", "gguf_state_dict", "gguf_to_hf_config",
     "dequantize_torch", "hf_tensor_name", "is_gguf", "iter_gguf_raw", "iter_gguf_tensors", "llama3_factors",
     "llama3_scaling_from_factors", "load_gguf_config", "open_gguf",
 ]

@@ -382,3 +382,132 @@ def test_torch_dequantize_bit_identical_to_gguf(qtype):
     assert got.dtype == torch.float32 and tuple(got.shape) == shape == ref.shape
     np.testing.assert_array_equal(got.numpy(), ref)
     assert dequantize_torch(data, Q.Q5_K, shape) is None  # no torch path: callers fall back to gguf's
+
+
+# ---- Q4_0 / Q4_1 / Q8_0 weights kept quantized in our kernels ------------------------------------------------
+
+KEPT = {"model.layers.{}.self_attn.qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "model.layers.{}.self_attn.o_proj": ["o_proj"], "model.layers.{}.mlp.gate_up_proj": ["gate_proj", "up_proj"],
+        "model.layers.{}.mlp.down_proj": ["down_proj"]}
+
+
+def _sources(expected: dict, module: str, layer: int, parts: list[str]) -> np.ndarray:
+    """The gguf-dequantized weights of a (fused) engine module, rows concatenated like the loader fuses them."""
+    parent = module.format(layer).rsplit(".", 1)[0]
+    return np.concatenate([expected[f"{parent}.{p}.weight"] for p in parts])
+
+
+def _param_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+
+
+@pytest.fixture(scope="module")
+def kept_gguf(tiny_model, tmp_path_factory):
+    """qtype -> (tiny llama GGUF with its linears in qtype, gguf's own dequantization of every tensor)."""
+    cache = {}
+
+    def make(qtype):
+        if qtype not in cache:
+            path = tmp_path_factory.mktemp("kept") / f"{qtype.name}.gguf"
+            cache[qtype] = path, write_gguf(tiny_model("llama"), path, "llama", qtype)
+        return cache[qtype]
+
+    return make
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_q4_kept_as_int4_dequantizes_exactly(qtype, kept_gguf):
+    from llmcli.loader import load_model
+    from llmcli.quant.linear import Int4OffsetLinear
+
+    path, expected = kept_gguf(qtype)
+    model, _ = load_model(path)
+    dense, _ = load_model(path, dequantize=True)
+    for layer in range(3):
+        for module, parts in KEPT.items():
+            m = model.get_submodule(module.format(layer))
+            assert type(m) is Int4OffsetLinear and m.group_size == 32 and m.qweight.dtype == torch.uint8
+            # Q/K rows unpermuted and q/k/v fused on the quantized tensors: still gguf's values, bit for bit
+            np.testing.assert_array_equal(m.dequantize(torch.float32).numpy(), _sources(expected, module, layer, parts))
+            assert type(dense.get_submodule(module.format(layer))) is torch.nn.Linear
+    # 4 bits + an fp16 scale and offset per 32 weights = 5 bits per weight, against 32 expanded
+    lin = sum(m.in_features * m.out_features for m in model.modules() if type(m) is Int4OffsetLinear)
+    assert _param_bytes(dense) - _param_bytes(model) == lin * 4 - lin * 5 // 8
+
+
+def test_q8_0_kept_as_int8_rows(kept_gguf):
+    # Q8_0's per-block scales are requantized to one per row (the fast CPU kernel's layout): the result is
+    # exactly per-row symmetric int8 of gguf's dequantized weight, within half a row step of it.
+    from llmcli.loader import load_model
+    from llmcli.quant.int8 import quantize_int8
+    from llmcli.quant.linear import Int8Linear
+
+    path, expected = kept_gguf(Q.Q8_0)
+    model, _ = load_model(path)
+    for layer in range(3):
+        for module, parts in KEPT.items():
+            m = model.get_submodule(module.format(layer))
+            assert type(m) is Int8Linear and m.qweight.dtype == torch.int8
+            ref = torch.from_numpy(_sources(expected, module, layer, parts))
+            q, s = quantize_int8(ref)
+            assert torch.equal(m.qweight, q) and torch.equal(m.scales, s)
+            step = m.scales.float().unsqueeze(-1)
+            assert ((m.dequantize() - ref).abs() <= step / 2 * (1 + 1e-3)).all()
+            assert (m.dequantize() - ref).norm() / ref.norm() < 0.01
+
+
+def test_keep_plan_needs_every_fused_part_in_one_kind():
+    from llmcli.config import from_hf_dict
+    from llmcli.loader import gguf_keep_plan
+
+    cfg = from_hf_dict(dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    types = {"model.embed_tokens.weight": Q.Q8_0, "model.norm.weight": Q.F32}
+    for i, (q, k, v, o, gate, up, down) in enumerate([(Q.Q4_1, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q4_1, Q.F16),
+                                                      (Q.Q4_1, Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q8_0, Q.Q8_0, Q.Q4_0)]):
+        for name, t in zip(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), (q, k, v, o, gate, up, down)):
+            types[f"model.layers.{i}.{name}.weight"] = t
+    plan = {m: kind for m, (kind, _) in gguf_keep_plan(cfg, types).items()}
+    assert plan == {"model.layers.0.self_attn.qkv_proj": "int4", "model.layers.0.self_attn.o_proj": "int8",
+                    "model.layers.1.mlp.gate_up_proj": "int8", "model.layers.1.mlp.down_proj": "int4"}
+
+
+# Prefill (more than DENSE_ROWS_CPU rows) dequantizes to an fp32 matmul: for Q4_x the weights are gguf's
+# exactly, so only fp32 rounding remains; Q8_0 is requantized per row (~0.7% weight error). Decode (few
+# rows) runs the bf16 weight-only kernels: bf16 activations and scale tables, ~3 significant digits per
+# matmul, through 3 layers.
+@pytest.mark.parametrize("qtype,prefill_tol", [(Q.Q4_1, 1e-4), (Q.Q8_0, 0.03)])
+def test_kept_engine_logits_close_to_dequantized(qtype, prefill_tol, kept_gguf, one_thread):
+    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.loader import load_model
+    from llmcli.quant.linear import DENSE_ROWS_CPU
+
+    path, _ = kept_gguf(qtype)
+    engines = [LLMEngine(*load_model(path, dequantize=d), num_blocks=32) for d in (False, True)]
+    ids = torch.randint(0, 256, (DENSE_ROWS_CPU + 24,), generator=torch.Generator().manual_seed(0)).tolist()
+    kept, dense = (e.extend(e.add(ids[:-8]), []) for e in engines)  # 80 rows: the dense path
+    assert (kept - dense).abs().max().item() < prefill_tol * dense.abs().max().item()
+    seqs = [e.add(ids) for e in engines]  # 80 tokens (5 blocks) are cached now; the last 8 take the kernels
+    kept, dense = (e.forward_logits([s], all_positions=True)[0] for e, s in zip(engines, seqs))
+    assert kept.shape == dense.shape == (8, 256)
+    err = (kept - dense).abs().max().item() / dense.abs().max().item()
+    assert err < 0.03, err
+    assert (kept.argmax(-1) == dense.argmax(-1)).float().mean() >= 0.75
+
+
+def test_smollm2_linears_stay_q4_1(smollm2_gguf, hf_smollm2):
+    """The real file: all 30 x 4 projections load as Int4OffsetLinear equal to transformers' expanded weights."""
+    from llmcli.loader import load_model
+    from llmcli.quant.linear import Int4OffsetLinear
+
+    model, _ = load_model(smollm2_gguf)
+    kept = [n for n, m in model.named_modules() if type(m) is Int4OffsetLinear]
+    assert len(kept) == 30 * 4
+    assert type(model.model.embed_tokens) is torch.nn.Embedding  # Q8_0 embedding: expanded, as before
+    ref = hf_smollm2.state_dict()
+    for layer in (0, 29):
+        for module, parts in KEPT.items():
+            name = module.format(layer)
+            want = torch.cat([ref[f"{name.rsplit('.', 1)[0]}.{p}.weight"] for p in parts])
+            assert torch.equal(model.get_submodule(name).dequantize(), want), name

@@ -137,3 +137,31 @@ class Int4Linear(QuantLinear):
             return y.to(x.dtype)
         dt = x.dtype if x.dtype != torch.float16 or x.is_cuda else torch.float32
         return F.linear(x.to(dt), self.dequantize(dt)).to(x.dtype)
+
+
+class Int4OffsetLinear(Int4Linear):
+    """Group-wise int4 with a float offset: w = q * scales + offsets (the GGUF Q4_0/Q4_1 block form).
+
+    Used when a GGUF's Q4_1 blocks (w = d*q + m) or Q4_0 blocks (w = d*(q - 8), i.e. offset -8d) are kept
+    quantized. Int4Linear's zero point would have to be -m/d rounded to fp16, which is not exact; storing
+    the block's own fp16 min as the offset is, so dequantize() reproduces gguf's fp32 result bit for bit
+    (d*q is exact in fp32, then one rounding in the add, the same order as ggml). Not a checkpoint format:
+    llmcli checkpoints keep Int4Linear's scales/zeros. Same kernels: tinygemm's table is
+    [scale, offset + 8 * scale] in bf16, which rounds (measured in tests/test_gguf.py).
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
+        super().__init__(in_features, out_features, group_size, bias)
+        del self.zeros
+        self.offsets = _frozen(out_features, in_features // group_size, dtype=torch.float16)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = unpack_int4(self.qweight)
+        qg = q.reshape(self.out_features, -1, self.group_size).float()
+        w = qg * self.scales.float().unsqueeze(-1) + self.offsets.float().unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features).to(dtype)
+
+    def _tinygemm_scales_zeros(self) -> torch.Tensor:
+        # tinygemm: w = (q - 8) * scale + offset' => offset' = offsets + 8 * scale
+        s, o = self.scales.float(), self.offsets.float()
+        return torch.stack([s, o + 8.0 * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
