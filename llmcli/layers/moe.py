@@ -109,25 +109,44 @@ def _grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     grouped_mm: one torch._grouped_mm per projection (no host sync; empty groups cost nothing). Otherwise a
     loop over the experts that received tokens (never over tokens), indexing the stacked weights in place.
     """
-    t, k = ids.shape
-    e = gate_up.shape[0]
+    if grouped_mm:
+        def run(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+            offs = counts.cumsum(0).to(torch.int32)
+            h = gated(act, torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs))
+            return torch._grouped_mm(h, down.transpose(1, 2), offs=offs)
+    else:
+        run = each_active_expert(lambda j, xj: F.linear(gated(act, F.linear(xj, gate_up[j])), down[j]))
+    return dispatch_sorted(x, ids, weights, run, gate_up.shape[0], counts)
+
+
+def dispatch_sorted(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_experts: int,
+                    counts: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for x [T, H], the expert math left to `run`.
+
+    The (token, expert) pairs are sorted by expert; run(xs, counts) gets their inputs xs [T*k, H] in that order
+    (counts [E]: rows per expert, contiguous) and returns every row's expert output. Shared by the float
+    experts here and the quantized ones (llmcli.quant.experts), so both route and combine identically.
+    """
+    k = ids.shape[1]
     flat = ids.reshape(-1)
     order = flat.argsort(stable=True)
     token = order // k  # source token of each sorted pair
     if counts is None:
-        counts = torch.bincount(flat, minlength=e)
-    xs = x.index_select(0, token)
-    if grouped_mm:
-        offs = counts.cumsum(0).to(torch.int32)
-        h = gated(act, torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs))
-        y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)
-    else:
-        sizes = counts.tolist()  # one host sync per layer
-        parts = [F.linear(gated(act, F.linear(xj, gate_up[j])), down[j])
-                 for j, xj in enumerate(xs.split(sizes)) if sizes[j]]
-        y = torch.cat(parts)
+        counts = torch.bincount(flat, minlength=num_experts)
+    y = run(x.index_select(0, token), counts)
     y = y * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(y.dtype)
     return torch.zeros_like(x).index_add_(0, token, y)
+
+
+def each_active_expert(expert: Callable[[int, torch.Tensor], torch.Tensor]
+                       ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A dispatch_sorted `run` calling expert(j, rows of j) for each expert that has rows: a loop over the
+    active experts (never over tokens), one host sync per layer; unselected experts are never touched."""
+    def run(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        sizes = counts.tolist()
+        return torch.cat([expert(j, xj) for j, xj in enumerate(xs.split(sizes)) if sizes[j]])
+    return run
 
 
 def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
@@ -243,18 +262,25 @@ class MoE(nn.Module):
         """Loader hook for what does not load by name: per-expert tensors and the router's bias.
 
         suffix is relative to this module: "experts.{j}.gate_proj.weight" (qwen/deepseek),
-        "experts.{j}.w1.weight" (mixtral; the loader maps block_sparse_moe -> mlp), "gate.e_score_correction_bias".
+        "experts.{j}.w1.weight" (mixtral; the loader maps block_sparse_moe -> mlp), "gate.e_score_correction_bias";
+        quantized experts (llmcli.quant.experts) take "experts.{j}.gate_proj.qweight" / scales / zeros the same way.
         """
         parts = suffix.split(".")
         with torch.no_grad():
             if parts[-1] == "e_score_correction_bias" and self.gate.e_score_correction_bias is not None:
                 self.gate.e_score_correction_bias.copy_(tensor)
                 return True
-            if len(parts) != 4 or parts[0] != "experts" or parts[2] not in _PER_EXPERT or parts[3] != "weight":
+            if len(parts) != 4 or parts[0] != "experts" or parts[2] not in _PER_EXPERT:
                 return False
             j = int(parts[1])
             pname, half = _PER_EXPERT[parts[2]]
+            # float experts: the stacked parameter itself; quantized: that projection's qweight/scales/zeros
             p = getattr(self.experts, pname)
+            if parts[3] != "weight":
+                p = p._parameters.get(parts[3]) if isinstance(p, nn.Module) else None
+            if not isinstance(p, torch.Tensor):
+                return False
+            # every quantized tensor is indexed [expert, out row, ...], so gate/up halves split the same way
             dst = p[j] if half is None else p[j].chunk(2, dim=0)[half]
             if tuple(dst.shape) != tuple(tensor.shape):
                 from llmcli.errors import UserError
@@ -262,11 +288,11 @@ class MoE(nn.Module):
                 raise UserError(f"expert weight {suffix} has shape {tuple(tensor.shape)}, "
                                 f"the config expects {tuple(dst.shape)}")
             dst.copy_(tensor)
-            self._filled.add((j, pname, half))
+            key = f"{pname}.{parts[3]}"
+            self._filled.add((j, key, half))
             # the loader's missing-weights check trusts this flag: set it only once every expert is complete
-            n = self.rc.num_experts
-            self.experts.gate_up_proj._llmcli_loaded = sum(k[1] == "gate_up_proj" for k in self._filled) == 2 * n
-            self.experts.down_proj._llmcli_loaded = sum(k[1] == "down_proj" for k in self._filled) == n
+            need = self.rc.num_experts * (1 if half is None else 2)
+            p._llmcli_loaded = sum(f[1] == key for f in self._filled) == need
             return True
 
 

@@ -6,7 +6,8 @@ nn.Linear for a quantized module whose parameter names are the checkpoint's tens
 (`qweight`, `scales`, `zeros`). The loader then fills them by name, fusing q/k/v and gate/up rows; the
 kernel layout is built on the first forward (or by finalize()).
 
-What is quantized: every nn.Linear inside the decoder layers (attention and dense/shared MLP projections).
+What is quantized: every nn.Linear inside the decoder layers (attention and dense/shared MLP projections)
+and every stacked MoE expert block (llmcli.quant.experts.QuantExperts; routers and shared_expert_gate stay 16-bit).
 Embeddings, lm_head, norms and MoE routers stay 16-bit unless quantize_embeddings, which quantizes the
 token embedding (llmcli.quant.embedding) and lm_head in the same per-row layout; a tied model keeps one
 quantized table that serves both (the loader ties the head's tensors to the embedding's).
@@ -103,6 +104,14 @@ def make_quant_linear(m: nn.Linear, spec: QuantSpec) -> nn.Module:
     return Int4Linear(m.in_features, m.out_features, effective_group_size(m.in_features, spec.group_size), bias)
 
 
+def quantizable_experts(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every stacked MoE Experts block the spec quantizes, in model order."""
+    from llmcli.layers.moe import Experts
+    from llmcli.quant.experts import experts_quantizable
+
+    return [(n, m) for n, m in model.named_modules() if type(m) is Experts and experts_quantizable(m, spec.bits)]
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
@@ -118,6 +127,10 @@ def prepare_model(model: nn.Module, config, quantization_config: dict) -> nn.Mod
     spec = QuantSpec.from_config(qc)
     for name, m in quantizable_linears(model, spec) + quantizable_embeddings(model, spec):
         _set_module(model, name, make_quant_module(m, spec))
+    from llmcli.quant.experts import make_quant_experts
+
+    for name, m in quantizable_experts(model, spec):
+        _set_module(model, name, make_quant_experts(m, spec.bits, spec.group_size))
     return model
 
 

@@ -17,19 +17,23 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from llmcli.errors import UserError
-from llmcli.quant import QuantSpec, make_quant_module, quantizable_embeddings, quantizable_linears
+from llmcli.quant import QuantSpec, make_quant_module, quantizable_embeddings, quantizable_experts, quantizable_linears
+from llmcli.quant.experts import QuantExpertProj, make_quant_experts, stacked_name
 
 SHARD_BYTES = 2 * 2**30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "added_tokens.json")
+# Written in the source's dtype: DeepSeek-V3's router correction bias is an fp32 buffer the engine keeps in fp32
+# (bf16 would reorder near-tied experts); it is E values per layer.
+KEEP_SOURCE_DTYPE = ("e_score_correction_bias",)
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
          "up_proj": "gate_up_proj"}
 
@@ -81,7 +85,11 @@ def quantized_targets(config, spec: QuantSpec) -> dict[str, torch.nn.Module]:
     with torch.device("meta"):
         model = Transformer(config)
         chosen = quantizable_linears(model, spec) + quantizable_embeddings(model, spec)
-        return {name: make_quant_module(m, spec) for name, m in chosen}
+        targets = {name: make_quant_module(m, spec) for name, m in chosen}
+        for name, m in quantizable_experts(model, spec):  # each stacked projection is a target of its own
+            qe = make_quant_experts(m, spec.bits, spec.group_size)
+            targets.update({f"{name}.gate_up_proj": qe.gate_up_proj, f"{name}.down_proj": qe.down_proj})
+        return targets
 
 
 def target_module(name: str, targets: dict) -> str | None:
@@ -89,11 +97,16 @@ def target_module(name: str, targets: dict) -> str | None:
     from llmcli.loader import _rename
 
     name = _rename(name)
+    if name in targets:  # a stacked expert tensor (transformers v5 `experts.gate_up_proj`) is named like its module
+        return name
     if name is None or not name.endswith(".weight"):
         return None
     module = name[: -len(".weight")]
     if module in targets:
         return module
+    stacked = stacked_name(module)  # one expert's slice: `experts.3.gate_proj` -> `experts.gate_up_proj`
+    if stacked is not None:
+        return stacked if stacked in targets else None
     parent, _, leaf = module.rpartition(".")
     fused = f"{parent}.{FUSED.get(leaf, leaf)}"
     return fused if fused in targets else None
@@ -207,7 +220,8 @@ def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = 
     if spec.method == "nf4":
         from llmcli.quant.nf4 import nf4_targets
 
-        targets = nf4_targets(config)
+        # bitsandbytes has no stacked-expert layout (transformers would not load one): experts stay 16-bit
+        targets = {k: v for k, v in nf4_targets(config).items() if not isinstance(v, QuantExpertProj)}
     else:
         targets = quantized_targets(config, spec)
     summary = Summary(spec=spec, output=out)
@@ -218,26 +232,33 @@ def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = 
         writer = ShardWriter(tmp)
         # a tied model stores one quantized table: the loader points the quantized head at the embedding's
         tied_table = config.tie_word_embeddings and "model.embed_tokens" in targets
+        expert_fallbacks = 0
         for name, w in tensors():
             if tied_table and _is_head(name):
                 continue  # a copy of the tied embedding some checkpoints carry anyway
             summary.bytes_before += w.numel() * 2
             module = target_module(name, targets)
             if module is None:
-                writer.add(name, w.to(dtype16) if w.is_floating_point() else w)
+                to16 = w.is_floating_point() and not name.endswith(KEEP_SOURCE_DTYPE)
+                writer.add(name, w.to(dtype16) if to16 else w)
                 summary.kept += 1
                 continue
             if progress:
                 progress(name)
-            prefix = name[: -len(".weight")]
+            prefix = name.removesuffix(".weight")  # a stacked expert tensor has no `.weight`
             qmod = targets[module]
             h = (hessians or {}).get(module)  # keyed by engine module: q/k/v share qkv_proj's inputs
+            tensor_spec = spec
+            if spec.method == "gptq" and isinstance(qmod, QuantExpertProj):
+                # calibration hooks see Linear inputs only, so experts have no Hessian: calibration-free instead
+                tensor_spec = replace(spec, method="hqq" if spec.bits == 4 else "rtn")
+                expert_fallbacks += 1
             if spec.method == "nf4":
                 from llmcli.quant.nf4 import quantize_nf4_tensor
 
                 parts = quantize_nf4_tensor(w)
             else:
-                parts = quantize_tensor(w, qmod, spec, h)
+                parts = quantize_tensor(w, qmod, tensor_spec, h)
             for suffix, t in parts.items():
                 writer.add(f"{prefix}.{suffix}", t)
             summary.layers.append(LayerRecord(prefix, tuple(w.shape), getattr(qmod, "group_size", None)))
@@ -271,5 +292,8 @@ def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = 
         n = sum(1 for r in summary.layers if r.group_size != requested)
         summary.notes.append(f"{n} layers use group size {', '.join(map(str, smaller))}: their input size is not a "
                              f"multiple of {requested}")
+    if expert_fallbacks:
+        summary.notes.append(f"{expert_fallbacks} expert tensors use {'hqq' if spec.bits == 4 else 'rtn'}: gptq "
+                             "collects Hessians for Linear layers only, not per expert")
     summary.seconds = time.perf_counter() - t0
     return summary
