@@ -198,6 +198,8 @@ def _quantizable(w: Weights, dtype: str, quantize_embeddings: bool) -> bool:
         return False
     if dtype == "nf4" and w.name.startswith("layers.experts."):
         return False  # bitsandbytes has no stacked-expert layout: `llm quantize --method nf4` keeps experts 16-bit
+    if dtype == "int4" and w.name.startswith("layers.experts.") and w.shape[0] % 2:
+        return False  # a block's experts pack together: an odd hidden size or expert width keeps all 16-bit
     return not (dtype in ("int4",) and w.shape[1] % 2)  # int4 packs two input columns per byte
 
 

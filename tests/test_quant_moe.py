@@ -299,3 +299,18 @@ def test_gptq_falls_back_for_experts_with_a_note(tiny_model, tmp_path):
     for p in experts:
         q, s = quantize_int8(source[f"{p}.weight"])
         assert torch.equal(stored[f"{p}.qweight"], q) and torch.equal(stored[f"{p}.scales"], s)
+
+
+def test_odd_expert_width_stays_16bit_in_quantizer_and_estimate(tiny_model, tmp_path):
+    """INT4 packs two input columns per byte: with an odd expert width the whole expert block stays 16-bit (the
+    attention still packs), and `llm estimate` counts exactly that."""
+    from llmcli.layers.moe import Experts
+    from llmcli.loader import load_model
+
+    out = tmp_path / "q"
+    _llm("quantize", str(tiny_model("qwen3_moe", moe_intermediate_size=33)), *BITS[4], "-o", str(out))
+    model, _ = load_model(out, "cpu", torch.bfloat16)
+    assert type(model.model.layers[0].mlp.experts) is Experts
+    assert hasattr(model.model.layers[0].self_attn.qkv_proj, "qweight")
+    j = json.loads(_llm("estimate", str(out), "--json").stdout)
+    assert j["weight_bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())
