@@ -10,6 +10,8 @@ expert; group size follows the same rule as dense layers (effective_group_size o
 Checkpoint names: the quantizer keeps the source's spelling (it streams one source tensor at a time), so both
 load by name: per-expert `mlp.experts.{j}.gate_proj.qweight` (up_proj/down_proj, mixtral's w1/w3/w2; filled by
 MoE.load_hf_weight) and stacked `mlp.experts.gate_up_proj.qweight` (from transformers v5 fused checkpoints).
+Methods: rtn and hqq as for dense layers; gptq's calibration hooks see nn.Linear inputs only, so the writer gives
+experts hqq (INT4) / rtn (INT8) and says so in the summary. NF4 leaves experts 16-bit (no bitsandbytes layout).
 
 Kernels: expert j of a projection runs as an Int8Linear/Int4Linear whose parameters are *views* of row block j
 of the stacked tensors (no copy of the plain layout), so the CPU/CUDA kernel choice, the K % 16 guard and the
@@ -72,10 +74,6 @@ class QuantExpertProj(nn.Module):
     def finalize(self) -> None:
         for j in range(self.num_experts):
             self.expert(j)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The stacked float weight [E, out, in] (tests and debugging; the forward never materialises it)."""
-        return torch.stack([self.expert(j).dequantize(dtype) for j in range(self.num_experts)])
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
