@@ -24,12 +24,12 @@ def _default_name(src: Path) -> str:
     return src.name.lower()
 
 
-def _output_dir(src: Path, bits: int, group_size: int, method: str, fmt: str) -> Path:
+def _output_dir(src: Path, bits: int, group_size: int, method: str, fmt: str, gguf_type: str = "") -> Path:
     from llmcli.paths import store_dir
 
     name = _default_name(src)
     if fmt == "gguf":
-        tag = "Q8_0" if bits == 8 else "Q4_1"
+        tag = (gguf_type or ("q8_0" if bits == 8 else "q4_1")).upper()
         return store_dir() / f"{name}.{tag}.gguf"
     if method == "nf4":
         return store_dir() / f"{name}-nf4"
@@ -61,7 +61,7 @@ def measure_perplexity(path: Path, text: str, window: int, max_tokens: Optional[
     return perplexity(engine, ids, window=window, max_tokens=max_tokens)
 
 
-@app.command("quantize", epilog="[bold]Examples[/bold]\n\n  llm quantize --bits 8\n  llm quantize Qwen/Qwen2.5-0.5B-Instruct --bits 4 --group-size 64 --method hqq\n  llm quantize ./model --bits 4 --method gptq --calibration text.txt\n  llm quantize ./model --method nf4 --output ./model-nf4")
+@app.command("quantize", epilog="[bold]Examples[/bold]\n\n  llm quantize --bits 8\n  llm quantize Qwen/Qwen2.5-0.5B-Instruct --bits 4 --group-size 64 --method hqq\n  llm quantize ./model --bits 4 --method gptq --calibration text.txt\n  llm quantize ./model --method nf4 --output ./model-nf4\n  llm quantize --bits 4 --format gguf --gguf-type q4_1")
 def quantize(
     model: Optional[str] = typer.Argument(None, help="Model directory, .gguf file or store name (default: the built-in model)."),
     bits: int = typer.Option(8, "--bits", "-b", help="8 or 4."),
@@ -69,13 +69,14 @@ def quantize(
     method: Optional[str] = typer.Option(None, "--method", "-m", help="rtn | hqq | gptq | nf4 (default: rtn for 8 bits, hqq for 4)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default: in the llmcli store)."),
     fmt: str = typer.Option("llmcli", "--format", help="llmcli (safetensors directory) or gguf."),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="GGUF weight type: q8_0, q4_0, q4_1 or f16 (default: q8_0 for 8 bits, q4_1 for 4)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Text file for GPTQ calibration."),
     eval_file: Optional[Path] = typer.Option(None, "--eval", help="Text file: report perplexity before and after."),
     quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings", help="Also quantize the token embedding and lm_head (one shared table when tied)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Write an INT8/INT4/NF4 weight-only checkpoint."""
+    """Write an INT8/INT4/NF4 weight-only checkpoint, or a GGUF (Q8_0/Q4_0/Q4_1) with --format gguf."""
     from llmcli.quant import QuantSpec
     from llmcli.store import resolve_model
 
@@ -85,6 +86,12 @@ def quantize(
         method = "rtn" if bits == 8 else "hqq"
     spec = QuantSpec(bits=bits, group_size=group_size, method=method, quantize_embeddings=quantize_embeddings)
     spec.validate()
+    if fmt == "gguf":
+        from llmcli.quant.gguf_writer import check_gguf_type
+
+        gguf_type = check_gguf_type(gguf_type, spec)
+    elif gguf_type is not None:
+        raise UserError("--gguf-type needs --format gguf")
     if method == "gptq" and calibration is None:
         raise UserError("--method gptq needs --calibration FILE (text to collect layer inputs from)")
     if calibration is not None and not calibration.is_file():
@@ -92,15 +99,13 @@ def quantize(
     if eval_file is not None and not eval_file.is_file():
         raise UserError(f"eval file {eval_file} not found")
     src = resolve_model(model)
-    out = output or _output_dir(src, spec.bits, spec.group_size, method, fmt)
+    out = output or _output_dir(src, spec.bits, spec.group_size, method, fmt, gguf_type or "")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it")
     if fmt == "gguf":
-        try:
-            from llmcli.quant.gguf_writer import write_gguf
-        except ImportError:
-            raise UserError("--format gguf is not implemented yet; use --format llmcli") from None
-        summary = write_gguf(src, out, spec, force=force)
+        from llmcli.quant.gguf_writer import write_gguf
+
+        summary = write_gguf(src, out, spec, force=force, gguf_type=gguf_type)
     else:
         from llmcli.quant.checkpoint import quantize_checkpoint
 
