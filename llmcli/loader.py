@@ -132,6 +132,11 @@ def _module_hook(modules: dict, name: str, tensor: torch.Tensor) -> bool:
         m = modules.get(".".join(parts[:cut]))
         if m is not None and hasattr(m, "load_hf_weight"):
             return bool(m.load_hf_weight(".".join(parts[cut:]), tensor))
+        if m is None and parts[cut - 1] in FUSED:  # e.g. q_proj.weight.absmax: a fused module's shard
+            fused, shard = FUSED[parts[cut - 1]]
+            m = modules.get(".".join(parts[:cut - 1] + [fused]))
+            if m is not None and hasattr(m, "load_hf_weight"):
+                return bool(m.load_hf_weight(".".join(parts[cut:]), tensor, shard=shard))
     return False
 
 

@@ -1,20 +1,39 @@
-"""NF4 (4-bit NormalFloat, blocksize 64, double quantization) through bitsandbytes, written in the tensor
-layout transformers uses for bitsandbytes checkpoints:
-  <module>.weight (uint8, packed), .weight.absmax, .weight.quant_map, .weight.nested_absmax,
-  .weight.nested_quant_map, .weight.quant_state.bitsandbytes__nf4 (the JSON quant state as uint8)
+"""NF4 (4-bit NormalFloat, blocksize 64, double quantization) in the bitsandbytes checkpoint layout, and the
+engine's NF4 linear that runs such checkpoints.
+
+On disk (what transformers + bitsandbytes load), per quantized Linear:
+  <module>.weight (uint8 [out * in / 2, 1]: the row-major flattened codes, first of each pair in the high
+  nibble), .weight.absmax (uint8: each 64-block's scale, itself 8-bit quantized), .weight.quant_map (the 16
+  NF4 values), .weight.nested_absmax / .weight.nested_quant_map (the scales' own blockwise-256 quantization),
+  .weight.quant_state.bitsandbytes__nf4 (JSON: shape, blocksize, the scales' mean `nested_offset`).
 bitsandbytes 0.50 quantizes and dequantizes NF4 on CPU, so writing needs no GPU.
 
-Known gap: the llmcli engine does not load these yet (bnb's per-tensor quant state -- the nested offset --
-does not concatenate across fused q/k/v rows); transformers + bitsandbytes load them.
+Which codes and scales are stored is free within that format: quantize_nf4_tensor searches each block's
+scale (instead of plain absmax) and picks codes for the scale as it will be read back (after the nested
+quantization), or, with a Hessian from calibration text, places codes by GPTQ error compensation.
+
+The engine's NF4Linear: bitsandbytes' per-tensor nested state (the offset is the mean over one tensor's
+scales) cannot be concatenated across the engine's fused q/k/v and gate/up rows, so the module decodes the
+nested quantization of each shard at load time into plain fp32 scales per 64-block. The packed codes do
+concatenate (flattened row-major, blocks never straddle rows), so `weight` takes the loader's ordinary fused
+row copy. Compute: see NF4Linear.
 """
 
 from __future__ import annotations
 
+import json
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from llmcli.errors import UserError
 
 BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+# Above this many activation rows, dequantize once and run a dense matmul (prefill); below, the 4-bit kernel.
+DENSE_ROWS = 16
+STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
 
 
 def bnb_quantization_config() -> dict:
@@ -24,34 +43,264 @@ def bnb_quantization_config() -> dict:
             "llm_int8_skip_modules": ["lm_head"], "llm_int8_threshold": 6.0}
 
 
+def nf4_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The Linear modules NF4 quantizes: INT4's choice (decoder-layer projections) whose rows are whole
+    64-blocks, so no block straddles two rows or two fused shards. Writer and engine both use this."""
+    from llmcli.quant import QuantSpec, quantizable_linears
+
+    chosen = quantizable_linears(model, QuantSpec(bits=4, group_size=64, method="rtn"))
+    return [(n, m) for n, m in chosen if m.in_features % BLOCKSIZE == 0]
+
+
 def nf4_targets(config) -> dict:
-    """The same Linear modules as INT4 (decoder-layer projections)."""
-    from llmcli.quant import QuantSpec
-    from llmcli.quant.checkpoint import quantized_targets
+    """Engine module name -> its NF4Linear, built on the meta device (what the checkpoint writer quantizes)."""
+    from llmcli.models.transformer import Transformer
 
-    return quantized_targets(config, QuantSpec(bits=4, group_size=64, method="rtn"))
+    with torch.device("meta"):
+        model = Transformer(config)
+        return {name: make_nf4_linear(config, name, m) for name, m in nf4_linears(model)}
 
 
-def quantize_nf4_tensor(w: torch.Tensor) -> dict[str, torch.Tensor]:
+def nf4_code() -> torch.Tensor:
+    """The 16 NF4 values (bitsandbytes' table), ascending, fp32."""
+    from bitsandbytes.functional import get_4bit_type
+
+    return get_4bit_type("nf4", device="cpu").float()
+
+
+# ---- quantization --------------------------------------------------------------------------------------------
+def nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest NF4 value for each x (code ascending): compare against the midpoints."""
+    mids = (code[1:] + code[:-1]) / 2
+    return torch.bucketize(x, mids)
+
+
+def nested_roundtrip(absmax: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """fp32 block scales -> (the scales as bitsandbytes will read them back, the nested state parts)."""
     import bitsandbytes.functional as bnbf
 
-    q, state = bnbf.quantize_4bit(w.to(torch.bfloat16).contiguous(), blocksize=BLOCKSIZE,
-                                  compress_statistics=True, quant_type="nf4")
-    parts = {"weight": q}
+    offset = absmax.mean()
+    q8, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    back = bnbf.dequantize_blockwise(q8, state2) + offset
+    return back.float(), {"q8": q8, "state2": state2, "offset": offset}
+
+
+def search_block_scales(wb: torch.Tensor, code: torch.Tensor, ratios: torch.Tensor,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
+    """wb [B, 64] -> per-block scale among absmax * ratios minimising the (optionally column-weighted)
+    squared reconstruction error. All ratios are tried in one batched op per ratio (not per block)."""
+    amax = wb.abs().amax(dim=-1).clamp(min=1e-12)
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax.clone()
+    for r in ratios.tolist():
+        s = amax * r
+        deq = code[nearest_code(wb / s[:, None], code)] * s[:, None]
+        e = (deq - wb).pow(2)
+        err = (e * weight).sum(-1) if weight is not None else e.sum(-1)
+        better = err < best_err
+        best = torch.where(better, s, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+SCALE_RATIOS = torch.linspace(0.80, 1.10, 31)
+
+
+def quantize_nf4_tensor(w: torch.Tensor, hessian: torch.Tensor | None = None,
+                        search: bool = True) -> dict[str, torch.Tensor]:
+    """w [out, in] -> {suffix: tensor} in the bitsandbytes layout. search: per-block scale search (weighted by
+    the Hessian's diagonal when given); hessian: GPTQ code placement against the layer's calibration inputs."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.functional import QuantState
+
+    out_f, in_f = w.shape
+    if (out_f * in_f) % BLOCKSIZE:
+        raise UserError(f"NF4 needs the weight's size to be a multiple of {BLOCKSIZE}, got {tuple(w.shape)}")
+    # bitsandbytes quantizes the bf16 weight; start from the same values so absmax agrees with its own
+    wf = w.to(torch.bfloat16).float()
+    code = nf4_code()
+    wb = wf.reshape(-1, BLOCKSIZE)
+    if search:
+        diag = None
+        if hessian is not None and in_f % BLOCKSIZE == 0:
+            diag = torch.diag(hessian).float().clamp(min=0).reshape(-1, BLOCKSIZE).repeat(out_f, 1)
+        scales = search_block_scales(wb, code, SCALE_RATIOS, diag)
+    else:
+        scales = wb.abs().amax(dim=-1)
+    stored, nested = nested_roundtrip(scales)  # choose codes for the scale that will actually be read back
+    if hessian is not None and in_f % BLOCKSIZE == 0:
+        from llmcli.quant.gptq import gptq_quantize_grid
+
+        idx = gptq_quantize_grid(wf, hessian, stored.reshape(out_f, -1), code, BLOCKSIZE)
+    else:
+        idx = nearest_code(wb / stored.clamp(min=1e-12)[:, None], code).reshape(out_f, in_f)
+    flat = idx.reshape(-1).to(torch.uint8)
+    packed = (flat[0::2] << 4 | flat[1::2]).reshape(-1, 1)
+    state = QuantState(absmax=nested["q8"], shape=torch.Size(w.shape), code=code, blocksize=BLOCKSIZE,
+                       quant_type="nf4", dtype=torch.bfloat16, offset=nested["offset"], state2=nested["state2"])
+    parts = {"weight": packed}
     for k, v in state.as_dict(packed=True).items():
         parts[f"weight.{k}"] = v
     return parts
 
 
-def dequantize_nf4_tensor(parts: dict[str, torch.Tensor], device: str = "cpu") -> torch.Tensor:
+def dequantize_nf4_tensor(parts: dict[str, torch.Tensor], device: str = "cpu",
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """bitsandbytes' own dequantization of one stored tensor (the reference our engine is tested against);
+    dtype overrides the stored compute dtype (bf16), e.g. fp32 for exact comparisons."""
     import bitsandbytes.functional as bnbf
     from bitsandbytes.functional import QuantState
 
     qs = {k.removeprefix("weight."): v for k, v in parts.items() if k != "weight"}
     state = QuantState.from_dict(qs, device=torch.device(device))
+    if dtype is not None:
+        state.dtype = dtype
     return bnbf.dequantize_4bit(parts["weight"], state)
 
 
-def prepare_model_nf4(model, config, quantization_config: dict):
-    raise UserError("this is a bitsandbytes NF4 checkpoint: the llmcli engine cannot run NF4 yet "
-                    "(load it with transformers + bitsandbytes, or quantize with --bits 4 --method hqq)")
+def decode_absmax(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """A shard's scale tensors -> (fp32 scale per block, its JSON quant state), without bitsandbytes:
+    nested: scale = nested_quant_map[absmax] * nested_absmax[block // 256] + nested_offset."""
+    state = json.loads(bytes(parts[STATE_KEY].tolist()).decode())
+    if state.get("quant_type") != "nf4":
+        raise UserError(f"bitsandbytes quant_type {state.get('quant_type')!r} is not supported (only nf4)")
+    absmax = parts["weight.absmax"]
+    if "nested_offset" not in state:
+        return absmax.float(), state
+    nb = int(state.get("nested_blocksize", NESTED_BLOCKSIZE))
+    vals = parts["weight.nested_quant_map"].float()[absmax.long()]
+    n = vals.numel()
+    scale = parts["weight.nested_absmax"].float().repeat_interleave(nb)[:n]
+    return vals * scale + float(state["nested_offset"]), state
+
+
+# ---- the engine's module -------------------------------------------------------------------------------------
+def _frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class NF4Linear(nn.Module):
+    """y = x @ W.T with W[block] = code[q] * absmax[block] per 64 consecutive values of the flattened weight.
+
+    Parameters: `weight` (the checkpoint's packed codes, filled by the loader's fused row copy), `absmax`
+    (decoded fp32 scales, filled by load_hf_weight), `code` (the 16 NF4 values), `bias`.
+    Compute: decode (few rows) goes through bitsandbytes' AVX512-BF16 CPU kernel when the CPU has it (its
+    weight layout is built once by finalize); otherwise, and for prefill, the weight is dequantized in torch
+    (a 16-entry table lookup times the block scale, exactly bitsandbytes' fp32 arithmetic) for a dense matmul.
+    """
+
+    def __init__(self, in_features: int, out_features: int, shards: list[int], bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.shards = in_features, out_features, shards
+        self.weight = _frozen(out_features * in_features // 2, 1, dtype=torch.uint8)
+        self.absmax = _frozen(out_features * in_features // BLOCKSIZE, dtype=torch.float32)
+        self.code = _frozen(16, dtype=torch.float32)
+        self.bias = _frozen(out_features, dtype=torch.get_default_dtype()) if bias else None
+        self._pending: dict[int, dict[str, torch.Tensor]] = {}
+        self._done: set[int] = set()
+        self._kernel: dict | None = None
+
+    # -- loading --
+    def load_hf_weight(self, suffix: str, tensor: torch.Tensor, shard: int = 0) -> bool:
+        """Collect one shard's scale tensors; decode them into absmax rows once the shard is complete."""
+        if not suffix.startswith("weight."):
+            return False
+        parts = self._pending.setdefault(shard, {})
+        parts[suffix] = tensor
+        if STATE_KEY not in parts or "weight.absmax" not in parts:
+            return True
+        state = json.loads(bytes(parts[STATE_KEY].tolist()).decode())
+        if "nested_offset" in state and not {"weight.nested_absmax", "weight.nested_quant_map"} <= parts.keys():
+            return True
+        self._finish_shard(shard, self._pending.pop(shard))
+        return True
+
+    def _finish_shard(self, shard: int, parts: dict[str, torch.Tensor]) -> None:
+        absmax, state = decode_absmax(parts)
+        rows = self.shards[shard]
+        if int(state.get("blocksize", 0)) != BLOCKSIZE or list(state.get("shape", [])) != [rows, self.in_features]:
+            raise UserError(f"NF4 tensor with blocksize {state.get('blocksize')} and shape {state.get('shape')}: "
+                            f"expected blocksize {BLOCKSIZE} and shape {[rows, self.in_features]}")
+        per_row = self.in_features // BLOCKSIZE
+        lo = sum(self.shards[:shard]) * per_row
+        with torch.no_grad():
+            self.absmax[lo:lo + rows * per_row].copy_(absmax)
+            if "weight.quant_map" in parts:
+                self.code.copy_(parts["weight.quant_map"].float())
+        self._done.add(shard)
+        if len(self._done) == len(self.shards):
+            self.absmax._llmcli_loaded = self.code._llmcli_loaded = True
+
+    # -- compute --
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        packed = self.weight.reshape(-1)
+        idx = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1, BLOCKSIZE).long()
+        w = self.code[idx] * self.absmax.unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features).to(dtype)
+
+    def finalize(self) -> None:
+        if self._kernel is None:
+            self._kernel = self._prepare()
+
+    def _prepare(self) -> dict:
+        k: dict = {"bnb": None}
+        if self.weight.device.type != "cpu" or self.out_features % 32:
+            return k
+        try:
+            import bitsandbytes.functional as bnbf
+
+            if not bnbf.has_avx512bf16():
+                return k
+            state = bnbf.QuantState(absmax=self.absmax.detach().clone(), shape=torch.Size((self.out_features,
+                                    self.in_features)), code=self.code.detach().clone(), blocksize=BLOCKSIZE,
+                                    quant_type="nf4", dtype=torch.bfloat16)
+            k["bnb"] = bnbf._convert_weight_packed_for_cpu(self.weight.detach().clone(), state)
+        except (ImportError, AttributeError, RuntimeError, AssertionError):
+            k["bnb"] = None  # no bitsandbytes CPU kernel here: torch dequantization instead
+        return k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is None:
+            self.finalize()
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self._kernel["bnb"] is not None and x2.shape[0] <= DENSE_ROWS:
+            import bitsandbytes as bnb
+
+            packed, state = self._kernel["bnb"]
+            y = bnb.matmul_4bit(x2.to(torch.bfloat16), packed, state).to(x.dtype)
+        else:
+            dt = x.dtype if x.dtype != torch.float16 or x.is_cuda else torch.float32
+            y = F.linear(x2.to(dt), self.dequantize(dt)).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, blocksize={BLOCKSIZE}"
+
+
+def make_nf4_linear(config, name: str, m: nn.Linear) -> NF4Linear:
+    from llmcli.loader import fused_shards
+
+    leaf = name.rpartition(".")[2]
+    if leaf == "qkv_proj":
+        shards = fused_shards(config, leaf)
+    elif leaf == "gate_up_proj":
+        shards = [m.out_features // 2] * 2
+    else:
+        shards = [m.out_features]
+    return NF4Linear(m.in_features, m.out_features, shards, m.bias is not None)
+
+
+def prepare_model_nf4(model: nn.Module, config, quantization_config: dict) -> nn.Module:
+    """Swap the Linear modules an NF4 checkpoint quantizes (the writer's choice: nf4_linears)."""
+    from llmcli.quant import _set_module
+
+    qc = quantization_config
+    if not qc.get("load_in_4bit") or qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        raise UserError("this bitsandbytes checkpoint is not NF4 4-bit: the llmcli engine runs only "
+                        "load_in_4bit with bnb_4bit_quant_type nf4")
+    for name, m in nf4_linears(model):
+        _set_module(model, name, make_nf4_linear(config, name, m))
+    return model
