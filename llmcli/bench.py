@@ -1,20 +1,43 @@
-"""`llm bench`: prefill and decode throughput of the engine, optionally side by side with transformers.
+"""`llm bench`: prefill and decode throughput of the engine, optionally side by side with transformers or
+with weight-only quantized versions of the same model (`--compare int8,int4`).
 
 Prompts are random token ids (seeded, different per row and per run) so the prefix cache never helps; every
-measurement is preceded by a short warm-up. With compare, both engines run in this process, alternating
-rounds, and the best round of each is kept, so background load hits both alike.
+measurement is preceded by a short warm-up. With compare, every engine runs in this process, alternating
+rounds, and the best round of each is kept, so background load hits all alike. Quantized variants are
+written by llmcli.quant.checkpoint into a temporary directory (deleted once loaded) and get the same KV
+pool as the original.
 """
 
 from __future__ import annotations
 
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from llmcli.errors import UserError
+
+
+# --compare name -> (bits, group size, method): what `llm quantize` writes by default for each, plus the smaller
+# int4 groups (more accurate, slightly larger).
+QUANT_VARIANTS: dict[str, tuple[int, int, str]] = {
+    "int8": (8, 128, "rtn"), "int4": (4, 128, "hqq"), "int4-g64": (4, 64, "hqq"), "int4-g32": (4, 32, "hqq")}
+ORIGINAL = "original"  # the engine label of the model as loaded, in a --compare int8,int4 run
+
+
+def parse_compare(compare: str | None) -> str | list[str] | None:
+    """--compare value -> None, "transformers", or the quantized variants to bench beside the model."""
+    if compare is None or compare == "transformers":
+        return compare
+    names = list(dict.fromkeys(c.strip() for c in compare.split(",") if c.strip()))
+    if not names or any(n not in QUANT_VARIANTS for n in names):
+        raise UserError(f"--compare takes 'transformers' or a comma list of {', '.join(QUANT_VARIANTS)}, "
+                        f"not {compare!r}")
+    return names
 
 
 @dataclass
@@ -108,13 +131,69 @@ def load_transformers(path, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval()
 
 
+def load_quantized(path, names: list[str], engine, log) -> list[tuple[str, object]]:
+    """(label, engine) per variant: quantized from path into a temp dir, loaded like the original engine."""
+    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.loader import load_model
+    from llmcli.quant import QuantSpec
+    from llmcli.quant.checkpoint import quantize_checkpoint
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="llm-bench-") as tmp:
+        for name in names:
+            bits, group, method = QUANT_VARIANTS[name]
+            label = "int8" if bits == 8 else f"int4-g{group}"
+            log(f"quantizing to {label} ({method}) ...")
+            d = quantize_checkpoint(Path(path), Path(tmp) / name, QuantSpec(bits, group, method)).output
+            model, config = load_model(d, engine.device, engine.dtype)  # weights are copied: the dir can go
+            out.append((label, LLMEngine(model, config, num_blocks=len(engine.block_manager.blocks))))
+    return out
+
+
+def bench_quantized(engine, path, names: list[str], prompt_len: int, gen_len: int, batch: int, rounds: int,
+                    log) -> list[BenchResult]:
+    """The loaded model first (labelled ORIGINAL), then each quantized variant, rounds alternating."""
+    if engine.config.raw.get("quantization_config"):
+        raise UserError(f"--compare {','.join(names)} quantizes the model itself; give the unquantized original")
+    vocab, dev = engine.config.vocab_size, engine.device
+    bench_engine(engine, random_prompts(vocab, batch, min(prompt_len, 16), 1), 4)  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    log(f"round 1: {ORIGINAL} ...")
+    runs = {ORIGINAL: [bench_engine(engine, random_prompts(vocab, batch, prompt_len, 100), gen_len)]}
+    mem = peak_memory_gib(dev)  # before the variants are loaded: the peak is the original's alone
+    engines = [(ORIGINAL, engine)] + load_quantized(path, names, engine, log)
+    for label, e in engines[1:]:
+        bench_engine(e, random_prompts(vocab, batch, min(prompt_len, 16), 1), 4)  # kernel packing, allocator
+        runs[label] = []
+    for r in range(rounds):
+        for label, e in engines:
+            if r == 0 and label == ORIGINAL:
+                continue  # measured above
+            log(f"round {r + 1}: {label} ...")
+            runs[label].append(bench_engine(e, random_prompts(vocab, batch, prompt_len, 100 + r), gen_len))
+    best = lambda rs: (min(p for p, _ in rs), min(d for _, d in rs))  # noqa: E731
+    # every variant shares the process with the original: only the original's peak is its own
+    return [_result(label, batch, prompt_len, gen_len, *best(rs), mem if label == ORIGINAL else None)
+            for label, rs in runs.items()]
+
+
+def decode_ratios(results: list[BenchResult]) -> dict[str, float]:
+    """Each engine's decode tok/s over the first one's (the original model, or llmcli vs transformers)."""
+    base = results[0].decode_tok_s
+    return {r.engine: r.decode_tok_s / base if base else float("nan") for r in results}
+
+
 def run_bench(engine, path, prompt_len: int, gen_len: int, batch: int, compare: str | None = None,
               rounds: int = 2, log=None) -> list[BenchResult]:
     if prompt_len < 1 or gen_len < 1 or batch < 1:
         raise UserError("--prompt-len, --gen-len and --batch must be at least 1")
+    log = log or (lambda msg: None)
+    variants = parse_compare(compare)
+    if isinstance(variants, list):
+        return bench_quantized(engine, path, variants, prompt_len, gen_len, batch, rounds, log)
     vocab = engine.config.vocab_size
     dev = engine.device
-    log = log or (lambda msg: None)
     bench_engine(engine, random_prompts(vocab, batch, min(prompt_len, 16), 1), 4)  # warm-up
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -123,8 +202,6 @@ def run_bench(engine, path, prompt_len: int, gen_len: int, batch: int, compare: 
     mem = peak_memory_gib(dev)  # before transformers is loaded: the process peak is ours alone
     theirs: list[tuple[float, float]] = []
     if compare:
-        if compare != "transformers":
-            raise UserError(f"--compare supports only 'transformers', not {compare!r}")
         log("loading the model in transformers ...")
         ref = load_transformers(path, dev, engine.dtype)
         if dev.type == "cuda":

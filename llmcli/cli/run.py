@@ -130,7 +130,9 @@ def bench(
     prompt_len: int = typer.Option(128, "--prompt-len", min=1, help="Prompt tokens per sequence."),
     gen_len: int = typer.Option(64, "--gen-len", min=1, help="Tokens generated per sequence."),
     batch: int = typer.Option(1, "--batch", min=1, help="Sequences decoded together."),
-    compare: Optional[str] = typer.Option(None, "--compare", help="`transformers`: run its generate() side by side."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="`transformers`: run its generate() side by side; "
+                                          "`int8,int4` (also int4-g64, int4-g32): quantize the model to temp dirs "
+                                          "and bench each beside it."),
     rounds: int = typer.Option(2, "--rounds", min=1, help="Alternating rounds with --compare; the best is kept."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
@@ -141,12 +143,11 @@ def bench(
     num_draft: Optional[int] = typer.Option(None, "--num-draft", help="Tokens drafted per step."),
 ) -> None:
     """Measure prefill and decode speed (tok/s), time to first token and peak memory."""
-    from llmcli.bench import run_bench
+    from llmcli.bench import decode_ratios, parse_compare, run_bench
     from llmcli.engine.llm_engine import LLMEngine
     from llmcli.store import resolve_model
 
-    if compare is not None and compare != "transformers":
-        raise UserError(f"--compare supports only 'transformers', not {compare!r}")
+    quant_compare = isinstance(parse_compare(compare), list)  # validated before any model is loaded
     path = resolve_model(model)
     if draft is not None or speculate is not None or num_draft is not None:
         # speculation needs real text to be worth anything: a reply that copies a passage from the prompt
@@ -176,7 +177,9 @@ def bench(
         out = {"model": str(path), "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
                "params_total": pc.total, "params_active_per_token": pc.active,
                "results": [r.to_dict() for r in results]}
-        if len(results) == 2:
+        if quant_compare:
+            out["decode_vs_original"] = decode_ratios(results)
+        elif len(results) == 2:
             out["decode_speedup"] = results[0].decode_tok_s / results[1].decode_tok_s
             out["prefill_speedup"] = results[0].prefill_tok_s / results[1].prefill_tok_s
         print(json.dumps(out))
@@ -184,10 +187,13 @@ def bench(
     print(f"{path.name}  device={engine.device}  dtype={str(engine.dtype).replace('torch.', '')}  "
           f"batch={batch} prompt={prompt_len} gen={gen_len}")
     print(f"parameters: {human_count(pc.total)} total, {human_count(pc.active)} active per token")
-    print(f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT ms':>10}{'peak GiB':>10}")
+    ratio = decode_ratios(results) if quant_compare else None
+    print(f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT ms':>10}{'peak GiB':>10}"
+          + (f"{'decode x':>10}" if ratio else ""))
     for r in results:
         mem = f"{r.peak_memory_gib:>10.2f}" if r.peak_memory_gib is not None else f"{'-':>10}"
-        print(f"{r.engine:<14}{r.prefill_tok_s:>15.1f}{r.decode_tok_s:>14.1f}{r.ttft_s * 1000:>10.1f}{mem}")
-    if len(results) == 2:
+        print(f"{r.engine:<14}{r.prefill_tok_s:>15.1f}{r.decode_tok_s:>14.1f}{r.ttft_s * 1000:>10.1f}{mem}"
+              + (f"{ratio[r.engine]:>9.2f}x" if ratio else ""))
+    if len(results) == 2 and not quant_compare:
         print(f"speedup: decode {results[0].decode_tok_s / results[1].decode_tok_s:.2f}x, "
               f"prefill {results[0].prefill_tok_s / results[1].prefill_tok_s:.2f}x")
