@@ -31,8 +31,6 @@ from llmcli.errors import UserError
 
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
-# Above this many activation rows, dequantize once and run a dense matmul (prefill); below, the 4-bit kernel.
-DENSE_ROWS = 16
 STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
 
 
@@ -184,9 +182,11 @@ class NF4Linear(nn.Module):
 
     Parameters: `weight` (the checkpoint's packed codes, filled by the loader's fused row copy), `absmax`
     (decoded fp32 scales, filled by load_hf_weight), `code` (the 16 NF4 values), `bias`.
-    Compute: decode (few rows) goes through bitsandbytes' AVX512-BF16 CPU kernel when the CPU has it (its
-    weight layout is built once by finalize); otherwise, and for prefill, the weight is dequantized in torch
-    (a 16-entry table lookup times the block scale, exactly bitsandbytes' fp32 arithmetic) for a dense matmul.
+    Compute: bitsandbytes' AVX512-BF16 CPU kernel (bf16 activations) on its own repacked layout, built once by
+    finalize, when the CPU has it: measured (benchmarks/nf4_linear.py, SmolLM2 shapes, 1 thread) as fast as
+    a dense fp32 matmul from 1 to 256 rows, and 2-40x faster than bitsandbytes' generic matmul_4bit or a
+    torch dequantize-then-matmul. Otherwise (other devices or CPUs) the weight is dequantized in torch (a
+    16-entry table lookup times the block scale: bitsandbytes' fp32 arithmetic exactly) for a dense matmul.
     """
 
     def __init__(self, in_features: int, out_features: int, shards: list[int], bias: bool = False):
@@ -264,7 +264,7 @@ class NF4Linear(nn.Module):
             self.finalize()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self._kernel["bnb"] is not None and x2.shape[0] <= DENSE_ROWS:
+        if self._kernel["bnb"] is not None:
             import bitsandbytes as bnb
 
             packed, state = self._kernel["bnb"]
