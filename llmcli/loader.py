@@ -147,8 +147,9 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 
 
 def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
-                quantization_config: dict | None = None) -> nn.Module:
-    """Allocate (not initialize) the model on device; quantization swaps modules before allocation."""
+                quantization_config: dict | None = None, swap=None) -> nn.Module:
+    """Allocate (not initialize) the model on device; quantization swaps modules before allocation
+    (from a checkpoint's quantization_config, or `swap(meta_model)`: a GGUF's kept-quantized linears)."""
     from llmcli.models.transformer import Transformer
 
     prev = torch.get_default_dtype()
@@ -160,6 +161,8 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
                 from llmcli.quant import prepare_model  # owned by the quantization work
 
                 prepare_model(model, config, quantization_config)
+            if swap is not None:
+                swap(model)
     finally:
         torch.set_default_dtype(prev)
     model = model.to_empty(device=device)
@@ -172,20 +175,101 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
     return model.eval()
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ModelConfig]:
-    """A model directory (config.json + safetensors) or a .gguf file -> (model on device, ModelConfig)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               dequantize: bool = False) -> tuple[nn.Module, ModelConfig]:
+    """A model directory (config.json + safetensors) or a .gguf file -> (model on device, ModelConfig).
+
+    A GGUF's Q4_0/Q4_1/Q8_0 linears stay quantized in our kernels (as llama.cpp runs them) unless
+    dequantize=True, which expands every tensor to dtype (for exact comparisons against a float reference).
+    """
     path = Path(path)
     device = torch.device(device)
     if path.suffix == ".gguf":
-        from llmcli.gguf import iter_gguf_tensors, load_gguf_config
+        from llmcli.gguf import gguf_tensor_types, iter_gguf_kept, load_gguf_config
 
         config = load_gguf_config(path)
-        model = build_model(config, device, dtype)
-        load_weights(model, config, iter_gguf_tensors(path, dtype))
+        plan = {} if dequantize else gguf_keep_plan(config, gguf_tensor_types(path))
+        keep = {src: kind for kind, sources in plan.values() for src in sources}
+        model = build_model(config, device, dtype, swap=lambda m: _swap_kept(m, plan))
+        load_weights(model, config, iter_gguf_kept(path, dtype, keep))
     else:
         config = load_config(path)
         qcfg = config.raw.get("quantization_config")
         model = build_model(config, device, dtype, qcfg)
         load_weights(model, config, iter_safetensors(path))
     return model, config
+
+
+# ---- GGUF: which linears stay quantized ------------------------------------------------------------------
+
+
+def gguf_keep_plan(config: ModelConfig, types: dict[str, object]) -> dict[str, tuple[str, list[str]]]:
+    """Engine module name -> (kind, the GGUF weight names loaded into it).
+
+    A linear of the decoder layers (or lm_head) stays quantized when every tensor fused into it (q/k/v,
+    gate/up) is Q4_0/Q4_1 ("int4": llmcli.quant.linear.Int4OffsetLinear, group 32) or every one is Q8_0
+    ("int8": Int8Linear). A Q8_0 token embedding becomes an Int8Embedding; tied, lm_head shares its table
+    (the loader ties them), so the output projection -- the largest matmul of a small model -- runs the
+    int8 kernel too. Anything else (K-quants, F16, a mix of 4- and 8-bit parts, Q4 embeddings, MoE
+    experts, norms) is expanded to the model dtype as before.
+    """
+    from llmcli.gguf import KEEP_INT4, KEEP_INT8, KEPT_GROUP_SIZE
+    from llmcli.models.transformer import Transformer
+    from llmcli.quant import QuantSpec, quantizable_linears
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    targets = dict(quantizable_linears(model, QuantSpec(bits=8, quantize_embeddings=True)))
+    sources: dict[str, list[str]] = {}
+    for name in types:
+        module = _target_module(name, targets) if name.endswith(".weight") else None
+        if module is not None:
+            sources.setdefault(module, []).append(name)
+    plan = {}
+    for module, names in sources.items():
+        leaf = module.rsplit(".", 1)[-1]
+        if len(names) > 1 and len(names) != len(fused_shards(config, leaf)):
+            continue  # a fused module missing a part: expanded, and load_weights reports what is missing
+        kinds = {types[n].name for n in names}
+        if kinds <= set(KEEP_INT4) and targets[module].in_features % KEPT_GROUP_SIZE == 0:
+            plan[module] = ("int4", names)
+        elif kinds <= set(KEEP_INT8):
+            plan[module] = ("int8", names)
+    emb = types.get("model.embed_tokens.weight")
+    if emb is not None and emb.name in KEEP_INT8 and type(model.model.embed_tokens) is nn.Embedding:
+        plan["model.embed_tokens"] = ("int8", ["model.embed_tokens.weight"])
+        if config.tie_word_embeddings and "lm_head" in targets:
+            plan["lm_head"] = ("int8", [])  # no tensor of its own: it shares the embedding's
+    return plan
+
+
+def _target_module(weight_name: str, targets: dict) -> str | None:
+    """The engine module a checkpoint weight loads into (its own, or the fused q/k/v / gate/up one)."""
+    name = _rename(weight_name)
+    if name is None:
+        return None
+    base = name.removesuffix(".weight")
+    if base in targets:
+        return base
+    parent, _, leaf = base.rpartition(".")
+    if leaf in FUSED and f"{parent}.{FUSED[leaf][0]}" in targets:
+        return f"{parent}.{FUSED[leaf][0]}"
+    return None
+
+
+def _swap_kept(model: nn.Module, plan: dict[str, tuple[str, list[str]]]) -> None:
+    """Replace the planned nn.Linear modules of the meta-device model by quantized ones (before allocation)."""
+    from llmcli.gguf import KEPT_GROUP_SIZE
+    from llmcli.quant.embedding import Int8Embedding
+    from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
+
+    for module, (kind, _) in plan.items():
+        lin = model.get_submodule(module)
+        if isinstance(lin, nn.Embedding):
+            model.model.embed_tokens = Int8Embedding(lin.num_embeddings, lin.embedding_dim)
+            continue
+        bias = lin.bias is not None
+        new = (Int4OffsetLinear(lin.in_features, lin.out_features, KEPT_GROUP_SIZE, bias) if kind == "int4"
+               else Int8Linear(lin.in_features, lin.out_features, bias))
+        parent, _, leaf = module.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, new)

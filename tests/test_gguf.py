@@ -398,7 +398,8 @@ def _sources(expected: dict, module: str, layer: int, parts: list[str]) -> np.nd
 
 
 def _param_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    """Resident weight bytes, a tensor shared by tied modules counted once."""
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
 
 
 @pytest.fixture(scope="module")
@@ -430,6 +431,11 @@ def test_q4_kept_as_int4_dequantizes_exactly(qtype, kept_gguf):
             # Q/K rows unpermuted and q/k/v fused on the quantized tensors: still gguf's values, bit for bit
             np.testing.assert_array_equal(m.dequantize(torch.float32).numpy(), _sources(expected, module, layer, parts))
             assert type(dense.get_submodule(module.format(layer))) is torch.nn.Linear
+    # the untied output projection too; a Q4 embedding table is expanded (lookups only touch a few rows)
+    assert type(model.lm_head) is Int4OffsetLinear
+    np.testing.assert_array_equal(model.lm_head.dequantize().numpy(), expected["lm_head.weight"])
+    assert type(model.model.embed_tokens) is torch.nn.Embedding
+    np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(), expected["model.embed_tokens.weight"])
     # 4 bits + an fp16 scale and offset per 32 weights = 5 bits per weight, against 32 expanded
     lin = sum(m.in_features * m.out_features for m in model.modules() if type(m) is Int4OffsetLinear)
     assert _param_bytes(dense) - _param_bytes(model) == lin * 4 - lin * 5 // 8
@@ -454,23 +460,37 @@ def test_q8_0_kept_as_int8_rows(kept_gguf):
             step = m.scales.float().unsqueeze(-1)
             assert ((m.dequantize() - ref).abs() <= step / 2 * (1 + 1e-3)).all()
             assert (m.dequantize() - ref).norm() / ref.norm() < 0.01
+    # the embedding table and the output projection: the same per-row int8
+    from llmcli.quant.embedding import Int8Embedding
+
+    assert type(model.model.embed_tokens) is Int8Embedding and type(model.lm_head) is Int8Linear
+    for m, name in ((model.model.embed_tokens, "model.embed_tokens.weight"), (model.lm_head, "lm_head.weight")):
+        q, s = quantize_int8(torch.from_numpy(expected[name]))
+        assert torch.equal(m.qweight, q) and torch.equal(m.scales, s), name
 
 
 def test_keep_plan_needs_every_fused_part_in_one_kind():
     from llmcli.config import from_hf_dict
     from llmcli.loader import gguf_keep_plan
 
-    cfg = from_hf_dict(dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    types = {"model.embed_tokens.weight": Q.Q8_0, "model.norm.weight": Q.F32}
+    hf = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2)
+    types = {"model.embed_tokens.weight": Q.Q8_0, "model.norm.weight": Q.F32, "lm_head.weight": Q.Q6_K}
     for i, (q, k, v, o, gate, up, down) in enumerate([(Q.Q4_1, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q4_1, Q.F16),
                                                       (Q.Q4_1, Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q8_0, Q.Q8_0, Q.Q4_0)]):
         for name, t in zip(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), (q, k, v, o, gate, up, down)):
             types[f"model.layers.{i}.{name}.weight"] = t
-    plan = {m: kind for m, (kind, _) in gguf_keep_plan(cfg, types).items()}
-    assert plan == {"model.layers.0.self_attn.qkv_proj": "int4", "model.layers.0.self_attn.o_proj": "int8",
-                    "model.layers.1.mlp.gate_up_proj": "int8", "model.layers.1.mlp.down_proj": "int4"}
+    plan = {m: kind for m, (kind, _) in gguf_keep_plan(from_hf_dict(hf), types).items()}
+    layers = {"model.layers.0.self_attn.qkv_proj": "int4", "model.layers.0.self_attn.o_proj": "int8",
+              "model.layers.1.mlp.gate_up_proj": "int8", "model.layers.1.mlp.down_proj": "int4"}
+    assert plan == {**layers, "model.embed_tokens": "int8"}  # the Q6_K head is expanded
+    del types["lm_head.weight"]  # tied: the head shares the int8 table; a Q4_1 table would be expanded
+    assert {m: k for m, (k, _) in gguf_keep_plan(from_hf_dict({**hf, "tie_word_embeddings": True}), types).items()} \
+        == {**layers, "model.embed_tokens": "int8", "lm_head": "int8"}
+    types["model.embed_tokens.weight"] = Q.Q4_1
+    assert {m: k for m, (k, _) in gguf_keep_plan(from_hf_dict({**hf, "tie_word_embeddings": True}), types).items()} \
+        == layers
 
 
 # Prefill (more than DENSE_ROWS_CPU rows) dequantizes to an fp32 matmul: for Q4_x the weights are gguf's
@@ -497,14 +517,21 @@ def test_kept_engine_logits_close_to_dequantized(qtype, prefill_tol, kept_gguf, 
 
 
 def test_smollm2_linears_stay_q4_1(smollm2_gguf, hf_smollm2):
-    """The real file: all 30 x 4 projections load as Int4OffsetLinear equal to transformers' expanded weights."""
+    """The real file: all 30 x 4 projections load as Int4OffsetLinear equal to transformers' expanded weights;
+    the tied Q8_0 embedding is one int8 table that the head's kernel shares."""
     from llmcli.loader import load_model
-    from llmcli.quant.linear import Int4OffsetLinear
+    from llmcli.quant.embedding import Int8Embedding
+    from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
 
     model, _ = load_model(smollm2_gguf)
     kept = [n for n, m in model.named_modules() if type(m) is Int4OffsetLinear]
     assert len(kept) == 30 * 4
-    assert type(model.model.embed_tokens) is torch.nn.Embedding  # Q8_0 embedding: expanded, as before
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert type(emb) is Int8Embedding and type(head) is Int8Linear
+    assert emb.qweight.data_ptr() == head.qweight.data_ptr() and emb.scales.data_ptr() == head.scales.data_ptr()
+    # resident weights: 4-bit linears (5 bits with scale and offset) and one int8 table instead of fp32 all
+    dense = sum(p.numel() for p in hf_smollm2.parameters()) * 4
+    assert _param_bytes(model) < dense / 5
     ref = hf_smollm2.state_dict()
     for layer in (0, 29):
         for module, parts in KEPT.items():

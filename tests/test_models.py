@@ -55,7 +55,8 @@ def test_family_matches_transformers(tiny_model, family):
 def smollm2(smollm2_gguf):
     import transformers
 
-    engine = LLMEngine.load(smollm2_gguf, device="cpu", dtype="float32", tokenizer=False)
+    # fp32 tolerance against transformers: expand the Q4_1/Q8_0 weights like it does (kept-quantized: test_gguf)
+    engine = LLMEngine.load(smollm2_gguf, device="cpu", dtype="float32", tokenizer=False, dequantize=True)
     ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
                                                             dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)

@@ -49,7 +49,7 @@ def test_smollm2_perplexity_matches_transformers(smollm2_gguf):
     ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
                                                            dtype=torch.float32)
     expected = _reference_ppl(ref, ids, 128)
-    engine = LLMEngine.load(str(smollm2_gguf), device="cpu", dtype="float32", tokenizer=False)
+    engine = LLMEngine.load(str(smollm2_gguf), device="cpu", dtype="float32", tokenizer=False, dequantize=True)
     r = perplexity(engine, ids, window=128)
     assert r.tokens == 300 - 3
     assert abs(r.perplexity / expected - 1) < 0.005

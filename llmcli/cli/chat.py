@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from llmcli.cli import app
-from llmcli.cli.run import DEVICE_HELP, DTYPE_HELP
+from llmcli.cli.run import DEQUANTIZE_HELP, DEVICE_HELP, DTYPE_HELP
 
 
 @app.command("chat", epilog="[bold]Examples[/bold]\n\n  llm chat\n  llm chat ./Qwen2.5-0.5B-Instruct --system 'Answer briefly.'\n  llm chat --temperature 0 --speculate ngram\n  echo 'What is the capital of France?' | llm chat")
@@ -26,6 +26,7 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    dequantize: bool = typer.Option(False, "--dequantize", help=DEQUANTIZE_HELP),
     kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", help="KV-cache size (default: CPU 1 GiB, CUDA most free memory)."),
     markdown: bool = typer.Option(False, "--markdown", help="Render replies as Markdown (in a terminal)."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
@@ -48,7 +49,7 @@ def chat(
             setattr(settings, name, value)
 
     interactive = sys.stdin.isatty()
-    engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+    engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
     from llmcli.engine.speculative import make_decoder
 
     spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from llmcli.cli import app
+from llmcli.cli.run import DEQUANTIZE_HELP
 from llmcli.errors import UserError
 
 
@@ -52,12 +53,12 @@ def encode_text(path: Path, text: str) -> list[int]:
 
 
 def measure_perplexity(path: Path, text: str, window: int, max_tokens: Optional[int], device: Optional[str],
-                       dtype: Optional[str]):
+                       dtype: Optional[str], dequantize: bool = False):
     from llmcli.engine.llm_engine import LLMEngine
     from llmcli.perplexity import perplexity
 
     ids = encode_text(path, text)
-    engine = LLMEngine.load(str(path), device=device, dtype=dtype, tokenizer=False)
+    engine = LLMEngine.load(str(path), device=device, dtype=dtype, tokenizer=False, dequantize=dequantize)
     return perplexity(engine, ids, window=window, max_tokens=max_tokens)
 
 
@@ -165,6 +166,7 @@ def perplexity_cmd(
     max_tokens: int = typer.Option(4096, "--max-tokens", help="Score at most this many tokens of the text."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
+    dequantize: bool = typer.Option(False, "--dequantize", help=DEQUANTIZE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print {\"perplexity\": ..., \"tokens\": ...}."),
 ) -> None:
     """Measure a model's perplexity on a text file."""
@@ -175,7 +177,7 @@ def perplexity_cmd(
         raise UserError("--max-tokens must be at least 2")
     text = read_text(file or DEFAULT_TEXT)
     path = resolve_model(model)
-    r = measure_perplexity(path, text, window, max_tokens, device, dtype)
+    r = measure_perplexity(path, text, window, max_tokens, device, dtype, dequantize)
     if as_json:
         typer.echo(json.dumps({"perplexity": r.perplexity, "tokens": r.tokens}))
     else:

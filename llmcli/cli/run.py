@@ -13,6 +13,7 @@ from llmcli.errors import UserError
 
 DEVICE_HELP = "cpu or cuda (default: cuda when available)."
 DTYPE_HELP = "float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)."
+DEQUANTIZE_HELP = "Expand a GGUF's Q4_0/Q4_1/Q8_0 weights to --dtype instead of running them quantized."
 
 
 def _split_args(model_or_prompt: str, prompt: Optional[str]) -> tuple[Optional[str], str]:
@@ -63,6 +64,7 @@ def run(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    dequantize: bool = typer.Option(False, "--dequantize", help=DEQUANTIZE_HELP),
     kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", help="KV-cache size (default: CPU 1 GiB, CUDA most free memory)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings)."),
     draft: Optional[str] = typer.Option(None, "--draft", help="Draft model for speculative decoding (same tokenizer)."),
@@ -74,7 +76,7 @@ def run(
     from llmcli.engine.sequence import SamplingParams
 
     model, text = _split_args(model_or_prompt, prompt)
-    engine = LLMEngine.load(model, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+    engine = LLMEngine.load(model, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
     ids = _prompt_ids(engine, text, system, raw)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens,
@@ -136,6 +138,7 @@ def bench(
     rounds: int = typer.Option(2, "--rounds", min=1, help="Alternating rounds with --compare; the best is kept."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    dequantize: bool = typer.Option(False, "--dequantize", help=DEQUANTIZE_HELP),
     kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", help="KV-cache size."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     draft: Optional[str] = typer.Option(None, "--draft", help="Compare plain vs speculative decoding with this draft."),
@@ -154,7 +157,7 @@ def bench(
         from llmcli.engine.speculative import REPEAT_PROMPT, compare_speed, make_decoder
         from llmcli.engine.sequence import SamplingParams
 
-        engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+        engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
         spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
         r = compare_speed(spec, _prompt_ids(engine, REPEAT_PROMPT, None, False),
                           SamplingParams(temperature=0.0, max_tokens=gen_len)).to_dict()
@@ -167,7 +170,8 @@ def bench(
               f"speed-up {r['speedup']:.2f}x; acceptance {r['acceptance_rate']:.0%}, "
               f"{r['mean_accepted']:.2f} accepted per step; identical output: {r['identical_output']}")
         return
-    engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, tokenizer=False)
+    engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, tokenizer=False,
+                            dequantize=dequantize)
     log = (lambda m: None) if as_json else (lambda m: print(m, file=sys.stderr))
     results = run_bench(engine, path, prompt_len, gen_len, batch, compare, rounds=rounds, log=log)
     from llmcli.estimate import _n as human_count, count_params

@@ -113,8 +113,11 @@ class LLMEngine:
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
-             *, kv_cache_gib: float | None = None, block_size: int = 16, tokenizer: bool = True) -> "LLMEngine":
-        """Model spec (None = default model, a directory, a .gguf, anything llmcli.store resolves)."""
+             *, kv_cache_gib: float | None = None, block_size: int = 16, tokenizer: bool = True,
+             dequantize: bool = False) -> "LLMEngine":
+        """Model spec (None = default model, a directory, a .gguf, anything llmcli.store resolves).
+
+        dequantize: expand a GGUF's Q4_0/Q4_1/Q8_0 linears to dtype instead of keeping them quantized."""
         from llmcli.loader import load_model
         from llmcli.store import resolve_model
 
@@ -123,7 +126,7 @@ class LLMEngine:
         dt = resolve_dtype(dtype, dev)
         if dev.type == "cpu" and dt == torch.float16:
             raise UserError("float16 is not supported on CPU; use float32 or bfloat16")
-        net, config = load_model(path, dev, dt)
+        net, config = load_model(path, dev, dt, dequantize=dequantize)
         tok = _load_tokenizer(path) if tokenizer else None
         return cls(net, config, tok, block_size=block_size, kv_cache_gib=kv_cache_gib)
 
