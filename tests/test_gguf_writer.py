@@ -187,6 +187,17 @@ def test_q4_1_hqq_offsets(tiny_chat, tmp_path, one_thread):
     assert differ  # HQQ really changed blocks
 
 
+def test_q4_1_hqq_constant_blocks():
+    # A constant block's scale underflows f16 (d = 0): the offset alone must carry the value.
+    from llmcli.quant.gguf_writer import quantize_q4_1_hqq
+
+    w = torch.randn(2, 64) * 0.02
+    w[0, :32], w[1] = 0.37, 0.0
+    deq = gguf.quants.dequantize(quantize_q4_1_hqq(w), Q.Q4_1).reshape(2, 64)
+    np.testing.assert_array_equal(deq[0, :32], np.float16(0.37).astype(np.float32))
+    np.testing.assert_array_equal(deq[1], 0.0)
+
+
 def _engine_logits(path, ids):
     """Our engine on the GGUF with every tensor dequantized by llmcli.gguf (so both sides use the same values)."""
     from llmcli.engine.llm_engine import LLMEngine

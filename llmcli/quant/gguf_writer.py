@@ -135,10 +135,10 @@ def quantize_q4_1_hqq(w: torch.Tensor) -> np.ndarray:
     rows, k = w.shape
     _, scales, zeros = quantize_int4_hqq(w, BLOCK)
     d = scales.float()
-    m = (-zeros.float() * d).half().float()
     wg = w.float().reshape(rows, k // BLOCK, BLOCK)
-    # ggml rounds (x - m) * (1/d); d is never 0 here (min/max scale is clamped to >= 1e-8, then f16)
-    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    # A constant block has a scale below f16's range (d = 0): its offset alone must carry the value.
+    m = torch.where(d != 0, -zeros.float() * d, wg.amin(dim=-1)).half().float()
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))  # ggml rounds (x - m) * (1/d)
     q = torch.round((wg - m.unsqueeze(-1)) * inv.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
     qs = (q[..., :16] | (q[..., 16:] << 4)).numpy()  # byte j: value j low nibble, value j + 16 high nibble
     dm = torch.stack([d.half(), m.half()], dim=-1).numpy().view(np.uint8).reshape(rows, k // BLOCK, 4)
