@@ -4,6 +4,8 @@ usage: python benchmarks/gguf_kept.py [MODEL.gguf] [--tokens 64] [--rounds 3] [-
 Three engines over the same file (default: the built-in SmolLM2 Q4_1): every tensor expanded to fp32;
 the linears kept quantized but the (Q8_0) embedding and tied head expanded; everything kept (the default
 load). Batch 1, a 16-token random prompt, greedy; rounds alternate over the engines, the best is kept.
+Also printed: how far the CPU int4 kernel's bf16 scale/offset table moves the (exact) kept 4-bit weights, and
+how far Int4Linear's fp16 zero point (-m/d) would have moved them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,28 @@ def expand_embedding(model: nn.Module) -> nn.Module:
         head.weight = dense.weight
         model.lm_head = head
     return model
+
+
+def int4_table_error(model: nn.Module) -> tuple[float, float]:
+    """Relative (Frobenius) weight error over all Int4OffsetLinear modules: (bf16 kernel table, fp16 zero point)."""
+    from llmcli.quant.int4 import unpack_int4
+    from llmcli.quant.linear import Int4OffsetLinear
+
+    err_table = err_zero = norm = 0.0
+    for m in model.modules():
+        if type(m) is not Int4OffsetLinear:
+            continue
+        w = m.dequantize()
+        q = unpack_int4(m.qweight).float().view(m.out_features, -1, m.group_size)
+        table = m._tinygemm_scales_zeros().float()  # [G, N, 2]: what the kernel multiplies by
+        s, off = table[..., 0].t().unsqueeze(-1), table[..., 1].t().unsqueeze(-1)
+        zero = (-m.offsets.float() / m.scales.float()).half().float().unsqueeze(-1)
+        err_table += ((q - 8) * s + off).view_as(w).sub(w).pow(2).sum().item()
+        err_zero += ((q - zero) * m.scales.float().unsqueeze(-1)).view_as(w).sub(w).pow(2).sum().item()
+        norm += w.pow(2).sum().item()
+    if not norm:  # nothing kept at 4 bits
+        return 0.0, 0.0
+    return (err_table / norm) ** 0.5, (err_zero / norm) ** 0.5
 
 
 def main() -> None:
@@ -61,6 +85,9 @@ def main() -> None:
             best[k] = min(best[k], decode_s)
     for k, e in engines.items():
         print(f"{(a.tokens - 1) / best[k]:8.1f} tok/s  {weight_bytes(e.model) / 1e6:8.1f} MB weights  {k}")
+    table, zero = int4_table_error(engines["all kept (default)"].model)
+    print(f"kept 4-bit weights, relative error: bf16 kernel table {table:.2e}, an fp16 zero point would add {zero:.2e}, "
+          "the offsets themselves 0 (exact)")
 
 
 if __name__ == "__main__":
