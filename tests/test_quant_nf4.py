@@ -27,7 +27,7 @@ def test_nf4_scale_search_beats_bitsandbytes_absmax():
     w = torch.distributions.StudentT(4.0).sample((96, 256)) * 0.02  # heavy tails, like real weights
     w = w.to(torch.bfloat16).float()  # bitsandbytes quantizes the bf16 weight; compare like with like
     plain = (_bnb_plain(w) - w).pow(2).mean()
-    ours = (_parts_dequant(quantize_nf4_tensor(w)) - w).pow(2).mean()
+    ours = (_parts_dequant(quantize_nf4_tensor(w, search=True)) - w).pow(2).mean()
     assert ours < 0.95 * plain
     # without the search it is bitsandbytes' quantizer up to code choice at the re-read scale (never worse)
     nosearch = (_parts_dequant(quantize_nf4_tensor(w, search=False)) - w).pow(2).mean()
@@ -120,3 +120,34 @@ def test_nf4_checkpoint_runs_in_our_engine(tiny_model, tmp_path, one_thread):
     with torch.no_grad():
         theirs = bnb_model(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(theirs, expected, atol=0.03 * scale, rtol=0)
+
+
+def test_nf4_checkpoint_with_hessians_places_codes_by_gptq(tiny_model, tmp_path, one_thread):
+    """With Hessians (what `--method nf4 --calibration FILE` collects) the writer places codes by GPTQ: other
+    codes than the calibration-free ones, a lower layer-output error on those inputs, same layout, loadable."""
+    from safetensors.torch import load_file
+
+    from llmcli.config import load_config
+    from llmcli.loader import load_model
+    from llmcli.quant import QuantSpec
+    from llmcli.quant.checkpoint import quantize_checkpoint
+    from llmcli.quant.nf4 import nf4_targets
+
+    src = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    xs, hessians = {}, {}
+    for name, m in nf4_targets(load_config(src)).items():
+        x = torch.randn(256, m.in_features, generator=g) @ torch.randn(m.in_features, m.in_features, generator=g)
+        xs[name], hessians[name] = x, 2 * x.T @ x / x.shape[0]
+    plain, gptq = tmp_path / "plain", tmp_path / "gptq"
+    quantize_checkpoint(src, plain, QuantSpec(4, 64, "nf4"))
+    quantize_checkpoint(src, gptq, QuantSpec(4, 64, "nf4"), hessians=hessians)
+    a, b = load_file(plain / "model.safetensors"), load_file(gptq / "model.safetensors")
+    orig = load_file(src / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj"
+    assert a.keys() == b.keys() and not torch.equal(a[f"{key}.weight"], b[f"{key}.weight"])
+    x, w = xs[key], orig[f"{key}.weight"]
+    err = {n: (x @ (w - _parts_dequant({k[len(key) + 1:]: v for k, v in sd.items() if k.startswith(f"{key}.weight")})
+                     .reshape(w.shape)).T).pow(2).mean() for n, sd in (("plain", a), ("gptq", b))}
+    assert err["gptq"] < err["plain"]
+    load_model(gptq)

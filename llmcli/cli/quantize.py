@@ -71,7 +71,7 @@ def quantize(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default: in the llmcli store)."),
     fmt: str = typer.Option("llmcli", "--format", help="llmcli (safetensors directory) or gguf."),
     gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="GGUF weight type: q8_0, q4_0, q4_1 or f16 (default: q8_0 for 8 bits, q4_1 for 4)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Text file for GPTQ calibration."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Text file for GPTQ calibration (gptq; optional for nf4)."),
     eval_file: Optional[Path] = typer.Option(None, "--eval", help="Text file: report perplexity before and after."),
     quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings", help="Also quantize the token embedding and lm_head (one shared table when tied)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output."),
@@ -111,7 +111,7 @@ def quantize(
         from llmcli.quant.checkpoint import quantize_checkpoint
 
         hessians = None
-        if method == "gptq":
+        if method == "gptq" or (method == "nf4" and calibration is not None):  # nf4: GPTQ code placement
             from llmcli.perplexity import read_text
             from llmcli.quant.gptq import collect_hessians
 

@@ -256,7 +256,7 @@ def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = 
             if spec.method == "nf4":
                 from llmcli.quant.nf4 import quantize_nf4_tensor
 
-                parts = quantize_nf4_tensor(w)
+                parts = quantize_nf4_tensor(w, h)
             else:
                 parts = quantize_tensor(w, qmod, tensor_spec, h)
             for suffix, t in parts.items():

@@ -3,12 +3,20 @@ the columns not yet quantized, weighted by the inverse Hessian H = 2 X^T X of th
 
 collect_hessians runs the unquantized model on calibration text (forward hooks on every Linear that will be
 quantized; all layers in one pass, i.e. inputs come from the float model, not the partly quantized one).
-gptq_quantize then works per weight: damping (1% of the mean diagonal), upper Cholesky factor of H^-1, and
-lazy block updates of 128 columns. The column loop is inherent to the algorithm (each column depends on the
-error of the previous ones); everything inside it is a whole-row tensor op.
+
+gptq_core is the algorithm for any fixed grid: damping (a fraction of the mean diagonal), upper Cholesky
+factor of H^-1, lazy block updates of 128 columns, and act-order (columns with the largest Hessian diagonal,
+i.e. the most energetic inputs, go first, while there are still many columns left to absorb their error).
+The grid is fixed before the loop ("static groups"): INT4 groups take HQQ's scale and zero computed from the
+original weights, INT8 rows their absmax scale, NF4 blocks their searched scale. That is what makes act-order
+compatible with groups: a group's parameters no longer depend on which of its columns were quantized first.
+The column loop is inherent to the algorithm (each column depends on the error of the previous ones);
+everything inside it is a whole-row tensor op.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -17,62 +25,84 @@ from llmcli.quant.int4 import effective_group_size
 BLOCK = 128
 DAMP = 0.01
 
-
-def _int4_params(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max grid of a group of columns wg [rows, g], rounded to the fp16 that is stored."""
-    lo, hi = wg.amin(dim=1), wg.amax(dim=1)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-8).half().float()
-    zero = (-lo / scale).half().float()
-    return scale, zero
+# (column index in the original order, column values [rows]) -> (stored value [rows], dequantized [rows])
+ColumnQuantizer = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """w [rows, cols], H [cols, cols] -> int8: (q int8, scales fp16 [rows], None);
-    int4: (q uint8 0..15 [rows, cols], scales fp16 [rows, G], zeros fp16 [rows, G])."""
+def gptq_core(w: torch.Tensor, hessian: torch.Tensor, quantize_col: ColumnQuantizer, *,
+              act_order: bool = True, damp: float = DAMP) -> torch.Tensor:
+    """w [rows, cols], H [cols, cols] -> the stored values [rows, cols] (fp32, original column order)."""
     W = w.float().clone()
     rows, cols = W.shape
     H = hessian.float().clone()
-    dead = torch.diag(H) == 0
+    dead = torch.diag(H) == 0  # inputs that were always zero: any value works, quantize zero
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += DAMP * torch.diag(H).mean() * torch.eye(cols)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.diag(H).mean() * torch.eye(cols)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     Q = torch.zeros_like(W)
-    if bits == 8:
-        scale8 = (W.abs().amax(dim=1) / 127.0).clamp(min=1e-8).half().float()
-        g = cols
-    else:
-        g = effective_group_size(cols, group_size or 128)
-        scales = torch.zeros(rows, cols // g)
-        zeros = torch.zeros(rows, cols // g)
-    block = BLOCK if BLOCK % g == 0 or bits == 8 else g
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
+    order = perm.tolist()
+    for i1 in range(0, cols, BLOCK):
+        i2 = min(i1 + BLOCK, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if bits == 4 and col % g == 0:  # group parameters from the error-updated weights
-                s, z = _int4_params(W1[:, i:i + g])
-                scales[:, col // g], zeros[:, col // g] = s, z
-            wcol = W1[:, i]
-            if bits == 8:
-                q = torch.round(wcol / scale8).clamp(-127, 127)
-                deq = q * scale8
-            else:
-                q = torch.round(wcol / s + z).clamp(0, 15)
-                deq = (q - z) * s
-            Q[:, col] = q
-            err = (wcol - deq) / Hinv1[i, i]
+            q, deq = quantize_col(order[i1 + i], W1[:, i])
+            Q[:, i1 + i] = q
+            err = (W1[:, i] - deq) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    out = torch.empty_like(Q)
+    out[:, perm] = Q
+    return out
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, *,
+                  act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """w [rows, cols], H [cols, cols] -> int8: (q int8, scales fp16 [rows], None);
+    int4: (q uint8 0..15 [rows, cols], scales fp16 [rows, G], zeros fp16 [rows, G])."""
+    W = w.float()
+    rows, cols = W.shape
     if bits == 8:
-        return Q.to(torch.int8), scale8.half(), None
-    return Q.to(torch.uint8), scales.half(), zeros.half()
+        scale8 = (W.abs().amax(dim=1) / 127.0).clamp(min=1e-8).half().float()
+
+        def col8(j: int, wcol: torch.Tensor):
+            q = torch.round(wcol / scale8).clamp(-127, 127)
+            return q, q * scale8
+
+        return gptq_core(W, hessian, col8, act_order=act_order).to(torch.int8), scale8.half(), None
+    from llmcli.quant.hqq import quantize_int4_hqq
+
+    g = effective_group_size(cols, group_size or 128)
+    _, scales, zeros = quantize_int4_hqq(W, g)  # the static grid: HQQ's calibration-free optimum
+    s, z = scales.float(), zeros.float()
+
+    def col4(j: int, wcol: torch.Tensor):
+        sj, zj = s[:, j // g], z[:, j // g]
+        q = torch.round(wcol / sj + zj).clamp(0, 15)
+        return q, (q - zj) * sj
+
+    return gptq_core(W, hessian, col4, act_order=act_order).to(torch.uint8), scales, zeros
+
+
+def gptq_quantize_grid(w: torch.Tensor, hessian: torch.Tensor, block_scales: torch.Tensor, code: torch.Tensor,
+                       block: int, *, act_order: bool = True) -> torch.Tensor:
+    """A scaled codebook grid (NF4): w[r, j] ~= code[idx] * block_scales[r, j // block], code ascending.
+    Returns idx [rows, cols] (long)."""
+    mids = (code[1:] + code[:-1]) / 2
+    s = block_scales.float().clamp(min=1e-12)
+
+    def colc(j: int, wcol: torch.Tensor):
+        sj = s[:, j // block]
+        idx = torch.bucketize(wcol / sj, mids)
+        return idx.float(), code[idx] * sj
+
+    return gptq_core(w, hessian, colc, act_order=act_order).long()
 
 
 @torch.inference_mode()
@@ -84,7 +114,8 @@ def collect_hessians(src, text: str, spec, max_tokens: int = 2048, window: int =
     from llmcli.quant import quantizable_linears
 
     ids = encode_text(src, text)[:max_tokens]
-    engine = LLMEngine.load(str(src), device="cpu", dtype=torch.float32, tokenizer=False)
+    # dequantize: a GGUF source keeps its linears quantized by default, and only nn.Linear gets hooks
+    engine = LLMEngine.load(str(src), device="cpu", dtype=torch.float32, tokenizer=False, dequantize=True)
     if len(ids) < 16:
         raise UserError("the calibration text is too short (fewer than 16 tokens)")
     sums: dict[str, torch.Tensor] = {}

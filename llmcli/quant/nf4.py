@@ -8,9 +8,10 @@ On disk (what transformers + bitsandbytes load), per quantized Linear:
   .weight.quant_state.bitsandbytes__nf4 (JSON: shape, blocksize, the scales' mean `nested_offset`).
 bitsandbytes 0.50 quantizes and dequantizes NF4 on CPU, so writing needs no GPU.
 
-Which codes and scales are stored is free within that format: quantize_nf4_tensor searches each block's
-scale (instead of plain absmax) and picks codes for the scale as it will be read back (after the nested
-quantization), or, with a Hessian from calibration text, places codes by GPTQ error compensation.
+Which codes and scales are stored is free within that format: quantize_nf4_tensor picks codes for each
+block's scale as it will be read back (after the nested quantization), and with a Hessian from calibration
+text (`llm quantize --method nf4 --calibration FILE`) searches each block's scale against the input-weighted
+error and places codes by GPTQ error compensation (SmolLM2: perplexity +3% instead of +35%).
 
 The engine's NF4Linear: bitsandbytes' per-tensor nested state (the offset is the mean over one tensor's
 scales) cannot be concatenated across the engine's fused q/k/v and gate/up rows, so the module decodes the
@@ -105,9 +106,11 @@ SCALE_RATIOS = torch.linspace(0.80, 1.10, 31)
 
 
 def quantize_nf4_tensor(w: torch.Tensor, hessian: torch.Tensor | None = None,
-                        search: bool = True) -> dict[str, torch.Tensor]:
-    """w [out, in] -> {suffix: tensor} in the bitsandbytes layout. search: per-block scale search (weighted by
-    the Hessian's diagonal when given); hessian: GPTQ code placement against the layer's calibration inputs."""
+                        search: bool | None = None) -> dict[str, torch.Tensor]:
+    """w [out, in] -> {suffix: tensor} in the bitsandbytes layout. hessian: GPTQ code placement against the
+    layer's calibration inputs; search: per-block scale search weighted by the Hessian's diagonal (default: only
+    with a Hessian -- unweighted, the squared-error optimum measured slightly worse perplexity on SmolLM2 than
+    bitsandbytes' absmax, 32.28 vs 32.14)."""
     import bitsandbytes.functional as bnbf
     from bitsandbytes.functional import QuantState
 
@@ -118,6 +121,8 @@ def quantize_nf4_tensor(w: torch.Tensor, hessian: torch.Tensor | None = None,
     wf = w.to(torch.bfloat16).float()
     code = nf4_code()
     wb = wf.reshape(-1, BLOCKSIZE)
+    if search is None:
+        search = hessian is not None
     if search:
         diag = None
         if hessian is not None and in_f % BLOCKSIZE == 0:
