@@ -23,12 +23,17 @@ row copy. Compute: see NF4Linear.
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmcli.errors import UserError
+
+# bitsandbytes' CPU backend logs a warning on import when the optional `kernels` package (a faster gemm it
+# downloads from the Hub) is absent; its built-in AVX512 kernel, which NF4Linear uses, works without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
