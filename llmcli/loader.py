@@ -216,13 +216,14 @@ def gguf_keep_plan(config: ModelConfig, types: dict[str, object]) -> dict[str, t
     from llmcli.gguf import KEEP_INT4, KEEP_INT8, KEPT_GROUP_SIZE
     from llmcli.models.transformer import Transformer
     from llmcli.quant import QuantSpec, quantizable_linears
+    from llmcli.quant.checkpoint import target_module
 
     with torch.device("meta"):
         model = Transformer(config)
     targets = dict(quantizable_linears(model, QuantSpec(bits=8, quantize_embeddings=True)))
     sources: dict[str, list[str]] = {}
     for name in types:
-        module = _target_module(name, targets) if name.endswith(".weight") else None
+        module = target_module(name, targets) if name.endswith(".weight") else None
         if module is not None:
             sources.setdefault(module, []).append(name)
     plan = {}
@@ -241,20 +242,6 @@ def gguf_keep_plan(config: ModelConfig, types: dict[str, object]) -> dict[str, t
         if config.tie_word_embeddings and "lm_head" in targets:
             plan["lm_head"] = ("int8", [])  # no tensor of its own: it shares the embedding's
     return plan
-
-
-def _target_module(weight_name: str, targets: dict) -> str | None:
-    """The engine module a checkpoint weight loads into (its own, or the fused q/k/v / gate/up one)."""
-    name = _rename(weight_name)
-    if name is None:
-        return None
-    base = name.removesuffix(".weight")
-    if base in targets:
-        return base
-    parent, _, leaf = base.rpartition(".")
-    if leaf in FUSED and f"{parent}.{FUSED[leaf][0]}" in targets:
-        return f"{parent}.{FUSED[leaf][0]}"
-    return None
 
 
 def _swap_kept(model: nn.Module, plan: dict[str, tuple[str, list[str]]]) -> None:

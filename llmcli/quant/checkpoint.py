@@ -34,8 +34,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Written in the source's dtype: DeepSeek-V3's router correction bias is an fp32 buffer the engine keeps in fp32
 # (bf16 would reorder near-tied experts); it is E values per layer.
 KEEP_SOURCE_DTYPE = ("e_score_correction_bias",)
-FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-         "up_proj": "gate_up_proj"}
 
 
 @dataclass
@@ -93,8 +91,9 @@ def quantized_targets(config, spec: QuantSpec) -> dict[str, torch.nn.Module]:
 
 
 def target_module(name: str, targets: dict) -> str | None:
-    """Checkpoint tensor name -> engine module name it loads into if that module is quantized."""
-    from llmcli.loader import _rename
+    """Checkpoint tensor name -> engine module name it loads into if that module is in targets
+    (the loader's GGUF keep plan asks the same question)."""
+    from llmcli.loader import FUSED, _rename
 
     name = _rename(name)
     if name in targets:  # a stacked expert tensor (transformers v5 `experts.gate_up_proj`) is named like its module
@@ -108,7 +107,7 @@ def target_module(name: str, targets: dict) -> str | None:
     if stacked is not None:
         return stacked if stacked in targets else None
     parent, _, leaf = module.rpartition(".")
-    fused = f"{parent}.{FUSED.get(leaf, leaf)}"
+    fused = f"{parent}.{FUSED[leaf][0]}" if leaf in FUSED else module
     return fused if fused in targets else None
 
 
