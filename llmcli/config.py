@@ -128,6 +128,11 @@ class ModelConfig:
             return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.num_kv_heads * self.head_dim
 
+    def kv_cache_groups(self, i: int) -> int:
+        """How many separate [slots, values] planes layer i's cache is split into: one per (K or V, KV head),
+        so a head's keys over consecutive slots are contiguous; MLA caches one latent row per token."""
+        return 1 if self.is_mla else 2 * self.num_kv_heads
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("raw")

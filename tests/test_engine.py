@@ -153,7 +153,43 @@ def test_preemption_when_the_pool_is_small(loaded):
     assert small.generate(prompts, GREEDY) == _engine(loaded).generate(prompts, GREEDY)
 
 
+def test_scattered_blocks_match_full_recompute(loaded):
+    """Batch-1 decode over non-consecutive blocks reads the cache through a gather, not a slice."""
+    from collections import OrderedDict
+
+    ids = _prompt(21, 3)
+    eng = _engine(loaded, block_size=4, num_blocks=64)
+    bm = eng.block_manager
+    bm.free = OrderedDict((i, None) for i in reversed(range(64)))  # every next block is already taken
+    seq = eng.add(ids, GREEDY)
+    out = [eng.step([seq])[0] for _ in range(40)]
+    assert seq.block_table == sorted(seq.block_table, reverse=True)  # really scattered
+    assert out == _full_recompute(loaded, ids, 40)
+
+
 # ---- block manager ------------------------------------------------------------------------------
+
+def test_block_manager_grows_a_sequence_into_the_next_block():
+    """A sequence that grows, finishes and comes back longer (a chat turn) keeps one run of blocks."""
+    bm = BlockManager(num_blocks=16, block_size=2)
+    other = Sequence([50, 51, 52])  # something else holds the first blocks
+    bm.match_prefix(other)
+    bm.ensure_capacity(other, 3)
+    turn = Sequence([1, 2, 3, 4, 5])
+    bm.match_prefix(turn)
+    turn.token_ids += [6, 7, 8, 9]  # generated
+    bm.ensure_capacity(turn, 9)
+    bm.commit(turn, 9)
+    first = turn.block_table[0]
+    assert turn.block_table == list(range(first, first + 5))
+    bm.free_sequence(turn)  # released tail first: the free list now runs backwards over these blocks
+    bm.free_sequence(other)
+    nxt = Sequence([1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 22, 23])
+    bm.match_prefix(nxt)
+    assert nxt.num_cached_prompt == 8
+    bm.ensure_capacity(nxt, 15)
+    assert nxt.block_table == list(range(first, first + 8))
+
 
 def test_block_manager_lru_eviction_and_refcounts():
     bm = BlockManager(num_blocks=4, block_size=2)

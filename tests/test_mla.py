@@ -110,7 +110,7 @@ def test_cache_bytes_per_token_is_latent_size(pair):
     d, _, eng = pair("v3")
     raw = json.loads((d / "config.json").read_text())
     per_token = raw["num_hidden_layers"] * (raw["kv_lora_rank"] + raw["qk_rope_head_dim"]) * 4
-    allocated = sum(c[0, 0].numel() * c.element_size() for c in eng.runner.caches)
+    allocated = sum(c[:, 0, 0].numel() * c.element_size() for c in eng.runner.caches)  # one slot, all groups
     assert allocated == per_token == kv_bytes_per_token(eng.config, torch.float32)
     full_kv = raw["num_hidden_layers"] * 2 * raw["num_attention_heads"] * (
         raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"]) * 4

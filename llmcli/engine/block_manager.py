@@ -45,10 +45,15 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ---- allocation -------------------------------------------------------------------------
-    def _take(self) -> int:
+    def _take(self, prefer: int | None = None) -> int:
+        """A free block: `prefer` when it is free, else the least recently freed one."""
         if not self.free:
             raise OutOfBlocks("the KV cache is full")
-        bid, _ = self.free.popitem(last=False)  # least recently freed
+        if prefer is not None and prefer in self.free:
+            del self.free[prefer]
+            bid = prefer
+        else:
+            bid, _ = self.free.popitem(last=False)
         b = self.blocks[bid]
         self._unhash(b)
         b.ref_count = 1
@@ -87,8 +92,10 @@ class BlockManager:
         return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free
 
     def ensure_capacity(self, seq: Sequence, num_tokens: int) -> None:
+        # Prefer the block after the sequence's last one: a run of consecutive blocks is read by batch-1
+        # attention as a slice of the pool instead of a gather (a copy of the whole context per layer per step).
         while len(seq.block_table) * self.block_size < num_tokens:
-            seq.block_table.append(self._take())
+            seq.block_table.append(self._take(seq.block_table[-1] + 1 if seq.block_table else None))
 
     def commit(self, seq: Sequence, num_computed: int) -> None:
         """Record that K/V of tokens [0, num_computed) are in the cache; key the blocks that became full."""

@@ -27,9 +27,13 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         self.block_size, self.num_blocks = block_size, num_blocks
         self.scratch_block = num_blocks  # one extra block takes the writes of padding tokens
+        # Per layer [groups, num_blocks + 1, block_size, values / groups] (see ModelConfig.kv_cache_groups).
         # zeros, not empty: masked-out keys must still be finite or they turn softmax into NaN
-        self.caches = [torch.zeros(num_blocks + 1, block_size, config.kv_values_per_token(i),
-                                   dtype=self.dtype, device=self.device) for i in range(config.num_layers)]
+        self.caches = []
+        for i in range(config.num_layers):
+            g = config.kv_cache_groups(i)
+            self.caches.append(torch.zeros(g, num_blocks + 1, block_size, config.kv_values_per_token(i) // g,
+                                           dtype=self.dtype, device=self.device))
         self._bind()
         self.windows = sorted({config.layer_window(i) for i in range(config.num_layers)}, key=lambda w: w or 0)
 
@@ -42,7 +46,7 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for src, dst in copies:
             for cache in self.caches:
-                cache[dst].copy_(cache[src])
+                cache[:, dst].copy_(cache[:, src])
 
     def _views(self, tables: torch.Tensor, positions: torch.Tensor, starts: list[int], ends: list[int],
                batch_tables: list[int]) -> dict:

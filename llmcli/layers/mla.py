@@ -64,7 +64,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * self.v_dim, c.hidden_size, bias=c.o_bias)
         self.interleaved = c.rope_interleave
         self.scale = c.softmax_scale  # includes yarn's mscale^2 when the checkpoint asks for it
-        self.kv_cache: torch.Tensor | None = None  # [blocks, block_size, rank + rope], set by the model runner
+        self.kv_cache: torch.Tensor | None = None  # [1, blocks, block_size, rank + rope], set by the model runner
         self._kv_b_dense: torch.Tensor | None = None  # dequantized kv_b_proj, when it is quantized
         gain = 2 * self.rank - self.nope - self.v_dim  # per-pair saving of the expanded form, per head
         self.expand_from = math.floor(self.rank * (self.nope + self.v_dim) / gain) + 1 if gain > 0 else 1 << 62
@@ -133,7 +133,7 @@ class MLAttention(nn.Module):
         b, ql, _ = x.shape
         cos, sin = meta.rope["global"]
         q_nope, q_rope, rows = self.project(x, cos, sin)
-        cache = self.kv_cache
+        cache = self.kv_cache[0]  # one group: [blocks, block_size, rank + rope]
         width = cache.shape[-1]
         cache.view(-1, width).index_copy_(0, meta.slot_mapping, rows.reshape(b * ql, width).to(cache.dtype))
         view = meta.views[None]  # MLA models have no sliding window
