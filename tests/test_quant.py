@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmcli.quant.hqq import quantize_int4_hqq
-from llmcli.quant.int4 import (dequantize_int4, effective_group_size, pack_int4, quantize_int4_rtn,
+from llmcli.quant.hqq import column_importance, quantize_int4_hqq, search_scale_zero, weighted_sq_error
+from llmcli.quant.int4 import (dequantize_int4, effective_group_size, minmax_params, pack_int4, quantize_int4_rtn,
                                unpack_int4)
 from llmcli.quant.int8 import dequantize_int8, quantize_int8
 from llmcli.quant.linear import Int4Linear, Int8Linear
@@ -41,6 +41,35 @@ def test_hqq_lowers_the_lp_error_of_rtn():
     def lp(qsz):
         return (dequantize_int4(*qsz) - w).abs().pow(0.7).mean()
     assert lp(quantize_int4_hqq(w, 64)) < lp(quantize_int4_rtn(w, 64))
+
+
+def test_column_importance_is_the_inverse_column_mean_square():
+    g = torch.Generator().manual_seed(0)
+    col = torch.tensor([1.0, 2.0, 0.5, 4.0])
+    w = torch.randn(2, 64, 4, generator=g).sign() * col  # |w| equals the column's factor in every row
+    imp = column_importance(w)
+    expected = (col.pow(-2) * col.pow(2).mean()).expand(2, 4)
+    torch.testing.assert_close(imp, expected)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "outliers"])
+def test_int4_scale_search_never_worse_than_minmax(kind):
+    """Per group, the searched (fp16) grid's weighted squared error is at most the min/max grid's, under both
+    uniform and column-importance weights; on average it is clearly lower."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 512, generator=g) * 0.02
+    if kind == "outliers":  # a few large weights per row and one small-valued column, like real projections
+        w += (torch.rand(64, 512, generator=g) < 0.01) * torch.randn(64, 512, generator=g) * 0.3
+        w[:, 7] *= 0.05
+    wg = w.reshape(64, 8, 64)
+    for weight in (torch.ones(64), column_importance(w).reshape(8, 64)):
+        s, z = search_scale_zero(wg, weight)
+        assert torch.equal(s, s.half().float()) and torch.equal(z, z.half().float())  # what is stored
+        s0, z0 = minmax_params(wg)
+        base = weighted_sq_error(wg, s0.half().float(), z0.half().float(), weight)
+        err = weighted_sq_error(wg, s, z, weight)
+        assert bool((err <= base).all())
+        assert float(err.sum()) < 0.9 * float(base.sum())
 
 
 def _load(mod, parts):
