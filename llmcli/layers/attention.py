@@ -32,6 +32,7 @@ class KVView:
     end: int
     mask: torch.Tensor | None
     first_slot: int | None = None  # batch 1 with consecutive blocks: keys are slots [first_slot+start, +end)
+    causal: bool = False  # mask is the square causal mask (a fresh batch-1 prompt): SDPA's is_causal may replace it
 
 
 @dataclass
@@ -109,6 +110,6 @@ class Attention(nn.Module):
         if self.softcap:
             out = sdpa_softcap(qt, kc, vc, view.mask, self.scale, self.softcap)
         else:
-            out = F.scaled_dot_product_attention(qt, kc, vc, attn_mask=view.mask, scale=self.scale,
-                                                 enable_gqa=kvh != h)
+            out = F.scaled_dot_product_attention(qt, kc, vc, attn_mask=None if view.causal else view.mask,
+                                                 is_causal=view.causal, scale=self.scale, enable_gqa=kvh != h)
         return self.o_proj(out.transpose(1, 2).reshape(b, ql, h * d))
