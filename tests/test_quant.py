@@ -196,3 +196,39 @@ def test_gptq_beats_rtn_on_the_layer_output(bits):
     err_gptq = (x @ (w - deq).T).pow(2).mean()
     err_rtn = (x @ (w - rtn).T).pow(2).mean()
     assert err_gptq < 0.8 * err_rtn
+
+
+def test_hqq_importance_of_qkv_is_the_input_norm_gain_squared(tiny_model, tmp_path, monkeypatch):
+    """The checkpoint writer hands hqq the squared gain of the input RMSNorm for each q/k/v weight (read here
+    straight from the source file) and no importance to o/gate/up/down (the data-free prior alone)."""
+    from safetensors.torch import load_file
+
+    import llmcli.quant.hqq as hqq
+    from llmcli.quant import QuantSpec
+    from llmcli.quant.checkpoint import quantize_checkpoint
+
+    src = tiny_model("llama")
+    source = load_file(src / "model.safetensors")
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    real = hqq.quantize_int4_hqq
+
+    def spy(w, group_size, *args, importance=None, **kw):
+        seen.append((w.clone(), importance))
+        return real(w, group_size, *args, importance=importance, **kw)
+
+    monkeypatch.setattr(hqq, "quantize_int4_hqq", spy)
+    quantize_checkpoint(src, tmp_path / "q", QuantSpec(4, 32, "hqq"))
+    checked = set()
+    for w, importance in seen:
+        name = next(n for n, t in source.items() if t.shape == w.shape and torch.equal(t.float(), w.float()))
+        layer, leaf = name.split(".self_attn." if ".self_attn." in name else ".mlp.")
+        norm = {"q_proj.weight": "input_layernorm", "k_proj.weight": "input_layernorm",
+                "v_proj.weight": "input_layernorm"}.get(leaf)
+        if norm is None:
+            assert importance is None, name
+        else:
+            gain = source[f"{layer}.{norm}.weight"].float()
+            assert not torch.allclose(gain, torch.ones_like(gain))  # the fixture perturbs norms: a real check
+            torch.testing.assert_close(importance, gain.pow(2), rtol=0, atol=0)
+        checked.add(leaf)
+    assert checked == {f"{p}_proj.weight" for p in ("q", "k", "v", "o", "gate", "up", "down")}

@@ -76,6 +76,47 @@ def open_source(path: Path) -> tuple[dict, Callable[[], Iterator[tuple[str, torc
     return cfg, lambda: iter_safetensors(path)
 
 
+def norm_fed_modules(config, targets: dict) -> dict[str, str]:
+    """Engine module -> the RMSNorm weight (engine name) whose output is its input, for the dense q/k/v
+    projections among targets: x_hat has unit mean square per token, so the norm's squared gain estimates each
+    input's E[x^2] up to a constant (hqq multiplies it into its column importance). gate/up read a norm's output
+    too, but weighting them by it raised SmolLM2's perplexity (dev texts, mean +18.4% -> +19.2%) where q/k/v's
+    lowered it (-> +15.3%), so they keep the plain prior, as do experts, MLA and o/down."""
+    out = {}
+    for i in range(config.num_layers):
+        module = f"model.layers.{i}.self_attn.qkv_proj"
+        if module in targets:
+            out[module] = f"model.layers.{i}.input_layernorm.weight"
+    return out
+
+
+def read_source_tensors(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
+    """The few tensors named in wanted (engine names), read from the source before the main pass: nothing makes
+    a norm come before the layers it feeds in file order (a shard boundary can fall between them)."""
+    from llmcli.loader import _rename
+
+    found: dict[str, torch.Tensor] = {}
+    if not wanted:
+        return found
+    if path.suffix == ".gguf":
+        from llmcli.gguf import _dense, iter_gguf_raw
+
+        for raw in iter_gguf_raw(path):
+            if _rename(raw.name) in wanted:
+                found[_rename(raw.name)] = _dense(raw, path).float()
+        return found
+    from safetensors import safe_open
+
+    from llmcli.loader import safetensors_files
+
+    for f in safetensors_files(path):
+        with safe_open(f, framework="pt", device="cpu") as st:
+            for name in st.keys():
+                if _rename(name) in wanted:
+                    found[_rename(name)] = st.get_tensor(name).float()
+    return found
+
+
 def quantized_targets(config, spec: QuantSpec) -> dict[str, torch.nn.Module]:
     """Engine module name -> the quantized module prepare_model puts there (built on the meta device)."""
     from llmcli.models.transformer import Transformer
@@ -117,8 +158,10 @@ def _is_head(name: str) -> bool:
     return _rename(name) == "lm_head.weight"
 
 
-def quantize_tensor(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tensor | None = None) -> dict:
-    """One weight [out, in] -> {suffix: tensor} in the on-disk layout of qmod's class."""
+def quantize_tensor(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tensor | None = None,
+                    importance: torch.Tensor | None = None) -> dict:
+    """One weight [out, in] -> {suffix: tensor} in the on-disk layout of qmod's class. importance: the inputs'
+    E[x^2] estimate [in] for hqq's search (see norm_fed_modules); other methods ignore it."""
     from llmcli.quant.int4 import pack_int4, quantize_int4_rtn
     from llmcli.quant.int8 import quantize_int8
 
@@ -134,7 +177,7 @@ def quantize_tensor(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tenso
     elif spec.method == "hqq":
         from llmcli.quant.hqq import quantize_int4_hqq
 
-        q, scales, zeros = quantize_int4_hqq(w, qmod.group_size)
+        q, scales, zeros = quantize_int4_hqq(w, qmod.group_size, importance=importance)
     else:
         q, scales, zeros = quantize_int4_rtn(w, qmod.group_size)
     if spec.bits == 8:
@@ -232,6 +275,13 @@ def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = 
         # a tied model stores one quantized table: the loader points the quantized head at the embedding's
         tied_table = config.tie_word_embeddings and "model.embed_tokens" in targets
         expert_fallbacks = 0
+        # hqq's search weighs each input column by its E[x^2]; for layers fed by an RMSNorm part of it is known
+        # without data: the norm's effective gain squared (gemma's is 1 + w)
+        input_gain: dict[str, torch.Tensor] = {}
+        if spec.method == "hqq" and spec.bits == 4:
+            fed = norm_fed_modules(config, targets)
+            norms = read_source_tensors(src, set(fed.values()))
+            input_gain = {m: (config.norm_offset + norms[n]).pow(2) for m, n in fed.items() if n in norms}
         for name, w in tensors():
             if tied_table and _is_head(name):
                 continue  # a copy of the tied embedding some checkpoints carry anyway
@@ -257,7 +307,7 @@ def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = 
 
                 parts = quantize_nf4_tensor(w, h)
             else:
-                parts = quantize_tensor(w, qmod, tensor_spec, h)
+                parts = quantize_tensor(w, qmod, tensor_spec, h, input_gain.get(module))
             for suffix, t in parts.items():
                 writer.add(f"{prefix}.{suffix}", t)
             summary.layers.append(LayerRecord(prefix, tuple(w.shape), getattr(qmod, "group_size", None)))
