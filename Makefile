@@ -34,7 +34,7 @@ model: install
 	$(BIN)/python -m llmcli.default_model
 
 demo: model
-	$(BIN)/llm run "$(PROMPT)"
+	$(BIN)/llm run "$(PROMPT)" --temperature 0
 
 chat: model
 	$(BIN)/llm chat
