@@ -108,52 +108,14 @@ def search_block_scales(wb: torch.Tensor, code: torch.Tensor, ratios: torch.Tens
 
 
 SCALE_RATIOS = torch.linspace(0.80, 1.10, 31)
-# Without a Hessian: 16 candidates over the same range (the search runs on every weight of the model).
-PLAIN_SCALE_RATIOS = torch.linspace(0.80, 1.10, 16)
-
-
-def block_sq_error(wb: torch.Tensor, scales: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """wb [B, 64], scales [B] -> per-block squared error of the nearest-code quantization at those scales."""
-    s = scales.clamp(min=1e-12)[:, None]
-    return (code[nearest_code(wb / s, code)] * s - wb).pow(2).sum(-1)
-
-
-def search_nested_scales(wb: torch.Tensor, code: torch.Tensor, ratios: torch.Tensor,
-                         nested: dict) -> torch.Tensor:
-    """Calibration-free scale search on the values bitsandbytes will read back: with the nested state of the
-    true absmax fixed (offset, each 256-block's scale, the 8-bit map), each block picks among the stored scales
-    nearest to absmax * ratio (and the true absmax's own) the one with the least squared error. Every
-    candidate is exactly representable, so the choice is exact and no block does worse than bitsandbytes'
-    absmax. Returns the 8-bit nested indices [B] (uint8)."""
-    st2, offset = nested["state2"], nested["offset"]
-    n = wb.shape[0]
-    table = st2.code.float()  # ascending: nearest_code applies
-    outer = st2.absmax.float().repeat_interleave(NESTED_BLOCKSIZE)[:n]
-
-    def stored(idx: torch.Tensor) -> torch.Tensor:
-        return table[idx] * outer + offset
-
-    amax = wb.abs().amax(dim=-1)
-    best_idx = nested["q8"].long()
-    best_err = block_sq_error(wb, stored(best_idx), code)
-    for r in ratios.tolist():
-        idx = nearest_code((amax * r - offset) / outer.clamp(min=1e-30), table)
-        err = block_sq_error(wb, stored(idx), code)
-        better = err < best_err  # strict: ties keep bitsandbytes' own choice
-        best_idx = torch.where(better, idx, best_idx)
-        best_err = torch.where(better, err, best_err)
-    return best_idx.to(torch.uint8)
 
 
 def quantize_nf4_tensor(w: torch.Tensor, hessian: torch.Tensor | None = None,
                         search: bool | None = None) -> dict[str, torch.Tensor]:
     """w [out, in] -> {suffix: tensor} in the bitsandbytes layout. hessian: GPTQ code placement against the
-    layer's calibration inputs, after a per-block scale search weighted by the Hessian's diagonal. search
-    (default: only with a Hessian): without a Hessian, search_nested_scales picks each block's stored scale by
-    plain squared error. It is off by default because on SmolLM2 it lowers the weight error by 19% yet raises
-    perplexity (Apache-2.0 text: 26.35 vs 26.16 with bitsandbytes' true absmax; an earlier search that ignored
-    the nested roundtrip: GPL-3 32.28 vs 32.14): the absmax maps each block's largest weight exactly, and the
-    squared-error optimum clips it. Weighting it by hqq.column_importance was worse still (28.1)."""
+    layer's calibration inputs; search: per-block scale search weighted by the Hessian's diagonal (default: only
+    with a Hessian -- unweighted, the squared-error optimum measured slightly worse perplexity on SmolLM2 than
+    bitsandbytes' absmax, 32.28 vs 32.14)."""
     import bitsandbytes.functional as bnbf
     from bitsandbytes.functional import QuantState
 
@@ -166,17 +128,14 @@ def quantize_nf4_tensor(w: torch.Tensor, hessian: torch.Tensor | None = None,
     wb = wf.reshape(-1, BLOCKSIZE)
     if search is None:
         search = hessian is not None
-    if hessian is not None and search:
+    if search:
         diag = None
-        if in_f % BLOCKSIZE == 0:
+        if hessian is not None and in_f % BLOCKSIZE == 0:
             diag = torch.diag(hessian).float().clamp(min=0).reshape(-1, BLOCKSIZE).repeat(out_f, 1)
         scales = search_block_scales(wb, code, SCALE_RATIOS, diag)
     else:
         scales = wb.abs().amax(dim=-1)
     stored, nested = nested_roundtrip(scales)  # choose codes for the scale that will actually be read back
-    if hessian is None and search:
-        nested["q8"] = search_nested_scales(wb, code, PLAIN_SCALE_RATIOS, nested)
-        stored = (bnbf.dequantize_blockwise(nested["q8"], nested["state2"]) + nested["offset"]).float()
     if hessian is not None and in_f % BLOCKSIZE == 0:
         from llmcli.quant.gptq import gptq_quantize_grid
 
