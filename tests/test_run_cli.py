@@ -46,6 +46,27 @@ def test_run_seed_reproducible_and_max_tokens(smollm2_gguf):
     assert ja["generated_tokens"] == 12 and ja["finish_reason"] == "length"
 
 
+def test_run_takes_sampling_defaults_from_generation_config(smollm2_gguf, tmp_path):
+    """A model directory's generation_config.json sets the defaults (as in `llm chat`); flags still win."""
+    from transformers import GenerationConfig
+
+    d = tmp_path / "int8"
+    q = llm("quantize", str(smollm2_gguf), "--bits", "8", "-o", str(d))
+    assert q.returncode == 0, q.stderr
+    args = ("run", str(d), "Tell me a story.", "--seed", "7", "--max-tokens", "24", "--ignore-eos", "--json")
+
+    def text(*extra: str) -> str:
+        r = llm(*args, *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["text"]
+
+    sampled, greedy = text(), text("--temperature", "0")  # no generation_config: llama.cpp's 0.8
+    assert sampled != greedy
+    GenerationConfig(do_sample=True, top_k=1).save_pretrained(d)  # only the likeliest token survives
+    assert text() == greedy
+    assert text("--top-k", "40") == sampled
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_run_cuda_without_gpu_is_one_line_error():
     r = llm("run", "--device", "cuda", "hello")

@@ -55,11 +55,14 @@ def run(
     system: Optional[str] = typer.Option(None, "--system", help="System message for the chat template."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=0, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
-    top_k: int = typer.Option(40, "--top-k", min=0, help="Keep the k likeliest tokens (0 = off)."),
-    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off)."),
-    min_p: float = typer.Option(0.05, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the top one."),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", min=0.0, help="> 1 discourages repeats."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0,
+                                                help="0 = greedy (default 0.8, or the model's generation_config)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k likeliest tokens (default 40; 0 = off)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (default 0.95)."),
+    min_p: Optional[float] = typer.Option(None, "--min-p", min=0.0, max=1.0,
+                                          help="Drop tokens below min_p x the top one (default 0.05)."),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", min=0.0,
+                                                   help="> 1 discourages repeats (default 1)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
@@ -75,11 +78,22 @@ def run(
     from llmcli.engine.llm_engine import LLMEngine
     from llmcli.engine.sequence import SamplingParams
 
+    from llmcli.chat import ChatSettings, generation_defaults
+    from llmcli.store import resolve_model
+
     model, text = _split_args(model_or_prompt, prompt)
-    engine = LLMEngine.load(model, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
+    path = resolve_model(model)
+    # as in `llm chat`: llama.cpp's defaults, then the model's generation_config.json, then the flags
+    s = ChatSettings(**generation_defaults(path))
+    flags = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+             "repeat_penalty": repeat_penalty}
+    for name, value in flags.items():
+        if value is not None:
+            setattr(s, name, value)
+    engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
     ids = _prompt_ids(engine, text, system, raw)
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repetition_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens,
+    params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                            repetition_penalty=s.repeat_penalty, seed=seed, max_tokens=max_tokens,
                             ignore_eos=ignore_eos)
     decoder = _stream_decoder(engine.tokenizer)
     out_ids: list[int] = []
