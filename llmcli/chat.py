@@ -114,6 +114,16 @@ def generation_defaults(model_path: Path | None) -> dict:
     return out
 
 
+def sampling_settings(model_path: Path | None, **flags) -> ChatSettings:
+    """llama.cpp's defaults, then the model directory's generation_config.json, then the flags that were given
+    (None = not given): how `llm run` and `llm chat` both settle their sampling."""
+    settings = ChatSettings(**generation_defaults(model_path))
+    for name, value in flags.items():
+        if value is not None:
+            setattr(settings, name, value)
+    return settings
+
+
 # ---- conversation --------------------------------------------------------------------------------------------------
 
 

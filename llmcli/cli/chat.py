@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from llmcli.cli import app
-from llmcli.cli.run import DEQUANTIZE_HELP, DEVICE_HELP, DTYPE_HELP
+from llmcli.cli.run import (DEQUANTIZE_HELP, DEVICE_HELP, DTYPE_HELP, MIN_P, REPEAT_PENALTY, SEED, TEMPERATURE, TOP_K,
+                             TOP_P)
 
 
 @app.command("chat", epilog="[bold]Examples[/bold]\n\n  llm chat\n  llm chat ./Qwen2.5-0.5B-Instruct --system 'Answer briefly.'\n  llm chat --temperature 0 --speculate ngram\n  echo 'What is the capital of France?' | llm chat")
@@ -16,14 +17,12 @@ def chat(
     model: Optional[str] = typer.Argument(None, help="Model (directory, .gguf or store name; default: SmolLM2-135M)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1, help="Most tokens per reply."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0,
-                                                help="0 = greedy (default 0.8, or the model's generation_config)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k likeliest tokens (default 40; 0 = off)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (default 0.95)."),
-    min_p: Optional[float] = typer.Option(None, "--min-p", min=0.0, max=1.0,
-                                          help="Drop tokens below min_p x the top one (default 0.05)."),
-    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", min=0.0, help="> 1 discourages repeats."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    temperature: Optional[float] = TEMPERATURE,
+    top_k: Optional[int] = TOP_K,
+    top_p: Optional[float] = TOP_P,
+    min_p: Optional[float] = MIN_P,
+    repeat_penalty: Optional[float] = REPEAT_PENALTY,
+    seed: Optional[int] = SEED,
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     dequantize: bool = typer.Option(False, "--dequantize", help=DEQUANTIZE_HELP),
@@ -37,16 +36,13 @@ def chat(
     """Chat with a model in the terminal (pipe messages in, one per line, for scripts)."""
     from rich.console import Console
 
-    from llmcli.chat import ChatSession, ChatSettings, EngineBackend, generation_defaults, history_path, setup_readline
+    from llmcli.chat import ChatSession, EngineBackend, history_path, sampling_settings, setup_readline
     from llmcli.engine.llm_engine import LLMEngine
     from llmcli.store import resolve_model
 
     path = resolve_model(model)
-    settings = ChatSettings(**generation_defaults(path))
-    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
-                        ("repeat_penalty", repeat_penalty), ("seed", seed), ("max_tokens", max_tokens)):
-        if value is not None:
-            setattr(settings, name, value)
+    settings = sampling_settings(path, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                 repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
 
     interactive = sys.stdin.isatty()
     engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)

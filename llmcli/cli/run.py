@@ -14,6 +14,15 @@ from llmcli.errors import UserError
 DEVICE_HELP = "cpu or cuda (default: cuda when available)."
 DTYPE_HELP = "float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)."
 DEQUANTIZE_HELP = "Expand a GGUF's Q4_0/Q4_1/Q8_0 weights to --dtype instead of running them quantized."
+# Sampling flags shared by `llm run` and `llm chat`: None = not given, so the model's generation_config.json or
+# llama.cpp's defaults apply (llmcli.chat.sampling_settings).
+TEMPERATURE = typer.Option(None, "--temperature", "-t", min=0.0,
+                           help="0 = greedy (default 0.8, or the model's generation_config).")
+TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k likeliest tokens (default 40; 0 = off).")
+TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (default 0.95).")
+MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the top one (default 0.05).")
+REPEAT_PENALTY = typer.Option(None, "--repeat-penalty", min=0.0, help="> 1 discourages repeats (default 1).")
+SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
 
 
 def _split_args(model_or_prompt: str, prompt: Optional[str]) -> tuple[Optional[str], str]:
@@ -55,15 +64,12 @@ def run(
     system: Optional[str] = typer.Option(None, "--system", help="System message for the chat template."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=0, help="Most tokens to generate."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0,
-                                                help="0 = greedy (default 0.8, or the model's generation_config)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k likeliest tokens (default 40; 0 = off)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (default 0.95)."),
-    min_p: Optional[float] = typer.Option(None, "--min-p", min=0.0, max=1.0,
-                                          help="Drop tokens below min_p x the top one (default 0.05)."),
-    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", min=0.0,
-                                                   help="> 1 discourages repeats (default 1)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    temperature: Optional[float] = TEMPERATURE,
+    top_k: Optional[int] = TOP_K,
+    top_p: Optional[float] = TOP_P,
+    min_p: Optional[float] = MIN_P,
+    repeat_penalty: Optional[float] = REPEAT_PENALTY,
+    seed: Optional[int] = SEED,
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
@@ -78,18 +84,13 @@ def run(
     from llmcli.engine.llm_engine import LLMEngine
     from llmcli.engine.sequence import SamplingParams
 
-    from llmcli.chat import ChatSettings, generation_defaults
+    from llmcli.chat import sampling_settings
     from llmcli.store import resolve_model
 
     model, text = _split_args(model_or_prompt, prompt)
     path = resolve_model(model)
-    # as in `llm chat`: llama.cpp's defaults, then the model's generation_config.json, then the flags
-    s = ChatSettings(**generation_defaults(path))
-    flags = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-             "repeat_penalty": repeat_penalty}
-    for name, value in flags.items():
-        if value is not None:
-            setattr(s, name, value)
+    s = sampling_settings(path, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repeat_penalty=repeat_penalty)
     engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
     ids = _prompt_ids(engine, text, system, raw)
     params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
