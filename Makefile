@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF), cached under ~/.cache/llmcli.
 model: install
-	$(BIN)/python -m llmcli.default_model
+	$(BIN)/python -m llmcli.hub.default_model
 
 demo: model
 	$(BIN)/llm run "$(PROMPT)" --temperature 0

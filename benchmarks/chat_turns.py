@@ -62,7 +62,7 @@ def main() -> None:
 
     from llmcli.chat import ChatSettings, Conversation, EngineBackend
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.store import resolve_model
+    from llmcli.hub.store import resolve_model
 
     path = resolve_model(args.model)
     engine = LLMEngine.load(path, device=args.device, dtype=args.dtype)

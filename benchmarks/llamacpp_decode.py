@@ -5,7 +5,7 @@ usage: python benchmarks/llamacpp_decode.py [MODEL.gguf] [--tokens 64] [--prompt
 
 Both engines get the same random prompt token ids (no BOS added by either), batch 1, greedy with EOS ignored; the
 first token (prefill) is timed apart and excluded from the decode rate. Rounds alternate between the engines and
-the best round of each is kept (llmcli.bench's method), so background load hits both alike. Both use the same
+the best round of each is kept (llmcli.tools.bench's method), so background load hits both alike. Both use the same
 thread count (default: torch's). Afterwards both generate greedily from a few more prompts and the script prints
 how many leading tokens agree: the kept Q4_1/Q8_0 weights go through different kernels (our int4 kernel rounds the
 block scales/offsets to bf16, Q8_0 is requantized per row; llama.cpp quantizes activations to 8 bits) so a late
@@ -269,11 +269,11 @@ def main() -> None:
 
     import torch
 
-    from llmcli.bench import bench_engine, random_prompts
+    from llmcli.tools.bench import bench_engine, random_prompts
     from llmcli.engine.llm_engine import LLMEngine
     from llmcli.engine.sequence import SamplingParams
     from llmcli.errors import UserError
-    from llmcli.store import resolve_model
+    from llmcli.hub.store import resolve_model
 
     if a.threads:
         torch.set_num_threads(a.threads)

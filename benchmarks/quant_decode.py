@@ -3,7 +3,7 @@
 usage: python benchmarks/quant_decode.py [MODEL ...] [--tokens 64] [--dtype float32] [--rounds 2]
 Each MODEL is anything `llm` resolves (a dir from `llm quantize`, a .gguf). Batch 1, a 16-token random
 prompt, greedy with ignore_eos; the first token (prefill) is excluded from the rate. Rounds alternate over
-the models and the best is kept (llmcli.bench's method). To quantize on the fly instead of passing
+the models and the best is kept (llmcli.tools.bench's method). To quantize on the fly instead of passing
 directories: `llm bench MODEL --compare int8,int4`.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 
 def main() -> None:
-    from llmcli.bench import bench_engine, random_prompts
+    from llmcli.tools.bench import bench_engine, random_prompts
     from llmcli.engine.llm_engine import LLMEngine
 
     ap = argparse.ArgumentParser()

@@ -10,7 +10,7 @@ OUT=${1:?usage: behaviour_snapshot.sh DIR}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LLM=${LLM:-$ROOT/.venv/bin/llm}
 PY=${PY:-$ROOT/.venv/bin/python}
-GGUF=$("$PY" -m llmcli.default_model)
+GGUF=$("$PY" -m llmcli.hub.default_model 2>/dev/null || "$PY" -m llmcli.default_model)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d)
@@ -35,7 +35,8 @@ EOF
 ) >/dev/null 2>&1
 
 untime() { sed -E -e 's/[0-9.]+ ?(ms|s|tok\/s)\b/T\1/g' -e 's/"(ttft|elapsed|time|seconds|prefill_tok_s|decode_tok_s|tok_s|[a-z_]*_s|[a-z_]*_ms)": [0-9.e+-]+/"\1": T/g' \
-               -e 's/(modified|mtime)": [0-9.]+/\1": T/g' -e "s#$WORK#WORK#g"; }
+               -e 's/(modified|mtime)": [0-9.]+/\1": T/g' -e "s#$WORK#WORK#g" \
+               -e 's/[0-9]+ (second|minute|hour|day)s? ago/N ago/' -e 's/~[0-9.]+x/~Tx/' -e 's/"speedup_est": [0-9.]+/"speedup_est": T/'; }
 run() {  # run NAME CMD...: stdout, stderr (timings masked) and exit code
   local name=$1; shift
   "$@" >"$OUT/$name.out" 2>"$OUT/$name.err" </dev/null

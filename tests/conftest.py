@@ -96,6 +96,6 @@ def one_thread():
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched by `make model`, which `make test` runs first)."""
-    from llmcli.default_model import default_model_path
+    from llmcli.hub.default_model import default_model_path
 
     return default_model_path(fetch=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmcli.bench import QUANT_VARIANTS, parse_compare
+from llmcli.tools.bench import QUANT_VARIANTS, parse_compare
 from llmcli.cli import main
 from llmcli.errors import UserError
 

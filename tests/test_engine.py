@@ -12,7 +12,7 @@ from llmcli.engine.block_manager import BlockManager
 from llmcli.engine.llm_engine import LLMEngine
 from llmcli.engine.sequence import SamplingParams, Sequence
 from llmcli.layers.sampler import sample
-from llmcli.loader import load_model
+from llmcli.engine.loader import load_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 

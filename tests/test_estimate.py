@@ -17,7 +17,7 @@ from conftest import TINY_CONFIGS
 
 from llmcli import estimate as E
 from llmcli.config import from_hf_dict, load_config
-from llmcli.gpus import GPUS, find_gpu
+from llmcli.estimate.gpus import GPUS, find_gpu
 from llmcli.errors import UserError
 
 # Real config.json contents of well-known checkpoints (only the fields that shape the model) and their

@@ -1,4 +1,4 @@
-"""llmcli.gguf against independent references.
+"""llmcli.formats.gguf against independent references.
 
 * The real SmolLM2 GGUF: config and every tensor must equal what transformers' own GGUF loader produces.
 * Synthetic GGUFs written here from tiny transformers models, the way llama.cpp's converter writes them
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import gguf
 from llmcli.config import load_config
 from llmcli.errors import UserError
-from llmcli.gguf import (
+from llmcli.formats.gguf import (
     gguf_raw_tensor, iter_gguf_raw, iter_gguf_tensors, llama3_scaling_from_factors, load_gguf_config,
 )
 
@@ -329,7 +329,7 @@ def test_unsupported_architecture(tmp_path):
 
 def test_reader_matches_gguf_package(smollm2_gguf):
     """Our header parser (fast path) must see exactly what gguf.GGUFReader sees."""
-    from llmcli.gguf import open_gguf
+    from llmcli.formats.gguf import open_gguf
 
     ours, ref = open_gguf(smollm2_gguf), gguf.GGUFReader(smollm2_gguf)
     ref_fields = {k: f for k, f in ref.fields.items() if not k.startswith("GGUF.")}
@@ -363,7 +363,7 @@ def test_split_gguf(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K])
 def test_torch_dequantize_bit_identical_to_gguf(qtype):
-    from llmcli.gguf import dequantize_torch
+    from llmcli.formats.gguf import dequantize_torch
 
     rng = np.random.default_rng(int(qtype))
     block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -418,7 +418,7 @@ def kept_gguf(tiny_model, tmp_path_factory):
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
 def test_q4_kept_as_int4_dequantizes_exactly(qtype, kept_gguf):
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
     from llmcli.quant.linear import Int4OffsetLinear
 
     path, expected = kept_gguf(qtype)
@@ -444,7 +444,7 @@ def test_q4_kept_as_int4_dequantizes_exactly(qtype, kept_gguf):
 def test_q8_0_kept_as_int8_rows(kept_gguf):
     # Q8_0's per-block scales are requantized to one per row (the fast CPU kernel's layout): the result is
     # exactly per-row symmetric int8 of gguf's dequantized weight, within half a row step of it.
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
     from llmcli.quant.int8 import quantize_int8
     from llmcli.quant.linear import Int8Linear
 
@@ -471,7 +471,7 @@ def test_q8_0_kept_as_int8_rows(kept_gguf):
 
 def test_keep_plan_needs_every_fused_part_in_one_kind():
     from llmcli.config import from_hf_dict
-    from llmcli.loader import gguf_keep_plan
+    from llmcli.engine.loader import gguf_keep_plan
 
     hf = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2)
@@ -500,7 +500,7 @@ def test_keep_plan_needs_every_fused_part_in_one_kind():
 @pytest.mark.parametrize("qtype,prefill_tol", [(Q.Q4_1, 1e-4), (Q.Q8_0, 0.03)])
 def test_kept_engine_logits_close_to_dequantized(qtype, prefill_tol, kept_gguf, one_thread):
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
     from llmcli.quant.linear import DENSE_ROWS_CPU
 
     path, _ = kept_gguf(qtype)
@@ -519,7 +519,7 @@ def test_kept_engine_logits_close_to_dequantized(qtype, prefill_tol, kept_gguf, 
 def test_smollm2_linears_stay_q4_1(smollm2_gguf, hf_smollm2):
     """The real file: all 30 x 4 projections load as Int4OffsetLinear equal to transformers' expanded weights;
     the tied Q8_0 embedding is one int8 table that the head's kernel shares."""
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
     from llmcli.quant.embedding import Int8Embedding
     from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
 

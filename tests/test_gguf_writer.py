@@ -41,7 +41,7 @@ def train_tokenizer(directory, style: str) -> None:
     """A small byte-level BPE (about 400 tokens) trained on the GPL text, saved as a HF tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from llmcli.perplexity import DEFAULT_TEXT
+    from llmcli.tools.perplexity import DEFAULT_TEXT
 
     tok = Tokenizer(models.BPE())
     if SPLITS[style] is None:
@@ -199,10 +199,10 @@ def test_q4_1_hqq_constant_blocks():
 
 
 def _engine_logits(path, ids):
-    """Our engine on the GGUF with every tensor dequantized by llmcli.gguf (so both sides use the same values)."""
+    """Our engine on the GGUF with every tensor dequantized by llmcli.formats.gguf (so both sides use the same values)."""
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.gguf import iter_gguf_tensors, load_gguf_config
-    from llmcli.loader import build_model, load_weights
+    from llmcli.formats.gguf import iter_gguf_tensors, load_gguf_config
+    from llmcli.engine.loader import build_model, load_weights
 
     config = load_gguf_config(path)
     model = build_model(config, torch.device("cpu"), torch.float32)
@@ -244,7 +244,7 @@ def test_tokenizer_and_template_roundtrip(tokenizer, tiny_chat, tmp_path, one_th
     from tokenizers import Tokenizer as Backend
     from transformers import AutoTokenizer
 
-    from llmcli.gguf import gguf_metadata
+    from llmcli.formats.gguf import gguf_metadata
     from llmcli.tokenizer import Tokenizer
 
     src = tiny_chat("llama", tokenizer, rope_scaling=None, num_hidden_layers=1)
@@ -276,7 +276,7 @@ def test_tokenizer_and_template_roundtrip(tokenizer, tiny_chat, tmp_path, one_th
 def test_gguf_source_reexport(tiny_chat, tmp_path, one_thread):
     # A GGUF re-exported to another type: tokenizer metadata copied unchanged, hyperparameters the same, and
     # the weights (read back under HF names, Q/K rows un-permuted) within the new type's bound of the source.
-    from llmcli.gguf import gguf_metadata, iter_gguf_tensors, load_gguf_config
+    from llmcli.formats.gguf import gguf_metadata, iter_gguf_tensors, load_gguf_config
 
     src = tiny_chat("llama")  # with llama3 rope scaling: stored as rope_freqs.weight, recovered when read
     first, second = tmp_path / "a.Q8_0.gguf", tmp_path / "b.Q4_1.gguf"

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 from llmcli.engine.llm_engine import LLMEngine
 from llmcli.engine.sequence import SamplingParams
-from llmcli.loader import load_model
+from llmcli.engine.loader import load_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 PROMPT_LEN = 40  # longer than the fixtures' sliding windows (16)

@@ -13,7 +13,7 @@ import torch
 
 from llmcli.layers import moe as moe_mod
 from llmcli.layers.moe import MoE, expert_usage, reset_expert_usage
-from llmcli.loader import build_model, load_model, load_weights
+from llmcli.engine.loader import build_model, load_model, load_weights
 
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llmcli.perplexity import DEFAULT_TEXT, perplexity
+from llmcli.tools.perplexity import DEFAULT_TEXT, perplexity
 
 
 def _reference_ppl(model, ids: list[int], window: int) -> float:

@@ -115,7 +115,7 @@ def test_quantized_checkpoint_matches_transformers(tiny_model, tmp_path, bits, m
     from safetensors.torch import load_file
 
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
     from llmcli.quant import QuantSpec
     from llmcli.quant.checkpoint import quantize_checkpoint
 

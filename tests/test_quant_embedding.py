@@ -59,7 +59,7 @@ def test_engine_logits_match_float_model_of_the_dequantized_tensors(tiny_model, 
     import transformers
 
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
 
     src = tiny_model(family, num_hidden_layers=2)
     out = tmp_path / "q"

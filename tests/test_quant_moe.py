@@ -46,7 +46,7 @@ def quantized(tiny_model, tmp_path_factory):
 
 
 def _tensors(directory) -> dict[str, torch.Tensor]:
-    from llmcli.loader import iter_safetensors
+    from llmcli.engine.loader import iter_safetensors
 
     return dict(iter_safetensors(directory))
 
@@ -74,7 +74,7 @@ def dequantized_checkpoint(qdir, dst):
 
 def _logits(directory, ids: list[int]) -> torch.Tensor:
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
 
     model, cfg = load_model(directory, "cpu", torch.float32)
     engine = LLMEngine(model, cfg, None, num_blocks=16)
@@ -89,7 +89,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantize_writes_every_expert_and_keeps_routers(quantized, family, bits):
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
     from llmcli.quant.experts import QuantExperts
 
     src, out, summary = quantized(family, bits)
@@ -221,7 +221,7 @@ def test_stacked_source_quantizes_like_per_expert(tiny_model, tmp_path, args):
     import transformers
     from safetensors.torch import save_file
 
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
 
     src = tiny_model("mixtral")
     hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -265,7 +265,7 @@ def test_run_cli_on_quantized_moe_reports_expert_usage(tiny_model, tmp_path):
 def test_estimate_weight_bytes_are_what_the_engine_allocates(quantized, family, bits):
     """`llm estimate QUANTIZED_DIR`: weight_bytes == bytes of every parameter our engine allocates loading the
     dir in bf16 == the safetensors tensors minus DeepSeek-V3's fp32 correction-bias buffers (not weights)."""
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
 
     _, out, _ = quantized(family, bits)
     j = json.loads(_llm("estimate", str(out), "--json").stdout)
@@ -305,7 +305,7 @@ def test_odd_expert_width_stays_16bit_in_quantizer_and_estimate(tiny_model, tmp_
     """INT4 packs two input columns per byte: with an odd expert width the whole expert block stays 16-bit (the
     attention still packs), and `llm estimate` counts exactly that."""
     from llmcli.layers.moe import Experts
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
 
     out = tmp_path / "q"
     _llm("quantize", str(tiny_model("qwen3_moe", moe_intermediate_size=33)), *BITS[4], "-o", str(out))

@@ -83,7 +83,7 @@ def test_nf4_checkpoint_runs_in_our_engine(tiny_model, tmp_path, one_thread):
     from safetensors.torch import load_file
 
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
     from llmcli.quant import QuantSpec
     from llmcli.quant.checkpoint import quantize_checkpoint
 
@@ -128,7 +128,7 @@ def test_nf4_checkpoint_with_hessians_places_codes_by_gptq(tiny_model, tmp_path,
     from safetensors.torch import load_file
 
     from llmcli.config import load_config
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
     from llmcli.quant import QuantSpec
     from llmcli.quant.checkpoint import quantize_checkpoint
     from llmcli.quant.nf4 import nf4_targets

@@ -17,7 +17,7 @@ def _run(capsys, *args) -> tuple[int, str, str]:
 
 
 def test_quantize_int4_writes_a_loadable_dir(tiny_model, tmp_path, capsys):
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
     from llmcli.quant.linear import Int4Linear
 
     src = tiny_model("llama")

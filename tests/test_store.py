@@ -95,7 +95,7 @@ def smol_closed_form(path: Path) -> int:
 
 
 def test_resolver_finds_every_kind_of_name(in_process, tiny_model, smollm2_gguf, server):
-    from llmcli.store import resolve_model
+    from llmcli.hub.store import resolve_model
 
     env = in_process
     main, v2 = snapshot(env, "org/tiny", "main"), snapshot(env, "org/tiny", "v2")
@@ -123,7 +123,7 @@ def test_resolver_finds_every_kind_of_name(in_process, tiny_model, smollm2_gguf,
 
 def test_resolver_pulls_when_asked(server, tmp_path):
     env = cli_env(server.url, tmp_path)
-    code = "from llmcli.store import resolve_model; print(resolve_model('org/tiny', pull=True))"
+    code = "from llmcli.hub.store import resolve_model; print(resolve_model('org/tiny', pull=True))"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
                        stdin=subprocess.DEVNULL, cwd=ROOT)
     assert r.returncode == 0, r.stderr

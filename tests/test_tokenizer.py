@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from llmcli.chat_template import render_chat_template
+from llmcli.tokenizer.chat_template import render_chat_template
 from llmcli.errors import UserError
 from llmcli.tokenizer import StreamDecoder, Tokenizer
 
@@ -64,7 +64,7 @@ def test_gguf_decode_matches_transformers(ours, ref):
 
 
 def test_gguf_special_tokens(ours, ref, smollm2_gguf):
-    from llmcli.gguf import open_gguf
+    from llmcli.formats.gguf import open_gguf
 
     r = open_gguf(smollm2_gguf)  # the gguf package's reader (cached: it takes seconds to parse)
     eos_id = int(r.fields["tokenizer.ggml.eos_token_id"].contents())
@@ -444,7 +444,7 @@ def _write_bpe_gguf(path, source_gguf, pre: str, add_bos: bool, n_vocab: int = 6
     both parts and the result survive) under another tokenizer.ggml.pre."""
     import gguf
 
-    from llmcli.gguf import gguf_metadata
+    from llmcli.formats.gguf import gguf_metadata
 
     meta = gguf_metadata(source_gguf)
     tokens = meta["tokenizer.ggml.tokens"][:n_vocab]

@@ -38,7 +38,7 @@ def chat(
 
     from llmcli.chat import ChatSession, EngineBackend, history_path, sampling_settings, setup_readline
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.store import resolve_model
+    from llmcli.hub.store import resolve_model
 
     path = resolve_model(model)
     settings = sampling_settings(path, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

@@ -69,7 +69,7 @@ def load_model_config(spec: str):
         return load_config(p), str(p)
     if p.is_file():
         if p.suffix == ".gguf":
-            from llmcli.gguf import load_gguf_config  # lazy: pulls in the gguf reader
+            from llmcli.formats.gguf import load_gguf_config  # lazy: pulls in the gguf reader
 
             try:
                 return load_gguf_config(p), str(p)
@@ -164,10 +164,10 @@ def estimate(
 ) -> None:
     """Exact parameters, weight memory, KV cache, FLOPs and GPU fit, from the config alone (no weights read)."""
     from llmcli import estimate as E
-    from llmcli.gpus import GIB, find_gpu
+    from llmcli.estimate.gpus import GIB, find_gpu
 
     if model is None:
-        from llmcli.default_model import default_model_path
+        from llmcli.hub.default_model import default_model_path
 
         model = str(default_model_path(fetch=False))
     cfg, source = load_model_config(model)

@@ -19,7 +19,7 @@ class PlainReporter:
         self.got = 0
 
     def start(self, plan, todo):
-        from llmcli.hub import human
+        from llmcli.hub.download import human
 
         print(f"pulling {plan.repo_id} @ {plan.commit[:12]} ({len(plan.files)} files, {human(todo)} to download)",
               file=sys.stderr, flush=True)
@@ -33,7 +33,7 @@ class PlainReporter:
         self.got += n
 
     def file_done(self, f, skipped):
-        from llmcli.hub import human
+        from llmcli.hub.download import human
 
         if skipped:
             print(f"{f.path}  {human(f.size)}  already present", file=sys.stderr, flush=True)
@@ -90,7 +90,7 @@ class RichReporter:
 
 def _choose(ggufs):
     """Interactive: list the GGUF files with sizes and ask for one."""
-    from llmcli.hub import human
+    from llmcli.hub.download import human
 
     for i, f in enumerate(ggufs, 1):
         typer.echo(f"  {i:>2}. {f.path}  ({human(f.size)})", err=True)
@@ -105,13 +105,13 @@ def pull_model(spec: str, *, revision: str | None = None, filename: str | None =
                include: list[str] = (), exclude: list[str] = (), token: str | None = None,
                quiet: bool = False):
     """Plan and download with the right progress display; returns the local path."""
-    from llmcli import hub
+    from llmcli.hub import download as hub
 
     repo_id, _ = hub.parse_spec(spec)
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
-        from llmcli.store import find_cached
+        from llmcli.hub.store import find_cached
 
         try:
             return find_cached(spec, revision=revision)
@@ -143,7 +143,7 @@ def pull(
 ) -> None:
     """Download a model from the Hugging Face Hub into the shared HF cache (resumable, verified)."""
     if default:
-        from llmcli.default_model import default_model_path
+        from llmcli.hub.default_model import default_model_path
 
         typer.echo(str(default_model_path(fetch=True)))
         return

@@ -1,4 +1,4 @@
-"""`llm quantize` and `llm perplexity`: parse, call llmcli.quant / llmcli.perplexity, render."""
+"""`llm quantize` and `llm perplexity`: parse, call llmcli.quant / llmcli.tools.perplexity, render."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from llmcli.errors import UserError
 
 def _default_name(src: Path) -> str:
     if src.suffix == ".gguf":
-        from llmcli import default_model
+        from llmcli.hub import default_model
 
         if src.name == default_model.GGUF_NAME:
             return default_model.NAME
@@ -55,7 +55,7 @@ def encode_text(path: Path, text: str) -> list[int]:
 def measure_perplexity(path: Path, text: str, window: int, max_tokens: Optional[int], device: Optional[str],
                        dtype: Optional[str], dequantize: bool = False):
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.perplexity import perplexity
+    from llmcli.tools.perplexity import perplexity
 
     ids = encode_text(path, text)
     engine = LLMEngine.load(str(path), device=device, dtype=dtype, tokenizer=False, dequantize=dequantize)
@@ -79,7 +79,7 @@ def quantize(
 ) -> None:
     """Write an INT8/INT4/NF4 weight-only checkpoint, or a GGUF (Q8_0/Q4_0/Q4_1) with --format gguf."""
     from llmcli.quant import QuantSpec
-    from llmcli.store import resolve_model
+    from llmcli.hub.store import resolve_model
 
     if fmt not in ("llmcli", "gguf"):
         raise UserError(f"--format must be llmcli or gguf, not {fmt!r}")
@@ -112,14 +112,14 @@ def quantize(
 
         hessians = None
         if method == "gptq" or (method == "nf4" and calibration is not None):  # nf4: GPTQ code placement
-            from llmcli.perplexity import read_text
+            from llmcli.tools.perplexity import read_text
             from llmcli.quant.gptq import collect_hessians
 
             hessians = collect_hessians(src, read_text(calibration), spec)
         summary = quantize_checkpoint(src, out, spec, force=force, hessians=hessians)
     ppl = {}
     if eval_file is not None:
-        from llmcli.perplexity import read_text
+        from llmcli.tools.perplexity import read_text
 
         text = read_text(eval_file)
         for key, p in (("before", src), ("after", out)):
@@ -170,8 +170,8 @@ def perplexity_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print {\"perplexity\": ..., \"tokens\": ...}."),
 ) -> None:
     """Measure a model's perplexity on a text file."""
-    from llmcli.perplexity import DEFAULT_TEXT, read_text
-    from llmcli.store import resolve_model
+    from llmcli.tools.perplexity import DEFAULT_TEXT, read_text
+    from llmcli.hub.store import resolve_model
 
     if max_tokens < 2:
         raise UserError("--max-tokens must be at least 2")

@@ -85,7 +85,7 @@ def run(
     from llmcli.engine.sequence import SamplingParams
 
     from llmcli.chat import sampling_settings
-    from llmcli.store import resolve_model
+    from llmcli.hub.store import resolve_model
 
     model, text = _split_args(model_or_prompt, prompt)
     path = resolve_model(model)
@@ -161,9 +161,9 @@ def bench(
     num_draft: Optional[int] = typer.Option(None, "--num-draft", help="Tokens drafted per step."),
 ) -> None:
     """Measure prefill and decode speed (tok/s), time to first token and peak memory."""
-    from llmcli.bench import decode_ratios, parse_compare, run_bench
+    from llmcli.tools.bench import decode_ratios, parse_compare, run_bench
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.store import resolve_model
+    from llmcli.hub.store import resolve_model
 
     quant_compare = isinstance(parse_compare(compare), list)  # validated before any model is loaded
     path = resolve_model(model)

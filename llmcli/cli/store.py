@@ -38,8 +38,8 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
     from rich.console import Console
     from rich.table import Table
 
-    from llmcli.hub import human
-    from llmcli.store import list_models
+    from llmcli.hub.download import human
+    from llmcli.hub.store import list_models
 
     models = list_models()
     if as_json:
@@ -57,8 +57,8 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
 def show(model: Optional[str] = typer.Argument(None, help="Path, name from `llm list`, or ORG/NAME[:REV]."),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show a model's architecture, size, quantization, chat template, special tokens and files."""
-    from llmcli.hub import human
-    from llmcli.store import show_model
+    from llmcli.hub.download import human
+    from llmcli.hub.store import show_model
 
     info = show_model(model)
     if as_json:
@@ -95,8 +95,8 @@ def show(model: Optional[str] = typer.Argument(None, help="Path, name from `llm 
 def rm(model: str = typer.Argument(..., help="A name from `llm list` (ORG/NAME removes every revision)."),
        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
     """Remove a local model (frees the blobs no other revision uses)."""
-    from llmcli.hub import human
-    from llmcli.store import plan_removal
+    from llmcli.hub.download import human
+    from llmcli.hub.store import plan_removal
 
     removal = plan_removal(model)
     if not yes:

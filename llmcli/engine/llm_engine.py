@@ -115,11 +115,11 @@ class LLMEngine:
     def load(cls, model: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
              *, kv_cache_gib: float | None = None, block_size: int = 16, tokenizer: bool = True,
              dequantize: bool = False) -> "LLMEngine":
-        """Model spec (None = default model, a directory, a .gguf, anything llmcli.store resolves).
+        """Model spec (None = default model, a directory, a .gguf, anything llmcli.hub.store resolves).
 
         dequantize: expand a GGUF's Q4_0/Q4_1/Q8_0 linears to dtype instead of keeping them quantized."""
-        from llmcli.loader import load_model
-        from llmcli.store import resolve_model
+        from llmcli.engine.loader import load_model
+        from llmcli.hub.store import resolve_model
 
         path = resolve_model(str(model) if model is not None else None)
         dev = resolve_device(device)

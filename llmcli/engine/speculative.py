@@ -395,7 +395,7 @@ def make_decoder(target, draft: str | None = None, speculate: str | None = None,
     if draft is None:
         return SpeculativeDecoder(target, None, method="ngram", num_draft=num_draft)
     from llmcli.engine.llm_engine import LLMEngine, _load_tokenizer
-    from llmcli.store import resolve_model
+    from llmcli.hub.store import resolve_model
 
     path = resolve_model(draft)
     engine = LLMEngine.load(path, tokenizer=False, **load_kw)

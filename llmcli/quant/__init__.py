@@ -1,6 +1,6 @@
 """Weight-only quantization: INT8 (per output row), INT4 (group-wise; RTN, HQQ or GPTQ), NF4 (bitsandbytes).
 
-Contract with the loader (llmcli.loader.build_model): when config.json carries a `quantization_config`,
+Contract with the loader (llmcli.engine.loader.build_model): when config.json carries a `quantization_config`,
 prepare_model() runs on the meta-device model before weights are allocated and swaps every quantizable
 nn.Linear for a quantized module whose parameter names are the checkpoint's tensor suffixes
 (`qweight`, `scales`, `zeros`). The loader then fills them by name, fusing q/k/v and gate/up rows; the

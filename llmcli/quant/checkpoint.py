@@ -66,11 +66,11 @@ class Summary:
 def open_source(path: Path) -> tuple[dict, Callable[[], Iterator[tuple[str, torch.Tensor]]]]:
     """(HF config dict, a function returning a fresh tensor iterator) for a model dir or a .gguf file."""
     if path.suffix == ".gguf":
-        from llmcli.gguf import iter_gguf_tensors, load_gguf_config
+        from llmcli.formats.gguf import iter_gguf_tensors, load_gguf_config
 
         cfg = dict(load_gguf_config(path).raw)
         return cfg, lambda: iter_gguf_tensors(path, torch.float32)
-    from llmcli.loader import iter_safetensors
+    from llmcli.engine.loader import iter_safetensors
 
     cfg = json.loads((path / "config.json").read_text())
     return cfg, lambda: iter_safetensors(path)
@@ -93,13 +93,13 @@ def norm_fed_modules(config, targets: dict) -> dict[str, str]:
 def read_source_tensors(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
     """The few tensors named in wanted (engine names), read from the source before the main pass: nothing makes
     a norm come before the layers it feeds in file order (a shard boundary can fall between them)."""
-    from llmcli.loader import _rename
+    from llmcli.engine.loader import _rename
 
     found: dict[str, torch.Tensor] = {}
     if not wanted:
         return found
     if path.suffix == ".gguf":
-        from llmcli.gguf import _dense, iter_gguf_raw
+        from llmcli.formats.gguf import _dense, iter_gguf_raw
 
         for raw in iter_gguf_raw(path):
             if _rename(raw.name) in wanted:
@@ -107,7 +107,7 @@ def read_source_tensors(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]
         return found
     from safetensors import safe_open
 
-    from llmcli.loader import safetensors_files
+    from llmcli.engine.loader import safetensors_files
 
     for f in safetensors_files(path):
         with safe_open(f, framework="pt", device="cpu") as st:
@@ -134,7 +134,7 @@ def quantized_targets(config, spec: QuantSpec) -> dict[str, torch.nn.Module]:
 def target_module(name: str, targets: dict) -> str | None:
     """Checkpoint tensor name -> engine module name it loads into if that module is in targets
     (the loader's GGUF keep plan asks the same question)."""
-    from llmcli.loader import FUSED, _rename
+    from llmcli.engine.loader import FUSED, _rename
 
     name = _rename(name)
     if name in targets:  # a stacked expert tensor (transformers v5 `experts.gate_up_proj`) is named like its module
@@ -153,7 +153,7 @@ def target_module(name: str, targets: dict) -> str | None:
 
 
 def _is_head(name: str) -> bool:
-    from llmcli.loader import _rename
+    from llmcli.engine.loader import _rename
 
     return _rename(name) == "lm_head.weight"
 

@@ -4,7 +4,7 @@ Output follows what llama.cpp's convert_hf_to_gguf.py writes, so llama.cpp, Olla
   * general.architecture llama (also Mistral), qwen2 or qwen3, and the <arch>.* hyperparameters;
   * tensor names token_embd, blk.N.attn_q/k/v/output, ffn_gate/up/down, attn_norm, ffn_norm, output_norm,
     output; for llama the rows of Q and K are permuted from HF's rotate-half order to ggml's interleaved
-    rotary pairs (llmcli.gguf undoes exactly this when reading);
+    rotary pairs (llmcli.formats.gguf undoes exactly this when reading);
   * projection weights in the chosen type; token_embd/output in F16 (Q8_0 with --quantize-embeddings), norms
     and biases in F32, as llama.cpp does. A weight whose rows are not whole 32-value blocks stays F16;
   * tokenizer.ggml.* and tokenizer.chat_template: rebuilt from tokenizer.json for a model directory, copied
@@ -206,7 +206,7 @@ def add_hparams(writer, config: ModelConfig, arch: str, file_type: int, name: st
 
 def llama3_rope_freqs(config: ModelConfig) -> np.ndarray:
     """llama.cpp stores llama3 rope scaling as rope_freqs.weight: the divisor of each rotary frequency."""
-    from llmcli.gguf import llama3_factors
+    from llmcli.formats.gguf import llama3_factors
 
     rs = config.rope_scaling
     dim = int(config.head_dim * config.partial_rotary_factor)
@@ -216,11 +216,11 @@ def llama3_rope_freqs(config: ModelConfig) -> np.ndarray:
 
 
 def _source_rope_freqs(src: Path) -> np.ndarray:
-    """A GGUF source's stored llama3 factors, copied as they are: the parameters llmcli.gguf recovers from
+    """A GGUF source's stored llama3 factors, copied as they are: the parameters llmcli.formats.gguf recovers from
     them reproduce them only approximately when few frequencies fall in the smooth band."""
     import gguf
 
-    from llmcli.gguf import open_gguf
+    from llmcli.formats.gguf import open_gguf
 
     t = next(t for t in open_gguf(src).tensors if t.name == "rope_freqs.weight")
     return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
@@ -245,7 +245,7 @@ def _add_value(writer, key: str, value: Any) -> None:
 
 
 def copy_gguf_tokenizer(writer, src: Path) -> None:
-    from llmcli.gguf import gguf_metadata
+    from llmcli.formats.gguf import gguf_metadata
 
     meta = gguf_metadata(src)
     if "tokenizer.ggml.tokens" not in meta:

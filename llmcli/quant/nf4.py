@@ -291,7 +291,7 @@ class NF4Linear(nn.Module):
 
 
 def make_nf4_linear(config, name: str, m: nn.Linear) -> NF4Linear:
-    from llmcli.loader import fused_shards
+    from llmcli.engine.loader import fused_shards
 
     leaf = name.rpartition(".")[2]
     if leaf == "qkv_proj":

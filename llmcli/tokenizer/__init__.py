@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from llmcli.chat_template import pick_template, render_chat_template
+from llmcli.tokenizer.chat_template import pick_template, render_chat_template
 from llmcli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def _gguf_fields(path: Path) -> dict[str, Any]:
-    from llmcli.gguf import gguf_metadata
+    from llmcli.formats.gguf import gguf_metadata
 
     return gguf_metadata(path)  # the first shard's, for split files
 

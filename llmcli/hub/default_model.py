@@ -77,5 +77,5 @@ def default_model_path(fetch: bool = True) -> Path:
     return fetch_default_model()
 
 
-if __name__ == "__main__":  # `python -m llmcli.default_model`: used by `make model`
+if __name__ == "__main__":  # `python -m llmcli.hub.default_model`: used by `make model`
     print(default_model_path())

@@ -134,7 +134,7 @@ def load_transformers(path, device: torch.device, dtype: torch.dtype):
 def load_quantized(path, names: list[str], engine, log) -> list[tuple[str, object]]:
     """(label, engine) per variant: quantized from path into a temp dir, loaded like the original engine."""
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.loader import load_model
+    from llmcli.engine.loader import load_model
     from llmcli.quant import QuantSpec
     from llmcli.quant.checkpoint import quantize_checkpoint
 

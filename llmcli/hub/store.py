@@ -57,7 +57,7 @@ def _tensor_headers(d: Path) -> dict[str, dict]:
 
 def gguf_file_type(path: Path) -> str:
     """'GGUF Q4_1' etc., from general.file_type (falls back to the commonest tensor type)."""
-    from llmcli.gguf import open_gguf
+    from llmcli.formats.gguf import open_gguf
 
     reader = open_gguf(path)
     import gguf
@@ -76,7 +76,7 @@ def gguf_file_type(path: Path) -> str:
 
 
 def _gguf_params(path: Path) -> int:
-    from llmcli.gguf import open_gguf
+    from llmcli.formats.gguf import open_gguf
 
     return int(sum(int(t.n_elements) for t in open_gguf(path).tensors))
 
@@ -99,7 +99,7 @@ def model_format(path: Path) -> str:
 
 def model_config(path: Path):
     if path.suffix == ".gguf":
-        from llmcli.gguf import load_gguf_config
+        from llmcli.formats.gguf import load_gguf_config
 
         return load_gguf_config(path)
     from llmcli.config import load_config
@@ -180,7 +180,7 @@ def _loadable_dir(d: Path) -> bool:
 def gguf_tag(filename: str) -> str:
     """The Ollama-style tag of a GGUF file name (its quant type), else the file stem."""
     name = filename.rsplit("/", 1)[-1]
-    from llmcli.hub import gguf_group
+    from llmcli.hub.download import gguf_group
 
     stem = gguf_group(name)[: -len(".gguf")]
     m = _QUANT_TAG.findall(stem)
@@ -189,7 +189,7 @@ def gguf_tag(filename: str) -> str:
 
 def _snapshot_ggufs(snapshot: Path) -> list[Path]:
     """One .gguf per model (the first part of a split file)."""
-    from llmcli.hub import gguf_group
+    from llmcli.hub.download import gguf_group
 
     seen, out = set(), []
     for p in sorted(snapshot.rglob("*.gguf")):
@@ -207,7 +207,7 @@ def _hub_models() -> list[LocalModel]:
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    from llmcli.hub import cache_root
+    from llmcli.hub.download import cache_root
 
     try:
         info = scan_cache_dir(cache_root())
@@ -240,7 +240,7 @@ def _hub_models() -> list[LocalModel]:
 
 
 def _same_group(a: Path, b: Path) -> bool:
-    from llmcli.hub import gguf_group
+    from llmcli.hub.download import gguf_group
 
     return gguf_group(str(a)) == gguf_group(str(b))
 
@@ -267,7 +267,7 @@ def _store_models() -> list[LocalModel]:
 
 
 def _default_models() -> list[LocalModel]:
-    from llmcli import default_model
+    from llmcli.hub import default_model
 
     p = default_model.find_default_model()
     if p is None:
@@ -296,7 +296,7 @@ def looks_like_repo(spec: str) -> bool:
 
 
 def _pick_in_snapshot(snapshot: Path, spec: str, tag: str | None) -> Path:
-    from llmcli.hub import match_gguf_tag, RemoteFile
+    from llmcli.hub.download import match_gguf_tag, RemoteFile
 
     if _loadable_dir(snapshot) and not tag:
         return snapshot
@@ -323,7 +323,7 @@ class _NotCached(UserError):
 
 def find_cached(spec: str, revision: str | None = None) -> Path:
     """REPO, REPO:REVISION, REPO:COMMIT or REPO:TAG from the HF cache; _NotCached (a UserError) if absent."""
-    from llmcli.hub import cached_commit, parse_spec, repo_folder
+    from llmcli.hub.download import cached_commit, parse_spec, repo_folder
 
     repo_id, suffix = parse_spec(spec)
     folder = repo_folder(repo_id)
@@ -353,7 +353,7 @@ def find_cached(spec: str, revision: str | None = None) -> Path:
 
 def _commit_of(repo_id: str, snapshots: Path, revision: str | None) -> str | None:
     """A cached ref, full commit, or unique commit prefix -> the snapshot's commit."""
-    from llmcli.hub import cached_commit
+    from llmcli.hub.download import cached_commit
 
     commit = cached_commit(repo_id, revision)
     if commit is None and revision and _HEX.fullmatch(revision):
@@ -385,7 +385,7 @@ def resolve_model(spec: str | None, *, pull: bool = False) -> Path:
     A Hub repo that is not in the cache is pulled when pull=True, offered when stdin is a terminal, and
     otherwise refused with the exact `llm pull` command to run.
     """
-    from llmcli import default_model
+    from llmcli.hub import default_model
 
     if spec is None or spec.lower() == default_model.NAME:
         return default_model.default_model_path()
@@ -414,7 +414,7 @@ def resolve_model(spec: str | None, *, pull: bool = False) -> Path:
 
 def _chat_template(path: Path) -> str | None:
     if path.suffix == ".gguf":
-        from llmcli.gguf import gguf_metadata
+        from llmcli.formats.gguf import gguf_metadata
 
         return gguf_metadata(path).get("tokenizer.chat_template")
     if (path / "chat_template.jinja").is_file():
@@ -432,7 +432,7 @@ def _chat_template(path: Path) -> str | None:
 def _special_tokens(path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     if path.suffix == ".gguf":
-        from llmcli.gguf import gguf_metadata
+        from llmcli.formats.gguf import gguf_metadata
 
         meta = gguf_metadata(path)
         tokens = meta.get("tokenizer.ggml.tokens") or []
@@ -457,7 +457,7 @@ def _special_tokens(path: Path) -> dict[str, str]:
 
 def _files(path: Path) -> list[tuple[str, int]]:
     if path.suffix == ".gguf":
-        from llmcli.hub import gguf_group
+        from llmcli.hub.download import gguf_group
 
         parts = [p for p in sorted(path.parent.glob("*.gguf")) if gguf_group(p.name) == gguf_group(path.name)]
         return [(p.name, p.stat().st_size) for p in parts]
@@ -512,7 +512,7 @@ class Removal:
 
         from huggingface_hub import scan_cache_dir
 
-        from llmcli.hub import cache_root
+        from llmcli.hub.download import cache_root
 
         for p in self.paths:
             shutil.rmtree(p)
@@ -531,7 +531,7 @@ def _blob_linked_elsewhere(blob: Path) -> bool:
 
 
 def plan_removal(spec: str) -> Removal:
-    from llmcli import default_model
+    from llmcli.hub import default_model
     from llmcli.paths import store_dir
 
     if spec.lower() == default_model.NAME:
@@ -545,7 +545,7 @@ def plan_removal(spec: str) -> Removal:
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    from llmcli.hub import cache_root, gguf_group, parse_spec
+    from llmcli.hub.download import cache_root, gguf_group, parse_spec
 
     repo_id, suffix = parse_spec(spec)
     try:

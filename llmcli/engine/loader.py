@@ -1,7 +1,7 @@
 """Weights -> model: build the transformer without initializing it, then stream tensors in one by one.
 
 Sources: safetensors (single file or sharded with model.safetensors.index.json), memory-mapped with safe_open,
-and GGUF through llmcli.gguf.iter_gguf_tensors. Each tensor is copied straight into its (already allocated)
+and GGUF through llmcli.formats.gguf.iter_gguf_tensors. Each tensor is copied straight into its (already allocated)
 parameter on the target device/dtype, so peak host memory stays near one copy of the model.
 
 Name handling is data: PREFIX_RENAMES strips wrappers (multimodal checkpoints), FUSED maps separate
@@ -185,7 +185,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     path = Path(path)
     device = torch.device(device)
     if path.suffix == ".gguf":
-        from llmcli.gguf import gguf_tensor_types, iter_gguf_kept, load_gguf_config
+        from llmcli.formats.gguf import gguf_tensor_types, iter_gguf_kept, load_gguf_config
 
         config = load_gguf_config(path)
         plan = {} if dequantize else gguf_keep_plan(config, gguf_tensor_types(path))
@@ -213,7 +213,7 @@ def gguf_keep_plan(config: ModelConfig, types: dict[str, object]) -> dict[str, t
     int8 kernel too. Anything else (K-quants, F16, a mix of 4- and 8-bit parts, Q4 embeddings, MoE
     experts, norms) is expanded to the model dtype as before.
     """
-    from llmcli.gguf import KEEP_INT4, KEEP_INT8, KEPT_GROUP_SIZE
+    from llmcli.formats.gguf import KEEP_INT4, KEEP_INT8, KEPT_GROUP_SIZE
     from llmcli.models.transformer import Transformer
     from llmcli.quant import QuantSpec, quantizable_linears
     from llmcli.quant.checkpoint import target_module
@@ -246,7 +246,7 @@ def gguf_keep_plan(config: ModelConfig, types: dict[str, object]) -> dict[str, t
 
 def _swap_kept(model: nn.Module, plan: dict[str, tuple[str, list[str]]]) -> None:
     """Replace the planned nn.Linear modules of the meta-device model by quantized ones (before allocation)."""
-    from llmcli.gguf import KEPT_GROUP_SIZE
+    from llmcli.formats.gguf import KEPT_GROUP_SIZE
     from llmcli.quant.embedding import Int8Embedding
     from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
 
