@@ -1,0 +1,1 @@
+"""`llm chat`: the terminal chat."""

@@ -1,0 +1,1 @@
+"""Human-readable numbers: the one formatter for byte sizes and parameter counts."""
