@@ -1,1 +1,0 @@
-"""`llm chat`: the terminal chat."""
