@@ -273,6 +273,7 @@ def main() -> None:
     from llmcli.engine.llm_engine import LLMEngine
     from llmcli.engine.sequence import SamplingParams
     from llmcli.errors import UserError
+    from llmcli.formats import is_gguf
     from llmcli.hub.store import resolve_model
 
     if a.threads:
@@ -280,7 +281,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     try:
         path = resolve_model(a.model)
-        if path.suffix != ".gguf":
+        if not is_gguf(path):
             raise UserError(f"{path} is not a .gguf file: llama.cpp reads GGUF only")
         llama = LlamaWorker.start(find_side_python(a.llama_python), path, threads, a.prompt_len + a.tokens + 16)
     except (UserError, LlamaUnavailable) as e:

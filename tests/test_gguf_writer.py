@@ -245,7 +245,7 @@ def test_tokenizer_and_template_roundtrip(tokenizer, tiny_chat, tmp_path, one_th
     from transformers import AutoTokenizer
 
     from llmcli.formats.gguf import gguf_metadata
-    from llmcli.tokenizer import Tokenizer
+    from llmcli.tokenizer import load_tokenizer
 
     src = tiny_chat("llama", tokenizer, rope_scaling=None, num_hidden_layers=1)
     out = tmp_path / "t.gguf"
@@ -255,7 +255,7 @@ def test_tokenizer_and_template_roundtrip(tokenizer, tiny_chat, tmp_path, one_th
     assert meta["tokenizer.ggml.pre"] == {"smollm2": "smollm", "qwen2": "qwen2"}[tokenizer]
     source = Backend.from_file(str(src / "tokenizer.json"))
     src_cfg = json.loads((src / "tokenizer_config.json").read_text())
-    ours = Tokenizer.from_gguf(out)
+    ours = load_tokenizer(out)
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     for text in TEXTS:
         want = source.encode(text, add_special_tokens=False).ids

@@ -13,7 +13,7 @@ import pytest
 
 from llmcli.tokenizer.chat_template import render_chat_template
 from llmcli.errors import UserError
-from llmcli.tokenizer import StreamDecoder, Tokenizer
+from llmcli.tokenizer import StreamDecoder, load_tokenizer
 
 CORPUS = [
     "Hello world", "What is the capital of France?", "x 123 4567 a1b2 3.14159 1,000,000 2024-11-23",
@@ -33,7 +33,7 @@ MESSAGES = [
 
 @pytest.fixture(scope="session")
 def ours(smollm2_gguf):
-    return Tokenizer.from_gguf(smollm2_gguf)
+    return load_tokenizer(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +102,7 @@ def _auto(d):
 
 
 def test_dir_matches_transformers(saved_dir):
-    ours, ref = Tokenizer.from_dir(saved_dir), _auto(saved_dir)
+    ours, ref = load_tokenizer(saved_dir), _auto(saved_dir)
     for text in CORPUS:
         assert ours.encode(text) == ref.encode(text), text
         assert ours.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False)
@@ -136,7 +136,7 @@ def test_dir_add_bos_eos_like_transformers(saved_dir, tmp_path, add_bos, add_eos
     else:
         tj["post_processor"] = None
     (d / "tokenizer.json").write_text(json.dumps(tj))
-    ours, ref = Tokenizer.from_dir(d), _auto(d)
+    ours, ref = load_tokenizer(d), _auto(d)
     for text in CORPUS[:6]:
         assert ours.encode(text) == ref.encode(text), text
     assert ours.add_bos_token is (ref.encode("a")[0] == ref.bos_token_id)
@@ -154,26 +154,26 @@ def test_dir_template_precedence_and_eos_ids(saved_dir, tmp_path):
                             {"name": "tool_use", "template": "T{{ tools | length }}"}]
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     (d / "chat_template.jinja").unlink(missing_ok=True)
-    ours = Tokenizer.from_dir(d)
+    ours = load_tokenizer(d)
     m = [{"role": "user", "content": "x"}]
     assert ours.apply_chat_template(m) == "Dx"
     assert ours.apply_chat_template(m, tools=[{"a": 1}, {"b": 2}]) == "T2"
     (d / "chat_template.jinja").write_text("J{{ messages | length }}")
-    assert Tokenizer.from_dir(d).apply_chat_template(m) == _auto(d).apply_chat_template(m, tokenize=False) == "J1"
+    assert load_tokenizer(d).apply_chat_template(m) == _auto(d).apply_chat_template(m, tokenize=False) == "J1"
 
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
     (d / "config.json").write_text(json.dumps({"eos_token_id": 11, "model_type": "llama"}))
-    eos = Tokenizer.from_dir(d).eos_token_ids
+    eos = load_tokenizer(d).eos_token_ids
     assert eos == {7, 9, 11, ours.token_to_id(cfg["eos_token"] if isinstance(cfg["eos_token"], str)
                                               else cfg["eos_token"]["content"])}
 
 
 def test_dir_errors(tmp_path):
     with pytest.raises(UserError, match="no tokenizer.json"):
-        Tokenizer.from_dir(tmp_path)
+        load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError):
-        Tokenizer.from_dir(tmp_path)
+        load_tokenizer(tmp_path)
 
 
 # ---- streaming ----------------------------------------------------------------------------------------------
@@ -423,7 +423,7 @@ def test_spm_gguf_matches_transformers(arch, tmp_path):
 
     path = tmp_path / f"{arch}.gguf"
     _write_spm_gguf(path, arch, None)
-    ours = Tokenizer.from_gguf(path)
+    ours = load_tokenizer(path)
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     texts = CORPUS + ["<s>hello</s> world<tool>x", "<unk> the  there"]
     for text in texts:
@@ -471,7 +471,7 @@ def test_bpe_pre_tokenizers_match_transformers(pre, add_bos, smollm2_gguf, tmp_p
 
     path = tmp_path / "bpe.gguf"
     _write_bpe_gguf(path, smollm2_gguf, pre, add_bos)
-    ours = Tokenizer.from_gguf(path)
+    ours = load_tokenizer(path)
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     for text in CORPUS + ["Hello123world 12345 I'M 'LL x\r\n\r\n  y", "ÀÉÎ ÕÜ Straße ǅungla", "a   \n  b\t\t c",
                           "#include <stdio.h>\nint main(void) {\n\treturn 0;\n}\n", "x=1;\ny=2;\r\n\r\nz = x+y",
@@ -488,7 +488,7 @@ def test_no_template_and_named_templates(saved_dir, tmp_path):
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg.pop("chat_template", None)
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    tok = Tokenizer.load(d)
+    tok = load_tokenizer(d)
     assert tok.chat_template is None
     with pytest.raises(UserError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])

@@ -16,6 +16,8 @@ import typer
 
 from llmcli.cli import app
 from llmcli.errors import UserError
+from llmcli.units import format_bytes
+from llmcli.formats import is_gguf
 
 DEFAULT_CONTEXT = 4096  # capped at the model's max_position_embeddings
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
@@ -68,7 +70,7 @@ def load_model_config(spec: str):
     if p.is_dir():
         return load_config(p), str(p)
     if p.is_file():
-        if p.suffix == ".gguf":
+        if is_gguf(p):
             from llmcli.formats.gguf import load_gguf_config  # lazy: pulls in the gguf reader
 
             try:
@@ -112,10 +114,11 @@ def _render(est, cfg, source: str, gpu_label: str | None, notes: list[str]) -> N
     from rich.console import Console
     from rich.table import Table
 
-    from llmcli.estimate import fmt_bytes
-
     def n(x: int) -> str:
         return f"{x:,}"
+
+    def fmt_bytes(x: float) -> str:
+        return format_bytes(x, binary=True)
 
     t = Table(title=f"{source}  ({cfg.family}, {cfg.num_layers} layers, d={cfg.hidden_size})", title_justify="left")
     t.add_column("quantity")

@@ -12,10 +12,11 @@ import typer
 from llmcli.cli import app
 from llmcli.cli.run import DEQUANTIZE_HELP
 from llmcli.errors import UserError
+from llmcli.formats import is_gguf
 
 
 def _default_name(src: Path) -> str:
-    if src.suffix == ".gguf":
+    if is_gguf(src):
         from llmcli.hub import default_model
 
         if src.name == default_model.GGUF_NAME:
@@ -47,9 +48,9 @@ def _human(n: float) -> str:
 
 def encode_text(path: Path, text: str) -> list[int]:
     """Token ids of plain text (no special tokens added) with the model's own tokenizer."""
-    from llmcli.tokenizer import Tokenizer
+    from llmcli.tokenizer import load_tokenizer
 
-    return list(Tokenizer.load(path).encode(text, add_special_tokens=False))
+    return list(load_tokenizer(path).encode(text, add_special_tokens=False))
 
 
 def measure_perplexity(path: Path, text: str, window: int, max_tokens: Optional[int], device: Optional[str],

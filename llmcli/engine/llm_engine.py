@@ -279,7 +279,7 @@ class LLMEngine:
 
 def _load_tokenizer(path: Path):
     try:
-        from llmcli.tokenizer import Tokenizer
+        from llmcli.tokenizer import load_tokenizer
     except ImportError:
         return None
-    return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_dir(path)
+    return load_tokenizer(path)

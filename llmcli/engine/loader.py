@@ -20,6 +20,7 @@ from torch import nn
 
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import UserError
+from llmcli.formats import is_gguf
 
 # Checkpoint prefixes of models that wrap a text decoder (gemma3 multimodal, v4 and v5 spellings).
 PREFIX_RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."),
@@ -184,7 +185,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """
     path = Path(path)
     device = torch.device(device)
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         from llmcli.formats.gguf import gguf_tensor_types, iter_gguf_kept, load_gguf_config
 
         config = load_gguf_config(path)

@@ -809,18 +809,9 @@ def gguf_state_dict(path: str | Path, dtype=None) -> dict[str, "torch.Tensor"]: 
     return dict(iter_gguf_tensors(path, dtype))
 
 
-def is_gguf(path: str | Path) -> bool:
-    """True if the file starts with the GGUF magic (cheap: reads 4 bytes)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 __all__ = [
     "ARCH_TO_FAMILY", "KEEP_INT4", "KEEP_INT8", "RawTensor", "gguf_metadata", "gguf_tensor_types", "iter_gguf_kept",
     "raw_to_int4", "requantize_q8_0", "gguf_shards", "gguf_raw_tensor", "gguf_state_dict", "gguf_to_hf_config",
-    "dequantize_torch", "hf_tensor_name", "is_gguf", "iter_gguf_raw", "iter_gguf_tensors", "llama3_factors",
+    "dequantize_torch", "hf_tensor_name", "iter_gguf_raw", "iter_gguf_tensors", "llama3_factors",
     "llama3_scaling_from_factors", "load_gguf_config", "open_gguf",
 ]

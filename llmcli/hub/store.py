@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmcli.errors import UserError
+from llmcli.formats import is_gguf
 
 # llama.cpp quant names inside GGUF file names: Q4_K_M, IQ2_XXS, Q8_0, BF16, F16 ...
 _QUANT_TAG = re.compile(r"(?i)(?<![a-z0-9])(i?q\d(?:_[a-z0-9]+)*|bf16|f16|f32)(?![a-z0-9])")
@@ -82,7 +83,7 @@ def _gguf_params(path: Path) -> int:
 
 
 def model_format(path: Path) -> str:
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         return gguf_file_type(path)
     cfg = json.loads((path / "config.json").read_text())
     q = cfg.get("quantization_config") or {}
@@ -98,7 +99,7 @@ def model_format(path: Path) -> str:
 
 
 def model_config(path: Path):
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         from llmcli.formats.gguf import load_gguf_config
 
         return load_gguf_config(path)
@@ -133,7 +134,7 @@ def _estimate_params(config) -> tuple[int | None, int | None]:
 
 def model_params(path: Path, config=None) -> tuple[int | None, int | None]:
     """(total, active) parameters: counted from the tensors themselves where they are not packed."""
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         total = _gguf_params(path)
     else:
         cfg = json.loads((path / "config.json").read_text())
@@ -392,7 +393,7 @@ def resolve_model(spec: str | None, *, pull: bool = False) -> Path:
     p = Path(spec).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
         return p
-    if p.is_file() and p.suffix == ".gguf":
+    if p.is_file() and is_gguf(p):
         return p
     if p.exists():
         raise UserError(f"{spec} is neither a model directory (with config.json) nor a .gguf file")
@@ -413,7 +414,7 @@ def resolve_model(spec: str | None, *, pull: bool = False) -> Path:
 
 
 def _chat_template(path: Path) -> str | None:
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         from llmcli.formats.gguf import gguf_metadata
 
         return gguf_metadata(path).get("tokenizer.chat_template")
@@ -431,7 +432,7 @@ def _chat_template(path: Path) -> str | None:
 
 def _special_tokens(path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         from llmcli.formats.gguf import gguf_metadata
 
         meta = gguf_metadata(path)
@@ -456,7 +457,7 @@ def _special_tokens(path: Path) -> dict[str, str]:
 
 
 def _files(path: Path) -> list[tuple[str, int]]:
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         from llmcli.hub.download import gguf_group
 
         parts = [p for p in sorted(path.parent.glob("*.gguf")) if gguf_group(p.name) == gguf_group(path.name)]
@@ -564,7 +565,7 @@ def plan_removal(spec: str) -> Removal:
         raise UserError(f"{spec} is not in the cache; see `llm list`") from None
     commit = (path if path.is_dir() else path.parent).name
     snap = next((r for r in repo.revisions if str(path).startswith(str(r.snapshot_path))), None)
-    if path.suffix == ".gguf" and snap is not None and len(_snapshot_ggufs(Path(snap.snapshot_path))) > 1:
+    if is_gguf(path) and snap is not None and len(_snapshot_ggufs(Path(snap.snapshot_path))) > 1:
         group = gguf_group(path.name)
         ptrs = [p for p in path.parent.glob("*.gguf") if gguf_group(p.name) == group]
         freed = sum(p.resolve().stat().st_size for p in ptrs if not _blob_linked_elsewhere_than(p))

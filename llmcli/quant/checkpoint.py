@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 
 from llmcli.errors import UserError
+from llmcli.formats import is_gguf
 from llmcli.quant import QuantSpec, make_quant_module, quantizable_embeddings, quantizable_experts, quantizable_linears
 from llmcli.quant.experts import QuantExpertProj, make_quant_experts, stacked_name
 
@@ -65,7 +66,7 @@ class Summary:
 # ---- source access -------------------------------------------------------------------------------------------
 def open_source(path: Path) -> tuple[dict, Callable[[], Iterator[tuple[str, torch.Tensor]]]]:
     """(HF config dict, a function returning a fresh tensor iterator) for a model dir or a .gguf file."""
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         from llmcli.formats.gguf import iter_gguf_tensors, load_gguf_config
 
         cfg = dict(load_gguf_config(path).raw)
@@ -98,7 +99,7 @@ def read_source_tensors(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]
     found: dict[str, torch.Tensor] = {}
     if not wanted:
         return found
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         from llmcli.formats.gguf import _dense, iter_gguf_raw
 
         for raw in iter_gguf_raw(path):
@@ -229,16 +230,16 @@ def keep_dtype(cfg: dict) -> torch.dtype:
 
 def write_tokenizer(src: Path, dst: Path) -> list[str]:
     """Copy tokenizer and template files (for a GGUF, build them from its metadata)."""
-    if src.suffix != ".gguf":
+    if not is_gguf(src):
         copied = []
         for n in TOKENIZER_FILES:
             if (src / n).is_file():
                 shutil.copy2(src / n, dst / n)
                 copied.append(n)
         return copied
-    from llmcli.tokenizer import Tokenizer
+    from llmcli.tokenizer import load_tokenizer
 
-    tok = Tokenizer.from_gguf(src)
+    tok = load_tokenizer(src)
     tok.backend.save(str(dst / "tokenizer.json"))
     tc = {**tok.special_tokens, "add_bos_token": tok.add_bos_token}
     if tok.chat_template:

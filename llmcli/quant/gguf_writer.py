@@ -36,6 +36,7 @@ import torch
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
+from llmcli.formats import is_gguf
 from llmcli.quant import QuantSpec
 from llmcli.quant.checkpoint import LayerRecord, Summary, open_source
 
@@ -400,14 +401,14 @@ def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gg
     tmp = Path(tmp_name)
     try:
         writer = gguf.GGUFWriter(tmp, arch, use_temp_file=True)
-        name = re.sub(r"[.-](Q\d\w*|F16|F32|BF16)$", "", src.stem if src.suffix == ".gguf" else src.name, flags=re.I)
+        name = re.sub(r"[.-](Q\d\w*|F16|F32|BF16)$", "", src.stem if is_gguf(src) else src.name, flags=re.I)
         summary.notes += add_hparams(writer, config, arch, int(file_type), name)
-        if src.suffix == ".gguf":
+        if is_gguf(src):
             copy_gguf_tokenizer(writer, src)
         else:
             add_hf_tokenizer(writer, src, config)
         if arch == "llama" and (config.rope_scaling or {}).get("rope_type") == "llama3":
-            writer.add_tensor("rope_freqs.weight", _source_rope_freqs(src) if src.suffix == ".gguf"
+            writer.add_tensor("rope_freqs.weight", _source_rope_freqs(src) if is_gguf(src)
                               else llama3_rope_freqs(config))
         fallback = []
         for e in _encoded_tensors(tensors(), config, arch, weight_type, spec, summary):

@@ -4,8 +4,8 @@ Tokenizer wraps a `tokenizers.Tokenizer` (the Rust library transformers itself u
 engine needs around it: the special tokens, the full set of end-of-generation ids, and the chat
 template. StreamDecoder turns a stream of generated ids into text deltas.
 
-    tok = Tokenizer.from_dir(model_dir)      # tokenizer.json + tokenizer_config.json (+ friends)
-    tok = Tokenizer.from_gguf(path)          # rebuilt from tokenizer.ggml.* metadata
+    tok = load_tokenizer(model_dir)   # tokenizer.json + tokenizer_config.json (+ friends)
+    tok = load_tokenizer(gguf_path)   # rebuilt from tokenizer.ggml.* metadata
     ids = tok.encode_chat([{"role": "user", "content": "hi"}])
 """
 
@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from llmcli.tokenizer.chat_template import pick_template, render_chat_template
 from llmcli.errors import UserError
+from llmcli.formats import is_gguf
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +95,11 @@ class Tokenizer:
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False)
 
-    # ---- constructors -----------------------------------------------------------------------------------
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> "Tokenizer":
-        return _from_dir(Path(directory))
 
-    @classmethod
-    def from_gguf(cls, path: str | Path) -> "Tokenizer":
-        return _from_gguf(Path(path))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        """A model directory or a .gguf file."""
-        p = Path(path)
-        return cls.from_gguf(p) if p.suffix == ".gguf" else cls.from_dir(p)
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a model directory or a .gguf file: the one tokenizer loader."""
+    p = Path(path)
+    return _from_gguf(p) if is_gguf(p) else _from_dir(p)
 
 
 # ---- streaming ------------------------------------------------------------------------------------------

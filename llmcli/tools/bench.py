@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from llmcli.errors import UserError
+from llmcli.formats import is_gguf
 
 
 # --compare name -> (bits, group size, method): what `llm quantize` writes by default for each, plus the smaller
@@ -124,7 +125,7 @@ def load_transformers(path, device: torch.device, dtype: torch.dtype):
     from pathlib import Path
 
     p = Path(path)
-    if p.suffix == ".gguf":
+    if is_gguf(p):
         model = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
