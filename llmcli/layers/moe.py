@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.config import ModelConfig
+from llmcli.errors import UserError
 from llmcli.layers.activation import activation, gated
+from llmcli.layers.mlp import MLP
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,7 @@ class Experts(nn.Module):
 
 
 # per-expert checkpoint projection -> (stacked parameter, row half: 0 gate, 1 up, None whole)
-_PER_EXPERT = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+PER_EXPERT = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
                "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
 
 
@@ -221,8 +223,6 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int | None = None):
         super().__init__()
-        from llmcli.models.transformer import MLP  # the dense gated MLP; imported late (transformer imports us)
-
         self.rc = RouterConfig.from_model_config(cfg)
         self.gate = Router(cfg.hidden_size, self.rc)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
@@ -270,10 +270,10 @@ class MoE(nn.Module):
             if parts[-1] == "e_score_correction_bias" and self.gate.e_score_correction_bias is not None:
                 self.gate.e_score_correction_bias.copy_(tensor)
                 return True
-            if len(parts) != 4 or parts[0] != "experts" or parts[2] not in _PER_EXPERT:
+            if len(parts) != 4 or parts[0] != "experts" or parts[2] not in PER_EXPERT:
                 return False
             j = int(parts[1])
-            pname, half = _PER_EXPERT[parts[2]]
+            pname, half = PER_EXPERT[parts[2]]
             # float experts: the stacked parameter itself; quantized: that projection's qweight/scales/zeros
             p = getattr(self.experts, pname)
             if parts[3] != "weight":
@@ -283,8 +283,6 @@ class MoE(nn.Module):
             # every quantized tensor is indexed [expert, out row, ...], so gate/up halves split the same way
             dst = p[j] if half is None else p[j].chunk(2, dim=0)[half]
             if tuple(dst.shape) != tuple(tensor.shape):
-                from llmcli.errors import UserError
-
                 raise UserError(f"expert weight {suffix} has shape {tuple(tensor.shape)}, "
                                 f"the config expects {tuple(dst.shape)}")
             dst.copy_(tensor)

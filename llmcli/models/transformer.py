@@ -7,7 +7,7 @@ Module tree (state-dict names follow transformers' so checkpoints load by name):
                                            (MLA models: llmcli.layers.mla.MLAttention)
   model.layers[i].post_attention_layernorm RMSNorm (pre-MLP norm, or gemma2/3's post-attention norm)
   model.layers[i].pre_feedforward_layernorm / post_feedforward_layernorm   (sandwich norms, gemma2/3 only)
-  model.layers[i].mlp                      MLP: gate_up_proj (fused [gate; up] rows), down_proj
+  model.layers[i].mlp                      MLP (llmcli.layers.mlp): gate_up_proj (fused [gate; up] rows), down_proj
                                            (MoE layers: llmcli.layers.moe.MoE)
   model.norm, lm_head                      (lm_head shares embed_tokens.weight when tied)
 Every projection is a plain nn.Linear so a quantizer can swap it.
@@ -19,36 +19,23 @@ import torch
 from torch import nn
 
 from llmcli.config import ModelConfig
-from llmcli.layers.activation import activation, gated
+from llmcli.errors import UserError
 from llmcli.layers.attention import Attention, AttentionMetadata
+from llmcli.layers.mla import MLAttention
+from llmcli.layers.mlp import MLP
+from llmcli.layers.moe import MoE
 from llmcli.layers.norm import RMSNorm
 from llmcli.layers.rotary import RotaryEmbedding
 
 
-class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
-        super().__init__()
-        i = intermediate_size or config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * i, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(i, config.hidden_size, bias=config.mlp_bias)
-        self.act = activation(config.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated(self.act, self.gate_up_proj(x)))
-
-
 def make_attention(config: ModelConfig, i: int) -> nn.Module:
     if config.is_mla:
-        from llmcli.layers.mla import MLAttention  # written by the MoE/MLA engineer
-
         return MLAttention(config, i)
     return Attention(config, i)
 
 
 def make_mlp(config: ModelConfig, i: int) -> nn.Module:
     if config.is_moe_layer(i):
-        from llmcli.layers.moe import MoE  # written by the MoE engineer
-
         return MoE(config)
     return MLP(config)
 
@@ -83,8 +70,6 @@ class Transformer(nn.Module):
         super().__init__()
         c = self.config = config
         if c.norm_type != "rms" or c.position_embedding != "rope" or not c.gated_mlp or c.parallel_residual:
-            from llmcli.errors import UserError
-
             raise UserError(f"the {c.family} architecture is not supported by the inference engine yet")
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from llmcli.layers.activation import gated
-from llmcli.layers.moe import _PER_EXPERT, dispatch_sorted, each_active_expert
+from llmcli.layers.moe import PER_EXPERT, dispatch_sorted, each_active_expert
 from llmcli.quant.int4 import effective_group_size
 from llmcli.quant.linear import Int4Linear, Int8Linear, QuantLinear, _frozen
 
@@ -117,6 +117,6 @@ def stacked_name(module: str) -> str | None:
     """Per-expert checkpoint module -> the stacked projection it is a slice of:
     `...experts.3.gate_proj` / `...experts.3.w1` -> `...experts.gate_up_proj`; None for anything else."""
     m = _EXPERT_TENSOR.match(module)
-    if m is None or m.group(3) not in _PER_EXPERT:
+    if m is None or m.group(3) not in PER_EXPERT:
         return None
-    return f"{m.group(1)}.{_PER_EXPERT[m.group(3)][0]}"
+    return f"{m.group(1)}.{PER_EXPERT[m.group(3)][0]}"
