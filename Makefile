@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH_CPU_VERSION ?= 2.13.0
 PROMPT ?= What is the capital of France?
 
-.PHONY: install model demo chat test completions clean
+.PHONY: install model demo chat lint test completions clean
 
 install: $(VENV)/.installed
 
@@ -39,7 +39,13 @@ demo: model
 chat: model
 	$(BIN)/llm chat
 
-test: model
+# The layout rule (pyproject.toml's import-linter contracts) and ruff's lint and format checks.
+lint: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: model lint
 	$(BIN)/python -m pytest -q
 
 completions: install
