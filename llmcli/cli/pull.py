@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from llmcli.cli import app
+from llmcli.units import format_bytes
 
 
 class PlainReporter:
@@ -19,9 +20,8 @@ class PlainReporter:
         self.got = 0
 
     def start(self, plan, todo):
-        from llmcli.hub.download import human
 
-        print(f"pulling {plan.repo_id} @ {plan.commit[:12]} ({len(plan.files)} files, {human(todo)} to download)",
+        print(f"pulling {plan.repo_id} @ {plan.commit[:12]} ({len(plan.files)} files, {format_bytes(todo)} to download)",
               file=sys.stderr, flush=True)
 
     def file_start(self, f, have):
@@ -33,13 +33,12 @@ class PlainReporter:
         self.got += n
 
     def file_done(self, f, skipped):
-        from llmcli.hub.download import human
 
         if skipped:
-            print(f"{f.path}  {human(f.size)}  already present", file=sys.stderr, flush=True)
+            print(f"{f.path}  {format_bytes(f.size)}  already present", file=sys.stderr, flush=True)
             return
         dt = max(time.monotonic() - self.t0, 1e-6)
-        print(f"{f.path}  {human(f.size)}  verified  {human(self.got / dt)}/s", file=sys.stderr, flush=True)
+        print(f"{f.path}  {format_bytes(f.size)}  verified  {format_bytes(self.got / dt)}/s", file=sys.stderr, flush=True)
 
     def note(self, msg):
         print(msg, file=sys.stderr, flush=True)
@@ -90,10 +89,9 @@ class RichReporter:
 
 def _choose(ggufs):
     """Interactive: list the GGUF files with sizes and ask for one."""
-    from llmcli.hub.download import human
 
     for i, f in enumerate(ggufs, 1):
-        typer.echo(f"  {i:>2}. {f.path}  ({human(f.size)})", err=True)
+        typer.echo(f"  {i:>2}. {f.path}  ({format_bytes(f.size)})", err=True)
     while True:
         n = typer.prompt(f"which file [1-{len(ggufs)}]", type=int, err=True)
         if 1 <= n <= len(ggufs):

@@ -189,7 +189,8 @@ def bench(
                             dequantize=dequantize)
     log = (lambda m: None) if as_json else (lambda m: print(m, file=sys.stderr))
     results = run_bench(engine, path, prompt_len, gen_len, batch, compare, rounds=rounds, log=log)
-    from llmcli.estimate import _n as human_count, count_params
+    from llmcli.estimate import count_params
+    from llmcli.units import format_count
 
     pc = count_params(engine.config)  # MoE: a token multiplies only its k routed experts
     if as_json:
@@ -205,7 +206,8 @@ def bench(
         return
     print(f"{path.name}  device={engine.device}  dtype={str(engine.dtype).replace('torch.', '')}  "
           f"batch={batch} prompt={prompt_len} gen={gen_len}")
-    print(f"parameters: {human_count(pc.total)} total, {human_count(pc.active)} active per token")
+    print(f"parameters: {format_count(pc.total, significant=True)} total, "
+          f"{format_count(pc.active, significant=True)} active per token")
     ratio = decode_ratios(results) if quant_compare else None
     print(f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT ms':>10}{'peak GiB':>10}"
           + (f"{'decode x':>10}" if ratio else ""))

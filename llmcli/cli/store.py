@@ -11,15 +11,11 @@ import typer
 
 from llmcli.cli import app
 from llmcli.errors import UserError
+from llmcli.units import format_bytes, format_count
 
 
 def _params(n: int | None) -> str:
-    if not n:
-        return "-"
-    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)
+    return format_count(n) if n else "-"
 
 
 def _ago(t: float) -> str:
@@ -38,7 +34,6 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
     from rich.console import Console
     from rich.table import Table
 
-    from llmcli.hub.download import human
     from llmcli.hub.store import list_models
 
     models = list_models()
@@ -49,7 +44,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
     for col in ("NAME", "REVISION", "FORMAT", "PARAMS", "SIZE", "MODIFIED"):
         table.add_column(col, justify="right" if col in ("PARAMS", "SIZE") else "left")
     for m in models:
-        table.add_row(m.name, (m.revision or "-")[:12], m.format, _params(m.params), human(m.size), _ago(m.modified))
+        table.add_row(m.name, (m.revision or "-")[:12], m.format, _params(m.params), format_bytes(m.size), _ago(m.modified))
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
 
 
@@ -57,7 +52,6 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
 def show(model: Optional[str] = typer.Argument(None, help="Path, name from `llm list`, or ORG/NAME[:REV]."),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show a model's architecture, size, quantization, chat template, special tokens and files."""
-    from llmcli.hub.download import human
     from llmcli.hub.store import show_model
 
     info = show_model(model)
@@ -86,23 +80,22 @@ def show(model: Optional[str] = typer.Argument(None, help="Path, name from `llm 
     ]
     for k, v in rows:
         typer.echo(f"  {k:<17}{v}")
-    typer.echo(f"  files ({human(info['size'])})")
+    typer.echo(f"  files ({format_bytes(info['size'])})")
     for f in info["files"]:
-        typer.echo(f"    {f['name']:<44}{human(f['size']):>10}")
+        typer.echo(f"    {f['name']:<44}{format_bytes(f['size']):>10}")
 
 
 @app.command("rm", epilog="[bold]Examples[/bold]\n\n  llm rm Qwen/Qwen2.5-0.5B-Instruct\n  llm rm smollm2-135m-instruct-int8 --yes")
 def rm(model: str = typer.Argument(..., help="A name from `llm list` (ORG/NAME removes every revision)."),
        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
     """Remove a local model (frees the blobs no other revision uses)."""
-    from llmcli.hub.download import human
     from llmcli.hub.store import plan_removal
 
     removal = plan_removal(model)
     if not yes:
         if not sys.stdin.isatty():
             raise UserError(f"refusing to delete {removal.description} without confirmation; pass --yes")
-        if not typer.confirm(f"delete {removal.description}, freeing {human(removal.freed)}?", default=False):
+        if not typer.confirm(f"delete {removal.description}, freeing {format_bytes(removal.freed)}?", default=False):
             raise UserError("nothing deleted")
     removal.execute()
-    typer.echo(f"deleted {removal.description}, freed {human(removal.freed)}")
+    typer.echo(f"deleted {removal.description}, freed {format_bytes(removal.freed)}")

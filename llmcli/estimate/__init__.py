@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from llmcli.config import ModelConfig
+from llmcli.units import format_bytes, format_count
 
 WEIGHT_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "nf4")
 KV_DTYPES = ("fp32", "bf16", "fp16", "fp8")
@@ -398,18 +399,13 @@ def estimate(cfg: ModelConfig, opts: Options) -> Estimate:
 # ---- --explain ----------------------------------------------------------------------------------------------
 
 def _n(x: float) -> str:
-    """Human count: 8.03B, 134.5M, 576."""
-    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{unit}" if x / div < 100 else f"{x / div:.1f}{unit}"
-    return f"{x:.0f}"
+    """A count as the explanation writes it: 8.03B, 134.5M, 576."""
+    return format_count(x, significant=True)
 
 
-def fmt_bytes(x: float) -> str:
-    for div, unit in ((GIB * 1024, "TiB"), (GIB, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if abs(x) >= div:
-            return f"{x / div:.2f} {unit}"
-    return f"{int(x)} B"
+def _b(x: float) -> str:
+    """A size as the explanation writes it: 256.57 MiB."""
+    return format_bytes(x, binary=True)
 
 
 def _off(actual: float, rule: float) -> str:
@@ -480,7 +476,7 @@ def explain(cfg: ModelConfig, opts: Options, est: Estimate) -> list[str]:
 
     lines.append("WEIGHTS")
     if opts.dtype in BYTES:
-        lines.append(f"  params*bytes = {est.params_total:,}*{BYTES[opts.dtype]} = {fmt_bytes(est.weight_bytes)}")
+        lines.append(f"  params*bytes = {est.params_total:,}*{BYTES[opts.dtype]} = {_b(est.weight_bytes)}")
     else:
         packed = sum(w.total for w in groups if _quantizable(w, opts.dtype, opts.quantize_embeddings))
         rest = est.params_total - packed
@@ -489,22 +485,22 @@ def explain(cfg: ModelConfig, opts: Options, est: Estimate) -> list[str]:
                "int4": f"4 bits + fp16 scale and zero per group of {opts.group_size} (largest divisor if it does not "
                        "divide the input size)",
                "nf4": "4 bits + uint8 absmax per 64 + fp32 absmax per 256 blocks (bitsandbytes double quant)"}[opts.dtype]
-        lines.append(f"  {_n(packed)} decoder matmul weights as {opts.dtype} ({how}): {fmt_bytes(qb)} = "
+        lines.append(f"  {_n(packed)} decoder matmul weights as {opts.dtype} ({how}): {_b(qb)} = "
                      f"{8 * qb / max(packed, 1):.3f} bits/weight")
-        lines.append(f"  {_n(rest)} embedding/lm_head/norm/bias/router weights kept 16-bit: {fmt_bytes(2 * rest)}")
-        lines.append(f"  total {fmt_bytes(est.weight_bytes)}; rule of thumb params*bits/8 = "
-                     f"{fmt_bytes(est.params_total * (8 if opts.dtype == 'int8' else 4) / 8)}")
+        lines.append(f"  {_n(rest)} embedding/lm_head/norm/bias/router weights kept 16-bit: {_b(2 * rest)}")
+        lines.append(f"  total {_b(est.weight_bytes)}; rule of thumb params*bits/8 = "
+                     f"{_b(est.params_total * (8 if opts.dtype == 'int8' else 4) / 8)}")
 
     kvb = BYTES[opts.kv_dtype]
     lines.append("KV CACHE")
     if c.is_mla:
         lines.append(f"  per token = L*(kv_lora + rope)*bytes = {L}*({c.kv_lora_rank} + {c.qk_rope_head_dim})*{kvb} = "
-                     f"{fmt_bytes(est.kv_bytes_per_token)}")
+                     f"{_b(est.kv_bytes_per_token)}")
     else:
         lines.append(f"  per token = L*2*KV*head_dim*bytes = {L}*2*{c.num_kv_heads}*{c.head_dim}*{kvb} = "
-                     f"{fmt_bytes(est.kv_bytes_per_token)}")
+                     f"{_b(est.kv_bytes_per_token)}")
     naive_tok = 2 * L * d * kvb
-    lines.append(f"  rule of thumb 2*L*d*bytes = 2*{L}*{d}*{kvb} = {fmt_bytes(naive_tok)} per token: "
+    lines.append(f"  rule of thumb 2*L*d*bytes = 2*{L}*{d}*{kvb} = {_b(naive_tok)} per token: "
                  f"{_off(est.kv_bytes_per_token, naive_tok)}")
     why = []
     if c.is_mla:
@@ -523,9 +519,9 @@ def explain(cfg: ModelConfig, opts: Options, est: Estimate) -> list[str]:
         n = sum(1 for i in range(L) if c.layer_window(i) == w)
         terms.append(f"{n} window layers*min({opts.context}, {w})")
     lines.append(f"  for context {opts.context}, batch {opts.batch}: per-layer values*({' + '.join(terms)})*batch*bytes"
-                 f" = {fmt_bytes(est.kv_bytes)}")
+                 f" = {_b(est.kv_bytes)}")
     naive = naive_tok * opts.context * opts.batch
-    lines.append(f"  rule of thumb 2*L*d*seq*batch*bytes = {fmt_bytes(naive)}: {_off(est.kv_bytes, naive)}")
+    lines.append(f"  rule of thumb 2*L*d*seq*batch*bytes = {_b(naive)}: {_off(est.kv_bytes, naive)}")
     if windows and opts.context > min(windows):
         lines.append(f"    - sliding windows ({', '.join(map(str, windows))} tokens) cap what those layers keep")
 
@@ -547,12 +543,12 @@ def explain(cfg: ModelConfig, opts: Options, est: Estimate) -> list[str]:
     t = min(opts.batch * opts.context, PREFILL_CHUNK)
     lines.append(f"  T = min(batch*context, {PREFILL_CHUNK}) = {t} tokens per prefill chunk; "
                  f"T*(4*d + qkv widths + 3*MLP width)*{opts.act_bytes} bytes + batch*V*4 (fp32 logits) = "
-                 f"{fmt_bytes(est.activation_bytes)}")
-    lines.append(f"TOTAL weights + KV + activations = {fmt_bytes(est.weight_bytes)} + {fmt_bytes(est.kv_bytes)} + "
-                 f"{fmt_bytes(est.activation_bytes)} = {fmt_bytes(est.total_bytes)}")
+                 f"{_b(est.activation_bytes)}")
+    lines.append(f"TOTAL weights + KV + activations = {_b(est.weight_bytes)} + {_b(est.kv_bytes)} + "
+                 f"{_b(est.activation_bytes)} = {_b(est.total_bytes)}")
     if est.gpu_bytes is not None:
-        lines.append(f"FIT usable = GPU {fmt_bytes(est.gpu_bytes)} - reserve (CUDA context, workspaces; "
-                     f"min(1 GiB, 10%)) = {fmt_bytes(est.usable_bytes)}: {'fits' if est.fits else 'does not fit'}; "
+        lines.append(f"FIT usable = GPU {_b(est.gpu_bytes)} - reserve (CUDA context, workspaces; "
+                     f"min(1 GiB, 10%)) = {_b(est.usable_bytes)}: {'fits' if est.fits else 'does not fit'}; "
                      f"largest context at batch {opts.batch}: {est.max_context}; "
                      f"largest batch at context {opts.context}: {est.max_batch}")
     return lines

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from llmcli.errors import UserError
+from llmcli.units import format_bytes
 
 # What `llm pull` fetches by default: everything our engine reads, never pickled weights.
 DEFAULT_PATTERNS = (
@@ -118,14 +119,6 @@ def free_bytes(path: Path) -> int:
     while not p.exists():
         p = p.parent
     return shutil.disk_usage(p).free
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 # ---- choosing files --------------------------------------------------------------------------------
@@ -254,7 +247,7 @@ def plan_pull(spec: str, *, revision: str | None = None, filename: str | None = 
                                 + ", ".join(f.path for f in chosen) + "; use --file NAME")
         else:
             if choose is None:
-                listing_txt = "; ".join(f"{f.path} ({human(f.size)})" for f in ggufs)
+                listing_txt = "; ".join(f"{f.path} ({format_bytes(f.size)})" for f in ggufs)
                 raise UserError(f"{repo_id} has {len(ggufs)} GGUF files, pick one with "
                                 f"`llm pull {repo_id}:TAG` (e.g. Q4_K_M) or --file NAME: {listing_txt}")
             pick = choose(ggufs)
@@ -392,8 +385,8 @@ def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None 
     todo = sum(missing(f) for f in plan.files)
     free = free_bytes(folder)
     if todo > free:
-        raise UserError(f"not enough disk space for {plan.repo_id}: {human(todo)} to download, "
-                        f"{human(free)} free in {cache_root()}")
+        raise UserError(f"not enough disk space for {plan.repo_id}: {format_bytes(todo)} to download, "
+                        f"{format_bytes(free)} free in {cache_root()}")
     headers = build_hf_headers(token=token)
     session = get_session()
     reporter.start(plan, todo)
