@@ -121,14 +121,35 @@ def test_resolver_finds_every_kind_of_name(in_process, tiny_model, smollm2_gguf,
         resolve_model("no-such-model")
 
 
-def test_resolver_pulls_when_asked(server, tmp_path):
+# The CLI resolver on a terminal: stdin reports a tty, typer.confirm answers ANSWER and records its prompt.
+_OFFER = """
+import sys, typer
+sys.stdin.isatty = lambda: True
+def confirm(text, **kw):
+    print("asked: " + text, kw, file=sys.stderr)
+    return ANSWER
+typer.confirm = confirm
+from llmcli.cli.resolve import resolve_model_spec
+print(resolve_model_spec(SPEC))
+"""
+
+
+def test_resolver_offers_a_pull_on_a_terminal(server, tmp_path):
     env = cli_env(server.url, tmp_path)
-    code = "from llmcli.hub.store import resolve_model; print(resolve_model('org/tiny', pull=True))"
+    code = _OFFER.replace("ANSWER", "True").replace("SPEC", "'org/tiny'")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
                        stdin=subprocess.DEVNULL, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+    assert "asked: org/tiny is not downloaded. Pull it now? {'default': True, 'err': True}" in r.stderr
     p = Path(r.stdout.strip().splitlines()[-1])
     assert p == snapshot(env, "org/tiny", "main") and (p / "model.safetensors").is_file()
+    # Declined: the library's error, with the command to run.
+    code = _OFFER.replace("ANSWER", "False").replace("SPEC", "'org/other'")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL, cwd=ROOT)
+    assert r.returncode == 1 and "asked: org/other is not downloaded. Pull it now?" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("llmcli.errors.NotDownloaded: org/other is not downloaded; "
+                                                 "run `llm pull org/other` first")
     # A command on a repo that is not local, without a terminal: the exact command to run.
     r = llm(env, "show", "org/other")
     assert r.returncode == 1 and r.stderr.strip() == "error: org/other is not downloaded; run `llm pull org/other` first"

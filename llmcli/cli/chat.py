@@ -38,9 +38,9 @@ def chat(
 
     from llmcli.chat import ChatSession, EngineBackend, history_path, sampling_settings, setup_readline
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.hub.store import resolve_model
+    from llmcli.cli.resolve import resolve_model_spec
 
-    path = resolve_model(model)
+    path = resolve_model_spec(model)
     settings = sampling_settings(path, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                  repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
 

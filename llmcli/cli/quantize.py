@@ -80,7 +80,7 @@ def quantize(
 ) -> None:
     """Write an INT8/INT4/NF4 weight-only checkpoint, or a GGUF (Q8_0/Q4_0/Q4_1) with --format gguf."""
     from llmcli.quant import QuantSpec
-    from llmcli.hub.store import resolve_model
+    from llmcli.cli.resolve import resolve_model_spec
 
     if fmt not in ("llmcli", "gguf"):
         raise UserError(f"--format must be llmcli or gguf, not {fmt!r}")
@@ -100,7 +100,7 @@ def quantize(
         raise UserError(f"calibration file {calibration} not found")
     if eval_file is not None and not eval_file.is_file():
         raise UserError(f"eval file {eval_file} not found")
-    src = resolve_model(model)
+    src = resolve_model_spec(model)
     out = output or _output_dir(src, spec.bits, spec.group_size, method, fmt, gguf_type or "")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it")
@@ -172,12 +172,12 @@ def perplexity_cmd(
 ) -> None:
     """Measure a model's perplexity on a text file."""
     from llmcli.tools.perplexity import DEFAULT_TEXT, read_text
-    from llmcli.hub.store import resolve_model
+    from llmcli.cli.resolve import resolve_model_spec
 
     if max_tokens < 2:
         raise UserError("--max-tokens must be at least 2")
     text = read_text(file or DEFAULT_TEXT)
-    path = resolve_model(model)
+    path = resolve_model_spec(model)
     r = measure_perplexity(path, text, window, max_tokens, device, dtype, dequantize)
     if as_json:
         typer.echo(json.dumps({"perplexity": r.perplexity, "tokens": r.tokens}))

@@ -85,10 +85,10 @@ def run(
     from llmcli.engine.sequence import SamplingParams
 
     from llmcli.chat import sampling_settings
-    from llmcli.hub.store import resolve_model
+    from llmcli.cli.resolve import resolve_model_spec
 
     model, text = _split_args(model_or_prompt, prompt)
-    path = resolve_model(model)
+    path = resolve_model_spec(model)
     s = sampling_settings(path, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repeat_penalty=repeat_penalty)
     engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
@@ -163,10 +163,10 @@ def bench(
     """Measure prefill and decode speed (tok/s), time to first token and peak memory."""
     from llmcli.tools.bench import decode_ratios, parse_compare, run_bench
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.hub.store import resolve_model
+    from llmcli.cli.resolve import resolve_model_spec
 
     quant_compare = isinstance(parse_compare(compare), list)  # validated before any model is loaded
-    path = resolve_model(model)
+    path = resolve_model_spec(model)
     if draft is not None or speculate is not None or num_draft is not None:
         # speculation needs real text to be worth anything: a reply that copies a passage from the prompt
         from llmcli.engine.speculative import REPEAT_PROMPT, compare_speed, make_decoder

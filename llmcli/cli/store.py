@@ -52,9 +52,10 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
 def show(model: Optional[str] = typer.Argument(None, help="Path, name from `llm list`, or ORG/NAME[:REV]."),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show a model's architecture, size, quantization, chat template, special tokens and files."""
+    from llmcli.cli.resolve import resolve_model_spec
     from llmcli.hub.store import show_model
 
-    info = show_model(model)
+    info = show_model(resolve_model_spec(model))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return

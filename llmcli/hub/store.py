@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import re
 import struct
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmcli.errors import UserError
+from llmcli.errors import NotDownloaded, UserError
 from llmcli.formats import is_gguf
 
 # llama.cpp quant names inside GGUF file names: Q4_K_M, IQ2_XXS, Q8_0, BF16, F16 ...
@@ -58,7 +57,7 @@ def _tensor_headers(d: Path) -> dict[str, dict]:
 
 def gguf_file_type(path: Path) -> str:
     """'GGUF Q4_1' etc., from general.file_type (falls back to the commonest tensor type)."""
-    from llmcli.formats.gguf import open_gguf
+    from llmcli.formats.gguf_reader import open_gguf
 
     reader = open_gguf(path)
     import gguf
@@ -77,7 +76,7 @@ def gguf_file_type(path: Path) -> str:
 
 
 def _gguf_params(path: Path) -> int:
-    from llmcli.formats.gguf import open_gguf
+    from llmcli.formats.gguf_reader import open_gguf
 
     return int(sum(int(t.n_elements) for t in open_gguf(path).tensors))
 
@@ -100,7 +99,7 @@ def model_format(path: Path) -> str:
 
 def model_config(path: Path):
     if is_gguf(path):
-        from llmcli.formats.gguf import load_gguf_config
+        from llmcli.formats.gguf_config import load_gguf_config
 
         return load_gguf_config(path)
     from llmcli.config import load_config
@@ -307,7 +306,7 @@ def _pick_in_snapshot(snapshot: Path, spec: str, tag: str | None) -> Path:
         hits = match_gguf_tag(files, tag)
         if hits:
             return snapshot / hits[0].path
-        raise _NotCached(spec)
+        raise NotDownloaded(spec)
     if len(ggufs) == 1:
         return ggufs[0]
     if ggufs:
@@ -315,22 +314,18 @@ def _pick_in_snapshot(snapshot: Path, spec: str, tag: str | None) -> Path:
                         + ", ".join(f"{spec}:{gguf_tag(g.name)}" for g in ggufs))
     if (snapshot / "config.json").is_file():
         return snapshot  # the loader says what is missing
-    raise _NotCached(spec)
-
-
-class _NotCached(UserError):
-    pass
+    raise NotDownloaded(spec)
 
 
 def find_cached(spec: str, revision: str | None = None) -> Path:
-    """REPO, REPO:REVISION, REPO:COMMIT or REPO:TAG from the HF cache; _NotCached (a UserError) if absent."""
+    """REPO, REPO:REVISION, REPO:COMMIT or REPO:TAG from the HF cache; NotDownloaded if absent."""
     from llmcli.hub.download import cached_commit, parse_spec, repo_folder
 
     repo_id, suffix = parse_spec(spec)
     folder = repo_folder(repo_id)
     snapshots = folder / "snapshots"
     if not snapshots.is_dir():
-        raise _NotCached(f"{repo_id} is not downloaded")
+        raise NotDownloaded(spec, f"{repo_id} is not downloaded")
     if revision is None and suffix and "@" in suffix:  # TAG@REVISION, as `llm list` names other revisions
         suffix, revision = suffix.split("@", 1)
         return _pick_in_snapshot(snapshots / (_commit_of(repo_id, snapshots, revision) or "-"), spec, suffix)
@@ -340,7 +335,7 @@ def find_cached(spec: str, revision: str | None = None) -> Path:
         for commit in ([main] if main else []) + [p.name for p in snapshots.iterdir()]:
             try:
                 return _pick_in_snapshot(snapshots / commit, spec, suffix)
-            except _NotCached:
+            except NotDownloaded:
                 continue
         revision, suffix = suffix, None
     commit = _commit_of(repo_id, snapshots, revision)
@@ -348,7 +343,7 @@ def find_cached(spec: str, revision: str | None = None) -> Path:
         snaps = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
         commit = snaps[-1].name if snaps else None
     if commit is None:
-        raise _NotCached(f"{repo_id} at revision {revision} is not downloaded")
+        raise NotDownloaded(spec, f"{repo_id} at revision {revision} is not downloaded")
     return _pick_in_snapshot(snapshots / commit, spec, suffix)
 
 
@@ -363,28 +358,11 @@ def _commit_of(repo_id: str, snapshots: Path, revision: str | None) -> str | Non
     return commit
 
 
-def _offer_pull(spec: str, pull: bool) -> Path:
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        raise UserError(f"{spec} is not downloaded and HF_HUB_OFFLINE is set; unset it and run `llm pull {spec}`")
-    if not pull:
-        if not sys.stdin.isatty():
-            raise UserError(f"{spec} is not downloaded; run `llm pull {spec}` first")
-        import typer
-
-        if not typer.confirm(f"{spec} is not downloaded. Pull it now?", default=True, err=True):
-            raise UserError(f"{spec} is not downloaded; run `llm pull {spec}` first")
-    from llmcli.cli.pull import pull_model
-
-    return pull_model(spec)
-
-
-def resolve_model(spec: str | None, *, pull: bool = False) -> Path:
+def resolve_model(spec: str | None) -> Path:
     """None: the embedded default. Else a directory or .gguf, a name from `llm list`, or a Hub repo.
 
-    A Hub repo that is not in the cache is pulled when pull=True, offered when stdin is a terminal, and
-    otherwise refused with the exact `llm pull` command to run.
+    A Hub repo that is not in the cache raises NotDownloaded (its message is the exact `llm pull` command to run;
+    the CLI offers that pull on a terminal), or, with HF_HUB_OFFLINE set, a UserError saying so.
     """
     from llmcli.hub import default_model
 
@@ -405,8 +383,13 @@ def resolve_model(spec: str | None, *, pull: bool = False) -> Path:
     if looks_like_repo(spec):
         try:
             return find_cached(spec)
-        except _NotCached:
-            return _offer_pull(spec, pull)
+        except NotDownloaded:
+            from huggingface_hub import constants
+
+            if constants.is_offline_mode():
+                raise UserError(f"{spec} is not downloaded and HF_HUB_OFFLINE is set; unset it and run "
+                                f"`llm pull {spec}`") from None
+            raise NotDownloaded(spec) from None
     raise UserError(f"model {spec!r} not found: not a path, a name from `llm list`, or an ORG/NAME Hub repo")
 
 
@@ -415,7 +398,7 @@ def resolve_model(spec: str | None, *, pull: bool = False) -> Path:
 
 def _chat_template(path: Path) -> str | None:
     if is_gguf(path):
-        from llmcli.formats.gguf import gguf_metadata
+        from llmcli.formats.gguf_reader import gguf_metadata
 
         return gguf_metadata(path).get("tokenizer.chat_template")
     if (path / "chat_template.jinja").is_file():
@@ -433,7 +416,7 @@ def _chat_template(path: Path) -> str | None:
 def _special_tokens(path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     if is_gguf(path):
-        from llmcli.formats.gguf import gguf_metadata
+        from llmcli.formats.gguf_reader import gguf_metadata
 
         meta = gguf_metadata(path)
         tokens = meta.get("tokenizer.ggml.tokens") or []
@@ -465,9 +448,8 @@ def _files(path: Path) -> list[tuple[str, int]]:
     return [(str(p.relative_to(path)), p.stat().st_size) for p in sorted(path.rglob("*")) if p.is_file()]
 
 
-def show_model(spec: str | None) -> dict:
-    """Everything `llm show` prints, as plain data."""
-    path = resolve_model(spec)
+def show_model(path: Path) -> dict:
+    """Everything `llm show` prints about a resolved model, as plain data."""
     cfg = model_config(path)
     total, active = model_params(path, cfg)
     template = _chat_template(path)
@@ -561,7 +543,7 @@ def plan_removal(spec: str) -> Removal:
         return Removal(f"{repo_id} (all {len(commits)} revision(s))", repo.size_on_disk, hub_commits=commits)
     try:
         path = find_cached(spec)
-    except _NotCached:
+    except NotDownloaded:
         raise UserError(f"{spec} is not in the cache; see `llm list`") from None
     commit = (path if path.is_dir() else path.parent).name
     snap = next((r for r in repo.revisions if str(path).startswith(str(r.snapshot_path))), None)
