@@ -59,7 +59,7 @@ def main() -> None:
     from llmcli.tools.bench import bench_engine, random_prompts
     from llmcli.engine.llm_engine import LLMEngine
     from llmcli.engine.loader import load_model
-    from llmcli.hub.store import resolve_model
+    from llmcli.hub.resolve import resolve_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?")

@@ -95,7 +95,7 @@ def smol_closed_form(path: Path) -> int:
 
 
 def test_resolver_finds_every_kind_of_name(in_process, tiny_model, smollm2_gguf, server):
-    from llmcli.hub.store import resolve_model
+    from llmcli.hub.resolve import resolve_model
 
     env = in_process
     main, v2 = snapshot(env, "org/tiny", "main"), snapshot(env, "org/tiny", "v2")

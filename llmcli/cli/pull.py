@@ -109,7 +109,7 @@ def pull_model(spec: str, *, revision: str | None = None, filename: str | None =
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
-        from llmcli.hub.store import find_cached
+        from llmcli.hub.resolve import find_cached
 
         try:
             return find_cached(spec, revision=revision)
@@ -143,7 +143,7 @@ def pull(
     if default:
         from llmcli.hub.default_model import default_model_path
 
-        typer.echo(str(default_model_path(fetch=True)))
+        typer.echo(str(default_model_path(fetch=True, notify=lambda m: print(m, file=sys.stderr))))
         return
     if model is None:
         from llmcli.errors import UserError

@@ -2,7 +2,8 @@
 
 The library resolver never prompts: it raises NotDownloaded for a Hub repo that is not in the cache.
 Here, when stdin is a terminal, the user is asked whether to pull it; otherwise (or on "no") the error
-stands, with its `llm pull` command.
+stands, with its `llm pull` command. The resolver (which reads GGUF and config files) is imported inside
+the function, as the command bodies do, so `llm --help` and completion stay fast.
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ import typer
 
 from llmcli.cli.pull import pull_model
 from llmcli.errors import NotDownloaded
-from llmcli.hub.store import resolve_model
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def resolve_model_spec(spec: str | None) -> Path:
-    """A model directory or .gguf file for `spec` (None: the embedded default), see hub resolve_model."""
+    """A model directory or .gguf file for `spec` (None: the embedded default), see hub.resolve.resolve_model."""
+    from llmcli.hub.resolve import resolve_model
+
     try:
-        return resolve_model(spec)
+        return resolve_model(spec, notify=_to_stderr)
     except NotDownloaded as e:
         if not sys.stdin.isatty() or not typer.confirm(f"{e.spec} is not downloaded. Pull it now?", default=True,
                                                        err=True):

@@ -53,7 +53,7 @@ def show(model: Optional[str] = typer.Argument(None, help="Path, name from `llm 
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show a model's architecture, size, quantization, chat template, special tokens and files."""
     from llmcli.cli.resolve import resolve_model_spec
-    from llmcli.hub.store import show_model
+    from llmcli.hub.inspect import show_model
 
     info = show_model(resolve_model_spec(model))
     if as_json:
@@ -90,7 +90,7 @@ def show(model: Optional[str] = typer.Argument(None, help="Path, name from `llm 
 def rm(model: str = typer.Argument(..., help="A name from `llm list` (ORG/NAME removes every revision)."),
        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
     """Remove a local model (frees the blobs no other revision uses)."""
-    from llmcli.hub.store import plan_removal
+    from llmcli.hub.remove import plan_removal
 
     removal = plan_removal(model)
     if not yes:

