@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmcli.estimate import effective_group_size
 from llmcli.quant.hqq import column_importance, quantize_int4_hqq, search_scale_zero, weighted_sq_error
-from llmcli.quant.int4 import (dequantize_int4, effective_group_size, minmax_params, pack_int4, quantize_int4_rtn,
-                               unpack_int4)
+from llmcli.quant.int4 import dequantize_int4, minmax_params, pack_int4, quantize_int4_rtn, unpack_int4
 from llmcli.quant.int8 import dequantize_int8, quantize_int8
 from llmcli.quant.linear import Int4Linear, Int8Linear
 
@@ -203,20 +203,20 @@ def test_hqq_importance_of_qkv_is_the_input_norm_gain_squared(tiny_model, tmp_pa
     straight from the source file) and no importance to o/gate/up/down (the data-free prior alone)."""
     from safetensors.torch import load_file
 
-    import llmcli.quant.hqq as hqq
+    import llmcli.quant.checkpoint as checkpoint
     from llmcli.quant import QuantSpec
     from llmcli.quant.checkpoint import quantize_checkpoint
 
     src = tiny_model("llama")
     source = load_file(src / "model.safetensors")
     seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    real = hqq.quantize_int4_hqq
+    real = checkpoint.quantize_int4_hqq
 
     def spy(w, group_size, *args, importance=None, **kw):
         seen.append((w.clone(), importance))
         return real(w, group_size, *args, importance=importance, **kw)
 
-    monkeypatch.setattr(hqq, "quantize_int4_hqq", spy)
+    monkeypatch.setattr(checkpoint, "quantize_int4_hqq", spy)  # the name the writer calls
     quantize_checkpoint(src, tmp_path / "q", QuantSpec(4, 32, "hqq"))
     checked = set()
     for w, importance in seen:

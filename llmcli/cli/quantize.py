@@ -1,4 +1,7 @@
-"""`llm quantize` and `llm perplexity`: parse, call llmcli.quant / llmcli.tools.perplexity, render."""
+"""`llm quantize`: parse, call llmcli.quant (and llmcli.tools for calibration and --eval), render the summary.
+
+The torch-heavy library is imported inside the command body so `llm --help` and completion stay fast.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,20 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from llmcli.cli import app
-from llmcli.cli.run import DEQUANTIZE_HELP
+from llmcli.cli.resolve import resolve_model_spec
 from llmcli.errors import UserError
 from llmcli.formats import is_gguf
+from llmcli.hub import default_model
+from llmcli.paths import store_dir
+from llmcli.units import format_bytes
 
 
 def _default_name(src: Path) -> str:
     if is_gguf(src):
-        from llmcli.hub import default_model
-
         if src.name == default_model.GGUF_NAME:
             return default_model.NAME
         # drop llama.cpp's quant tag: Foo-7B.Q4_K_M.gguf -> Foo-7B
@@ -27,8 +33,6 @@ def _default_name(src: Path) -> str:
 
 
 def _output_dir(src: Path, bits: int, group_size: int, method: str, fmt: str, gguf_type: str = "") -> Path:
-    from llmcli.paths import store_dir
-
     name = _default_name(src)
     if fmt == "gguf":
         tag = (gguf_type or ("q8_0" if bits == 8 else "q4_1")).upper()
@@ -36,31 +40,6 @@ def _output_dir(src: Path, bits: int, group_size: int, method: str, fmt: str, gg
     if method == "nf4":
         return store_dir() / f"{name}-nf4"
     return store_dir() / (f"{name}-int8" if bits == 8 else f"{name}-int4-g{group_size}")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
-
-
-def encode_text(path: Path, text: str) -> list[int]:
-    """Token ids of plain text (no special tokens added) with the model's own tokenizer."""
-    from llmcli.tokenizer import load_tokenizer
-
-    return list(load_tokenizer(path).encode(text, add_special_tokens=False))
-
-
-def measure_perplexity(path: Path, text: str, window: int, max_tokens: Optional[int], device: Optional[str],
-                       dtype: Optional[str], dequantize: bool = False):
-    from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.tools.perplexity import perplexity
-
-    ids = encode_text(path, text)
-    engine = LLMEngine.load(str(path), device=device, dtype=dtype, tokenizer=False, dequantize=dequantize)
-    return perplexity(engine, ids, window=window, max_tokens=max_tokens)
 
 
 @app.command("quantize", epilog="[bold]Examples[/bold]\n\n  llm quantize --bits 8\n  llm quantize Qwen/Qwen2.5-0.5B-Instruct --bits 4 --group-size 64 --method hqq\n  llm quantize ./model --bits 4 --method gptq --calibration text.txt\n  llm quantize ./model --method nf4 --output ./model-nf4\n  llm quantize --bits 4 --format gguf --gguf-type q4_1")
@@ -80,7 +59,10 @@ def quantize(
 ) -> None:
     """Write an INT8/INT4/NF4 weight-only checkpoint, or a GGUF (Q8_0/Q4_0/Q4_1) with --format gguf."""
     from llmcli.quant import QuantSpec
-    from llmcli.cli.resolve import resolve_model_spec
+    from llmcli.quant.checkpoint import quantize_checkpoint
+    from llmcli.quant.gguf_writer import check_gguf_type, write_gguf
+    from llmcli.tools.calibration import collect_hessians
+    from llmcli.tools.perplexity import measure_perplexity, read_text
 
     if fmt not in ("llmcli", "gguf"):
         raise UserError(f"--format must be llmcli or gguf, not {fmt!r}")
@@ -89,8 +71,6 @@ def quantize(
     spec = QuantSpec(bits=bits, group_size=group_size, method=method, quantize_embeddings=quantize_embeddings)
     spec.validate()
     if fmt == "gguf":
-        from llmcli.quant.gguf_writer import check_gguf_type
-
         gguf_type = check_gguf_type(gguf_type, spec)
     elif gguf_type is not None:
         raise UserError("--gguf-type needs --format gguf")
@@ -105,23 +85,14 @@ def quantize(
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it")
     if fmt == "gguf":
-        from llmcli.quant.gguf_writer import write_gguf
-
         summary = write_gguf(src, out, spec, force=force, gguf_type=gguf_type)
     else:
-        from llmcli.quant.checkpoint import quantize_checkpoint
-
         hessians = None
         if method == "gptq" or (method == "nf4" and calibration is not None):  # nf4: GPTQ code placement
-            from llmcli.tools.perplexity import read_text
-            from llmcli.quant.gptq import collect_hessians
-
             hessians = collect_hessians(src, read_text(calibration), spec)
         summary = quantize_checkpoint(src, out, spec, force=force, hessians=hessians)
     ppl = {}
     if eval_file is not None:
-        from llmcli.tools.perplexity import read_text
-
         text = read_text(eval_file)
         for key, p in (("before", src), ("after", out)):
             ppl[key] = measure_perplexity(p, text, 512, 4096, None, None).perplexity
@@ -140,16 +111,13 @@ def _render(s, ppl: dict, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(data))
         return
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=f"quantized -> {s.output}", show_header=False)
     t.add_row("method", f"{s.spec.method}, {s.spec.bits}-bit")
     t.add_row("layers quantized", str(len(s.layers)))
     if s.group_sizes():
         t.add_row("group sizes", ", ".join(f"{g}: {n} layers" for g, n in sorted(s.group_sizes().items())))
     t.add_row("kept 16-bit", f"{s.kept} tensors (embeddings, norms, head, routers)")
-    t.add_row("size", f"{_human(s.bytes_before)} (16-bit) -> {_human(s.bytes_after)} ({ratio:.2f}x)")
+    t.add_row("size", f"{format_bytes(s.bytes_before)} (16-bit) -> {format_bytes(s.bytes_after)} ({ratio:.2f}x)")
     t.add_row("time", f"{s.seconds:.1f} s")
     if ppl:
         b, a = ppl["before"], ppl["after"]
@@ -157,29 +125,3 @@ def _render(s, ppl: dict, as_json: bool) -> None:
     for n in s.notes:
         t.add_row("note", n)
     Console().print(t)
-
-
-@app.command("perplexity", epilog="[bold]Examples[/bold]\n\n  llm perplexity\n  llm perplexity ./model-int4-g64 --file book.txt --window 512 --json")
-def perplexity_cmd(
-    model: Optional[str] = typer.Argument(None, help="Model directory, .gguf file or store name (default: the built-in model)."),
-    file: Optional[Path] = typer.Option(None, "--file", help="UTF-8 text to score (default: the GPL-3 text in /usr/share/common-licenses)."),
-    window: int = typer.Option(512, "--window", help="Tokens per window (no overlap)."),
-    max_tokens: int = typer.Option(4096, "--max-tokens", help="Score at most this many tokens of the text."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
-    dequantize: bool = typer.Option(False, "--dequantize", help=DEQUANTIZE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print {\"perplexity\": ..., \"tokens\": ...}."),
-) -> None:
-    """Measure a model's perplexity on a text file."""
-    from llmcli.tools.perplexity import DEFAULT_TEXT, read_text
-    from llmcli.cli.resolve import resolve_model_spec
-
-    if max_tokens < 2:
-        raise UserError("--max-tokens must be at least 2")
-    text = read_text(file or DEFAULT_TEXT)
-    path = resolve_model_spec(model)
-    r = measure_perplexity(path, text, window, max_tokens, device, dtype, dequantize)
-    if as_json:
-        typer.echo(json.dumps({"perplexity": r.perplexity, "tokens": r.tokens}))
-    else:
-        typer.echo(f"perplexity {r.perplexity:.4f} over {r.tokens} tokens (window {window})")

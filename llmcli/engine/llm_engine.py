@@ -176,6 +176,18 @@ class LLMEngine:
         return self.model.compute_logits(hidden[torch.arange(len(seqs), device=self.device), last])
 
     @torch.inference_mode()
+    def forward_window(self, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
+        """Run token_ids through the model as a fresh sequence, every position computed even where a cached
+        prefix matched (a measurement sees each token's own forward: perplexity, calibration hooks), then
+        release it. Logits of the last token [V], or with all_positions of every token [n, V]."""
+        seq = self.add(token_ids)
+        try:
+            seq.num_computed = 0
+            return self.forward_logits([seq], all_positions=all_positions)[0]
+        finally:
+            self.release(seq)
+
+    @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> list[int]:
         """One batched step: compute pending tokens, sample one token per sequence, append it."""
         logits = self.forward_logits(seqs)

@@ -1,11 +1,11 @@
 """Weights -> model: build the transformer without initializing it, then stream tensors in one by one.
 
 Sources: safetensors (single file or sharded with model.safetensors.index.json), memory-mapped with safe_open,
-and GGUF through llmcli.formats.gguf.iter_gguf_tensors. Each tensor is copied straight into its (already allocated)
+and GGUF through llmcli.quant.gguf_kept.iter_gguf_kept. Each tensor is copied straight into its (already allocated)
 parameter on the target device/dtype, so peak host memory stays near one copy of the model.
 
-Name handling is data: PREFIX_RENAMES strips wrappers (multimodal checkpoints), FUSED maps separate
-q/k/v and gate/up projections onto rows of the fused Linear. A module may also define
+Name handling is data (llmcli.models.weights): prefix renames strip wrappers (multimodal checkpoints), FUSED maps
+separate q/k/v and gate/up projections onto rows of the fused Linear. A module may also define
 `load_hf_weight(suffix, tensor) -> bool` to take tensors it stores differently (e.g. stacked experts).
 """
 
@@ -21,25 +21,15 @@ from torch import nn
 from llmcli.config import ModelConfig, load_config
 from llmcli.errors import UserError
 from llmcli.formats import is_gguf
-
-# Checkpoint prefixes of models that wrap a text decoder (gemma3 multimodal, v4 and v5 spellings).
-PREFIX_RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-                  ("language_model.lm_head.", "lm_head."))
-SKIP_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
-SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
-
-# separate projection -> (fused module, shard index); shard sizes come from fused_shards()
-FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-
-
-def fused_shards(config: ModelConfig, fused: str) -> list[int]:
-    """Output features of each shard of a fused projection, in row order."""
-    if fused == "qkv_proj":
-        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        return [q, kv, kv]
-    return [config.intermediate_size, config.intermediate_size]
-
+from llmcli.formats.gguf_config import load_gguf_config
+from llmcli.formats.gguf_tensors import gguf_tensor_types
+from llmcli.models.transformer import Transformer
+from llmcli.models.weights import FUSED, fused_shards, rename, target_module
+from llmcli.quant import QuantSpec, quantizable_linears
+from llmcli.quant.embedding import Int8Embedding, tie_quantized_head
+from llmcli.quant.gguf_kept import KEEP_INT4, KEEP_INT8, KEPT_GROUP_SIZE, iter_gguf_kept
+from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
+from llmcli.quant.prepare import prepare_model
 
 def safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
@@ -63,17 +53,6 @@ def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, st.get_tensor(name)
 
 
-def _rename(name: str) -> str | None:
-    if name.startswith(SKIP_PREFIXES) or name.endswith(SKIP_SUFFIXES):
-        return None
-    # mixtral's sparse block is `block_sparse_moe` in checkpoints, `mlp` (llmcli.layers.moe.MoE) here
-    name = name.replace(".block_sparse_moe.", ".mlp.")
-    for old, new in PREFIX_RENAMES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
-
-
 def load_weights(model: nn.Module, config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Copy every tensor into its parameter; raise UserError for weights the model needs but never got."""
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -81,32 +60,45 @@ def load_weights(model: nn.Module, config: ModelConfig, tensors: Iterator[tuple[
     loaded: set[str] = set()
     with torch.no_grad():
         for raw_name, tensor in tensors:
-            name = _rename(raw_name)
+            name = rename(raw_name)
             if name is None:
                 continue
-            if name in params:
-                _copy(params[name], tensor, name)
-                loaded.add(name)
-                continue
-            module_path, _, suffix = name.rpartition(".")
-            parent, _, leaf = module_path.rpartition(".")
-            if leaf in FUSED and f"{parent}.{FUSED[leaf][0]}.{suffix}" in params:
-                fused, shard = FUSED[leaf]
-                target = f"{parent}.{fused}.{suffix}"
-                p = params[target]
-                sizes = fused_shards(config, fused)
-                # rows scale with the parameter (quantized formats may pack rows): offsets are proportional
-                total = sum(sizes)
-                lo = p.shape[0] * sum(sizes[:shard]) // total
-                hi = p.shape[0] * sum(sizes[:shard + 1]) // total
-                _copy(p[lo:hi], tensor, name)
-                loaded.add(f"{target}#{shard}")
-                continue
-            if _module_hook(modules, name, tensor):
-                loaded.add(name)
-                continue
+            key = _load_one(params, modules, config, name, tensor)
+            if key is not None:
+                loaded.add(key)
             # unknown tensors (e.g. extra heads) are ignored; missing ones are reported below
+    missing = _missing(params, config, loaded)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise UserError(f"checkpoint lacks weights the model needs: {', '.join(missing[:3])}{more}")
 
+
+def _load_one(params: dict, modules: dict, config: ModelConfig, name: str, tensor: torch.Tensor) -> str | None:
+    """Copy one (renamed) tensor where it belongs: its parameter, a shard of a fused one, or a module's own
+    load_hf_weight. Returns what it filled (a parameter name, `name#shard`), None for a tensor nothing takes."""
+    if name in params:
+        _copy(params[name], tensor, name)
+        return name
+    module_path, _, suffix = name.rpartition(".")
+    parent, _, leaf = module_path.rpartition(".")
+    if leaf in FUSED and f"{parent}.{FUSED[leaf][0]}.{suffix}" in params:
+        fused, shard = FUSED[leaf]
+        target = f"{parent}.{fused}.{suffix}"
+        p = params[target]
+        sizes = fused_shards(config, fused)
+        # rows scale with the parameter (quantized formats may pack rows): offsets are proportional
+        total = sum(sizes)
+        lo = p.shape[0] * sum(sizes[:shard]) // total
+        hi = p.shape[0] * sum(sizes[:shard + 1]) // total
+        _copy(p[lo:hi], tensor, name)
+        return f"{target}#{shard}"
+    if _module_hook(modules, name, tensor):
+        return name
+    return None
+
+
+def _missing(params: dict, config: ModelConfig, loaded: set[str]) -> list[str]:
+    """Parameters no tensor filled, in model order (tied heads and hook-filled parameters count as filled)."""
     missing = []
     for pname, p in params.items():
         leaf = pname.rsplit(".", 2)
@@ -122,9 +114,7 @@ def load_weights(model: nn.Module, config: ModelConfig, tensors: Iterator[tuple[
         if getattr(p, "_llmcli_loaded", False):  # set by load_hf_weight hooks
             continue
         missing.append(pname)
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise UserError(f"checkpoint lacks weights the model needs: {', '.join(missing[:3])}{more}")
+    return missing
 
 
 def _module_hook(modules: dict, name: str, tensor: torch.Tensor) -> bool:
@@ -151,16 +141,12 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
                 quantization_config: dict | None = None, swap=None) -> nn.Module:
     """Allocate (not initialize) the model on device; quantization swaps modules before allocation
     (from a checkpoint's quantization_config, or `swap(meta_model)`: a GGUF's kept-quantized linears)."""
-    from llmcli.models.transformer import Transformer
-
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = Transformer(config)
             if quantization_config:
-                from llmcli.quant import prepare_model  # owned by the quantization work
-
                 prepare_model(model, config, quantization_config)
             if swap is not None:
                 swap(model)
@@ -170,8 +156,6 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
     if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
     elif config.tie_word_embeddings and hasattr(model.model.embed_tokens, "qweight"):
-        from llmcli.quant.embedding import tie_quantized_head
-
         tie_quantized_head(model)  # one quantized table serves the lookup and the head's kernel
     return model.eval()
 
@@ -186,8 +170,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     path = Path(path)
     device = torch.device(device)
     if is_gguf(path):
-        from llmcli.formats.gguf import gguf_tensor_types, iter_gguf_kept, load_gguf_config
-
         config = load_gguf_config(path)
         plan = {} if dequantize else gguf_keep_plan(config, gguf_tensor_types(path))
         keep = {src: kind for kind, sources in plan.values() for src in sources}
@@ -214,11 +196,6 @@ def gguf_keep_plan(config: ModelConfig, types: dict[str, object]) -> dict[str, t
     int8 kernel too. Anything else (K-quants, F16, a mix of 4- and 8-bit parts, Q4 embeddings, MoE
     experts, norms) is expanded to the model dtype as before.
     """
-    from llmcli.formats.gguf import KEEP_INT4, KEEP_INT8, KEPT_GROUP_SIZE
-    from llmcli.models.transformer import Transformer
-    from llmcli.quant import QuantSpec, quantizable_linears
-    from llmcli.quant.checkpoint import target_module
-
     with torch.device("meta"):
         model = Transformer(config)
     targets = dict(quantizable_linears(model, QuantSpec(bits=8, quantize_embeddings=True)))
@@ -247,10 +224,6 @@ def gguf_keep_plan(config: ModelConfig, types: dict[str, object]) -> dict[str, t
 
 def _swap_kept(model: nn.Module, plan: dict[str, tuple[str, list[str]]]) -> None:
     """Replace the planned nn.Linear modules of the meta-device model by quantized ones (before allocation)."""
-    from llmcli.formats.gguf import KEPT_GROUP_SIZE
-    from llmcli.quant.embedding import Int8Embedding
-    from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
-
     for module, (kind, _) in plan.items():
         lin = model.get_submodule(module)
         if isinstance(lin, nn.Embedding):

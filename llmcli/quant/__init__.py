@@ -1,7 +1,10 @@
 """Weight-only quantization: INT8 (per output row), INT4 (group-wise; RTN, HQQ or GPTQ), NF4 (bitsandbytes).
 
+This module: QuantSpec (what `llm quantize` was asked for, stored as config.json's `quantization_config`) and
+which modules of the engine's model a spec quantizes.
+
 Contract with the loader (llmcli.engine.loader.build_model): when config.json carries a `quantization_config`,
-prepare_model() runs on the meta-device model before weights are allocated and swaps every quantizable
+llmcli.quant.prepare.prepare_model() runs on the meta-device model before weights are allocated and swaps every quantizable
 nn.Linear for a quantized module whose parameter names are the checkpoint's tensor suffixes
 (`qweight`, `scales`, `zeros`). The loader then fills them by name, fusing q/k/v and gate/up rows; the
 kernel layout is built on the first forward (or by finalize()).
@@ -22,6 +25,8 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from llmcli.errors import UserError
+from llmcli.layers.moe import Experts
+from llmcli.quant.experts import experts_quantizable
 
 METHODS = ("rtn", "hqq", "gptq", "nf4")
 
@@ -85,58 +90,6 @@ def quantizable_embeddings(model: nn.Module, spec: QuantSpec) -> list[tuple[str,
     return [("model.embed_tokens", m)]
 
 
-def make_quant_module(m: nn.Module, spec: QuantSpec) -> nn.Module:
-    """The quantized replacement of an nn.Linear or nn.Embedding the spec selected."""
-    if isinstance(m, nn.Embedding):
-        from llmcli.quant.embedding import make_quant_embedding
-
-        return make_quant_embedding(m, spec.bits, spec.group_size)
-    return make_quant_linear(m, spec)
-
-
-def make_quant_linear(m: nn.Linear, spec: QuantSpec) -> nn.Module:
-    from llmcli.quant.int4 import effective_group_size
-    from llmcli.quant.linear import Int4Linear, Int8Linear
-
-    bias = m.bias is not None
-    if spec.bits == 8:
-        return Int8Linear(m.in_features, m.out_features, bias)
-    return Int4Linear(m.in_features, m.out_features, effective_group_size(m.in_features, spec.group_size), bias)
-
-
 def quantizable_experts(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Module]]:
     """(name, module) of every stacked MoE Experts block the spec quantizes, in model order."""
-    from llmcli.layers.moe import Experts
-    from llmcli.quant.experts import experts_quantizable
-
     return [(n, m) for n, m in model.named_modules() if type(m) is Experts and experts_quantizable(m, spec.bits)]
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-def prepare_model(model: nn.Module, config, quantization_config: dict) -> nn.Module:
-    """Swap quantizable nn.Linear modules in place (call on the meta-device model, before loading)."""
-    qc = dict(quantization_config)
-    if qc.get("quant_method") == "bitsandbytes":
-        from llmcli.quant.nf4 import prepare_model_nf4
-
-        return prepare_model_nf4(model, config, qc)
-    spec = QuantSpec.from_config(qc)
-    for name, m in quantizable_linears(model, spec) + quantizable_embeddings(model, spec):
-        _set_module(model, name, make_quant_module(m, spec))
-    from llmcli.quant.experts import make_quant_experts
-
-    for name, m in quantizable_experts(model, spec):
-        _set_module(model, name, make_quant_experts(m, spec.bits, spec.group_size))
-    return model
-
-
-def finalize(model: nn.Module) -> nn.Module:
-    """Build every quantized module's kernel layout now instead of on its first forward."""
-    for m in model.modules():
-        if hasattr(m, "finalize") and m is not model:
-            m.finalize()
-    return model

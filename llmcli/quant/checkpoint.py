@@ -22,11 +22,25 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from llmcli.config import from_hf_dict
 from llmcli.errors import UserError
 from llmcli.formats import is_gguf
-from llmcli.quant import QuantSpec, make_quant_module, quantizable_embeddings, quantizable_experts, quantizable_linears
-from llmcli.quant.experts import QuantExpertProj, make_quant_experts, stacked_name
+from llmcli.formats.gguf_config import load_gguf_config
+from llmcli.formats.gguf_tensors import dense_tensor, iter_gguf_raw, iter_gguf_tensors
+from llmcli.models.transformer import Transformer
+from llmcli.models.weights import rename, target_module
+from llmcli.quant import QuantSpec, quantizable_embeddings, quantizable_experts, quantizable_linears
+from llmcli.quant.experts import QuantExpertProj, make_quant_experts
+from llmcli.quant.gptq import gptq_quantize
+from llmcli.quant.hqq import quantize_int4_hqq
+from llmcli.quant.int4 import pack_int4, quantize_int4_rtn
+from llmcli.quant.int8 import quantize_int8
+from llmcli.quant.nf4 import bnb_quantization_config, nf4_targets, quantize_nf4_tensor
+from llmcli.quant.prepare import make_quant_module
+from llmcli.tokenizer import load_tokenizer
 
 SHARD_BYTES = 2 * 2**30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -67,8 +81,6 @@ class Summary:
 def open_source(path: Path) -> tuple[dict, Callable[[], Iterator[tuple[str, torch.Tensor]]]]:
     """(HF config dict, a function returning a fresh tensor iterator) for a model dir or a .gguf file."""
     if is_gguf(path):
-        from llmcli.formats.gguf import iter_gguf_tensors, load_gguf_config
-
         cfg = dict(load_gguf_config(path).raw)
         return cfg, lambda: iter_gguf_tensors(path, torch.float32)
     from llmcli.engine.loader import iter_safetensors
@@ -94,34 +106,26 @@ def norm_fed_modules(config, targets: dict) -> dict[str, str]:
 def read_source_tensors(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
     """The few tensors named in wanted (engine names), read from the source before the main pass: nothing makes
     a norm come before the layers it feeds in file order (a shard boundary can fall between them)."""
-    from llmcli.engine.loader import _rename
-
     found: dict[str, torch.Tensor] = {}
     if not wanted:
         return found
     if is_gguf(path):
-        from llmcli.formats.gguf import _dense, iter_gguf_raw
-
         for raw in iter_gguf_raw(path):
-            if _rename(raw.name) in wanted:
-                found[_rename(raw.name)] = _dense(raw, path).float()
+            if rename(raw.name) in wanted:
+                found[rename(raw.name)] = dense_tensor(raw, path).float()
         return found
-    from safetensors import safe_open
-
     from llmcli.engine.loader import safetensors_files
 
     for f in safetensors_files(path):
         with safe_open(f, framework="pt", device="cpu") as st:
             for name in st.keys():
-                if _rename(name) in wanted:
-                    found[_rename(name)] = st.get_tensor(name).float()
+                if rename(name) in wanted:
+                    found[rename(name)] = st.get_tensor(name).float()
     return found
 
 
 def quantized_targets(config, spec: QuantSpec) -> dict[str, torch.nn.Module]:
     """Engine module name -> the quantized module prepare_model puts there (built on the meta device)."""
-    from llmcli.models.transformer import Transformer
-
     with torch.device("meta"):
         model = Transformer(config)
         chosen = quantizable_linears(model, spec) + quantizable_embeddings(model, spec)
@@ -132,43 +136,15 @@ def quantized_targets(config, spec: QuantSpec) -> dict[str, torch.nn.Module]:
         return targets
 
 
-def target_module(name: str, targets: dict) -> str | None:
-    """Checkpoint tensor name -> engine module name it loads into if that module is in targets
-    (the loader's GGUF keep plan asks the same question)."""
-    from llmcli.engine.loader import FUSED, _rename
-
-    name = _rename(name)
-    if name in targets:  # a stacked expert tensor (transformers v5 `experts.gate_up_proj`) is named like its module
-        return name
-    if name is None or not name.endswith(".weight"):
-        return None
-    module = name[: -len(".weight")]
-    if module in targets:
-        return module
-    stacked = stacked_name(module)  # one expert's slice: `experts.3.gate_proj` -> `experts.gate_up_proj`
-    if stacked is not None:
-        return stacked if stacked in targets else None
-    parent, _, leaf = module.rpartition(".")
-    fused = f"{parent}.{FUSED[leaf][0]}" if leaf in FUSED else module
-    return fused if fused in targets else None
-
-
 def _is_head(name: str) -> bool:
-    from llmcli.engine.loader import _rename
-
-    return _rename(name) == "lm_head.weight"
+    return rename(name) == "lm_head.weight"
 
 
 def quantize_tensor(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tensor | None = None,
                     importance: torch.Tensor | None = None) -> dict:
     """One weight [out, in] -> {suffix: tensor} in the on-disk layout of qmod's class. importance: the inputs'
     E[x^2] estimate [in] for hqq's search (see norm_fed_modules); other methods ignore it."""
-    from llmcli.quant.int4 import pack_int4, quantize_int4_rtn
-    from llmcli.quant.int8 import quantize_int8
-
     if spec.method == "gptq" and hessian is not None:
-        from llmcli.quant.gptq import gptq_quantize
-
         q, scales, zeros = gptq_quantize(w, hessian, spec.bits, getattr(qmod, "group_size", None))
         if spec.bits == 8:
             return {"qweight": q, "scales": scales}
@@ -176,8 +152,6 @@ def quantize_tensor(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tenso
         q, scales = quantize_int8(w)
         return {"qweight": q, "scales": scales}
     elif spec.method == "hqq":
-        from llmcli.quant.hqq import quantize_int4_hqq
-
         q, scales, zeros = quantize_int4_hqq(w, qmod.group_size, importance=importance)
     else:
         q, scales, zeros = quantize_int4_rtn(w, qmod.group_size)
@@ -202,8 +176,6 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
         fname = f"model-{len(self.shards) + 1:05d}.safetensors"
@@ -237,8 +209,6 @@ def write_tokenizer(src: Path, dst: Path) -> list[str]:
                 shutil.copy2(src / n, dst / n)
                 copied.append(n)
         return copied
-    from llmcli.tokenizer import load_tokenizer
-
     tok = load_tokenizer(src)
     tok.backend.save(str(dst / "tokenizer.json"))
     tc = {**tok.special_tokens, "add_bos_token": tok.add_bos_token}
@@ -248,102 +218,135 @@ def write_tokenizer(src: Path, dst: Path) -> list[str]:
     return ["tokenizer.json", "tokenizer_config.json"]
 
 
+def checkpoint_targets(config, spec: QuantSpec) -> dict[str, torch.nn.Module]:
+    """Engine module name -> the quantized module a checkpoint written with spec loads into."""
+    if spec.method == "nf4":
+        # bitsandbytes has no stacked-expert layout (transformers would not load one): experts stay 16-bit
+        return {k: v for k, v in nf4_targets(config).items() if not isinstance(v, QuantExpertProj)}
+    return quantized_targets(config, spec)
+
+
+def input_gains(src: Path, config, targets: dict, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Engine module -> its inputs' known E[x^2] up to a constant, for int4 hqq (empty for other methods).
+
+    hqq's search weighs each input column by its E[x^2]; for layers fed by an RMSNorm part of it is known
+    without data: the norm's effective gain squared (gemma's is 1 + w)."""
+    if spec.method != "hqq" or spec.bits != 4:
+        return {}
+    fed = norm_fed_modules(config, targets)
+    norms = read_source_tensors(src, set(fed.values()))
+    return {m: (config.norm_offset + norms[n]).pow(2) for m, n in fed.items() if n in norms}
+
+
+def _quantize_parts(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tensor | None,
+                    importance: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One source tensor -> its stored parts ({suffix: tensor}) for the target module qmod."""
+    if spec.method == "nf4":
+        return quantize_nf4_tensor(w, hessian)
+    if spec.method == "gptq" and isinstance(qmod, QuantExpertProj):
+        # calibration hooks see Linear inputs only, so experts have no Hessian: calibration-free instead
+        spec = replace(spec, method="hqq" if spec.bits == 4 else "rtn")
+    return quantize_tensor(w, qmod, spec, hessian, importance)
+
+
+def _write_tensors(tensors: Iterator[tuple[str, torch.Tensor]], writer: "ShardWriter", summary: Summary, *,
+                   config, targets: dict, dtype16: torch.dtype, hessians: dict[str, torch.Tensor] | None,
+                   importance: dict[str, torch.Tensor], progress: Callable[[str], None] | None) -> int:
+    """Stream every source tensor into writer: quantized when it loads into one of targets, else kept (16-bit).
+    Fills summary's sizes, kept count and layer records; returns how many expert tensors gptq left to hqq/rtn."""
+    spec = summary.spec
+    # a tied model stores one quantized table: the loader points the quantized head at the embedding's
+    tied_table = config.tie_word_embeddings and "model.embed_tokens" in targets
+    expert_fallbacks = 0
+    for name, w in tensors:
+        if tied_table and _is_head(name):
+            continue  # a copy of the tied embedding some checkpoints carry anyway
+        summary.bytes_before += w.numel() * 2
+        module = target_module(name, targets)
+        if module is None:
+            to16 = w.is_floating_point() and not name.endswith(KEEP_SOURCE_DTYPE)
+            writer.add(name, w.to(dtype16) if to16 else w)
+            summary.kept += 1
+            continue
+        if progress:
+            progress(name)
+        prefix = name.removesuffix(".weight")  # a stacked expert tensor has no `.weight`
+        qmod = targets[module]
+        h = (hessians or {}).get(module)  # keyed by engine module: q/k/v share qkv_proj's inputs
+        if spec.method == "gptq" and isinstance(qmod, QuantExpertProj):
+            expert_fallbacks += 1
+        for suffix, t in _quantize_parts(w, qmod, spec, h, importance.get(module)).items():
+            writer.add(f"{prefix}.{suffix}", t)
+        summary.layers.append(LayerRecord(prefix, tuple(w.shape), getattr(qmod, "group_size", None)))
+    return expert_fallbacks
+
+
+def _write_config(directory: Path, cfg: dict, spec: QuantSpec, dtype16: torch.dtype) -> None:
+    """config.json: the source's, plus the quantization_config the loader reads (and a 16-bit torch_dtype)."""
+    cfg = dict(cfg)
+    if spec.method == "nf4":
+        cfg["quantization_config"] = bnb_quantization_config()
+    else:
+        cfg["quantization_config"] = spec.to_config()
+    cfg.setdefault("torch_dtype", str(dtype16).removeprefix("torch."))
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():  # --force: the old output goes only once the new one is complete
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _summary_notes(summary: Summary, expert_fallbacks: int) -> list[str]:
+    spec, notes = summary.spec, []
+    requested = spec.group_size
+    smaller = sorted({r.group_size for r in summary.layers if r.group_size and r.group_size != requested})
+    if spec.bits == 4 and spec.method != "nf4" and smaller:
+        n = sum(1 for r in summary.layers if r.group_size != requested)
+        notes.append(f"{n} layers use group size {', '.join(map(str, smaller))}: their input size is not a "
+                     f"multiple of {requested}")
+    if expert_fallbacks:
+        notes.append(f"{expert_fallbacks} expert tensors use {'hqq' if spec.bits == 4 else 'rtn'}: gptq "
+                     "collects Hessians for Linear layers only, not per expert")
+    return notes
+
+
 def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = False,
                         hessians: dict[str, torch.Tensor] | None = None,
                         progress: Callable[[str], None] | None = None) -> Summary:
     """Quantize the model at src (directory or .gguf) into the directory out."""
-    from llmcli.config import from_hf_dict
-
     t0 = time.perf_counter()
     spec.validate()
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it")
     cfg, tensors = open_source(src)
     config = from_hf_dict(cfg)
-    if spec.method == "nf4":
-        from llmcli.quant.nf4 import nf4_targets
-
-        # bitsandbytes has no stacked-expert layout (transformers would not load one): experts stay 16-bit
-        targets = {k: v for k, v in nf4_targets(config).items() if not isinstance(v, QuantExpertProj)}
-    else:
-        targets = quantized_targets(config, spec)
+    targets = checkpoint_targets(config, spec)
     summary = Summary(spec=spec, output=out)
     dtype16 = keep_dtype(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         writer = ShardWriter(tmp)
-        # a tied model stores one quantized table: the loader points the quantized head at the embedding's
-        tied_table = config.tie_word_embeddings and "model.embed_tokens" in targets
-        expert_fallbacks = 0
-        # hqq's search weighs each input column by its E[x^2]; for layers fed by an RMSNorm part of it is known
-        # without data: the norm's effective gain squared (gemma's is 1 + w)
-        input_gain: dict[str, torch.Tensor] = {}
-        if spec.method == "hqq" and spec.bits == 4:
-            fed = norm_fed_modules(config, targets)
-            norms = read_source_tensors(src, set(fed.values()))
-            input_gain = {m: (config.norm_offset + norms[n]).pow(2) for m, n in fed.items() if n in norms}
-        for name, w in tensors():
-            if tied_table and _is_head(name):
-                continue  # a copy of the tied embedding some checkpoints carry anyway
-            summary.bytes_before += w.numel() * 2
-            module = target_module(name, targets)
-            if module is None:
-                to16 = w.is_floating_point() and not name.endswith(KEEP_SOURCE_DTYPE)
-                writer.add(name, w.to(dtype16) if to16 else w)
-                summary.kept += 1
-                continue
-            if progress:
-                progress(name)
-            prefix = name.removesuffix(".weight")  # a stacked expert tensor has no `.weight`
-            qmod = targets[module]
-            h = (hessians or {}).get(module)  # keyed by engine module: q/k/v share qkv_proj's inputs
-            tensor_spec = spec
-            if spec.method == "gptq" and isinstance(qmod, QuantExpertProj):
-                # calibration hooks see Linear inputs only, so experts have no Hessian: calibration-free instead
-                tensor_spec = replace(spec, method="hqq" if spec.bits == 4 else "rtn")
-                expert_fallbacks += 1
-            if spec.method == "nf4":
-                from llmcli.quant.nf4 import quantize_nf4_tensor
-
-                parts = quantize_nf4_tensor(w, h)
-            else:
-                parts = quantize_tensor(w, qmod, tensor_spec, h, input_gain.get(module))
-            for suffix, t in parts.items():
-                writer.add(f"{prefix}.{suffix}", t)
-            summary.layers.append(LayerRecord(prefix, tuple(w.shape), getattr(qmod, "group_size", None)))
+        importance = input_gains(src, config, targets, spec)
+        expert_fallbacks = _write_tensors(tensors(), writer, summary, config=config, targets=targets,
+                                          dtype16=dtype16, hessians=hessians, importance=importance,
+                                          progress=progress)
         writer.close()
         if not summary.layers:
             raise UserError(f"{src} has no layers this quantizer can handle")
-        cfg = dict(cfg)
-        if spec.method == "nf4":
-            from llmcli.quant.nf4 import bnb_quantization_config
-
-            cfg["quantization_config"] = bnb_quantization_config()
-        else:
-            cfg["quantization_config"] = spec.to_config()
-        cfg.setdefault("torch_dtype", str(dtype16).removeprefix("torch."))
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        _write_config(tmp, cfg, spec, dtype16)
         write_tokenizer(src, tmp)
         summary.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-        if out.exists():  # --force: the old output goes only once the new one is complete
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    requested = spec.group_size
-    smaller = sorted({r.group_size for r in summary.layers if r.group_size and r.group_size != requested})
-    if spec.bits == 4 and spec.method != "nf4" and smaller:
-        n = sum(1 for r in summary.layers if r.group_size != requested)
-        summary.notes.append(f"{n} layers use group size {', '.join(map(str, smaller))}: their input size is not a "
-                             f"multiple of {requested}")
-    if expert_fallbacks:
-        summary.notes.append(f"{expert_fallbacks} expert tensors use {'hqq' if spec.bits == 4 else 'rtn'}: gptq "
-                             "collects Hessians for Linear layers only, not per expert")
+    summary.notes.extend(_summary_notes(summary, expert_fallbacks))
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -15,11 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmcli.estimate import effective_group_size
 from llmcli.quant.int4 import dequantize_int4, unpack_int4
-
-
-def _frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+from llmcli.quant.linear import frozen_param
 
 
 class QuantEmbedding(nn.Module):
@@ -43,8 +41,8 @@ class Int8Embedding(QuantEmbedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__(num_embeddings, embedding_dim)
-        self.qweight = _frozen(num_embeddings, embedding_dim, dtype=torch.int8)
-        self.scales = _frozen(num_embeddings, dtype=torch.float16)
+        self.qweight = frozen_param(num_embeddings, embedding_dim, dtype=torch.int8)
+        self.scales = frozen_param(num_embeddings, dtype=torch.float16)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         # same arithmetic as dequantize_int8 (fp32 product, then cast) so a lookup equals the dequantized row
@@ -61,9 +59,9 @@ class Int4Embedding(QuantEmbedding):
         super().__init__(num_embeddings, embedding_dim)
         self.group_size = group_size
         n_groups = embedding_dim // group_size
-        self.qweight = _frozen(num_embeddings, embedding_dim // 2, dtype=torch.uint8)
-        self.scales = _frozen(num_embeddings, n_groups, dtype=torch.float16)
-        self.zeros = _frozen(num_embeddings, n_groups, dtype=torch.float16)
+        self.qweight = frozen_param(num_embeddings, embedding_dim // 2, dtype=torch.uint8)
+        self.scales = frozen_param(num_embeddings, n_groups, dtype=torch.float16)
+        self.zeros = frozen_param(num_embeddings, n_groups, dtype=torch.float16)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return dequantize_int4(unpack_int4(self.qweight[ids]), self.scales[ids], self.zeros[ids], self.out_dtype)
@@ -73,8 +71,6 @@ class Int4Embedding(QuantEmbedding):
 
 
 def make_quant_embedding(m: nn.Embedding, bits: int, group_size: int) -> QuantEmbedding:
-    from llmcli.quant.int4 import effective_group_size
-
     if bits == 8:
         return Int8Embedding(m.num_embeddings, m.embedding_dim)
     # the same rule as a linear with in_features = hidden, so a tied head's Int4Linear matches this table

@@ -21,18 +21,15 @@ finalize(), or lazily for just the experts a batch selects; either way a step re
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import torch
 from torch import nn
 
+from llmcli.estimate import effective_group_size
 from llmcli.layers.activation import gated
-from llmcli.layers.moe import PER_EXPERT, dispatch_sorted, each_active_expert
-from llmcli.quant.int4 import effective_group_size
-from llmcli.quant.linear import Int4Linear, Int8Linear, QuantLinear, _frozen
-
-_EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)$")
+from llmcli.layers.moe import dispatch_sorted, each_active_expert
+from llmcli.quant.linear import Int4Linear, Int8Linear, QuantLinear, frozen_param
 
 
 class QuantExpertProj(nn.Module):
@@ -43,13 +40,13 @@ class QuantExpertProj(nn.Module):
         self.num_experts, self.in_features, self.out_features, self.bits = num_experts, in_features, out_features, bits
         self.group_size = effective_group_size(in_features, group_size) if bits == 4 else None
         if bits == 8:
-            self.qweight = _frozen(num_experts, out_features, in_features, dtype=torch.int8)
-            self.scales = _frozen(num_experts, out_features, dtype=torch.float16)
+            self.qweight = frozen_param(num_experts, out_features, in_features, dtype=torch.int8)
+            self.scales = frozen_param(num_experts, out_features, dtype=torch.float16)
         else:
             n_groups = in_features // self.group_size
-            self.qweight = _frozen(num_experts, out_features, in_features // 2, dtype=torch.uint8)
-            self.scales = _frozen(num_experts, out_features, n_groups, dtype=torch.float16)
-            self.zeros = _frozen(num_experts, out_features, n_groups, dtype=torch.float16)
+            self.qweight = frozen_param(num_experts, out_features, in_features // 2, dtype=torch.uint8)
+            self.scales = frozen_param(num_experts, out_features, n_groups, dtype=torch.float16)
+            self.zeros = frozen_param(num_experts, out_features, n_groups, dtype=torch.float16)
         # Per-expert kernel objects, a plain list on purpose: not submodules, so they add no parameter names
         # (the loader and state_dict see only the stacked tensors).
         self._experts: list[QuantLinear | None] = [None] * num_experts
@@ -112,11 +109,3 @@ def make_quant_experts(experts: nn.Module, bits: int, group_size: int) -> QuantE
     e, two_i, hidden = experts.gate_up_proj.shape
     return QuantExperts(e, hidden, two_i // 2, experts.act, bits, group_size)
 
-
-def stacked_name(module: str) -> str | None:
-    """Per-expert checkpoint module -> the stacked projection it is a slice of:
-    `...experts.3.gate_proj` / `...experts.3.w1` -> `...experts.gate_up_proj`; None for anything else."""
-    m = _EXPERT_TENSOR.match(module)
-    if m is None or m.group(3) not in PER_EXPERT:
-        return None
-    return f"{m.group(1)}.{PER_EXPERT[m.group(3)][0]}"

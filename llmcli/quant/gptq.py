@@ -1,8 +1,7 @@
 """GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's rounding error onto
 the columns not yet quantized, weighted by the inverse Hessian H = 2 X^T X of the layer's inputs X.
 
-collect_hessians runs the unquantized model on calibration text (forward hooks on every Linear that will be
-quantized; all layers in one pass, i.e. inputs come from the float model, not the partly quantized one).
+The Hessians come from llmcli.tools.calibration.collect_hessians (the unquantized model run on calibration text).
 
 gptq_core is the algorithm for any fixed grid: damping (a fraction of the mean diagonal), upper Cholesky
 factor of H^-1, lazy block updates of 128 columns, and act-order (columns with the largest Hessian diagonal,
@@ -20,7 +19,8 @@ from typing import Callable
 
 import torch
 
-from llmcli.quant.int4 import effective_group_size
+from llmcli.estimate import effective_group_size
+from llmcli.quant.hqq import quantize_int4_hqq
 
 BLOCK = 128
 DAMP = 0.01
@@ -76,8 +76,6 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
             return q, q * scale8
 
         return gptq_core(W, hessian, col8, act_order=act_order).to(torch.int8), scale8.half(), None
-    from llmcli.quant.hqq import quantize_int4_hqq
-
     g = effective_group_size(cols, group_size or 128)
     _, scales, zeros = quantize_int4_hqq(W, g)  # the static grid: HQQ's calibration-free optimum
     s, z = scales.float(), zeros.float()
@@ -104,41 +102,3 @@ def gptq_quantize_grid(w: torch.Tensor, hessian: torch.Tensor, block_scales: tor
 
     return gptq_core(w, hessian, colc, act_order=act_order).long()
 
-
-@torch.inference_mode()
-def collect_hessians(src, text: str, spec, max_tokens: int = 2048, window: int = 512) -> dict[str, torch.Tensor]:
-    """Engine module name -> H = 2/n X^T X over the calibration tokens, for every Linear the spec quantizes."""
-    from llmcli.cli.quantize import encode_text
-    from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.errors import UserError
-    from llmcli.quant import quantizable_linears
-
-    ids = encode_text(src, text)[:max_tokens]
-    # dequantize: a GGUF source keeps its linears quantized by default, and only nn.Linear gets hooks
-    engine = LLMEngine.load(str(src), device="cpu", dtype=torch.float32, tokenizer=False, dequantize=True)
-    if len(ids) < 16:
-        raise UserError("the calibration text is too short (fewer than 16 tokens)")
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-
-    def hook(name):
-        def fn(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return fn
-
-    for name, m in quantizable_linears(engine.model, spec):
-        hooks.append(m.register_forward_hook(hook(name)))
-    try:
-        for s in range(0, len(ids), window):
-            chunk = ids[s:s + window]
-            seq = engine.add(chunk)
-            seq.num_computed = 0
-            engine.forward_logits([seq])
-            engine.release(seq)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: 2.0 * sums[n] / counts[n] for n in sums}

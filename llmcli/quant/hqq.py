@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from llmcli.quant.int4 import effective_group_size, minmax_params, quantize_groups
+from llmcli.estimate import effective_group_size
+from llmcli.quant.int4 import minmax_params, quantize_groups
 
 # Stretch of the initial grid in levels: (15 + delta) steps over the group's range. Negative deltas widen the
 # step (the ends round inwards, i.e. clip), positive ones narrow it; 0 is the min/max grid itself.

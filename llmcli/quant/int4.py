@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-# One group-size rule for the quantizer and `llm estimate` (kept torch-free there, so estimate stays light).
-from llmcli.estimate import effective_group_size  # noqa: F401
+# One group-size rule for the quantizer and `llm estimate` (it lives in torch-free estimate, so that stays light).
+from llmcli.estimate import effective_group_size
 
 GROUP_SIZES = (32, 64, 128)
 

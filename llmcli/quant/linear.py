@@ -27,7 +27,8 @@ DENSE_ROWS_CPU = 64
 DENSE_ROWS_CUDA = 16
 
 
-def _frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+def frozen_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    """An uninitialised parameter that is not trained (the loader fills it): the quantized modules' storage."""
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
@@ -68,8 +69,8 @@ class Int8Linear(QuantLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias)
-        self.qweight = _frozen(out_features, in_features, dtype=torch.int8)
-        self.scales = _frozen(out_features, dtype=torch.float16)
+        self.qweight = frozen_param(out_features, in_features, dtype=torch.int8)
+        self.scales = frozen_param(out_features, dtype=torch.float16)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.qweight.to(dtype) * self.scales.to(dtype).unsqueeze(-1))
@@ -95,9 +96,9 @@ class Int4Linear(QuantLinear):
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
         n_groups = in_features // group_size
-        self.qweight = _frozen(out_features, in_features // 2, dtype=torch.uint8)
-        self.scales = _frozen(out_features, n_groups, dtype=torch.float16)
-        self.zeros = _frozen(out_features, n_groups, dtype=torch.float16)
+        self.qweight = frozen_param(out_features, in_features // 2, dtype=torch.uint8)
+        self.scales = frozen_param(out_features, n_groups, dtype=torch.float16)
+        self.zeros = frozen_param(out_features, n_groups, dtype=torch.float16)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int4(unpack_int4(self.qweight), self.scales, self.zeros, dtype)
@@ -153,7 +154,7 @@ class Int4OffsetLinear(Int4Linear):
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
         super().__init__(in_features, out_features, group_size, bias)
         del self.zeros
-        self.offsets = _frozen(out_features, in_features // group_size, dtype=torch.float16)
+        self.offsets = frozen_param(out_features, in_features // group_size, dtype=torch.float16)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = unpack_int4(self.qweight)

@@ -30,6 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.errors import UserError
+from llmcli.models.transformer import Transformer
+from llmcli.models.weights import fused_shards
+from llmcli.quant import QuantSpec, quantizable_linears
+from llmcli.quant.gptq import gptq_quantize_grid
+from llmcli.quant.linear import frozen_param
 
 # bitsandbytes' CPU backend logs a warning on import when the optional `kernels` package (a faster gemm it
 # downloads from the Hub) is absent; its built-in AVX512 kernel, which NF4Linear uses, works without it.
@@ -50,16 +55,12 @@ def bnb_quantization_config() -> dict:
 def nf4_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The Linear modules NF4 quantizes: INT4's choice (decoder-layer projections) whose rows are whole
     64-blocks, so no block straddles two rows or two fused shards. Writer and engine both use this."""
-    from llmcli.quant import QuantSpec, quantizable_linears
-
     chosen = quantizable_linears(model, QuantSpec(bits=4, group_size=64, method="rtn"))
     return [(n, m) for n, m in chosen if m.in_features % BLOCKSIZE == 0]
 
 
 def nf4_targets(config) -> dict:
     """Engine module name -> its NF4Linear, built on the meta device (what the checkpoint writer quantizes)."""
-    from llmcli.models.transformer import Transformer
-
     with torch.device("meta"):
         model = Transformer(config)
         return {name: make_nf4_linear(config, name, m) for name, m in nf4_linears(model)}
@@ -67,7 +68,7 @@ def nf4_targets(config) -> dict:
 
 def nf4_code() -> torch.Tensor:
     """The 16 NF4 values (bitsandbytes' table), ascending, fp32."""
-    from bitsandbytes.functional import get_4bit_type
+    from bitsandbytes.functional import get_4bit_type  # heavy (loads its native library): only when NF4 is used
 
     return get_4bit_type("nf4", device="cpu").float()
 
@@ -81,7 +82,7 @@ def nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 def nested_roundtrip(absmax: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """fp32 block scales -> (the scales as bitsandbytes will read them back, the nested state parts)."""
-    import bitsandbytes.functional as bnbf
+    import bitsandbytes.functional as bnbf  # heavy (loads its native library): only when writing NF4
 
     offset = absmax.mean()
     q8, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
@@ -116,8 +117,7 @@ def quantize_nf4_tensor(w: torch.Tensor, hessian: torch.Tensor | None = None,
     layer's calibration inputs; search: per-block scale search weighted by the Hessian's diagonal (default: only
     with a Hessian -- unweighted, the squared-error optimum measured slightly worse perplexity on SmolLM2 than
     bitsandbytes' absmax, 32.28 vs 32.14)."""
-    import bitsandbytes.functional as bnbf
-    from bitsandbytes.functional import QuantState
+    from bitsandbytes.functional import QuantState  # heavy (loads its native library): only when writing NF4
 
     out_f, in_f = w.shape
     if (out_f * in_f) % BLOCKSIZE:
@@ -137,8 +137,6 @@ def quantize_nf4_tensor(w: torch.Tensor, hessian: torch.Tensor | None = None,
         scales = wb.abs().amax(dim=-1)
     stored, nested = nested_roundtrip(scales)  # choose codes for the scale that will actually be read back
     if hessian is not None and in_f % BLOCKSIZE == 0:
-        from llmcli.quant.gptq import gptq_quantize_grid
-
         idx = gptq_quantize_grid(wf, hessian, stored.reshape(out_f, -1), code, BLOCKSIZE)
     else:
         idx = nearest_code(wb / stored.clamp(min=1e-12)[:, None], code).reshape(out_f, in_f)
@@ -156,7 +154,7 @@ def dequantize_nf4_tensor(parts: dict[str, torch.Tensor], device: str = "cpu",
                           dtype: torch.dtype | None = None) -> torch.Tensor:
     """bitsandbytes' own dequantization of one stored tensor (the reference our engine is tested against);
     dtype overrides the stored compute dtype (bf16), e.g. fp32 for exact comparisons."""
-    import bitsandbytes.functional as bnbf
+    import bitsandbytes.functional as bnbf  # heavy (loads its native library): only for this reference
     from bitsandbytes.functional import QuantState
 
     qs = {k.removeprefix("weight."): v for k, v in parts.items() if k != "weight"}
@@ -183,10 +181,6 @@ def decode_absmax(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
 
 
 # ---- the engine's module -------------------------------------------------------------------------------------
-def _frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-
-
 class NF4Linear(nn.Module):
     """y = x @ W.T with W[block] = code[q] * absmax[block] per 64 consecutive values of the flattened weight.
 
@@ -202,10 +196,10 @@ class NF4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, shards: list[int], bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.shards = in_features, out_features, shards
-        self.weight = _frozen(out_features * in_features // 2, 1, dtype=torch.uint8)
-        self.absmax = _frozen(out_features * in_features // BLOCKSIZE, dtype=torch.float32)
-        self.code = _frozen(16, dtype=torch.float32)
-        self.bias = _frozen(out_features, dtype=torch.get_default_dtype()) if bias else None
+        self.weight = frozen_param(out_features * in_features // 2, 1, dtype=torch.uint8)
+        self.absmax = frozen_param(out_features * in_features // BLOCKSIZE, dtype=torch.float32)
+        self.code = frozen_param(16, dtype=torch.float32)
+        self.bias = frozen_param(out_features, dtype=torch.get_default_dtype()) if bias else None
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self._done: set[int] = set()
         self._kernel: dict | None = None
@@ -257,7 +251,7 @@ class NF4Linear(nn.Module):
         if self.weight.device.type != "cpu" or self.out_features % 32:
             return k
         try:
-            import bitsandbytes.functional as bnbf
+            import bitsandbytes.functional as bnbf  # heavy (loads its native library): only for NF4 models
 
             if not bnbf.has_avx512bf16():
                 return k
@@ -275,7 +269,7 @@ class NF4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._kernel["bnb"] is not None:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # heavy: only for NF4 models (already loaded by _prepare)
 
             packed, state = self._kernel["bnb"]
             y = bnb.matmul_4bit(x2.to(torch.bfloat16), packed, state).to(x.dtype)
@@ -291,8 +285,6 @@ class NF4Linear(nn.Module):
 
 
 def make_nf4_linear(config, name: str, m: nn.Linear) -> NF4Linear:
-    from llmcli.engine.loader import fused_shards
-
     leaf = name.rpartition(".")[2]
     if leaf == "qkv_proj":
         shards = fused_shards(config, leaf)
@@ -302,15 +294,3 @@ def make_nf4_linear(config, name: str, m: nn.Linear) -> NF4Linear:
         shards = [m.out_features]
     return NF4Linear(m.in_features, m.out_features, shards, m.bias is not None)
 
-
-def prepare_model_nf4(model: nn.Module, config, quantization_config: dict) -> nn.Module:
-    """Swap the Linear modules an NF4 checkpoint quantizes (the writer's choice: nf4_linears)."""
-    from llmcli.quant import _set_module
-
-    qc = quantization_config
-    if not qc.get("load_in_4bit") or qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
-        raise UserError("this bitsandbytes checkpoint is not NF4 4-bit: the llmcli engine runs only "
-                        "load_in_4bit with bnb_4bit_quant_type nf4")
-    for name, m in nf4_linears(model):
-        _set_module(model, name, make_nf4_linear(config, name, m))
-    return model

@@ -3,6 +3,7 @@
 The token stream is cut into consecutive windows of `window` tokens (no overlap); each window is a fresh
 sequence and is scored on all but its first token, so the numbers match the usual "strided, stride =
 window" evaluation of transformers on the same text. Only the first max_tokens tokens are used.
+measure_perplexity does the whole job for a model path: tokenize, load the engine, score.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmcli.engine.llm_engine import LLMEngine
 from llmcli.errors import UserError
+from llmcli.tokenizer import load_tokenizer
 
 # The default evaluation text: English prose every Debian/Ubuntu machine ships (package base-files).
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -43,6 +46,11 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+def encode_text(path: Path, text: str) -> list[int]:
+    """Token ids of plain text (no special tokens added) with the model's own tokenizer."""
+    return list(load_tokenizer(path).encode(text, add_special_tokens=False))
+
+
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed NLL of ids[1:] under logits[:-1] (logits [n, V], ids [n])."""
     return F.cross_entropy(logits[:-1].float(), ids[1:].to(logits.device), reduction="sum")
@@ -50,7 +58,7 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def perplexity(engine, ids: list[int], window: int = 512, max_tokens: int | None = None) -> PerplexityResult:
-    """Score token ids with an LLMEngine (anything with add / forward_logits(all_positions) / release)."""
+    """Score token ids with an LLMEngine (anything with forward_window(ids, all_positions=True))."""
     if window < 2:
         raise UserError("--window must be at least 2 tokens")
     if max_tokens is not None:
@@ -60,15 +68,18 @@ def perplexity(engine, ids: list[int], window: int = 512, max_tokens: int | None
         chunk = ids[start:start + window]
         if len(chunk) < 2:
             break
-        seq = engine.add(chunk)
-        try:
-            seq.num_computed = 0  # score every position even if a cached prefix matched
-            logits = engine.forward_logits([seq], all_positions=True)[0]
-        finally:
-            engine.release(seq)
+        logits = engine.forward_window(chunk, all_positions=True)  # every position, even a cached prefix
         total += window_nll(logits, torch.tensor(chunk)).item()
         count += len(chunk) - 1
     if count == 0:
         raise UserError("the text has fewer than 2 tokens")
     nll = total / count
     return PerplexityResult(math.exp(nll), count, nll)
+
+
+def measure_perplexity(path: Path, text: str, window: int, max_tokens: int | None, device: str | None,
+                       dtype: str | None, dequantize: bool = False) -> PerplexityResult:
+    """Perplexity of the model at path (resolved: a directory or a .gguf file) on text."""
+    ids = encode_text(path, text)
+    engine = LLMEngine.load(path, device=device, dtype=dtype, tokenizer=False, dequantize=dequantize)
+    return perplexity(engine, ids, window=window, max_tokens=max_tokens)

@@ -1,0 +1,42 @@
+"""`llm perplexity`: parse, call llmcli.tools.perplexity, print one line or JSON.
+
+The torch-heavy library is imported inside the command body so `llm --help` and completion stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from llmcli.cli import app
+from llmcli.cli.options import DEQUANTIZE_HELP
+from llmcli.cli.resolve import resolve_model_spec
+from llmcli.errors import UserError
+
+
+@app.command("perplexity", epilog="[bold]Examples[/bold]\n\n  llm perplexity\n  llm perplexity ./model-int4-g64 --file book.txt --window 512 --json")
+def perplexity_cmd(
+    model: Optional[str] = typer.Argument(None, help="Model directory, .gguf file or store name (default: the built-in model)."),
+    file: Optional[Path] = typer.Option(None, "--file", help="UTF-8 text to score (default: the GPL-3 text in /usr/share/common-licenses)."),
+    window: int = typer.Option(512, "--window", help="Tokens per window (no overlap)."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Score at most this many tokens of the text."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
+    dequantize: bool = typer.Option(False, "--dequantize", help=DEQUANTIZE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print {\"perplexity\": ..., \"tokens\": ...}."),
+) -> None:
+    """Measure a model's perplexity on a text file."""
+    from llmcli.tools.perplexity import DEFAULT_TEXT, measure_perplexity, read_text
+
+    if max_tokens < 2:
+        raise UserError("--max-tokens must be at least 2")
+    text = read_text(file or DEFAULT_TEXT)
+    path = resolve_model_spec(model)
+    r = measure_perplexity(path, text, window, max_tokens, device, dtype, dequantize)
+    if as_json:
+        typer.echo(json.dumps({"perplexity": r.perplexity, "tokens": r.tokens}))
+    else:
+        typer.echo(f"perplexity {r.perplexity:.4f} over {r.tokens} tokens (window {window})")
