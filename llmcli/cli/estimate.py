@@ -1,15 +1,13 @@
 """`llm estimate MODEL`: exact parameters, memory, KV cache, FLOPs and GPU fit from the config alone.
 
-This module only finds the config (directory, config.json, .gguf metadata or a Hub repo's config.json),
-parses flags and renders; every number comes from llmcli.estimate.
+This module only parses flags and renders: the config comes from hub.resolve.resolve_config (a directory,
+config.json, .gguf metadata or a Hub repo's config.json) and every number from llmcli.estimate. The library
+is imported inside the command body so `llm --help` and completion stay fast.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import re
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -17,10 +15,8 @@ import typer
 from llmcli.cli import app
 from llmcli.errors import UserError
 from llmcli.units import format_bytes
-from llmcli.formats import is_gguf
 
 DEFAULT_CONTEXT = 4096  # capped at the model's max_position_embeddings
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -30,77 +26,6 @@ EXAMPLES = """
   llm estimate model.Q4_K_M.gguf --json
   llm estimate deepseek-ai/DeepSeek-V3 --dtype int4 --gpu-memory 640 --explain
 """
-
-
-def _hub_config(spec: str) -> Path:
-    """config.json of a Hub repo (REPO or REPO:REVISION), from the cache when offline."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-
-    repo, _, rev = spec.partition(":")
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)  # its retry warnings would break the one-line error contract
-    try:
-        return Path(hf_hub_download(repo, "config.json", revision=rev or None))
-    except GatedRepoError:
-        raise UserError(f"{repo} is gated: accept its license on huggingface.co and log in (hf auth login)") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"{repo!r} is neither a local path nor a Hub repository (or the repo is private)") from None
-    except RevisionNotFoundError:
-        raise UserError(f"{repo} has no revision {rev!r}") from None
-    except LocalEntryNotFoundError:  # before EntryNotFoundError: it is a subclass
-        raise UserError(f"cannot reach the Hub and {spec}'s config.json is not in the local cache") from None
-    except EntryNotFoundError:
-        raise UserError(f"{spec} has no config.json") from None
-    except HFValidationError as e:
-        raise UserError(f"{spec!r} is not a valid Hub repo id: {e}") from None
-    except OSError as e:  # network and HTTP errors
-        raise UserError(f"could not fetch {spec}'s config.json: {str(e).splitlines()[0]}") from None
-    finally:
-        hub_log.setLevel(level)
-
-
-def load_model_config(spec: str):
-    """(ModelConfig, where it came from) for a directory, config.json, .gguf file or Hub repo id."""
-    from llmcli.config import load_config
-
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        return load_config(p), str(p)
-    if p.is_file():
-        if is_gguf(p):
-            from llmcli.formats.gguf import load_gguf_config  # lazy: pulls in the gguf reader
-
-            try:
-                return load_gguf_config(p), str(p)
-            except UserError:
-                raise
-            except Exception as e:  # a truncated or foreign file
-                raise UserError(f"{p} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-        if p.suffix == ".json":
-            return load_config(p), str(p)
-        raise UserError(f"{spec} is neither a model directory, a config.json nor a .gguf file")
-    if _REPO_ID.match(spec) and not spec.endswith((".json", ".gguf")) and not spec.startswith((".", "~")):
-        return load_config(_hub_config(spec)), spec
-    raise UserError(f"{spec}: no such file or directory (and not a Hub repo id)")
-
-
-def quantized_dtype(cfg) -> tuple[str | None, int | None, bool]:
-    """(dtype, group size, quantize_embeddings) a checkpoint's quantization_config implies; None: not quantized."""
-    qc = cfg.raw.get("quantization_config") or {}
-    method = qc.get("quant_method")
-    if method == "bitsandbytes":
-        if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
-            return "nf4", None, False
-        if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
-            return "int8", None, False
-    elif method in ("llmcli", "gptq", "awq") and qc.get("bits") in (4, 8):
-        if qc.get("method") == "nf4":
-            return "nf4", None, False
-        return ("int8" if qc["bits"] == 8 else "int4"), qc.get("group_size"), bool(qc.get("quantize_embeddings"))
-    return None, None, False
 
 
 def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
@@ -168,14 +93,11 @@ def estimate(
     """Exact parameters, weight memory, KV cache, FLOPs and GPU fit, from the config alone (no weights read)."""
     from llmcli import estimate as E
     from llmcli.estimate.gpus import GIB, find_gpu
+    from llmcli.hub.resolve import resolve_config
 
-    if model is None:
-        from llmcli.hub.default_model import default_model_path
+    cfg, source = resolve_config(model)
 
-        model = str(default_model_path(fetch=False))
-    cfg, source = load_model_config(model)
-
-    q_dtype, q_group, q_emb = quantized_dtype(cfg)
+    q_dtype, q_group, q_emb = E.checkpoint_quantization(cfg)
     dtype = _choice(dtype, E.WEIGHT_DTYPES, "--dtype") if dtype else (q_dtype or "bf16")
     kv_dtype = _choice(kv_dtype, E.KV_DTYPES, "--kv-dtype")
     group_size = group_size or q_group or 128

@@ -15,11 +15,6 @@ from llmcli.engine.sequence import Sequence
 from llmcli.layers.attention import AttentionMetadata, KVView
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(config.kv_values_per_token(i) for i in range(config.num_layers)) * size
-
-
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int = 16):
         self.model, self.config = model, config

@@ -13,12 +13,12 @@ import math
 from dataclasses import asdict, dataclass
 
 from llmcli.config import ModelConfig
+from llmcli.estimate.gpus import GIB
 from llmcli.units import format_bytes, format_count
 
 WEIGHT_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "nf4")
 KV_DTYPES = ("fp32", "bf16", "fp16", "fp8")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-GIB = 1 << 30
 
 # Activation/workspace model (see activation_bytes): prompts are prefilled in chunks of at most this many
 # tokens (summed over the batch), so prefill buffers stop growing with the context past it.
@@ -220,11 +220,31 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", group_size: int = 128,
     return total
 
 
+def checkpoint_quantization(cfg: ModelConfig) -> tuple[str | None, int | None, bool]:
+    """(dtype, group size, quantize_embeddings) a checkpoint's quantization_config implies; None: not quantized."""
+    qc = cfg.raw.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method == "bitsandbytes":
+        if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
+            return "nf4", None, False
+        if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+            return "int8", None, False
+    elif method in ("llmcli", "gptq", "awq") and qc.get("bits") in (4, 8):
+        if qc.get("method") == "nf4":
+            return "nf4", None, False
+        return ("int8" if qc["bits"] == 8 else "int4"), qc.get("group_size"), bool(qc.get("quantize_embeddings"))
+    return None, None, False
+
+
 # ---- KV cache -----------------------------------------------------------------------------------------------
 
-def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str = "bf16") -> int:
-    """Cache bytes one token adds to every layer (context shorter than any window)."""
-    return sum(cfg.kv_values_per_token(i) for i in range(cfg.num_layers)) * BYTES[kv_dtype]
+def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str | int = "bf16") -> int:
+    """Cache bytes one token adds to every layer (context shorter than any window).
+
+    kv_dtype: a name from KV_DTYPES, or the bytes of one cached value (the engine passes its dtype's itemsize).
+    """
+    size = kv_dtype if isinstance(kv_dtype, int) else BYTES[kv_dtype]
+    return sum(cfg.kv_values_per_token(i) for i in range(cfg.num_layers)) * size
 
 
 def kv_bytes(cfg: ModelConfig, context: int, batch: int = 1, kv_dtype: str = "bf16") -> int:

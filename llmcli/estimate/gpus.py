@@ -23,10 +23,6 @@ class GPU:
     def memory_bytes(self) -> int:
         return self.memory_mib * MIB
 
-    @property
-    def memory_gib(self) -> float:
-        return self.memory_bytes / GIB
-
 
 GPUS: tuple[GPU, ...] = (
     GPU("H200", 143771),

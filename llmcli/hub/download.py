@@ -12,12 +12,19 @@ from __future__ import annotations
 import errno
 import fnmatch
 import hashlib
+import logging
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
+
+import httpx2
+from filelock import FileLock, Timeout
+from huggingface_hub import HfApi, constants, errors, hf_hub_download, hf_hub_url
+from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from llmcli.errors import UserError
 from llmcli.units import format_bytes
@@ -88,7 +95,6 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def cache_root() -> Path:
-    from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
 
@@ -155,15 +161,12 @@ def match_gguf_tag(ggufs: list[RemoteFile], tag: str) -> list[RemoteFile]:
 
 
 def _endpoint() -> str:
-    from huggingface_hub import constants
 
     return constants.ENDPOINT
 
 
 def _hub_error(e: Exception, repo_id: str, revision: str | None) -> UserError:
     """One line for every way the Hub can say no."""
-    import httpx2
-    from huggingface_hub import errors
 
     if isinstance(e, errors.GatedRepoError):
         return UserError(f"{repo_id} is gated: accept its licence at {_endpoint()}/{repo_id} "
@@ -187,11 +190,36 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None) -> UserError:
     raise e
 
 
+def fetch_config(spec: str) -> Path:
+    """config.json of a Hub repo (REPO or REPO:REVISION) alone, from the cache when offline (`llm estimate`)."""
+    repo, _, rev = spec.partition(":")
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings would break the one-line error contract
+    try:
+        return Path(hf_hub_download(repo, "config.json", revision=rev or None))
+    except errors.GatedRepoError:
+        raise UserError(f"{repo} is gated: accept its license on huggingface.co and log in (hf auth login)") from None
+    except errors.RepositoryNotFoundError:
+        raise UserError(f"{repo!r} is neither a local path nor a Hub repository (or the repo is private)") from None
+    except errors.RevisionNotFoundError:
+        raise UserError(f"{repo} has no revision {rev!r}") from None
+    except errors.LocalEntryNotFoundError:  # before EntryNotFoundError: it is a subclass
+        raise UserError(f"cannot reach the Hub and {spec}'s config.json is not in the local cache") from None
+    except errors.EntryNotFoundError:
+        raise UserError(f"{spec} has no config.json") from None
+    except errors.HFValidationError as e:
+        raise UserError(f"{spec!r} is not a valid Hub repo id: {e}") from None
+    except OSError as e:  # network and HTTP errors
+        raise UserError(f"could not fetch {spec}'s config.json: {str(e).splitlines()[0]}") from None
+    finally:
+        hub_log.setLevel(level)
+
+
 def plan_pull(spec: str, *, revision: str | None = None, filename: str | None = None,
               include: list[str] = (), exclude: list[str] = (), token: str | None = None,
               choose: Callable[[list[RemoteFile]], RemoteFile] | None = None) -> PullPlan:
     """Ask the Hub which commit and files `llm pull spec` means."""
-    from huggingface_hub import HfApi
 
     repo_id, suffix = parse_spec(spec)
     api = HfApi(token=token)
@@ -209,7 +237,6 @@ def plan_pull(spec: str, *, revision: str | None = None, filename: str | None = 
     try:
         if suffix and revision is None:
             # REPO:X is a GGUF tag if it names a .gguf at the default revision, else a revision.
-            from huggingface_hub.errors import RevisionNotFoundError
 
             try:
                 commit, files = listing("main")
@@ -284,7 +311,6 @@ class _Corrupt(Exception):
 
 def _transfer(session, url: str, headers: dict, f: RemoteFile, part: Path, reporter: Reporter) -> None:
     """Continue part (an .incomplete blob) to f.size bytes; raise _Corrupt if the hash is wrong."""
-    from huggingface_hub.utils import hf_raise_for_status
 
     have = part.stat().st_size if part.exists() else 0
     if have > f.size:
@@ -300,7 +326,6 @@ def _transfer(session, url: str, headers: dict, f: RemoteFile, part: Path, repor
         hdrs = dict(headers)
         if have:
             hdrs["Range"] = f"bytes={have}-"
-        import httpx2
 
         timeout = httpx2.Timeout(30.0, read=60.0)
         with session.stream("GET", url, headers=hdrs, timeout=timeout) as r:
@@ -331,8 +356,6 @@ def _link(blob: Path, pointer: Path) -> None:
 
 def _fetch_one(session, plan: PullPlan, f: RemoteFile, headers: dict, reporter: Reporter) -> bool:
     """Make sure blobs/<etag> holds f, verified. Returns False if it was already there."""
-    from filelock import FileLock, Timeout
-    from huggingface_hub import hf_hub_url
 
     folder = repo_folder(plan.repo_id)
     blob = folder / "blobs" / f.etag
@@ -369,7 +392,6 @@ def _fetch_one(session, plan: PullPlan, f: RemoteFile, headers: dict, reporter: 
 
 def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None = None) -> Path:
     """Download what the plan lists that is not in the cache yet; return the local path."""
-    from huggingface_hub.utils import build_hf_headers, get_session
 
     reporter = reporter or QuietReporter()
     folder = repo_folder(plan.repo_id)
@@ -418,8 +440,6 @@ def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None 
 
 def _transfer_error(e: Exception, plan: PullPlan, f: RemoteFile) -> UserError:
     """One line saying what failed during the transfer of f, and how to resume."""
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
 
     resume = f"run `llm pull {_resume_spec(plan)}` to resume from the bytes already downloaded"
     if isinstance(e, HfHubHTTPError):  # checked first: an HTTP error is an OSError too

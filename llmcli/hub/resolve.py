@@ -13,14 +13,18 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
+from llmcli.config import ModelConfig, load_config
 from llmcli.errors import NotDownloaded, UserError
 from llmcli.formats import is_gguf
+from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.hub import default_model
-from llmcli.hub.download import RemoteFile, cached_commit, match_gguf_tag, parse_spec, repo_folder
+from llmcli.hub.download import RemoteFile, cached_commit, fetch_config, match_gguf_tag, parse_spec, repo_folder
 from llmcli.hub.inspect import gguf_tag, loadable_dir, snapshot_ggufs
 from llmcli.paths import store_dir
 
 _HEX = re.compile(r"[0-9a-f]{7,40}")
+# What `llm estimate` takes for a Hub repo id (REPO[:REVISION]), whose config.json alone it fetches.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
 
 
 def looks_like_repo(spec: str) -> bool:
@@ -121,3 +125,28 @@ def resolve_model(spec: str | None, notify: Callable[[str], None] | None = None)
                                 f"`llm pull {spec}`") from None
             raise NotDownloaded(spec) from None
     raise UserError(f"model {spec!r} not found: not a path, a name from `llm list`, or an ORG/NAME Hub repo")
+
+
+def resolve_config(spec: str | None) -> tuple[ModelConfig, str]:
+    """(ModelConfig, where it came from) for a directory, config.json, .gguf file or Hub repo id, reading no
+    weights: a Hub repo's config.json alone is fetched (or read from the cache). None: the default model, which
+    is not fetched for this."""
+    if spec is None:
+        spec = str(default_model.default_model_path(fetch=False))
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return load_config(p), str(p)
+    if p.is_file():
+        if is_gguf(p):
+            try:
+                return load_gguf_config(p), str(p)
+            except UserError:
+                raise
+            except Exception as e:  # a truncated or foreign file
+                raise UserError(f"{p} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+        if p.suffix == ".json":
+            return load_config(p), str(p)
+        raise UserError(f"{spec} is neither a model directory, a config.json nor a .gguf file")
+    if _REPO_ID.match(spec) and not (spec.endswith(".json") or is_gguf(spec)) and not spec.startswith((".", "~")):
+        return load_config(fetch_config(spec)), spec
+    raise UserError(f"{spec}: no such file or directory (and not a Hub repo id)")
