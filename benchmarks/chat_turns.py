@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,8 +42,6 @@ def drop_prefix_cache(engine) -> None:
 
 def ttft_of(backend, messages, settings) -> tuple[int, int, float]:
     """Prompt tokens, reused tokens and TTFT (s) of one prompt, stopping after the first token."""
-    from dataclasses import replace
-
     stream = backend.stream(messages, replace(settings, max_tokens=1))
     for _ in stream:
         pass
@@ -60,14 +59,16 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from llmcli.chat import ChatSettings, Conversation, EngineBackend
+    from llmcli.chat.backend import EngineBackend
+    from llmcli.chat.conversation import Conversation
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.hub.store import resolve_model
+    from llmcli.engine.sampling_params import SamplingParams
+    from llmcli.hub.resolve import resolve_model
 
     path = resolve_model(args.model)
     engine = LLMEngine.load(path, device=args.device, dtype=args.dtype)
     backend = EngineBackend(engine, path.name)
-    settings = ChatSettings(temperature=0.0, max_tokens=args.max_tokens)
+    settings = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     ttft_of(backend, [{"role": "user", "content": "warm up"}], settings)  # first-call overheads out of turn 1
     drop_prefix_cache(engine)
 

@@ -271,10 +271,10 @@ def main() -> None:
 
     from llmcli.tools.bench import bench_engine, random_prompts
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.engine.sequence import SamplingParams
+    from llmcli.engine.sampling_params import SamplingParams
     from llmcli.errors import UserError
     from llmcli.formats import is_gguf
-    from llmcli.hub.store import resolve_model
+    from llmcli.hub.resolve import resolve_model
 
     if a.threads:
         torch.set_num_threads(a.threads)

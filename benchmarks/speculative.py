@@ -1,7 +1,7 @@
 """Plain vs speculative decoding on SmolLM2-135M (CPU by default), side by side, on a repeat-a-passage prompt.
 
     .venv/bin/python benchmarks/speculative.py                        # n-gram drafting, K = 8 (adaptive)
-    .venv/bin/python benchmarks/speculative.py --draft /tmp/smol-int4 # also a draft model (e.g. `llm quantize --bits 4`)
+    .venv/bin/python benchmarks/speculative.py --draft /tmp/smol-int4 # also a draft model (`llm quantize --bits 4`)
     .venv/bin/python benchmarks/speculative.py --threads 1 --json
 
 Every row decodes the same greedy reply; "identical" checks it token for token against plain decoding.
@@ -13,7 +13,6 @@ import argparse
 import json
 
 import torch
-
 
 OPEN_PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -33,13 +32,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from llmcli.cli.run import _prompt_ids
+    from llmcli.cli.options import make_decoder
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.engine.sequence import SamplingParams
-    from llmcli.engine.speculative import REPEAT_PROMPT, SpeculativeDecoder, compare_speed, make_decoder
+    from llmcli.engine.sampling_params import SamplingParams
+    from llmcli.engine.speculative import SpeculativeDecoder
+    from llmcli.engine.text import prompt_ids
+    from llmcli.hub.resolve import resolve_model
+    from llmcli.tools.bench import REPEAT_PROMPT, compare_speed
 
-    target = LLMEngine.load(args.model, device=args.device)
-    ids = _prompt_ids(target, REPEAT_PROMPT, None, False)
+    target = LLMEngine.load(resolve_model(args.model), device=args.device)
+    ids = prompt_ids(target.tokenizer, [{"role": "user", "content": REPEAT_PROMPT}])
     params = SamplingParams(temperature=0.0, max_tokens=args.gen_len)
     target.generate([ids], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up, and the prompt gets cached
     rows = []
@@ -48,7 +50,7 @@ def main() -> None:
             dec = SpeculativeDecoder(target, None, method="ngram", num_draft=k, adaptive=adaptive)
             rows.append({"drafter": "ngram", "K": k, "adaptive": adaptive, **compare_speed(dec, ids, params).to_dict()})
     if args.open:
-        open_ids = _prompt_ids(target, OPEN_PROMPT, None, False)
+        open_ids = prompt_ids(target.tokenizer, [{"role": "user", "content": OPEN_PROMPT}])
         for k in args.num_draft:
             for adaptive in (False, True):
                 dec = SpeculativeDecoder(target, None, method="ngram", num_draft=k, adaptive=adaptive)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from llmcli.tools.bench import QUANT_VARIANTS, parse_compare
 from llmcli.cli import main
 from llmcli.errors import UserError
+from llmcli.tools.bench import QUANT_VARIANTS, parse_compare
 
 SHORT = ("--prompt-len", "8", "--gen-len", "4", "--rounds", "1", "--json")
 
@@ -33,8 +33,8 @@ def test_parse_compare():
 
 @pytest.mark.parametrize("bits", ["8", "4"])
 def test_bench_runs_on_a_quantized_dir(tiny_model, tmp_path, capsys, one_thread, bits):
-    from llmcli.estimate import count_params
     from llmcli.config import load_config
+    from llmcli.estimate import count_params
 
     src = tiny_model("llama", num_hidden_layers=2)
     out = tmp_path / f"q{bits}"

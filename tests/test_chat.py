@@ -7,13 +7,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from llmcli.chat import (ChatSession, ChatSettings, CommandError, Conversation, TurnStats, _Tail, fit_context,
-                         generation_defaults, load_conversation, read_message, split_finished_blocks)
+from llmcli.chat.backend import TurnStats
+from llmcli.chat.conversation import CommandError, Conversation, default_settings, fit_context, load_conversation
+from llmcli.chat.render import _Tail, split_finished_blocks
+from llmcli.chat.session import ChatSession
+from llmcli.chat.terminal import read_message
+from llmcli.engine.sampling_params import SamplingParams, generation_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 LLM = str(ROOT / ".venv" / "bin" / "llm") if (ROOT / ".venv" / "bin" / "llm").exists() else "llm"
@@ -54,7 +57,7 @@ def session(backend=None, **kw):
 
     buf = io.StringIO()
     console = Console(file=buf, color_system=None, width=120, highlight=False)
-    s = ChatSession(backend or EchoBackend(), ChatSettings(), console=console, **kw)
+    s = ChatSession(backend or EchoBackend(), default_settings(), console=console, **kw)
     return s, buf
 
 
@@ -66,11 +69,11 @@ def session(backend=None, **kw):
                                         ("repeat_penalty", "0"), ("seed", "x")])
 def test_set_rejects_bad_values_with_a_clear_message(name, value):
     s, out = session()
-    before = s.settings.to_dict()
+    before = s.settings.settings()
     assert s.handle(f"/set {name} {value}") is True  # the chat goes on
     msg = out.getvalue().strip()
     assert msg.startswith(f"invalid value for {name}: {value!r} (expected")
-    assert "\n" not in msg and s.settings.to_dict() == before
+    assert "\n" not in msg and s.settings.settings() == before
 
 
 def test_set_accepts_good_values_and_ollama_spelling():
@@ -78,8 +81,10 @@ def test_set_accepts_good_values_and_ollama_spelling():
     for line in ("/set temperature 0", "/set top_k 5", "/set parameter top_p 0.5", "/set seed 7", "/set seed none",
                  "/set max_tokens 3", "/set min_p 0", "/set repeat_penalty 1.1"):
         s.handle(line)
-    assert s.settings == ChatSettings(temperature=0.0, top_k=5, top_p=0.5, min_p=0.0, repeat_penalty=1.1,
-                                      seed=None, max_tokens=3)
+    assert s.settings == SamplingParams(temperature=0.0, top_k=5, top_p=0.5, min_p=0.0, repetition_penalty=1.1,
+                                        seed=None, max_tokens=3)
+    assert s.settings.settings() == {"temperature": 0.0, "top_k": 5, "top_p": 0.5, "min_p": 0.0,
+                                     "repeat_penalty": 1.1, "seed": None, "max_tokens": 3}
     s.handle("/set bogus 1")
     assert "unknown setting 'bogus'" in out.getvalue()
 
@@ -88,10 +93,13 @@ def test_generation_config_overrides_defaults(tmp_path):
     from transformers import GenerationConfig
 
     GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, repetition_penalty=1.05).save_pretrained(tmp_path)
-    s = ChatSettings(**generation_defaults(tmp_path))
-    assert (s.temperature, s.top_p, s.repeat_penalty) == (0.6, 0.9, 1.05)
-    assert (s.top_k, s.min_p) == (ChatSettings().top_k, ChatSettings().min_p)  # unset keys keep llama.cpp's
+    s = SamplingParams.settle(tmp_path, default_max_tokens=2048)
+    assert (s.temperature, s.top_p, s.repetition_penalty) == (0.6, 0.9, 1.05)
+    assert (s.top_k, s.min_p) == (default_settings().top_k, default_settings().min_p)  # unset keys keep llama.cpp's
+    assert (s.top_k, s.min_p) == (40, 0.05)
     assert generation_defaults(tmp_path / "absent") == {}
+    flagged = SamplingParams.settle(tmp_path, default_max_tokens=2048, temperature=0.0, top_k=None, max_tokens=7)
+    assert (flagged.temperature, flagged.top_k, flagged.top_p, flagged.max_tokens) == (0.0, 40, 0.9, 7)  # flags win
 
 
 # ---- commands and turns ---------------------------------------------------------------------------------------------
@@ -141,6 +149,7 @@ def test_save_and_load_round_trip(tmp_path):
     s.handle(f"/save {f}")
     data = json.loads(f.read_text())
     assert data["system"] == "sys" and data["settings"]["temperature"] == 0.3
+    assert list(data["settings"]) == ["temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "max_tokens"]
     assert [m["role"] for m in data["messages"]] == ["user", "assistant", "user", "assistant"]
     assert data["messages"][3]["content"] == "you said: second"
     assert not list(tmp_path.glob(".*tmp"))
@@ -214,7 +223,7 @@ def test_live_tail_never_taller_than_the_terminal():
     assert len(lines) <= 8 and "paragraph 49" in "".join(seg.text for seg in lines[-1])
 
 
-# ---- the real program on SmolLM2 --------------------------------------------------------------------------------------
+# ---- the real program on SmolLM2 -------------------------------------------------------------------------------------
 
 STATS = r"\d+ tokens · [\d.]+ tok/s · TTFT \d+ ms · \d+/\d+ prompt tokens reused"
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 from llmcli.engine.block_manager import BlockManager
 from llmcli.engine.llm_engine import LLMEngine
-from llmcli.engine.sequence import SamplingParams, Sequence
-from llmcli.layers.sampler import sample
 from llmcli.engine.loader import load_model
+from llmcli.engine.sampler import sample
+from llmcli.engine.sampling_params import SamplingParams
+from llmcli.engine.sequence import Sequence
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
@@ -220,9 +220,14 @@ def test_block_manager_lru_eviction_and_refcounts():
 # ---- sampler ------------------------------------------------------------------------------------
 
 def test_sampler_filters_match_transformers():
-    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
-    from llmcli.layers.sampler import _filter, apply_repetition_penalty
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from llmcli.engine.sampler import apply_repetition_penalty, filter_logits
 
     torch.manual_seed(0)
     logits = torch.randn(3, 50) * 3
@@ -232,8 +237,8 @@ def test_sampler_filters_match_transformers():
                        (dict(min_p=torch.full((3,), 0.1)), MinPLogitsWarper(0.1))]:
         args = dict(top_k=torch.zeros(3, dtype=torch.long), top_p=ones, min_p=torch.zeros(3))
         args.update(kw)
-        ours = _filter(logits.clone(), args["top_k"], args["top_p"], args["min_p"],
-                       "top_k" in kw, "top_p" in kw, "min_p" in kw)
+        ours = filter_logits(logits.clone(), args["top_k"], args["top_p"], args["min_p"],
+                            "top_k" in kw, "top_p" in kw, "min_p" in kw)
         theirs = warper(None, logits.clone())
         assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), kw
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llmcli.engine.llm_engine import LLMEngine
-from llmcli.engine.model_runner import kv_bytes_per_token
-from llmcli.engine.sequence import SamplingParams
+from llmcli.estimate import kv_bytes_per_token
+from llmcli.engine.sampling_params import SamplingParams
 from llmcli.layers.mla import MLAttention, deinterleave
 
 # (family, overrides): plain q_proj (v2), low-rank q (v3), v3 without interleaved rope, v3 with yarn scaling
@@ -111,14 +111,12 @@ def test_cache_bytes_per_token_is_latent_size(pair):
     raw = json.loads((d / "config.json").read_text())
     per_token = raw["num_hidden_layers"] * (raw["kv_lora_rank"] + raw["qk_rope_head_dim"]) * 4
     allocated = sum(c[:, 0, 0].numel() * c.element_size() for c in eng.runner.caches)  # one slot, all groups
-    assert allocated == per_token == kv_bytes_per_token(eng.config, torch.float32)
+    assert allocated == per_token == kv_bytes_per_token(eng.config, torch.float32.itemsize)
     full_kv = raw["num_hidden_layers"] * 2 * raw["num_attention_heads"] * (
         raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"]) * 4
     assert allocated < full_kv / 4  # what MLA saves over caching per-head K and V
     # ... and what `llm estimate` reports for the KV cache
-    from llmcli.estimate import kv_bytes_per_token as estimated
-
-    assert estimated(eng.config, "fp32") == allocated
+    assert kv_bytes_per_token(eng.config, "fp32") == allocated
 
 
 def test_chunked_prefill_over_cache_matches(pair):

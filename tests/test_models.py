@@ -9,7 +9,7 @@ import torch
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from llmcli.engine.llm_engine import LLMEngine
-from llmcli.engine.sequence import SamplingParams
+from llmcli.engine.sampling_params import SamplingParams
 from llmcli.engine.loader import load_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]

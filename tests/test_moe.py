@@ -234,7 +234,7 @@ def _prompt(n: int, seed: int) -> list[int]:
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_engine_logits_and_greedy_match_transformers(hf_models, family):
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.engine.sequence import SamplingParams
+    from llmcli.engine.sampling_params import SamplingParams
 
     cfg, hf, ours = hf_models(family)
     eng = LLMEngine(ours, cfg, None, num_blocks=64)
@@ -264,7 +264,7 @@ def hf_greedy_continuation(hf, prompt: list[int], ours: list[int]) -> list[int]:
 def test_engine_usage_counts_cover_every_routed_token(hf_models):
     """After a generation, each sparse layer's counts sum to (tokens computed) * top_k."""
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.engine.sequence import SamplingParams
+    from llmcli.engine.sampling_params import SamplingParams
 
     cfg, _, ours = hf_models("qwen2_moe")
     eng = LLMEngine(ours, cfg, None, num_blocks=64)

@@ -13,7 +13,7 @@ QUESTION = "What is the capital of France?"
 @pytest.mark.parametrize("spec", [QuantSpec(8, method="rtn"), QuantSpec(4, 64, "hqq")], ids=["int8", "int4-g64-hqq"])
 def test_quantized_smollm2_answers_paris(smollm2_gguf, tmp_path, spec):
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.engine.sequence import SamplingParams
+    from llmcli.engine.sampling_params import SamplingParams
     from llmcli.quant.checkpoint import quantize_checkpoint
 
     out = quantize_checkpoint(smollm2_gguf, tmp_path / "q", spec).output

@@ -14,6 +14,7 @@ import torch
 
 from llmcli.engine.speculative import AdaptiveK, SpecStats, greedy_verify, ngram_propose, rejection_sample, sample
 
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Many tiny forwards: one intra-op thread is faster, and far faster on a shared, oversubscribed CPU."""
@@ -246,7 +247,7 @@ def test_stats_and_adaptive_k():
     assert a.k == 1
 
 
-# ---- integration with the engine: tiny random models ------------------------------------------------------------------
+# ---- integration with the engine: tiny random models -----------------------------------------------------------------
 
 # a prompt with repeated runs, so n-gram lookup finds matches
 PROMPT = [5, 17, 42, 99, 7, 5, 17, 42, 99, 7, 5, 17, 3, 250, 12, 5, 17]
@@ -269,7 +270,7 @@ def tiny_engines(tiny_model, tmp_path_factory):
 
 
 def _params(**kw):
-    from llmcli.engine.sequence import SamplingParams
+    from llmcli.engine.sampling_params import SamplingParams
 
     return SamplingParams(**{"temperature": 0.0, "max_tokens": 40, "ignore_eos": True, **kw})
 
@@ -433,7 +434,7 @@ def test_sampling_distribution_matches_target(tiny_engines, method):
 
 
 def test_cli_flag_errors_are_user_errors(tiny_engines):
-    from llmcli.engine.speculative import make_decoder
+    from llmcli.cli.options import make_decoder
     from llmcli.errors import UserError
 
     target = tiny_engines[0]
@@ -456,8 +457,9 @@ def smollm2_engine(smollm2_gguf):
 
 def test_smollm2_ngram_greedy_identical_and_accepted(smollm2_engine):
     """Copying a passage: n-gram drafts are mostly accepted and the reply is plain greedy's, token for token."""
-    from llmcli.engine.sequence import SamplingParams
-    from llmcli.engine.speculative import REPEAT_PROMPT, SpeculativeDecoder
+    from llmcli.engine.sampling_params import SamplingParams
+    from llmcli.engine.speculative import SpeculativeDecoder
+    from llmcli.tools.bench import REPEAT_PROMPT
 
     engine = smollm2_engine
     ids = engine.tokenizer.encode_chat([{"role": "user", "content": REPEAT_PROMPT}])
@@ -473,7 +475,7 @@ def test_smollm2_run_json_reports_speculation(smollm2_gguf, capsys):
     import json
 
     from llmcli.cli import main
-    from llmcli.engine.speculative import PASSAGE
+    from llmcli.tools.bench import PASSAGE
 
     with pytest.raises(SystemExit) as e:
         main(["run", str(smollm2_gguf), f"Repeat this exactly: {PASSAGE[:120]}", "--json", "-t", "0", "-n", "24",
@@ -486,19 +488,24 @@ def test_smollm2_run_json_reports_speculation(smollm2_gguf, capsys):
 
 
 def test_smollm2_chat_stats_show_acceptance_and_speedup(smollm2_engine):
-    """/stats in chat: acceptance, accepted per step, and a speed-up against plain decoding measured on the same prompt."""
+    """/stats in chat: acceptance, accepted per step, and a speed-up against plain decoding measured on the same
+    prompt."""
     import io
     import re
 
     from rich.console import Console
 
-    from llmcli.chat import ChatSession, ChatSettings, EngineBackend
-    from llmcli.engine.speculative import PASSAGE, SpeculativeDecoder
+    from llmcli.chat.backend import EngineBackend
+    from llmcli.chat.session import ChatSession
+    from llmcli.engine.sampling_params import SamplingParams
+    from llmcli.engine.speculative import SpeculativeDecoder
+    from llmcli.tools.bench import PASSAGE
 
     dec = SpeculativeDecoder(smollm2_engine, None, method="ngram", num_draft=8)
     buf = io.StringIO()
     s = ChatSession(EngineBackend(smollm2_engine, "smollm2", streamer=dec),
-                    ChatSettings(temperature=0.0, max_tokens=24), console=Console(file=buf, color_system=None, width=200))
+                    SamplingParams(temperature=0.0, max_tokens=24),
+                    console=Console(file=buf, color_system=None, width=200))
     s.handle(f"Repeat this exactly: {PASSAGE[:120]}")
     s.handle("/stats")
     out = buf.getvalue()

@@ -43,12 +43,14 @@ def _root(
         os.environ["LLMCLI_DEBUG"] = "1"
 
 
-from llmcli.cli import chat as _chat  # noqa: E402  (commands register themselves on `app`)
+# Commands register themselves on `app`, and `llm --help` lists them in import order.
+from llmcli.cli import run as _run  # noqa: E402,F401
+from llmcli.cli import bench as _bench  # noqa: E402,F401
+from llmcli.cli import chat as _chat  # noqa: E402,F401
 from llmcli.cli import estimate as _estimate  # noqa: E402,F401
 from llmcli.cli import pull as _pull  # noqa: E402,F401
 from llmcli.cli import quantize as _quantize  # noqa: E402,F401
 from llmcli.cli import perplexity as _perplexity  # noqa: E402,F401
-from llmcli.cli import run as _run  # noqa: E402,F401
 from llmcli.cli import store as _store  # noqa: E402,F401
 
 

@@ -1,6 +1,7 @@
 """LLMEngine: the public inference API (paged KV cache, prefix caching, batched decoding, sampling).
 
-    engine = LLMEngine.load("path/or/model.gguf", device="cpu", dtype=None)   # .config .tokenizer .model
+    engine = LLMEngine.load(path, device="cpu", dtype=None)   # a resolved model directory or .gguf file;
+                                                              # .config .tokenizer .model
     outs = engine.generate([ids_a, ids_b], SamplingParams(temperature=0, max_tokens=32))  # batched
     for ev in engine.stream(ids, params): print(ev.token_id)   # ev.stats: ttft_s, decode_tok_s, prompt and
                                                                # cached prompt token counts
@@ -22,19 +23,23 @@ cached ones. Several engines may share one model object (each keeps its own cach
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from llmcli.config import ModelConfig
 from llmcli.engine.block_manager import BlockManager, OutOfBlocks
-from llmcli.engine.model_runner import ModelRunner, kv_bytes_per_token
-from llmcli.engine.sequence import SamplingParams, Sequence
+from llmcli.engine.loader import load_model
+from llmcli.engine.model_runner import ModelRunner
+from llmcli.engine.sampler import sample
+from llmcli.engine.sampling_params import SamplingParams
+from llmcli.engine.sequence import Sequence
 from llmcli.errors import UserError
-from llmcli.layers.sampler import sample
+from llmcli.estimate import kv_bytes_per_token
+from llmcli.tokenizer import load_tokenizer
 
 DEFAULT_CPU_KV_GIB = 1.0
 CUDA_KV_FRACTION = 0.85  # of the memory still free once the weights are loaded
@@ -112,26 +117,23 @@ class LLMEngine:
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def load(cls, model: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
+    def load(cls, path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
              *, kv_cache_gib: float | None = None, block_size: int = 16, tokenizer: bool = True,
-             dequantize: bool = False) -> "LLMEngine":
-        """Model spec (None = default model, a directory, a .gguf, anything llmcli.hub.store resolves).
+             dequantize: bool = False) -> LLMEngine:
+        """A resolved model: a model directory or a .gguf file (the CLI resolves names and specs first).
 
         dequantize: expand a GGUF's Q4_0/Q4_1/Q8_0 linears to dtype instead of keeping them quantized."""
-        from llmcli.engine.loader import load_model
-        from llmcli.hub.store import resolve_model
-
-        path = resolve_model(str(model) if model is not None else None)
+        path = Path(path)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if dev.type == "cpu" and dt == torch.float16:
             raise UserError("float16 is not supported on CPU; use float32 or bfloat16")
         net, config = load_model(path, dev, dt, dequantize=dequantize)
-        tok = _load_tokenizer(path) if tokenizer else None
+        tok = load_tokenizer(path) if tokenizer else None
         return cls(net, config, tok, block_size=block_size, kv_cache_gib=kv_cache_gib)
 
     def _pool_blocks(self, block_size: int, kv_cache_gib: float | None) -> int:
-        per_block = kv_bytes_per_token(self.config, self.dtype) * block_size
+        per_block = kv_bytes_per_token(self.config, self.dtype.itemsize) * block_size
         if kv_cache_gib is not None:
             budget = kv_cache_gib * 2**30
         elif self.device.type == "cuda":
@@ -195,7 +197,7 @@ class LLMEngine:
         ids = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], history).tolist()
         for seq, t in zip(seqs, ids):
             seq.token_ids.append(t)
-            self._check_finished(seq, t)
+            self.check_finished(seq, t)
         return ids
 
     def extend(self, seq: Sequence, token_ids: list[int]) -> torch.Tensor:
@@ -214,12 +216,16 @@ class LLMEngine:
     def release(self, seq: Sequence) -> None:
         self.block_manager.free_sequence(seq)
 
-    def _check_finished(self, seq: Sequence, token: int) -> None:
+    def check_finished(self, seq: Sequence, token: int, num_generated: int | None = None) -> bool:
+        """Whether `token`, the sequence's num_generated-th generated token (default: its last one), ends it: an
+        end-of-sequence or stop token ("stop"), or the max_tokens budget ("length"). Marks seq finished if so."""
         p = seq.params
+        n = seq.num_generated if num_generated is None else num_generated
         if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
             seq.finished, seq.finish_reason = True, "stop"
-        elif seq.num_generated >= p.max_tokens:
+        elif n >= p.max_tokens:
             seq.finished, seq.finish_reason = True, "length"
+        return seq.finished
 
     # ---- high-level API ---------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
@@ -288,10 +294,3 @@ class LLMEngine:
         finally:
             self.release(seq)
 
-
-def _load_tokenizer(path: Path):
-    try:
-        from llmcli.tokenizer import load_tokenizer
-    except ImportError:
-        return None
-    return load_tokenizer(path)

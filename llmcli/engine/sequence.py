@@ -1,4 +1,4 @@
-"""A sequence being generated, and the sampling parameters that go with it."""
+"""A sequence being generated: its token ids, sampling parameters and place in the paged KV cache."""
 
 from __future__ import annotations
 
@@ -7,24 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass
-class SamplingParams:
-    """temperature 0 = greedy. top_k 0 / top_p 1 / min_p 0 / repetition_penalty 1 disable those filters."""
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_tokens: int = 256
-    ignore_eos: bool = False
-    stop_token_ids: tuple[int, ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
+from llmcli.engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
 

@@ -9,16 +9,23 @@ first rejection a replacement is drawn from normalize(max(0, p - q)); if all K s
 the target's next distribution. Each step therefore emits between 1 and K + 1 tokens, distributed exactly as if the
 target had sampled them one by one. Greedy decoding is the special case p, q one-hot: accept while draft == argmax.
 
-The functions here are pure (tensors in, tensors out, batched over rows); the decoder that drives engines comes last.
+The functions here are pure (tensors in, tensors out, batched over rows); then comes the decoder that drives
+engines, and last the plain-decoding speed `llm run` and `llm chat` compare it against.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from llmcli.engine.llm_engine import GenerationStats, StreamEvent
+from llmcli.engine.llm_engine import GenerationStats, LLMEngine, StreamEvent
+from llmcli.engine.sampler import penalized, sampling_probs
+from llmcli.engine.sampling_params import SamplingParams
+from llmcli.engine.sequence import Sequence
+from llmcli.errors import UserError
 
 # ---- drafting -------------------------------------------------------------------------------------------------
 
@@ -179,37 +186,8 @@ DEFAULT_NUM_DRAFT = {"draft": 4, "ngram": 8}
 MAX_NUM_DRAFT = 16
 
 
-def sampling_probs(logits: torch.Tensor, params, histories: list[list[int]] | None = None) -> torch.Tensor:
-    """The distribution the engine's sampler draws from for these logits [N, V] (one params for all rows).
-
-    Rejection sampling is exact only with respect to the distribution the plain sampler would use, so this applies
-    the same repetition penalty, temperature and top-k/top-p/min-p filters (the sampler's own functions).
-    """
-    from llmcli.layers.sampler import _filter, apply_repetition_penalty
-
-    n = logits.shape[0]
-    if params.repetition_penalty != 1.0 and histories is not None:
-        logits = apply_repetition_penalty(logits.clone(), histories, [params.repetition_penalty] * n)
-    scaled = logits / params.temperature
-    dev = logits.device
-    scaled = _filter(scaled, torch.full((n,), params.top_k, device=dev), torch.full((n,), params.top_p, device=dev),
-                     torch.full((n,), params.min_p, device=dev), params.top_k > 0, params.top_p < 1.0,
-                     params.min_p > 0)
-    return scaled.softmax(-1)
-
-
-def _penalized(logits: torch.Tensor, params, histories: list[list[int]]) -> torch.Tensor:
-    if params.repetition_penalty == 1.0:
-        return logits
-    from llmcli.layers.sampler import apply_repetition_penalty
-
-    return apply_repetition_penalty(logits.clone(), histories, [params.repetition_penalty] * logits.shape[0])
-
-
-def check_compatible(target, draft) -> None:
+def check_compatible(target: LLMEngine, draft: LLMEngine) -> None:
     """A draft must speak the target's token ids: same vocabulary size and, when both are known, the same vocab."""
-    from llmcli.errors import UserError
-
     tv, dv = target.config.vocab_size, draft.config.vocab_size
     if tv != dv:
         raise UserError(f"the draft model's vocabulary ({dv} tokens) differs from the target's ({tv} tokens); "
@@ -244,10 +222,8 @@ class SpeculativeDecoder:
     bonus token (still pending: it is computed as the first query of the next step's forward).
     """
 
-    def __init__(self, target, draft=None, *, method: str | None = None, num_draft: int | None = None,
-                 adaptive: bool = True, max_ngram: int = 4, min_ngram: int = 1):
-        from llmcli.errors import UserError
-
+    def __init__(self, target: LLMEngine, draft: LLMEngine | None = None, *, method: str | None = None,
+                 num_draft: int | None = None, adaptive: bool = True, max_ngram: int = 4, min_ngram: int = 1):
         method = method or ("draft" if draft is not None else "ngram")
         if method not in DEFAULT_NUM_DRAFT:
             raise UserError(f"unknown speculation method {method!r} (use a draft model or 'ngram')")
@@ -264,15 +240,11 @@ class SpeculativeDecoder:
         self.stats = SpecStats()
 
     # ---- public API ---------------------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], params=None) -> list[int]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> list[int]:
         return [ev.token_id for ev in self.stream(prompt_ids, params)]
 
-    def stream(self, prompt_ids: list[int], params=None):
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         """Like LLMEngine.stream: yields StreamEvent(token_id, stats) per token; stats.speculative holds SpecStats."""
-        import time
-
-        from llmcli.engine.sequence import SamplingParams
-
         params = params or SamplingParams()
         t0 = time.perf_counter()
         target = self.target
@@ -316,7 +288,8 @@ class SpeculativeDecoder:
 
     # ---- one draft-verify step ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _step(self, ts, ds, k: int, draft_gen) -> tuple[list[int], int, int]:
+    def _step(self, ts: Sequence, ds: Sequence | None, k: int, draft_gen: torch.Generator | None
+              ) -> tuple[list[int], int, int]:
         """Draft up to k tokens, verify them; returns (emitted tokens, drafted count, accepted count)."""
         target, params = self.target, ts.params
         length = len(ts)  # the last token is pending (sampled, not yet in the cache)
@@ -324,12 +297,13 @@ class SpeculativeDecoder:
         kd = len(drafts)
         logits = target.extend(ts, drafts)  # [kd + 1, V]: next-token logits after the last token and each draft
         histories = [ts.token_ids[:length + i] for i in range(kd + 1)] if params.repetition_penalty != 1 else None
+        rows = [params] * (kd + 1)
+        logits = penalized(logits, rows, histories)
         d = torch.tensor([drafts], dtype=torch.long, device=logits.device)
         if params.greedy:
-            tokens, n = greedy_verify(d, _penalized(logits, params, histories).unsqueeze(0))
+            tokens, n = greedy_verify(d, logits.unsqueeze(0))
         else:
-            p = sampling_probs(logits, params, histories).unsqueeze(0)
-            tokens, n = rejection_sample(d, q, p, ts.generator)
+            tokens, n = rejection_sample(d, q, sampling_probs(logits, rows).unsqueeze(0), ts.generator)
         n = int(n)
         emitted = tokens[0, :n + 1].tolist()  # the one host sync of the step
         # roll back to the accepted prefix and append the corrected/bonus token (pending, like after engine.step)
@@ -338,7 +312,7 @@ class SpeculativeDecoder:
         ts.token_ids.append(emitted[-1])
         # stop at the first token that ends the sequence; any accepted tokens after it are never shown
         for i, tok in enumerate(emitted):
-            if self._finishes(ts, tok, length + i + 1):
+            if target.check_finished(ts, tok, length + i + 1 - ts.num_prompt_tokens):
                 emitted = emitted[:i + 1]
                 break
         if ds is not None and not ts.finished:
@@ -347,15 +321,8 @@ class SpeculativeDecoder:
             ds.token_ids.append(emitted[-1])
         return emitted, kd, n
 
-    def _finishes(self, ts, tok: int, new_len: int) -> bool:
-        p = ts.params
-        if (not p.ignore_eos and tok in self.target.eos_token_ids) or tok in p.stop_token_ids:
-            ts.finished, ts.finish_reason = True, "stop"
-        elif new_len - ts.num_prompt_tokens >= p.max_tokens:
-            ts.finished, ts.finish_reason = True, "length"
-        return ts.finished
-
-    def _propose(self, ts, ds, k: int, draft_gen) -> tuple[list[int], torch.Tensor | None]:
+    def _propose(self, ts: Sequence, ds: Sequence | None, k: int, draft_gen: torch.Generator | None
+                 ) -> tuple[list[int], torch.Tensor | None]:
         """k draft tokens (maybe fewer for n-gram) and their draft distributions [1, k, V] (None: deterministic)."""
         if k <= 0:
             return [], None
@@ -366,11 +333,11 @@ class SpeculativeDecoder:
         toks, qs = [], []
         for _ in range(k):  # autoregressive by nature: each draft token conditions on the previous one
             logits = draft.forward_logits([ds])  # [1, V]; computes every pending token (1, or 2 after a full accept)
-            hist = [ds.token_ids] if params.repetition_penalty != 1 else None
+            logits = penalized(logits, [params], [ds.token_ids])
             if params.greedy:
-                tok = int(_penalized(logits, params, hist).argmax(-1))
+                tok = int(logits.argmax(-1))
             else:
-                q = sampling_probs(logits, params, hist)
+                q = sampling_probs(logits, [params])
                 qs.append(q)
                 tok = int(sample(q, draft_gen))
             ds.token_ids.append(tok)
@@ -379,60 +346,13 @@ class SpeculativeDecoder:
         return toks, q
 
 
-def make_decoder(target, draft: str | None = None, speculate: str | None = None, num_draft: int | None = None,
-                 **load_kw) -> SpeculativeDecoder | None:
-    """The CLI's --draft MODEL / --speculate ngram / --num-draft K -> a decoder (None: plain decoding)."""
-    from llmcli.errors import UserError
-
-    if draft is None and speculate is None:
-        if num_draft is not None:
-            raise UserError("--num-draft needs --draft MODEL or --speculate ngram")
-        return None
-    if speculate is not None and speculate != "ngram":
-        raise UserError(f"--speculate supports only 'ngram', not {speculate!r} (use --draft MODEL for a draft model)")
-    if draft is not None and speculate is not None:
-        raise UserError("use either --draft MODEL or --speculate ngram, not both")
-    if draft is None:
-        return SpeculativeDecoder(target, None, method="ngram", num_draft=num_draft)
-    from llmcli.engine.llm_engine import LLMEngine, _load_tokenizer
-    from llmcli.hub.store import resolve_model
-
-    path = resolve_model(draft)
-    engine = LLMEngine.load(path, tokenizer=False, **load_kw)
-    try:  # only to compare vocabularies: a quantized copy may ship without tokenizer files (sizes are still checked)
-        engine.tokenizer = _load_tokenizer(path)
-    except UserError:
-        engine.tokenizer = None
-    return SpeculativeDecoder(target, engine, method="draft", num_draft=num_draft)
-
-
-def run_summary(decoder: SpeculativeDecoder, prompt_ids: list[int], decode_tok_s: float) -> dict:
-    """Stats for `llm run`: the counters plus a speed-up against a short plain decode of the same prompt."""
-    plain = plain_decode_tok_s(decoder.target, prompt_ids)
-    return {**decoder.stats.to_dict(), "plain_decode_tok_s_est": round(plain, 2),
-            "speedup_est": round(decode_tok_s / plain, 3) if plain and decode_tok_s else None}
-
-
 # ---- measuring ----------------------------------------------------------------------------------------------------
 
-# A workload speculation is made for: the reply copies a passage that is in the prompt.
-PASSAGE = ("The old lighthouse stood at the edge of the cliff for over a hundred years. Every night its beam swept "
-           "across the dark water, guiding fishing boats safely back to the harbor. The keeper, a quiet man named "
-           "Elias, climbed the spiral stairs each evening to light the lamp and wind the clockwork that turned it. "
-           "In winter the storms came without warning, and more than once he stayed awake until dawn, watching the "
-           "waves break against the rocks below and listening for the horns of ships lost in the fog.")
-REPEAT_PROMPT = "Repeat the following passage exactly, word for word, and say nothing else:\n\n" + PASSAGE
-
-
-def plain_decode_tok_s(engine, prompt_ids: list[int], steps: int = 6) -> float:
+def plain_decode_tok_s(engine: LLMEngine, prompt_ids: list[int], steps: int = 6) -> float:
     """Plain one-token-per-forward decode speed of engine after this prompt (the prompt prefix is usually cached).
 
     `llm run` uses it to turn speculative tok/s into a speed-up without generating the whole reply twice.
     """
-    import time
-
-    from llmcli.engine.sequence import SamplingParams
-
     seq = engine.add(prompt_ids, SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True))
     try:
         engine.step([seq])  # the uncached prompt tail
@@ -445,28 +365,8 @@ def plain_decode_tok_s(engine, prompt_ids: list[int], steps: int = 6) -> float:
         engine.release(seq)
 
 
-@dataclass
-class SpeedComparison:
-    plain_tok_s: float
-    spec_tok_s: float
-    identical: bool  # greedy: the speculative reply equals the plain one, token for token
-    stats: SpecStats
-    tokens: int
-
-    @property
-    def speedup(self) -> float:
-        return self.spec_tok_s / self.plain_tok_s if self.plain_tok_s else 0.0
-
-    def to_dict(self) -> dict:
-        return {"plain_decode_tok_s": round(self.plain_tok_s, 2), "speculative_decode_tok_s": round(self.spec_tok_s, 2),
-                "speedup": round(self.speedup, 3), "identical_output": self.identical, "generated_tokens": self.tokens,
-                **self.stats.to_dict()}
-
-
-def compare_speed(decoder: SpeculativeDecoder, prompt_ids: list[int], params) -> SpeedComparison:
-    """Generate the same reply plainly and speculatively (decode tok/s after the first token of each)."""
-    plain = list(decoder.target.stream(prompt_ids, params))
-    spec = list(decoder.stream(prompt_ids, params))
-    return SpeedComparison(plain[-1].stats.decode_tok_s, spec[-1].stats.decode_tok_s,
-                           [e.token_id for e in plain] == [e.token_id for e in spec], decoder.stats,
-                           len(spec))
+def run_summary(decoder: SpeculativeDecoder, prompt_ids: list[int], decode_tok_s: float) -> dict:
+    """Stats for `llm run`: the counters plus a speed-up against a short plain decode of the same prompt."""
+    plain = plain_decode_tok_s(decoder.target, prompt_ids)
+    return {**decoder.stats.to_dict(), "plain_decode_tok_s_est": round(plain, 2),
+            "speedup_est": round(decode_tok_s / plain, 3) if plain and decode_tok_s else None}

@@ -1,5 +1,6 @@
 """`llm bench`: prefill and decode throughput of the engine, optionally side by side with transformers or
-with weight-only quantized versions of the same model (`--compare int8,int4`).
+with weight-only quantized versions of the same model (`--compare int8,int4`), or plain against speculative
+decoding on a reply that copies a passage of its prompt (`--speculate ngram`, `--draft MODEL`).
 
 Prompts are random token ids (seeded, different per row and per run) so the prefix cache never helps; every
 measurement is preceded by a short warm-up. With compare, every engine runs in this process, alternating
@@ -19,9 +20,14 @@ from pathlib import Path
 
 import torch
 
+from llmcli.engine.llm_engine import LLMEngine
+from llmcli.engine.loader import load_model
+from llmcli.engine.sampling_params import SamplingParams
+from llmcli.engine.speculative import SpecStats, SpeculativeDecoder
 from llmcli.errors import UserError
 from llmcli.formats import is_gguf
-
+from llmcli.quant import QuantSpec
+from llmcli.quant.checkpoint import quantize_checkpoint
 
 # --compare name -> (bits, group size, method): what `llm quantize` writes by default for each, plus the smaller
 # int4 groups (more accurate, slightly larger).
@@ -76,8 +82,6 @@ def random_prompts(vocab: int, batch: int, length: int, seed: int) -> torch.Tens
 
 def bench_engine(engine, prompts: torch.Tensor, gen_len: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds) for one batched generation of gen_len tokens per prompt."""
-    from llmcli.engine.sequence import SamplingParams
-
     params = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True)
     seqs = [engine.add(p.tolist(), params) for p in prompts]
     try:
@@ -112,18 +116,17 @@ def bench_transformers(model, prompts: torch.Tensor, gen_len: int, device: torch
     return prefill, max(t2 - t1 - prefill, 1e-9)
 
 
-def _result(name: str, batch: int, plen: int, glen: int, prefill: float, decode: float, mem: float | None) -> BenchResult:
+def _result(name: str, batch: int, plen: int, glen: int, prefill: float, decode: float, mem: float | None
+            ) -> BenchResult:
     return BenchResult(name, batch, plen, glen, prefill, batch * plen / prefill,
                        batch * (glen - 1) / decode if glen > 1 else 0.0, mem)
 
 
 def load_transformers(path, device: torch.device, dtype: torch.dtype):
     try:
-        import transformers
+        import transformers  # noqa: PLC0415  (optional heavy dependency, only for --compare transformers)
     except ImportError:
         raise UserError("--compare transformers needs the transformers package (pip install transformers)") from None
-    from pathlib import Path
-
     p = Path(path)
     if is_gguf(p):
         model = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
@@ -134,11 +137,6 @@ def load_transformers(path, device: torch.device, dtype: torch.dtype):
 
 def load_quantized(path, names: list[str], engine, log) -> list[tuple[str, object]]:
     """(label, engine) per variant: quantized from path into a temp dir, loaded like the original engine."""
-    from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.engine.loader import load_model
-    from llmcli.quant import QuantSpec
-    from llmcli.quant.checkpoint import quantize_checkpoint
-
     out = []
     with tempfile.TemporaryDirectory(prefix="llm-bench-") as tmp:
         for name in names:
@@ -221,3 +219,41 @@ def run_bench(engine, path, prompt_len: int, gen_len: int, batch: int, compare: 
         their_mem = peak_memory_gib(dev) if dev.type == "cuda" else None
         results.append(_result("transformers", batch, prompt_len, gen_len, *best(theirs), their_mem))
     return results
+
+
+# ---- plain vs speculative decoding ----------------------------------------------------------------------------------
+
+# A workload speculation is made for: the reply copies a passage that is in the prompt.
+PASSAGE = ("The old lighthouse stood at the edge of the cliff for over a hundred years. Every night its beam swept "
+           "across the dark water, guiding fishing boats safely back to the harbor. The keeper, a quiet man named "
+           "Elias, climbed the spiral stairs each evening to light the lamp and wind the clockwork that turned it. "
+           "In winter the storms came without warning, and more than once he stayed awake until dawn, watching the "
+           "waves break against the rocks below and listening for the horns of ships lost in the fog.")
+REPEAT_PROMPT = "Repeat the following passage exactly, word for word, and say nothing else:\n\n" + PASSAGE
+
+
+@dataclass
+class SpeedComparison:
+    plain_tok_s: float
+    spec_tok_s: float
+    identical: bool  # greedy: the speculative reply equals the plain one, token for token
+    stats: SpecStats
+    tokens: int
+
+    @property
+    def speedup(self) -> float:
+        return self.spec_tok_s / self.plain_tok_s if self.plain_tok_s else 0.0
+
+    def to_dict(self) -> dict:
+        return {"plain_decode_tok_s": round(self.plain_tok_s, 2), "speculative_decode_tok_s": round(self.spec_tok_s, 2),
+                "speedup": round(self.speedup, 3), "identical_output": self.identical, "generated_tokens": self.tokens,
+                **self.stats.to_dict()}
+
+
+def compare_speed(decoder: SpeculativeDecoder, prompt_ids: list[int], params: SamplingParams) -> SpeedComparison:
+    """Generate the same reply plainly and speculatively (decode tok/s after the first token of each)."""
+    plain = list(decoder.target.stream(prompt_ids, params))
+    spec = list(decoder.stream(prompt_ids, params))
+    return SpeedComparison(plain[-1].stats.decode_tok_s, spec[-1].stats.decode_tok_s,
+                           [e.token_id for e in plain] == [e.token_id for e in spec], decoder.stats,
+                           len(spec))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from llmcli.engine.sequence import SamplingParams
+from llmcli.engine.sampling_params import SamplingParams
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], penalties: list[float]) -> torch.Tensor:
@@ -23,8 +23,8 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], pen
     return logits
 
 
-def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-            any_k: bool, any_p: bool, any_min_p: bool) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                  any_k: bool, any_p: bool, any_min_p: bool) -> torch.Tensor:
     """Mask filtered-out tokens with -inf (logits already divided by temperature)."""
     if any_k:
         vocab = logits.shape[-1]
@@ -45,28 +45,41 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           history: list[list[int]] | None = None) -> torch.Tensor:
-    """logits [B, V] (fp32) -> token ids [B] on device."""
-    if history is not None and any(p.repetition_penalty != 1.0 for p in params):
-        logits = apply_repetition_penalty(logits.clone(), history, [p.repetition_penalty for p in params])
-    greedy = logits.argmax(-1)
-    if all(p.greedy for p in params):
-        return greedy
+def penalized(logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]] | None) -> torch.Tensor:
+    """The logits with each row's repetition penalty applied to its history (a copy), or as they are when no row
+    has a penalty (or there is no history)."""
+    if history is None or all(p.repetition_penalty == 1.0 for p in params):
+        return logits
+    return apply_repetition_penalty(logits.clone(), history, [p.repetition_penalty for p in params])
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each row is sampled from [B, V]: logits over temperature (1 for greedy rows), then the
+    top-k / top-p / min-p filters, softmaxed. Speculative decoding verifies drafts against exactly this."""
     dev = logits.device
     temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
     scaled = logits / temp.unsqueeze(1)
-    scaled = _filter(
+    scaled = filter_logits(
         scaled,
         torch.tensor([p.top_k for p in params], device=dev),
         torch.tensor([p.top_p for p in params], device=dev),
         torch.tensor([p.min_p for p in params], device=dev),
         any(p.top_k > 0 for p in params), any(p.top_p < 1.0 for p in params), any(p.min_p > 0 for p in params),
     )
-    probs = scaled.softmax(-1)
+    return scaled.softmax(-1)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           history: list[list[int]] | None = None) -> torch.Tensor:
+    """logits [B, V] (fp32) -> token ids [B] on device."""
+    logits = penalized(logits, params, history)
+    greedy = logits.argmax(-1)
+    if all(p.greedy for p in params):
+        return greedy
+    probs = sampling_probs(logits, params)
     noise = torch.empty_like(probs)
     for row, g in enumerate(generators):  # one draw per sequence so a seeded sequence is reproducible
         noise[row].exponential_(generator=g)
     sampled = (probs / noise).argmax(-1)
-    is_greedy = torch.tensor([p.greedy for p in params], device=dev)
+    is_greedy = torch.tensor([p.greedy for p in params], device=probs.device)
     return torch.where(is_greedy, greedy, sampled)

@@ -1,0 +1,98 @@
+"""The conversation of a chat: its messages, fitting them into the context, and saving / loading it as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmcli.engine.sampling_params import SETTING_NAMES, SamplingParams, SettingError
+
+DEFAULT_MAX_TOKENS = 2048  # a reply's budget in `llm chat` unless --max-tokens or /set max_tokens says otherwise
+SAVE_FORMAT = "llmcli-chat"
+
+
+class CommandError(Exception):
+    """A bad slash command or value: reported on one line, the chat goes on."""
+
+
+@dataclass
+class Conversation:
+    system: str | None = None
+    messages: list[dict] = field(default_factory=list)  # {"role": "user"|"assistant", "content": str}
+
+    def for_template(self, messages: list[dict] | None = None) -> list[dict]:
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
+        return sys_msg + (self.messages if messages is None else messages)
+
+
+def default_settings() -> SamplingParams:
+    """The chat's settings when nothing sets them: llama.cpp's defaults and a DEFAULT_MAX_TOKENS reply."""
+    return SamplingParams.settle(None, default_max_tokens=DEFAULT_MAX_TOKENS)
+
+
+def settings_from_dict(saved: dict[str, Any]) -> SamplingParams:
+    """The settings of a saved chat: the chat's defaults, then each known setting it holds (validated)."""
+    settings = default_settings()
+    for name, value in saved.items():
+        if name in SETTING_NAMES:
+            try:
+                settings = settings.with_setting(name, "none" if value is None else str(value))
+            except SettingError as e:
+                raise CommandError(str(e)) from None
+    return settings
+
+
+def save_conversation(path: Path, conv: Conversation, settings: SamplingParams, model: str) -> None:
+    """JSON, written to a temporary file then renamed so a crash never leaves half a file."""
+    data = {"format": SAVE_FORMAT, "version": 1, "model": model, "system": conv.system,
+            "settings": settings.settings(), "messages": conv.messages}
+    path = Path(path).expanduser()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CommandError(f"cannot save to {path}: {e.strerror or e}") from None
+
+
+def load_conversation(path: Path) -> tuple[Conversation, SamplingParams | None]:
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise CommandError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise CommandError(f"{path} is not a saved chat (no 'messages' list)")
+    messages = []
+    for i, m in enumerate(data["messages"]):
+        if not (isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)):
+            raise CommandError(f"{path}: message {i} needs a role (user or assistant) and a text content")
+        messages.append({"role": m["role"], "content": m["content"]})
+    system = data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise CommandError(f"{path}: 'system' must be text")
+    settings = settings_from_dict(data["settings"]) if isinstance(data.get("settings"), dict) else None
+    return Conversation(system or None, messages), settings
+
+
+def fit_context(conv: Conversation, count_tokens: Callable[[list[dict]], int], budget: int) -> int:
+    """Drop the oldest turns (never the system prompt, never the newest message) until the prompt fits budget.
+
+    Whole turns go together: after dropping, the conversation starts again at a user message. Returns how many
+    messages were dropped (conv.messages is edited in place).
+    """
+    dropped = 0
+    while len(conv.messages) > 1 and count_tokens(conv.for_template()) > budget:
+        conv.messages.pop(0)
+        dropped += 1
+        while len(conv.messages) > 1 and conv.messages[0]["role"] != "user":
+            conv.messages.pop(0)
+            dropped += 1
+    return dropped

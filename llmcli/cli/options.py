@@ -1,0 +1,65 @@
+"""The typer options that several commands share (device, dtype, KV cache, sampling, speculation), and the
+speculation flags turned into a decoder.
+
+The engine and the model resolver are imported inside make_decoder, as the command bodies do them (`llm --help`
+stays fast and lists the commands in their order).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from llmcli.errors import UserError
+
+DEVICE_HELP = "cpu or cuda (default: cuda when available)."
+DTYPE_HELP = "float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)."
+DEQUANTIZE_HELP = "Expand a GGUF's Q4_0/Q4_1/Q8_0 weights to --dtype instead of running them quantized."
+
+DEVICE = typer.Option(None, "--device", help=DEVICE_HELP)
+DTYPE = typer.Option(None, "--dtype", help=DTYPE_HELP)
+DEQUANTIZE = typer.Option(False, "--dequantize", help=DEQUANTIZE_HELP)
+KV_CACHE_GIB = typer.Option(None, "--kv-cache-gib", help="KV-cache size (default: CPU 1 GiB, CUDA most free memory).")
+
+# Sampling flags shared by `llm run` and `llm chat`: None = not given, so the model's generation_config.json or
+# llama.cpp's defaults apply (SamplingParams.settle).
+TEMPERATURE = typer.Option(None, "--temperature", "-t", min=0.0,
+                           help="0 = greedy (default 0.8, or the model's generation_config).")
+TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k likeliest tokens (default 40; 0 = off).")
+TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (default 0.95).")
+MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the top one (default 0.05).")
+REPEAT_PENALTY = typer.Option(None, "--repeat-penalty", min=0.0, help="> 1 discourages repeats (default 1).")
+SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
+
+# Speculative decoding, as `llm run` and `llm chat` offer it (`llm bench` words its help as a comparison).
+DRAFT = typer.Option(None, "--draft", help="Draft model for speculative decoding (same tokenizer).")
+SPECULATE = typer.Option(None, "--speculate", help="`ngram`: draft by looking up the context.")
+NUM_DRAFT = typer.Option(None, "--num-draft", help="Tokens drafted per step (4 draft, 8 ngram).")
+
+
+def make_decoder(target, draft: str | None = None, speculate: str | None = None,
+                 num_draft: int | None = None, **load_kw):
+    """--draft MODEL / --speculate ngram / --num-draft K -> a SpeculativeDecoder on target (None: plain decoding).
+
+    The draft model is resolved like every MODEL argument and loaded with load_kw (device, dtype, kv_cache_gib)."""
+    from llmcli.cli.resolve import resolve_model_spec
+    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.engine.speculative import SpeculativeDecoder
+    from llmcli.tokenizer import load_tokenizer
+
+    if draft is None and speculate is None:
+        if num_draft is not None:
+            raise UserError("--num-draft needs --draft MODEL or --speculate ngram")
+        return None
+    if speculate is not None and speculate != "ngram":
+        raise UserError(f"--speculate supports only 'ngram', not {speculate!r} (use --draft MODEL for a draft model)")
+    if draft is not None and speculate is not None:
+        raise UserError("use either --draft MODEL or --speculate ngram, not both")
+    if draft is None:
+        return SpeculativeDecoder(target, None, method="ngram", num_draft=num_draft)
+    path = resolve_model_spec(draft)
+    engine = LLMEngine.load(path, tokenizer=False, **load_kw)
+    try:  # only to compare vocabularies: a quantized copy may ship without tokenizer files (sizes are still checked)
+        engine.tokenizer = load_tokenizer(path)
+    except UserError:
+        engine.tokenizer = None
+    return SpeculativeDecoder(target, engine, method="draft", num_draft=num_draft)
