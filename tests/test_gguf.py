@@ -1,4 +1,4 @@
-"""llmcli.formats.gguf against independent references.
+"""llmcli.formats' GGUF reading against independent references.
 
 * The real SmolLM2 GGUF: config and every tensor must equal what transformers' own GGUF loader produces.
 * Synthetic GGUFs written here from tiny transformers models, the way llama.cpp's converter writes them
@@ -12,17 +12,17 @@ from __future__ import annotations
 import json
 import math
 
+import gguf
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import gguf
 from llmcli.config import load_config
 from llmcli.errors import UserError
-from llmcli.formats.gguf import (
-    gguf_raw_tensor, iter_gguf_raw, iter_gguf_tensors, llama3_scaling_from_factors, load_gguf_config,
-)
+from llmcli.formats.gguf_config import llama3_scaling_from_factors, load_gguf_config
+from llmcli.formats.gguf_reader import open_gguf
+from llmcli.formats.gguf_tensors import dequantize_torch, gguf_raw_tensor, iter_gguf_raw, iter_gguf_tensors
 
 Q = gguf.GGMLQuantizationType
 
@@ -329,8 +329,6 @@ def test_unsupported_architecture(tmp_path):
 
 def test_reader_matches_gguf_package(smollm2_gguf):
     """Our header parser (fast path) must see exactly what gguf.GGUFReader sees."""
-    from llmcli.formats.gguf import open_gguf
-
     ours, ref = open_gguf(smollm2_gguf), gguf.GGUFReader(smollm2_gguf)
     ref_fields = {k: f for k, f in ref.fields.items() if not k.startswith("GGUF.")}
     assert set(ours.fields) == set(ref_fields)
@@ -363,8 +361,6 @@ def test_split_gguf(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K])
 def test_torch_dequantize_bit_identical_to_gguf(qtype):
-    from llmcli.formats.gguf import dequantize_torch
-
     rng = np.random.default_rng(int(qtype))
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     shape = (3, 5, 2 * block)  # stacked experts: [experts, rows, cols]

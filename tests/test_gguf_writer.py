@@ -13,15 +13,16 @@ from __future__ import annotations
 import json
 import shutil
 
+import gguf
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import gguf
 from llmcli.cli import main
+from llmcli.formats.gguf_tensors import permute_qk_rows
 from llmcli.quant import QuantSpec
-from llmcli.quant.gguf_writer import permute_rows, write_gguf
+from llmcli.quant.gguf_writer import write_gguf
 
 Q = gguf.GGMLQuantizationType
 TEXTS = ["Hello world! It's 2024, and 12345 apples cost $3.14.", "  indented\n\tcode() { return x; }",
@@ -145,7 +146,7 @@ def test_blocks_equal_gguf_reference_and_bound(gtype, tiny_chat, tmp_path, one_t
     for gname, hf in hf_of.items():
         t, w = tensors[f"{gname}.weight"], sd[f"{hf}.weight"]
         if gname.endswith(("attn_q", "attn_k")):  # llama.cpp's rotary row order
-            w = permute_rows(w, cfg["num_attention_heads"] if gname.endswith("q") else cfg["num_key_value_heads"])
+            w = permute_qk_rows(w, cfg["num_attention_heads"] if gname.endswith("q") else cfg["num_key_value_heads"])
         if w.ndim == 1:
             assert t.tensor_type == Q.F32
             np.testing.assert_array_equal(t.data, w)
@@ -199,10 +200,11 @@ def test_q4_1_hqq_constant_blocks():
 
 
 def _engine_logits(path, ids):
-    """Our engine on the GGUF with every tensor dequantized by llmcli.formats.gguf (so both sides use the same values)."""
+    """Our engine on the GGUF with every tensor dequantized by llmcli.formats (so both sides use the same values)."""
     from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.formats.gguf import iter_gguf_tensors, load_gguf_config
     from llmcli.engine.loader import build_model, load_weights
+    from llmcli.formats.gguf_config import load_gguf_config
+    from llmcli.formats.gguf_tensors import iter_gguf_tensors
 
     config = load_gguf_config(path)
     model = build_model(config, torch.device("cpu"), torch.float32)
@@ -244,7 +246,7 @@ def test_tokenizer_and_template_roundtrip(tokenizer, tiny_chat, tmp_path, one_th
     from tokenizers import Tokenizer as Backend
     from transformers import AutoTokenizer
 
-    from llmcli.formats.gguf import gguf_metadata
+    from llmcli.formats.gguf_reader import gguf_metadata
     from llmcli.tokenizer import load_tokenizer
 
     src = tiny_chat("llama", tokenizer, rope_scaling=None, num_hidden_layers=1)
@@ -276,7 +278,9 @@ def test_tokenizer_and_template_roundtrip(tokenizer, tiny_chat, tmp_path, one_th
 def test_gguf_source_reexport(tiny_chat, tmp_path, one_thread):
     # A GGUF re-exported to another type: tokenizer metadata copied unchanged, hyperparameters the same, and
     # the weights (read back under HF names, Q/K rows un-permuted) within the new type's bound of the source.
-    from llmcli.formats.gguf import gguf_metadata, iter_gguf_tensors, load_gguf_config
+    from llmcli.formats.gguf_config import load_gguf_config
+    from llmcli.formats.gguf_reader import gguf_metadata
+    from llmcli.formats.gguf_tensors import iter_gguf_tensors
 
     src = tiny_chat("llama")  # with llama3 rope scaling: stored as rope_freqs.weight, recovered when read
     first, second = tmp_path / "a.Q8_0.gguf", tmp_path / "b.Q4_1.gguf"

@@ -11,9 +11,10 @@ import random
 
 import pytest
 
-from llmcli.tokenizer.chat_template import render_chat_template
 from llmcli.errors import UserError
-from llmcli.tokenizer import StreamDecoder, load_tokenizer
+from llmcli.tokenizer import load_tokenizer
+from llmcli.tokenizer.chat_template import render_chat_template
+from llmcli.tokenizer.stream import StreamDecoder
 
 CORPUS = [
     "Hello world", "What is the capital of France?", "x 123 4567 a1b2 3.14159 1,000,000 2024-11-23",
@@ -64,7 +65,7 @@ def test_gguf_decode_matches_transformers(ours, ref):
 
 
 def test_gguf_special_tokens(ours, ref, smollm2_gguf):
-    from llmcli.formats.gguf import open_gguf
+    from llmcli.formats.gguf_reader import open_gguf
 
     r = open_gguf(smollm2_gguf)  # the gguf package's reader (cached: it takes seconds to parse)
     eos_id = int(r.fields["tokenizer.ggml.eos_token_id"].contents())
@@ -444,7 +445,7 @@ def _write_bpe_gguf(path, source_gguf, pre: str, add_bos: bool, n_vocab: int = 6
     both parts and the result survive) under another tokenizer.ggml.pre."""
     import gguf
 
-    from llmcli.formats.gguf import gguf_metadata
+    from llmcli.formats.gguf_reader import gguf_metadata
 
     meta = gguf_metadata(source_gguf)
     tokens = meta["tokenizer.ggml.tokens"][:n_vocab]

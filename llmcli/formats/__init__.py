@@ -1,4 +1,8 @@
-"""File formats: safetensors and GGUF reading."""
+"""File formats: GGUF and safetensors reading, and `is_gguf`, the one test for a GGUF file.
+
+gguf_reader (the binary reader), gguf_config (metadata -> config), gguf_tensors (tensor names, llama.cpp's
+layouts undone, raw and dequantized tensors), safetensors (files, iteration, header).
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Output follows what llama.cpp's convert_hf_to_gguf.py writes, so llama.cpp, Olla
   * general.architecture llama (also Mistral), qwen2 or qwen3, and the <arch>.* hyperparameters;
   * tensor names token_embd, blk.N.attn_q/k/v/output, ffn_gate/up/down, attn_norm, ffn_norm, output_norm,
     output; for llama the rows of Q and K are permuted from HF's rotate-half order to ggml's interleaved
-    rotary pairs (llmcli.formats.gguf undoes exactly this when reading);
+    rotary pairs (llmcli.formats.gguf_tensors, which undoes it when reading, holds both directions);
   * projection weights in the chosen type; token_embd/output in F16 (Q8_0 with --quantize-embeddings), norms
     and biases in F32, as llama.cpp does. A weight whose rows are not whole 32-value blocks stays F16;
   * tokenizer.ggml.* and tokenizer.chat_template: rebuilt from tokenizer.json for a model directory, copied
@@ -27,24 +27,31 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from tokenizers import Tokenizer as Backend
 
-from llmcli.config import ModelConfig
+from llmcli.config import ModelConfig, from_hf_dict
 from llmcli.errors import UserError
 from llmcli.formats import is_gguf
+from llmcli.formats.gguf_config import llama3_factors
+from llmcli.formats.gguf_reader import gguf_metadata, open_gguf, read_f32
+from llmcli.formats.gguf_tensors import PERMUTED_QK, permute_qk_rows
 from llmcli.quant import QuantSpec
 from llmcli.quant.checkpoint import LayerRecord, Summary, open_source
+from llmcli.quant.hqq import quantize_int4_hqq
+from llmcli.tokenizer.gguf_vocab import PRE_TOKENIZERS, gguf_bpe
 
 BLOCK = 32  # values per Q8_0/Q4_0/Q4_1 block (also the int4 group size here)
 GGUF_TYPES = ("q8_0", "q4_0", "q4_1", "f16")
 # HF model_type -> llama.cpp general.architecture (llama.cpp converts Mistral as llama).
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-PERMUTED_QK = ("llama",)  # llama.cpp permutes Q/K rows only for this architecture
 
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _LAYER = {
@@ -58,8 +65,6 @@ _SKIP = ("rotary_emb.inv_freq",)
 
 
 def ggml_type(name: str):
-    import gguf
-
     return gguf.GGMLQuantizationType[name.upper()]
 
 
@@ -95,16 +100,8 @@ def gguf_tensor_name(hf_name: str) -> str | None:
     raise UserError(f"tensor {hf_name} has no GGUF name in this writer (supported: dense {', '.join(ARCHITECTURES)})")
 
 
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotate-half rows -> ggml's interleaved rotary pairs, per head (llama.cpp's convert permute)."""
-    return np.ascontiguousarray(
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
-
-
 def wanted_type(gname: str, ndim: int, weight_type: str, quantize_embeddings: bool):
     """GGML type a tensor should get: norms/biases F32, embeddings F16 unless asked, weights the chosen type."""
-    import gguf
-
     T = gguf.GGMLQuantizationType
     if ndim < 2:
         return T.F32
@@ -115,8 +112,6 @@ def wanted_type(gname: str, ndim: int, weight_type: str, quantize_embeddings: bo
 
 def tensor_type(gname: str, shape: tuple[int, ...], weight_type: str, quantize_embeddings: bool):
     """The type written: the wanted one, or F16 when a row is not whole 32-value blocks (as llama.cpp does)."""
-    import gguf
-
     wanted = wanted_type(gname, len(shape), weight_type, quantize_embeddings)
     quantized = wanted not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)
     return gguf.GGMLQuantizationType.F16 if quantized and shape[-1] % BLOCK else wanted
@@ -131,8 +126,6 @@ def quantize_q4_1_hqq(w: torch.Tensor) -> np.ndarray:
     HQQ gives w ~= (q - z) * s; Q4_1 stores w ~= d * q + m, so d = s and m = -z * s, both f16. q is then
     re-rounded against the stored f16 d and m, so it is the nearest level of the grid the file really holds.
     """
-    from llmcli.quant.hqq import quantize_int4_hqq
-
     rows, k = w.shape
     _, scales, zeros = quantize_int4_hqq(w, BLOCK)
     d = scales.float()
@@ -148,8 +141,6 @@ def quantize_q4_1_hqq(w: torch.Tensor) -> np.ndarray:
 
 def encode_tensor(w: torch.Tensor, qtype, method: str) -> np.ndarray:
     """One tensor as the bytes (or float array) GGUFWriter stores for qtype."""
-    import gguf
-
     T = gguf.GGMLQuantizationType
     if qtype == T.F32:
         return w.float().numpy()
@@ -165,8 +156,6 @@ def encode_tensor(w: torch.Tensor, qtype, method: str) -> np.ndarray:
 
 def add_hparams(writer, config: ModelConfig, arch: str, file_type: int, name: str) -> list[str]:
     """general.* and <arch>.* keys as convert_hf_to_gguf writes them; returns notes on what was dropped."""
-    import gguf
-
     notes = []
     writer.add_type("model")
     writer.add_name(name)
@@ -207,8 +196,6 @@ def add_hparams(writer, config: ModelConfig, arch: str, file_type: int, name: st
 
 def llama3_rope_freqs(config: ModelConfig) -> np.ndarray:
     """llama.cpp stores llama3 rope scaling as rope_freqs.weight: the divisor of each rotary frequency."""
-    from llmcli.formats.gguf import llama3_factors
-
     rs = config.rope_scaling
     dim = int(config.head_dim * config.partial_rotary_factor)
     orig = rs.get("original_max_position_embeddings") or config.original_max_position_embeddings or 8192
@@ -217,14 +204,9 @@ def llama3_rope_freqs(config: ModelConfig) -> np.ndarray:
 
 
 def _source_rope_freqs(src: Path) -> np.ndarray:
-    """A GGUF source's stored llama3 factors, copied as they are: the parameters llmcli.formats.gguf recovers from
-    them reproduce them only approximately when few frequencies fall in the smooth band."""
-    import gguf
-
-    from llmcli.formats.gguf import open_gguf
-
-    t = next(t for t in open_gguf(src).tensors if t.name == "rope_freqs.weight")
-    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
+    """A GGUF source's stored llama3 factors, copied as they are: the parameters llmcli.formats.gguf_config
+    recovers from them reproduce them only approximately when few frequencies fall in the smooth band."""
+    return read_f32(next(t for t in open_gguf(src).tensors if t.name == "rope_freqs.weight"))
 
 
 def _add_value(writer, key: str, value: Any) -> None:
@@ -246,8 +228,6 @@ def _add_value(writer, key: str, value: Any) -> None:
 
 
 def copy_gguf_tokenizer(writer, src: Path) -> None:
-    from llmcli.formats.gguf import gguf_metadata
-
     meta = gguf_metadata(src)
     if "tokenizer.ggml.tokens" not in meta:
         raise UserError(f"{src} has no tokenizer metadata to copy")
@@ -262,8 +242,6 @@ def hf_vocab(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[int
     Special added tokens are CONTROL, other added tokens USER_DEFINED; ids the model has but the tokenizer
     lacks are filled with [PAD<id>] USER_DEFINED entries, as convert_hf_to_gguf does.
     """
-    import gguf
-
     TT = gguf.TokenType
     by_id: dict[int, tuple[str, int]] = {i: (t, TT.NORMAL) for t, i in tokenizer_json["model"]["vocab"].items()}
     for a in tokenizer_json.get("added_tokens", []):
@@ -287,7 +265,7 @@ PROBE = ("Hello world! It's 2024-11-23, 3.14159 and 1234567 apples.\n\n  Indente
 
 def _pre_structure(tj: dict) -> tuple[str | None, bool, bool]:
     """(split regex or None, digits split one by one, ignore_merges) of a tokenizer.json: the same triple
-    llmcli.tokenizer.PRE_TOKENIZERS gives per llama.cpp name."""
+    llmcli.tokenizer.gguf_vocab.PRE_TOKENIZERS gives per llama.cpp name."""
     pre = tj.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     regex = next((p["pattern"].get("Regex") for p in steps if p.get("type") == "Split"), None)
@@ -300,15 +278,13 @@ def pick_pre(meta: dict, tj: dict, source_backend) -> str:
 
     llama.cpp's converter looks the name up by a hash of how a check text tokenizes. We rank the names by how
     many of (split regex, digit splitting, ignore_merges) they share with tokenizer.json, then take the first
-    under which the GGUF tokenizer (as llmcli.tokenizer rebuilds it) gives the source's ids on a probe text.
+    under which the GGUF tokenizer (as llmcli.tokenizer.gguf_vocab rebuilds it) gives the source's ids on a probe text.
     """
-    from llmcli.tokenizer import PRE_TOKENIZERS, _gguf_bpe
-
     have = _pre_structure(tj)
     ranked = sorted(PRE_CANDIDATES, key=lambda n: -sum(a == b for a, b in zip(PRE_TOKENIZERS[n], have)))
     want = source_backend.encode(PROBE, add_special_tokens=False).ids
     for pre in ranked:
-        got = _gguf_bpe({**meta, "tokenizer.ggml.pre": pre}).encode(PROBE, add_special_tokens=False).ids
+        got = gguf_bpe({**meta, "tokenizer.ggml.pre": pre}).encode(PROBE, add_special_tokens=False).ids
         if got == want:
             return pre
     raise UserError("the source tokenizer's pre-tokenizer matches none llama.cpp knows "
@@ -317,17 +293,15 @@ def pick_pre(meta: dict, tj: dict, source_backend) -> str:
 
 def add_hf_tokenizer(writer, src: Path, config: ModelConfig) -> None:
     """tokenizer.* metadata from tokenizer.json (+ tokenizer_config.json, chat template files)."""
-    import gguf
-    from tokenizers import Tokenizer as Backend
-
     tj_path = src / "tokenizer.json"
     if not tj_path.is_file():
         raise UserError(f"{src} has no tokenizer.json; a GGUF needs the tokenizer in its metadata")
     tj = json.loads(tj_path.read_text(encoding="utf-8"))
     model = tj.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback") or "merges" not in model:
+        fallback = " with byte fallback" if model.get("byte_fallback") else ""
         raise UserError("--format gguf supports byte-level BPE tokenizers (GPT-2 style); "
-                        f"{src.name}'s is {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}")
+                        f"{src.name}'s is {model.get('type')}{fallback}")
     tokens, types = hf_vocab(tj, config.vocab_size)
     special = gguf.SpecialVocab(src, load_merges=True, n_vocab=len(tokens))
     meta = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
@@ -354,8 +328,6 @@ class _Encoded:
 
 def _encoded_tensors(tensors: Iterator[tuple[str, torch.Tensor]], config: ModelConfig, arch: str, weight_type: str,
                      spec: QuantSpec, summary: Summary) -> Iterator[_Encoded]:
-    import gguf
-
     T = gguf.GGMLQuantizationType
     for name, w in tensors:
         gname = gguf_tensor_name(name)
@@ -367,18 +339,15 @@ def _encoded_tensors(tensors: Iterator[tuple[str, torch.Tensor]], config: ModelC
         w = w.float()
         if arch in PERMUTED_QK and gname.split(".")[-2] in ("attn_q", "attn_k"):  # weights and biases alike
             n_head = config.num_heads if ".attn_q." in gname else config.num_kv_heads
-            w = torch.from_numpy(permute_rows(w.reshape(w.shape[0], -1).numpy(), n_head).reshape(w.shape))
+            w = torch.from_numpy(permute_qk_rows(w.reshape(w.shape[0], -1).numpy(), n_head).reshape(w.shape))
         qtype = tensor_type(gname, tuple(w.shape), weight_type, spec.quantize_embeddings)
         fallback = qtype != wanted_type(gname, w.ndim, weight_type, spec.quantize_embeddings)
-        yield _Encoded(gname, tuple(w.shape), encode_tensor(w, qtype, spec.method), qtype, qtype not in (T.F16, T.F32), fallback)
+        data = encode_tensor(w, qtype, spec.method)
+        yield _Encoded(gname, tuple(w.shape), data, qtype, qtype not in (T.F16, T.F32), fallback)
 
 
 def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gguf_type: str | None = None) -> Summary:
     """Quantize the model at src (directory or .gguf) into the GGUF file out."""
-    import gguf
-
-    from llmcli.config import from_hf_dict
-
     t0 = time.perf_counter()
     spec.validate()
     weight_type = check_gguf_type(gguf_type, spec)

@@ -13,6 +13,11 @@ import json
 from datetime import datetime
 from typing import Any
 
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from llmcli.errors import UserError
 
 
@@ -31,43 +36,34 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-@functools.lru_cache(maxsize=1)
-def _generation_extension():
+class _GenerationBlock(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` marks assistant text for training masks in some templates;
     when rendering a prompt it is a no-op, but without the tag the template would not even parse."""
-    import jinja2.ext
-    import jinja2.nodes
 
-    class GenerationBlock(jinja2.ext.Extension):
-        tags = {"generation"}
+    tags = {"generation"}
 
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
-        def _body(self, caller):
-            return caller()
-
-    return GenerationBlock
+    def _body(self, caller):
+        return caller()
 
 
 @functools.lru_cache(maxsize=16)
 def compile_template(source: str):
     """Compile once per template text (templates are reused for every turn of a chat)."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_generation_extension(), jinja2.ext.loopcontrols])
+                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise UserError(f"chat template has a syntax error: {' '.join(str(e.message).split())} (line {e.lineno})") from None
+        msg = " ".join(str(e.message).split())
+        raise UserError(f"chat template has a syntax error: {msg} (line {e.lineno})") from None
 
 
 def render_chat_template(source: str, messages: list[dict], *, add_generation_prompt: bool = True,
@@ -79,8 +75,6 @@ def render_chat_template(source: str, messages: list[dict], *, add_generation_pr
     transformers). Keys whose value is None are dropped from each message, because API clients send
     `content: None` and templates that test `'content' in message` would render "None".
     """
-    import jinja2
-
     if not messages:
         raise UserError("cannot apply a chat template to an empty conversation")
     for m in messages:
