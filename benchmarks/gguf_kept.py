@@ -56,10 +56,10 @@ def int4_table_error(model: nn.Module) -> tuple[float, float]:
 
 
 def main() -> None:
-    from llmcli.tools.bench import bench_engine, random_prompts
     from llmcli.engine.llm_engine import LLMEngine
     from llmcli.engine.loader import load_model
     from llmcli.hub.resolve import resolve_model
+    from llmcli.tools.bench import bench_engine, random_prompts
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?")

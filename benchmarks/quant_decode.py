@@ -15,8 +15,9 @@ import torch
 
 
 def main() -> None:
-    from llmcli.tools.bench import bench_engine, random_prompts
     from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.hub.resolve import resolve_model
+    from llmcli.tools.bench import bench_engine, random_prompts
 
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="+")
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     print(f"torch threads: {torch.get_num_threads()}, dtype {a.dtype}, device {a.device}")
-    engines = [LLMEngine.load(m, device=a.device, dtype=a.dtype, tokenizer=False, kv_cache_gib=0.25)
+    engines = [LLMEngine.load(resolve_model(m), device=a.device, dtype=a.dtype, tokenizer=False, kv_cache_gib=0.25)
                for m in a.models]
     best = [float("inf")] * len(engines)
     for e in engines:

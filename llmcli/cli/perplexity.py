@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,17 +15,23 @@ from llmcli.cli.options import DEQUANTIZE_HELP
 from llmcli.cli.resolve import resolve_model_spec
 from llmcli.errors import UserError
 
+EXAMPLES = ("[bold]Examples[/bold]\n\n"
+            "  llm perplexity\n"
+            "  llm perplexity ./model-int4-g64 --file book.txt --window 512 --json")
 
-@app.command("perplexity", epilog="[bold]Examples[/bold]\n\n  llm perplexity\n  llm perplexity ./model-int4-g64 --file book.txt --window 512 --json")
+
+@app.command("perplexity", epilog=EXAMPLES)
 def perplexity_cmd(
-    model: Optional[str] = typer.Argument(None, help="Model directory, .gguf file or store name (default: the built-in model)."),
-    file: Optional[Path] = typer.Option(None, "--file", help="UTF-8 text to score (default: the GPL-3 text in /usr/share/common-licenses)."),
+    model: str | None = typer.Argument(
+        None, help="Model directory, .gguf file or store name (default: the built-in model)."),
+    file: Path | None = typer.Option(
+        None, "--file", help="UTF-8 text to score (default: the GPL-3 text in /usr/share/common-licenses)."),
     window: int = typer.Option(512, "--window", help="Tokens per window (no overlap)."),
     max_tokens: int = typer.Option(4096, "--max-tokens", help="Score at most this many tokens of the text."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
     dequantize: bool = typer.Option(False, "--dequantize", help=DEQUANTIZE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print {\"perplexity\": ..., \"tokens\": ...}."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"perplexity": ..., "tokens": ...}.'),
 ) -> None:
     """Measure a model's perplexity on a text file."""
     from llmcli.tools.perplexity import DEFAULT_TEXT, measure_perplexity, read_text

@@ -12,8 +12,8 @@ separate q/k/v and gate/up projections onto rows of the fused Linear. A module m
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from llmcli.quant.embedding import Int8Embedding, tie_quantized_head
 from llmcli.quant.gguf_kept import KEEP_INT4, KEEP_INT8, KEPT_GROUP_SIZE, iter_gguf_kept
 from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
 from llmcli.quant.prepare import prepare_model
+
 
 def safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"

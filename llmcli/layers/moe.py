@@ -13,8 +13,8 @@ quantizer sees one batch of rows per projection instead of E separate Linear mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ class RouterConfig:
     routed_scaling_factor: float = 1.0
 
     @classmethod
-    def from_model_config(cls, cfg: ModelConfig) -> "RouterConfig":
+    def from_model_config(cls, cfg: ModelConfig) -> RouterConfig:
         return cls(cfg.num_experts, cfg.num_experts_per_tok, cfg.router, cfg.norm_topk_prob, cfg.n_group,
                    cfg.topk_group, cfg.routed_scaling_factor)
 

@@ -4,10 +4,10 @@ This module: QuantSpec (what `llm quantize` was asked for, stored as config.json
 which modules of the engine's model a spec quantizes.
 
 Contract with the loader (llmcli.engine.loader.build_model): when config.json carries a `quantization_config`,
-llmcli.quant.prepare.prepare_model() runs on the meta-device model before weights are allocated and swaps every quantizable
-nn.Linear for a quantized module whose parameter names are the checkpoint's tensor suffixes
+llmcli.quant.prepare.prepare_model() runs on the meta-device model before weights are allocated and swaps every
+quantizable nn.Linear for a quantized module whose parameter names are the checkpoint's tensor suffixes
 (`qweight`, `scales`, `zeros`). The loader then fills them by name, fusing q/k/v and gate/up rows; the
-kernel layout is built on the first forward (or by finalize()).
+kernel layout is built on the first forward (or by llmcli.quant.prepare.finalize()).
 
 What is quantized: every nn.Linear inside the decoder layers (attention and dense/shared MLP projections)
 and every stacked MoE expert block (llmcli.quant.experts.QuantExperts; routers and shared_expert_gate stay 16-bit).
@@ -38,7 +38,7 @@ class QuantSpec:
     method: str = "rtn"
     quantize_embeddings: bool = False  # also quantize the token embedding and lm_head
 
-    def validate(self) -> "QuantSpec":
+    def validate(self) -> QuantSpec:
         if self.method == "nf4":
             self.bits = 4
         if self.bits not in (4, 8):
@@ -58,7 +58,7 @@ class QuantSpec:
         return d
 
     @classmethod
-    def from_config(cls, qc: dict) -> "QuantSpec":
+    def from_config(cls, qc: dict) -> QuantSpec:
         if qc.get("quant_method") != "llmcli":
             raise UserError(f"unsupported quantization_config quant_method {qc.get('quant_method')!r}")
         return cls(bits=int(qc["bits"]), group_size=int(qc.get("group_size", 128)), method=qc.get("method", "rtn"),

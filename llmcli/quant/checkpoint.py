@@ -17,9 +17,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -249,7 +249,7 @@ def _quantize_parts(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tenso
     return quantize_tensor(w, qmod, spec, hessian, importance)
 
 
-def _write_tensors(tensors: Iterator[tuple[str, torch.Tensor]], writer: "ShardWriter", summary: Summary, *,
+def _write_tensors(tensors: Iterator[tuple[str, torch.Tensor]], writer: ShardWriter, summary: Summary, *,
                    config, targets: dict, dtype16: torch.dtype, hessians: dict[str, torch.Tensor] | None,
                    importance: dict[str, torch.Tensor], progress: Callable[[str], None] | None) -> int:
     """Stream every source tensor into writer: quantized when it loads into one of targets, else kept (16-bit).

@@ -21,7 +21,7 @@ finalize(), or lazily for just the experts a batch selects; either way a step re
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -15,7 +15,7 @@ everything inside it is a whole-row tensor op.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -2,7 +2,7 @@
 
 Parameters hold the plain on-disk layout (see int8.py / int4.py) so the loader copies checkpoint tensors
 into them by name, fusing q/k/v and gate/up rows first. The kernel layout is built lazily on the first
-forward (or by llmcli.quant.finalize), i.e. after fusing, on whatever device the weights ended up on:
+forward (or by llmcli.quant.prepare.finalize), i.e. after fusing, on whatever device the weights ended up on:
 
   CPU  int8: aten._weight_int8pack_mm (bf16 activations; only when in_features % 16 == 0, because in
              torch 2.13 other sizes return garbage or crash), else dequantize-on-the-fly.

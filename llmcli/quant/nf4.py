@@ -68,7 +68,7 @@ def nf4_targets(config) -> dict:
 
 def nf4_code() -> torch.Tensor:
     """The 16 NF4 values (bitsandbytes' table), ascending, fp32."""
-    from bitsandbytes.functional import get_4bit_type  # heavy (loads its native library): only when NF4 is used
+    from bitsandbytes.functional import get_4bit_type  # noqa: PLC0415  (bitsandbytes is heavy: loaded only for NF4)
 
     return get_4bit_type("nf4", device="cpu").float()
 
@@ -82,7 +82,7 @@ def nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 def nested_roundtrip(absmax: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """fp32 block scales -> (the scales as bitsandbytes will read them back, the nested state parts)."""
-    import bitsandbytes.functional as bnbf  # heavy (loads its native library): only when writing NF4
+    import bitsandbytes.functional as bnbf  # noqa: PLC0415  (bitsandbytes is heavy: loaded only for NF4)
 
     offset = absmax.mean()
     q8, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
@@ -117,7 +117,7 @@ def quantize_nf4_tensor(w: torch.Tensor, hessian: torch.Tensor | None = None,
     layer's calibration inputs; search: per-block scale search weighted by the Hessian's diagonal (default: only
     with a Hessian -- unweighted, the squared-error optimum measured slightly worse perplexity on SmolLM2 than
     bitsandbytes' absmax, 32.28 vs 32.14)."""
-    from bitsandbytes.functional import QuantState  # heavy (loads its native library): only when writing NF4
+    from bitsandbytes.functional import QuantState  # noqa: PLC0415  (bitsandbytes is heavy: loaded only for NF4)
 
     out_f, in_f = w.shape
     if (out_f * in_f) % BLOCKSIZE:
@@ -154,8 +154,8 @@ def dequantize_nf4_tensor(parts: dict[str, torch.Tensor], device: str = "cpu",
                           dtype: torch.dtype | None = None) -> torch.Tensor:
     """bitsandbytes' own dequantization of one stored tensor (the reference our engine is tested against);
     dtype overrides the stored compute dtype (bf16), e.g. fp32 for exact comparisons."""
-    import bitsandbytes.functional as bnbf  # heavy (loads its native library): only for this reference
-    from bitsandbytes.functional import QuantState
+    import bitsandbytes.functional as bnbf  # noqa: PLC0415  (bitsandbytes is heavy: loaded only for NF4)
+    from bitsandbytes.functional import QuantState  # noqa: PLC0415
 
     qs = {k.removeprefix("weight."): v for k, v in parts.items() if k != "weight"}
     state = QuantState.from_dict(qs, device=torch.device(device))
@@ -251,7 +251,7 @@ class NF4Linear(nn.Module):
         if self.weight.device.type != "cpu" or self.out_features % 32:
             return k
         try:
-            import bitsandbytes.functional as bnbf  # heavy (loads its native library): only for NF4 models
+            import bitsandbytes.functional as bnbf  # noqa: PLC0415  (bitsandbytes is heavy: loaded only for NF4)
 
             if not bnbf.has_avx512bf16():
                 return k
@@ -269,7 +269,7 @@ class NF4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._kernel["bnb"] is not None:
-            import bitsandbytes as bnb  # heavy: only for NF4 models (already loaded by _prepare)
+            import bitsandbytes as bnb  # noqa: PLC0415  (bitsandbytes is heavy: loaded only for NF4)
 
             packed, state = self._kernel["bnb"]
             y = bnb.matmul_4bit(x2.to(torch.bfloat16), packed, state).to(x.dtype)
