@@ -46,7 +46,7 @@ def quantized(tiny_model, tmp_path_factory):
 
 
 def _tensors(directory) -> dict[str, torch.Tensor]:
-    from llmcli.engine.loader import iter_safetensors
+    from llmcli.formats.safetensors import iter_safetensors
 
     return dict(iter_safetensors(directory))
 

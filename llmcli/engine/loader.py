@@ -11,7 +11,6 @@ separate q/k/v and gate/up projections onto rows of the fused Linear. A module m
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from llmcli.errors import UserError
 from llmcli.formats import is_gguf
 from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.formats.gguf_tensors import gguf_tensor_types
+from llmcli.formats.safetensors import iter_safetensors
 from llmcli.models.transformer import Transformer
 from llmcli.models.weights import FUSED, fused_shards, rename, target_module
 from llmcli.quant import QuantSpec, quantizable_linears
@@ -30,28 +30,6 @@ from llmcli.quant.embedding import Int8Embedding, tie_quantized_head
 from llmcli.quant.gguf_kept import KEEP_INT4, KEEP_INT8, KEPT_GROUP_SIZE, iter_gguf_kept
 from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
 from llmcli.quant.prepare import prepare_model
-
-
-def safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / n for n in names]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"no .safetensors weights in {directory}")
-    return files
-
-
-def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    for f in safetensors_files(directory):
-        if not f.is_file():
-            raise UserError(f"missing weight shard {f.name} in {directory}")
-        with safe_open(f, framework="pt", device="cpu") as st:
-            for name in st.keys():
-                yield name, st.get_tensor(name)
 
 
 def load_weights(model: nn.Module, config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:

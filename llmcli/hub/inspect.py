@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections import Counter
 from pathlib import Path
 
@@ -15,17 +14,11 @@ from llmcli.estimate import count_params
 from llmcli.formats import is_gguf
 from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.formats.gguf_reader import gguf_metadata, open_gguf
+from llmcli.formats.safetensors import safetensors_header
 from llmcli.hub.download import gguf_group
 
 # llama.cpp quant names inside GGUF file names: Q4_K_M, IQ2_XXS, Q8_0, BF16, F16 ...
 _QUANT_TAG = re.compile(r"(?i)(?<![a-z0-9])(i?q\d(?:_[a-z0-9]+)*|bf16|f16|f32)(?![a-z0-9])")
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
 
 
 def _tensor_headers(d: Path) -> dict[str, dict]:

@@ -30,6 +30,7 @@ from llmcli.errors import UserError
 from llmcli.formats import is_gguf
 from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.formats.gguf_tensors import dense_tensor, iter_gguf_raw, iter_gguf_tensors
+from llmcli.formats.safetensors import iter_safetensors, safetensors_files
 from llmcli.models.transformer import Transformer
 from llmcli.models.weights import rename, target_module
 from llmcli.quant import QuantSpec, quantizable_embeddings, quantizable_experts, quantizable_linears
@@ -83,8 +84,6 @@ def open_source(path: Path) -> tuple[dict, Callable[[], Iterator[tuple[str, torc
     if is_gguf(path):
         cfg = dict(load_gguf_config(path).raw)
         return cfg, lambda: iter_gguf_tensors(path, torch.float32)
-    from llmcli.engine.loader import iter_safetensors
-
     cfg = json.loads((path / "config.json").read_text())
     return cfg, lambda: iter_safetensors(path)
 
@@ -114,8 +113,6 @@ def read_source_tensors(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]
             if rename(raw.name) in wanted:
                 found[rename(raw.name)] = dense_tensor(raw, path).float()
         return found
-    from llmcli.engine.loader import safetensors_files
-
     for f in safetensors_files(path):
         with safe_open(f, framework="pt", device="cpu") as st:
             for name in st.keys():
