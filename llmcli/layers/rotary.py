@@ -34,51 +34,62 @@ def rope_inv_freq(theta: float, dim: int, scaling: dict | None, max_position: in
         # Dynamic NTK only changes the base past max_position_embeddings; at or below it this is the default.
         return inv, None, 1.0
     if kind == "llama3":
-        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old = s["original_max_position_embeddings"]
-        lo_wavelen, hi_wavelen = old / lo, old / hi
-        wavelen = 2 * math.pi / inv
-        out = torch.where(wavelen > lo_wavelen, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * out / factor + smooth * out
-        medium = (wavelen >= hi_wavelen) & (wavelen <= lo_wavelen)
-        return torch.where(medium, smoothed, out), None, 1.0
+        return _llama3_inv_freq(inv, s), None, 1.0
+    if kind not in ("yarn", "longrope"):
+        raise ValueError(f"unsupported rope type {kind!r}")
+    orig = s.get("original_max_position_embeddings") or original_max or max_position
+    factor = s.get("factor") or max_position / orig
     if kind == "yarn":
-        orig = s.get("original_max_position_embeddings") or original_max or max_position
-        factor = s.get("factor") or max_position / orig
+        return _yarn_inv_freq(inv, s, theta, dim, orig, factor)
+    return _longrope_inv_freq(s, theta, dim, orig, factor)
 
-        def mscale(scale: float, m: float = 1.0) -> float:
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
-        attn = s.get("attention_factor")
-        if attn is None:
-            m, m_all = s.get("mscale"), s.get("mscale_all_dim")
-            attn = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
-        beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+def _llama3_inv_freq(inv: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    lo_wavelen, hi_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > lo_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = (wavelen >= hi_wavelen) & (wavelen <= lo_wavelen)
+    return torch.where(medium, smoothed, out)
 
-        def corr_dim(rot: float) -> float:
-            return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
 
-        low, high = corr_dim(beta_fast), corr_dim(beta_slow)
-        if s.get("truncate", True):
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-        extrap = 1 - ramp
-        return (inv / factor) * (1 - extrap) + inv * extrap, None, float(attn)
-    if kind == "longrope":
-        orig = s.get("original_max_position_embeddings") or original_max or max_position
-        factor = s.get("factor") or max_position / orig
-        attn = s.get("attention_factor")
-        if attn is None:
-            attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-        shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-        short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * theta ** shape)
-        long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * theta ** shape)
-        return short, long, float(attn)
-    raise ValueError(f"unsupported rope type {kind!r}")
+def _yarn_inv_freq(inv: torch.Tensor, s: dict, theta: float, dim: int, orig: int,
+                   factor: float) -> tuple[torch.Tensor, None, float]:
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = s.get("attention_factor")
+    if attn is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def corr_dim(rot: float) -> float:
+        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrap = 1 - ramp
+    return (inv / factor) * (1 - extrap) + inv * extrap, None, float(attn)
+
+
+def _longrope_inv_freq(s: dict, theta: float, dim: int, orig: int,
+                       factor: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    attn = s.get("attention_factor")
+    if attn is None:
+        attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * theta ** shape)
+    long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * theta ** shape)
+    return short, long, float(attn)
 
 
 class RotaryEmbedding(nn.Module):
