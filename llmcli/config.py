@@ -1,7 +1,9 @@
 """One normalized ModelConfig for every architecture we know.
 
-Per-family differences are data (flags, sizes, per-layer lists), read once here from a Hugging Face
-`config.json` dict; the engine, the estimator and the quantizer only ever look at a ModelConfig.
+Per-family differences are data: FAMILIES maps each family to its FamilyTraits (flags, and rules or
+readers for what is computed: which layers slide, which projections have biases, experts, latent
+attention), and from_hf_dict reads a Hugging Face `config.json` dict through it once; the engine, the
+estimator and the quantizer only ever look at a ModelConfig.
 Both the older key spellings (rope_theta/rope_scaling, num_experts) and transformers v5's
 (rope_parameters, num_local_experts) are accepted, because hub repos carry either.
 """
@@ -10,19 +12,18 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmcli.errors import UserError
 
-SUPPORTED_FAMILIES = (
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-    "gemma3", "gemma3_text", "phi3", "gpt2", "gpt_neox", "deepseek_v2", "deepseek_v3",
-)
-
 FULL = "full_attention"
 SLIDING = "sliding_attention"
+
+# rule(cfg, num_layers) -> FULL/SLIDING per layer, for a sliding-window config that names no layer_types
+WindowRule = Callable[[dict, int], tuple[str, ...]]
 
 
 @dataclass
@@ -175,21 +176,180 @@ def _eos_ids(cfg: dict) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def _layer_types(cfg: dict, family: str, n: int, window: int | None) -> tuple[str, ...]:
+def _layer_types(cfg: dict, rule: WindowRule, n: int, window: int | None) -> tuple[str, ...]:
     if not window:
         return (FULL,) * n
     lt = cfg.get("layer_types")
     if lt and len(lt) == n:
         return tuple(SLIDING if t == SLIDING else FULL for t in lt)
-    if family == "gemma2":  # even layers slide
-        return tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n))
-    if family == "gemma3":
-        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
-        return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n))
-    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
-        start = cfg.get("max_window_layers", n)
-        return tuple(SLIDING if i >= start else FULL for i in range(n))
+    return rule(cfg, n)
+
+
+# ---- which layers slide when a config names no layer_types --------------------------------------------------
+
+
+def _all_sliding(cfg: dict, n: int) -> tuple[str, ...]:
     return (SLIDING,) * n
+
+
+def _even_layers_slide(cfg: dict, n: int) -> tuple[str, ...]:  # gemma2
+    return tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n))
+
+
+def _gemma3_pattern(cfg: dict, n: int) -> tuple[str, ...]:  # every pattern-th layer is global
+    pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
+    return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n))
+
+
+def _qwen_window_layers(cfg: dict, n: int) -> tuple[str, ...]:  # layers from max_window_layers on slide
+    start = cfg.get("max_window_layers", n)
+    return tuple(SLIDING if i >= start else FULL for i in range(n))
+
+
+# ---- which projections have biases: (q/k/v, o, mlp) --------------------------------------------------------
+
+
+def _attention_bias(cfg: dict) -> tuple[bool, bool, bool]:
+    bias = bool(cfg.get("attention_bias", False))
+    return bias, bias, bool(cfg.get("mlp_bias", False))
+
+
+def _qwen2_bias(cfg: dict) -> tuple[bool, bool, bool]:  # q/k/v biased by default, never o
+    return bool(cfg.get("qkv_bias", True)), False, bool(cfg.get("mlp_bias", False))
+
+
+def _neox_bias(cfg: dict) -> tuple[bool, bool, bool]:  # one flag for every projection, on by default
+    bias = bool(cfg.get("attention_bias", True))
+    return bias, bias, bias
+
+
+# ---- readers for what is computed, not flagged: experts and latent attention ----------------------------------
+
+
+def _mixtral_experts(mc: ModelConfig, cfg: dict) -> None:
+    mc.num_experts = _first(cfg, "num_local_experts", "num_experts", default=8)
+    mc.num_experts_per_tok = cfg.get("num_experts_per_tok", 2)
+    mc.moe_intermediate_size = mc.intermediate_size
+    mc.norm_topk_prob = True
+    mc.moe_layers = (True,) * mc.num_layers
+
+
+def _qwen_moe_experts(mc: ModelConfig, cfg: dict) -> None:
+    """Sparse every decoder_sparse_step-th layer, except mlp_only_layers."""
+    mc.num_experts = _first(cfg, "num_experts", "num_local_experts", default=0)
+    mc.num_experts_per_tok = cfg.get("num_experts_per_tok", 1)
+    mc.moe_intermediate_size = cfg.get("moe_intermediate_size", mc.intermediate_size)
+    mc.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    dense = set(cfg.get("mlp_only_layers") or [])
+    mc.moe_layers = tuple(i not in dense and mc.num_experts > 0 and (i + 1) % step == 0 for i in range(mc.num_layers))
+
+
+def _qwen2_shared_expert(mc: ModelConfig, cfg: dict) -> None:
+    mc.shared_expert_intermediate_size = cfg.get("shared_expert_intermediate_size", 0)
+    mc.shared_expert_gate = mc.shared_expert_intermediate_size > 0
+
+
+def _deepseek_mla(mc: ModelConfig, cfg: dict) -> None:
+    mc.q_lora_rank = cfg.get("q_lora_rank")
+    mc.kv_lora_rank = cfg["kv_lora_rank"]
+    mc.qk_nope_head_dim = cfg["qk_nope_head_dim"]
+    mc.qk_rope_head_dim = cfg["qk_rope_head_dim"]
+    mc.v_head_dim = cfg["v_head_dim"]
+    # v2 always rotates interleaved pairs (complex form); v3 says so in rope_interleave (default True)
+    mc.rope_interleave = mc.family == "deepseek_v2" or bool(cfg.get("rope_interleave", True))
+    mc.head_dim = mc.v_head_dim
+    mc.num_kv_heads = mc.num_heads
+
+
+def _deepseek_experts(mc: ModelConfig, cfg: dict) -> None:
+    """Routed + shared experts, grouped top-k; dense until first_k_dense_replace, then every moe_layer_freq-th."""
+    mc.num_experts = cfg.get("n_routed_experts") or 0
+    mc.num_experts_per_tok = cfg.get("num_experts_per_tok") or 0
+    mc.moe_intermediate_size = cfg.get("moe_intermediate_size", 0)
+    mc.shared_expert_intermediate_size = (cfg.get("n_shared_experts") or 0) * mc.moe_intermediate_size
+    mc.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))
+    mc.n_group = cfg.get("n_group") or 1
+    mc.topk_group = cfg.get("topk_group") or 1
+    mc.routed_scaling_factor = float(cfg.get("routed_scaling_factor", 1.0))
+    mc.router = "sigmoid" if mc.family == "deepseek_v3" else "softmax"
+    if mc.family == "deepseek_v2" and cfg.get("topk_method", "greedy") == "greedy":
+        mc.n_group = mc.topk_group = 1  # plain top-k over all experts
+    first_dense = cfg.get("first_k_dense_replace", 0)
+    freq = cfg.get("moe_layer_freq", 1) or 1
+    mc.moe_layers = tuple(mc.num_experts > 0 and i >= first_dense and i % freq == 0 for i in range(mc.num_layers))
+
+
+def _deepseek_yarn_scale(mc: ModelConfig, cfg: dict) -> None:
+    """DeepSeek folds yarn's attention temperature into the softmax scale."""
+    scaling = mc.rope_scaling
+    if scaling and scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
+        factor = scaling.get("factor", 1.0)
+        m = 0.1 * scaling["mscale_all_dim"] * math.log(factor) + 1.0 if factor > 1 else 1.0
+        mc.attn_scale = mc.qk_head_dim ** -0.5 * m * m
+
+
+def _from_gpt2_dict(cfg: dict) -> ModelConfig:
+    """gpt2 spells every key differently (n_embd, n_layer, ...) and has learned positions."""
+    d = cfg.get("n_embd", 768)
+    return ModelConfig(
+        family="gpt2", vocab_size=cfg.get("vocab_size", 50257), hidden_size=d,
+        num_layers=cfg.get("n_layer", 12), num_heads=cfg.get("n_head", 12), num_kv_heads=cfg.get("n_head", 12),
+        head_dim=d // cfg.get("n_head", 12), intermediate_size=cfg.get("n_inner") or 4 * d,
+        max_position_embeddings=cfg.get("n_positions", 1024), norm_type="layer",
+        norm_eps=cfg.get("layer_norm_epsilon", 1e-5), hidden_act="gelu_tanh", gated_mlp=False,
+        qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+        position_embedding="learned", layer_types=(FULL,) * cfg.get("n_layer", 12),
+        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_ids(cfg), torch_dtype=cfg.get("torch_dtype"),
+        raw=cfg,
+    )
+
+
+# ---- the family table ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FamilyTraits:
+    """How a family differs from a plain llama, read by from_hf_dict."""
+
+    qk_norm: bool = False  # per-head RMSNorm on q and k
+    gemma_norms: bool = False  # norms store w - 1, embeddings scaled by sqrt(hidden) and tied unless told otherwise
+    sandwich_norm: bool = False  # extra norms after attention and around the MLP
+    gemma2_attention: bool = False  # softmax scale from query_pre_attn_scalar, attention and final logit softcaps
+    local_rope: bool = False  # sliding layers use rope_local_base_freq
+    layer_norm: bool = False  # LayerNorm with bias, ungated MLP, parallel residual (use_parallel_residual)
+    biases: Callable[[dict], tuple[bool, bool, bool]] = _attention_bias
+    window: str = "config"  # "config": sliding_window as given; "opt_in": only with use_sliding_window; "never"
+    window_layers: WindowRule = _all_sliding
+    readers: tuple[Callable[[ModelConfig, dict], None], ...] = ()  # experts, latent attention: run in order
+    build: Callable[[dict], ModelConfig] | None = None  # a config whose keys are not llama's at all
+
+
+_QWEN_WINDOW = dict(window="opt_in", window_layers=_qwen_window_layers)
+
+# In the order the unknown-family error lists them.
+FAMILIES: dict[str, FamilyTraits] = {
+    "llama": FamilyTraits(),
+    "mistral": FamilyTraits(),
+    "mixtral": FamilyTraits(readers=(_mixtral_experts,)),
+    "qwen2": FamilyTraits(biases=_qwen2_bias, **_QWEN_WINDOW),
+    "qwen2_moe": FamilyTraits(biases=_qwen2_bias, readers=(_qwen_moe_experts, _qwen2_shared_expert), **_QWEN_WINDOW),
+    "qwen3": FamilyTraits(qk_norm=True, **_QWEN_WINDOW),
+    "qwen3_moe": FamilyTraits(qk_norm=True, readers=(_qwen_moe_experts,), **_QWEN_WINDOW),
+    "gemma": FamilyTraits(gemma_norms=True, window="never"),
+    "gemma2": FamilyTraits(gemma_norms=True, sandwich_norm=True, gemma2_attention=True,
+                           window_layers=_even_layers_slide),
+    "gemma3": FamilyTraits(qk_norm=True, gemma_norms=True, sandwich_norm=True, gemma2_attention=True, local_rope=True,
+                           window_layers=_gemma3_pattern),
+    "phi3": FamilyTraits(),
+    "gpt2": FamilyTraits(build=_from_gpt2_dict),
+    "gpt_neox": FamilyTraits(layer_norm=True, biases=_neox_bias),
+    "deepseek_v2": FamilyTraits(readers=(_deepseek_mla, _deepseek_experts, _deepseek_yarn_scale)),
+    "deepseek_v3": FamilyTraits(readers=(_deepseek_mla, _deepseek_experts, _deepseek_yarn_scale)),
+}
+# Other names a family goes by: transformers calls gemma3's text tower gemma3_text.
+ALIASES = {"gemma3_text": "gemma3"}
+SUPPORTED_FAMILIES = tuple(n for f in FAMILIES for n in (f, *(a for a, to in ALIASES.items() if to == f)))
 
 
 def from_hf_dict(cfg: dict) -> ModelConfig:
@@ -202,128 +362,56 @@ def from_hf_dict(cfg: dict) -> ModelConfig:
             inner.setdefault(k, cfg.get(k))
         return from_hf_dict(inner)
     if family not in SUPPORTED_FAMILIES:
-        raise UserError(
-            f"unsupported model family {family!r}; supported: {', '.join(f for f in SUPPORTED_FAMILIES if f != 'gemma3_text')}"
-        )
-    if family == "gemma3_text":
-        family = "gemma3"
+        raise UserError(f"unsupported model family {family!r}; supported: {', '.join(FAMILIES)}")
+    family = ALIASES.get(family, family)
+    traits = FAMILIES[family]
+    if traits.build is not None:
+        return traits.build(cfg)
+    mc = _dense_config(cfg, family, traits)
+    for read in traits.readers:
+        read(mc, cfg)
+    if not mc.moe_layers:
+        mc.moe_layers = (False,) * mc.num_layers
+    return mc
 
-    if family == "gpt2":
-        d = cfg.get("n_embd", 768)
-        return ModelConfig(
-            family=family, vocab_size=cfg.get("vocab_size", 50257), hidden_size=d,
-            num_layers=cfg.get("n_layer", 12), num_heads=cfg.get("n_head", 12), num_kv_heads=cfg.get("n_head", 12),
-            head_dim=d // cfg.get("n_head", 12), intermediate_size=cfg.get("n_inner") or 4 * d,
-            max_position_embeddings=cfg.get("n_positions", 1024), norm_type="layer",
-            norm_eps=cfg.get("layer_norm_epsilon", 1e-5), hidden_act="gelu_tanh", gated_mlp=False,
-            qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=cfg.get("tie_word_embeddings", True),
-            position_embedding="learned", layer_types=(FULL,) * cfg.get("n_layer", 12),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_ids(cfg), torch_dtype=cfg.get("torch_dtype"),
-            raw=cfg,
-        )
 
+def _dense_config(cfg: dict, family: str, traits: FamilyTraits) -> ModelConfig:
+    """The ModelConfig of the llama-style keys, with the family's traits applied."""
     hidden = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
     n = cfg["num_hidden_layers"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or hidden // heads
     theta, scaling, local_theta, partial = _rope(cfg)
     act = _first(cfg, "hidden_activation", "hidden_act", default="silu")
     act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}.get(act, act)
-
     window = cfg.get("sliding_window") or None
-    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not cfg.get("use_sliding_window", False):
+    if traits.window == "never" or (traits.window == "opt_in" and not cfg.get("use_sliding_window", False)):
         window = None
-    if family == "gemma":
-        window = None
-
+    qkv_bias, o_bias, mlp_bias = traits.biases(cfg)
     mc = ModelConfig(
         family=family, vocab_size=cfg["vocab_size"], hidden_size=hidden, num_layers=n, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=cfg.get("intermediate_size", 4 * hidden),
+        num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
+        intermediate_size=cfg.get("intermediate_size", 4 * hidden),
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        norm_eps=_first(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6), hidden_act=act,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_theta=theta, rope_scaling=scaling,
+        norm_type="layer" if traits.layer_norm else "rms",
+        norm_eps=_first(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6),
+        norm_offset=1.0 if traits.gemma_norms else 0.0, hidden_act=act, gated_mlp=not traits.layer_norm,
+        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, qk_norm=traits.qk_norm,
+        sandwich_norm=traits.sandwich_norm,
+        parallel_residual=traits.layer_norm and bool(cfg.get("use_parallel_residual", True)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", traits.gemma_norms)),
+        embedding_scale=math.sqrt(hidden) if traits.gemma_norms else None,
+        rope_theta=theta, rope_scaling=scaling,
+        rope_local_theta=float(local_theta or 10000.0) if traits.local_rope else None,
         partial_rotary_factor=partial, original_max_position_embeddings=cfg.get("original_max_position_embeddings"),
-        sliding_window=window, layer_types=_layer_types(cfg, family, n, window),
-        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_ids(cfg), torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-        raw=cfg,
+        sliding_window=window, layer_types=_layer_types(cfg, traits.window_layers, n, window),
+        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_ids(cfg),
+        torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), raw=cfg,
     )
-    bias = bool(cfg.get("attention_bias", False))
-    mc.qkv_bias = mc.o_bias = bias
-    mc.mlp_bias = bool(cfg.get("mlp_bias", False))
-
-    if family in ("qwen2", "qwen2_moe"):
-        mc.qkv_bias, mc.o_bias = bool(cfg.get("qkv_bias", True)), False
-    if family in ("qwen3", "qwen3_moe"):
-        mc.qk_norm = True
-    if family in ("gemma", "gemma2", "gemma3"):
-        mc.norm_offset = 1.0
-        mc.embedding_scale = math.sqrt(hidden)
-        mc.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", True))
-    if family in ("gemma2", "gemma3"):
-        mc.sandwich_norm = True
+    if traits.gemma2_attention:
         mc.attn_scale = cfg.get("query_pre_attn_scalar", head_dim) ** -0.5
         mc.attn_logit_softcap = cfg.get("attn_logit_softcapping")
         mc.final_logit_softcap = cfg.get("final_logit_softcapping")
-    if family == "gemma3":
-        mc.qk_norm = True
-        mc.rope_local_theta = float(local_theta or 10000.0)
-    if family == "gpt_neox":
-        mc.norm_type = "layer"
-        mc.gated_mlp = False
-        mc.qkv_bias = mc.o_bias = mc.mlp_bias = bool(cfg.get("attention_bias", True))
-        mc.parallel_residual = bool(cfg.get("use_parallel_residual", True))
-        mc.hidden_act = {"gelu": "gelu"}.get(act, act)
-
-    # ---- mixture of experts ----
-    if family == "mixtral":
-        mc.num_experts = _first(cfg, "num_local_experts", "num_experts", default=8)
-        mc.num_experts_per_tok = cfg.get("num_experts_per_tok", 2)
-        mc.moe_intermediate_size = mc.intermediate_size
-        mc.norm_topk_prob = True
-        mc.moe_layers = (True,) * n
-    if family in ("qwen2_moe", "qwen3_moe"):
-        mc.num_experts = _first(cfg, "num_experts", "num_local_experts", default=0)
-        mc.num_experts_per_tok = cfg.get("num_experts_per_tok", 1)
-        mc.moe_intermediate_size = cfg.get("moe_intermediate_size", mc.intermediate_size)
-        mc.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))
-        step = cfg.get("decoder_sparse_step", 1) or 1
-        dense = set(cfg.get("mlp_only_layers") or [])
-        mc.moe_layers = tuple(i not in dense and mc.num_experts > 0 and (i + 1) % step == 0 for i in range(n))
-        if family == "qwen2_moe":
-            mc.shared_expert_intermediate_size = cfg.get("shared_expert_intermediate_size", 0)
-            mc.shared_expert_gate = mc.shared_expert_intermediate_size > 0
-    if family in ("deepseek_v2", "deepseek_v3"):
-        mc.q_lora_rank = cfg.get("q_lora_rank")
-        mc.kv_lora_rank = cfg["kv_lora_rank"]
-        mc.qk_nope_head_dim = cfg["qk_nope_head_dim"]
-        mc.qk_rope_head_dim = cfg["qk_rope_head_dim"]
-        mc.v_head_dim = cfg["v_head_dim"]
-        # v2 always rotates interleaved pairs (complex form); v3 says so in rope_interleave (default True)
-        mc.rope_interleave = family == "deepseek_v2" or bool(cfg.get("rope_interleave", True))
-        mc.head_dim = mc.v_head_dim
-        mc.num_kv_heads = heads
-        mc.num_experts = cfg.get("n_routed_experts") or 0
-        mc.num_experts_per_tok = cfg.get("num_experts_per_tok") or 0
-        mc.moe_intermediate_size = cfg.get("moe_intermediate_size", 0)
-        mc.shared_expert_intermediate_size = (cfg.get("n_shared_experts") or 0) * mc.moe_intermediate_size
-        mc.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))
-        mc.n_group = cfg.get("n_group") or 1
-        mc.topk_group = cfg.get("topk_group") or 1
-        mc.routed_scaling_factor = float(cfg.get("routed_scaling_factor", 1.0))
-        mc.router = "sigmoid" if family == "deepseek_v3" else "softmax"
-        if family == "deepseek_v2" and cfg.get("topk_method", "greedy") == "greedy":
-            mc.n_group = mc.topk_group = 1  # plain top-k over all experts
-        first_dense = cfg.get("first_k_dense_replace", 0)
-        freq = cfg.get("moe_layer_freq", 1) or 1
-        mc.moe_layers = tuple(mc.num_experts > 0 and i >= first_dense and i % freq == 0 for i in range(n))
-        if scaling and scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
-            # DeepSeek folds yarn's attention temperature into the softmax scale.
-            factor = scaling.get("factor", 1.0)
-            m = 0.1 * scaling["mscale_all_dim"] * math.log(factor) + 1.0 if factor > 1 else 1.0
-            mc.attn_scale = mc.qk_head_dim ** -0.5 * m * m
-    if not mc.moe_layers:
-        mc.moe_layers = (False,) * n
     return mc
 
 
