@@ -292,3 +292,22 @@ def test_cuda_matches_cpu(tiny_model):
     assert gpu == cpu
     bf16 = LLMEngine(*load_model(path, "cuda", torch.bfloat16), block_size=16, num_blocks=64)
     assert all(len(o) == 40 for o in bf16.generate(prompts, GREEDY))
+
+
+# ---- text -----------------------------------------------------------------------------------------------------
+
+
+def test_text_stream_drops_end_of_sequence_unless_kept():
+    from llmcli.engine.llm_engine import GenerationStats, StreamEvent
+    from llmcli.engine.text import TextStream
+
+    class Letters:  # token i is the letter chr(97 + i)
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(97 + i) for i in ids)
+
+    stats = GenerationStats()
+    events = [StreamEvent(t, stats) for t in (0, 1, 9, 2)]
+    text = TextStream(Letters(), {9})
+    assert "".join(text.pieces(events)) == "abc" and text.token_ids == [0, 1, 2] and text.stats is stats
+    kept = TextStream(Letters(), {9}, keep_eos=True)  # --ignore-eos: the marker is part of the reply
+    assert "".join(kept.pieces(events)) == "abjc" and kept.token_ids == [0, 1, 9, 2]
