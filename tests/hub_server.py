@@ -29,8 +29,9 @@ def git_blob_sha1(data: bytes) -> str:
 
 
 def lfs_pointer(data: bytes) -> bytes:
-    return (f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\n"
-            f"size {len(data)}\n").encode()
+    return (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\nsize {len(data)}\n"
+    ).encode()
 
 
 @dataclass
@@ -46,7 +47,9 @@ class Repo:
 
 
 def make_repo(files: dict[str, bytes], gated: bool = False, seed: str = "") -> Repo:
-    commit = hashlib.sha1((seed + "".join(sorted(files))).encode() + b"".join(files[k] for k in sorted(files))).hexdigest()
+    commit = hashlib.sha1(
+        (seed + "".join(sorted(files))).encode() + b"".join(files[k] for k in sorted(files))
+    ).hexdigest()
     return Repo({commit: dict(files)}, {"main": commit}, gated)
 
 
@@ -105,8 +108,11 @@ class HubServer:
 
     def ranges(self, path_suffix: str) -> list[str | None]:
         """Range headers of the GETs of file path_suffix ("" = every file)."""
-        return [r for m, p, r in self.log if m == "GET" and "/resolve/" in p
-                and (p.endswith("/" + path_suffix) or not path_suffix)]
+        return [
+            r
+            for m, p, r in self.log
+            if m == "GET" and "/resolve/" in p and (p.endswith("/" + path_suffix) or not path_suffix)
+        ]
 
     # ---- protocol ------------------------------------------------------------------------------
 
@@ -121,8 +127,13 @@ class HubServer:
 
     def _error(self, h, status: int, code: str, head: bool, msg: str = "") -> None:
         body = json.dumps({"error": msg or code}).encode()
-        self._send(h, status, body, {"X-Error-Code": code, "X-Error-Message": msg or code,
-                                     "Content-Type": "application/json"}, head)
+        self._send(
+            h,
+            status,
+            body,
+            {"X-Error-Code": code, "X-Error-Message": msg or code, "Content-Type": "application/json"},
+            head,
+        )
 
     def _json(self, h, obj, head: bool) -> None:
         self._send(h, 200, json.dumps(obj).encode(), {"Content-Type": "application/json"}, head)
@@ -134,7 +145,7 @@ class HubServer:
             self.log.append((h.command, path, h.headers.get("Range")))
         try:
             if path.startswith("/api/models/"):
-                self._api(h, path[len("/api/models/"):], head)
+                self._api(h, path[len("/api/models/") :], head)
             else:
                 self._resolve(h, path.lstrip("/"), head)
         except (BrokenPipeError, ConnectionResetError):
@@ -142,8 +153,12 @@ class HubServer:
 
     def _api(self, h, rest: str, head: bool) -> None:
         parts = rest.split("/")
-        repo_id, kind, rev, sub = "/".join(parts[:2]), (parts[2] if len(parts) > 2 else ""), \
-            (parts[3] if len(parts) > 3 else "main"), "/".join(parts[4:])
+        repo_id, kind, rev, sub = (
+            "/".join(parts[:2]),
+            (parts[2] if len(parts) > 2 else ""),
+            (parts[3] if len(parts) > 3 else "main"),
+            "/".join(parts[4:]),
+        )
         repo = self.repos.get(repo_id)
         if repo is None:
             return self._error(h, 401, "RepoNotFound", head, "Repository not found")
@@ -152,9 +167,20 @@ class HubServer:
             return self._error(h, 404, "RevisionNotFound", head, f"Invalid rev id: {rev}")
         files = repo.commits[commit]
         if kind == "revision":
-            return self._json(h, {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-                                  "gated": "auto" if repo.gated else False, "disabled": False,
-                                  "siblings": [{"rfilename": p} for p in sorted(files)], "tags": []}, head)
+            return self._json(
+                h,
+                {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": commit,
+                    "private": False,
+                    "gated": "auto" if repo.gated else False,
+                    "disabled": False,
+                    "siblings": [{"rfilename": p} for p in sorted(files)],
+                    "tags": [],
+                },
+                head,
+            )
         if kind == "tree":
             out, dirs = [], set()
             for p in sorted(files):
@@ -166,13 +192,18 @@ class HubServer:
                 entry = {"type": "file", "path": p, "size": len(data)}
                 if p.endswith(LFS_SUFFIXES):
                     entry["oid"] = git_blob_sha1(lfs_pointer(data))
-                    entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
-                                    "pointerSize": len(lfs_pointer(data))}
+                    entry["lfs"] = {
+                        "oid": hashlib.sha256(data).hexdigest(),
+                        "size": len(data),
+                        "pointerSize": len(lfs_pointer(data)),
+                    }
                 else:
                     entry["oid"] = git_blob_sha1(data)
                 out.append(entry)
-            out += [{"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0}
-                    for d in sorted(dirs)]
+            out += [
+                {"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0}
+                for d in sorted(dirs)
+            ]
             return self._json(h, out, head)
         return self._error(h, 404, "EntryNotFound", head)
 
@@ -188,8 +219,13 @@ class HubServer:
             auth = h.headers.get("Authorization", "")
             token = auth.removeprefix("Bearer ").strip()
             if token not in self.knobs.tokens:
-                return self._error(h, 403 if token else 401, "GatedRepo", head,
-                                   "Access to model is restricted. You must have access to it and be authenticated")
+                return self._error(
+                    h,
+                    403 if token else 401,
+                    "GatedRepo",
+                    head,
+                    "Access to model is restricted. You must have access to it and be authenticated",
+                )
         commit = repo.commit_for(rev)
         if commit is None:
             return self._error(h, 404, "RevisionNotFound", head, f"Invalid rev id: {rev}")
@@ -231,7 +267,7 @@ class HubServer:
         limit = len(body) if cut is None else max(0, cut - start)
         sent = 0
         while sent < limit:
-            chunk = body[sent:min(limit, sent + 65536)]
+            chunk = body[sent : min(limit, sent + 65536)]
             h.wfile.write(chunk)
             h.wfile.flush()
             sent += len(chunk)
@@ -258,8 +294,14 @@ def cli_env(hub_url: str, tmp: Path) -> dict[str, str]:
     import os
 
     e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "LLMCLI_"))}
-    e.update(HF_ENDPOINT=hub_url, HF_HOME=str(tmp / "hf"), LLMCLI_HOME=str(tmp / "llmcli"),
-             HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", PYTHONPATH=str(ROOT))
+    e.update(
+        HF_ENDPOINT=hub_url,
+        HF_HOME=str(tmp / "hf"),
+        LLMCLI_HOME=str(tmp / "llmcli"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        PYTHONPATH=str(ROOT),
+    )
     return e
 
 
@@ -267,6 +309,13 @@ def run_llm(env: dict, *args: str, timeout: float = 60, input: str | None = None
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "llmcli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, input=input,
-                          stdin=None if input is not None else subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "llmcli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )

@@ -16,8 +16,9 @@ COMMANDS = ["pull", "list", "show", "rm", "estimate", "quantize", "run", "chat",
 
 
 def llm(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmcli", *args], capture_output=True, text=True, input=input,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "llmcli", *args], capture_output=True, text=True, input=input, timeout=300
+    )
 
 
 def test_version():

@@ -17,99 +17,326 @@ from conftest import TINY_CONFIGS
 
 from llmcli import estimate as E
 from llmcli.config import from_hf_dict, load_config
-from llmcli.estimate.gpus import GPUS, find_gpu
 from llmcli.errors import UserError
+from llmcli.estimate.gpus import GPUS, find_gpu
 
 # Real config.json contents of well-known checkpoints (only the fields that shape the model) and their
 # published parameter totals (model cards / safetensors metadata). Each total is also checked against a
 # meta-device transformers model below, so a wrong digit here fails loudly.
 REAL: dict[str, tuple[dict, int | None]] = {
-    "Llama-3-8B": (dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                        max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
-                   8_030_261_248),
-    "Llama-3.1-8B": (dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                          max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
-                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                            original_max_position_embeddings=8192)),
-                     8_030_261_248),
-    "Mistral-7B-v0.1": (dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                             max_position_embeddings=32768, sliding_window=4096, tie_word_embeddings=False),
-                        7_241_732_096),
-    "Mixtral-8x7B": (dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-                          num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6, sliding_window=None,
-                          tie_word_embeddings=False),
-                     46_702_792_704),
-    "SmolLM2-135M": (dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                          max_position_embeddings=8192, rope_theta=100000, tie_word_embeddings=True),
-                     134_515_008),
-    "Qwen2-0.5B": (dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                        max_position_embeddings=131072, sliding_window=131072, use_sliding_window=False,
-                        max_window_layers=24, rope_theta=1e6, tie_word_embeddings=True),
-                   494_032_768),
-    "Qwen2.5-7B": (dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                        max_position_embeddings=131072, sliding_window=131072, use_sliding_window=False,
-                        max_window_layers=28, rope_theta=1e6, tie_word_embeddings=False),
-                   7_615_616_512),
-    "Gemma-7B": (dict(model_type="gemma", vocab_size=256000, hidden_size=3072, intermediate_size=24576,
-                      num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256,
-                      max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh"),
-                 8_537_680_896),
-    "Gemma-2-2B": (dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
-                        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                        sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
-                        final_logit_softcapping=30.0, max_position_embeddings=8192),
-                   2_614_341_888),
-    "Gemma-3-1B": (dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
-                        num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-                        sliding_window=512, sliding_window_pattern=6, query_pre_attn_scalar=256,
-                        max_position_embeddings=32768, rope_theta=1e6, rope_local_base_freq=10000.0),
-                   999_885_952),
-    "Phi-3-mini-4k": (dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
-                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                           max_position_embeddings=4096, sliding_window=2047, tie_word_embeddings=False,
-                           pad_token_id=32000, eos_token_id=32000, bos_token_id=1),
-                      3_821_079_552),
-    "GPT-2": (dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),
-              124_439_808),
-    "Pythia-160m": (dict(model_type="gpt_neox", vocab_size=50304, hidden_size=768, intermediate_size=3072,
-                         num_hidden_layers=12, num_attention_heads=12, rotary_pct=0.25, max_position_embeddings=2048,
-                         tie_word_embeddings=False, use_parallel_residual=True),
-                    162_322_944),
-    "Qwen1.5-MoE-A2.7B": (dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
-                               moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_hidden_layers=24,
-                               num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
-                               decoder_sparse_step=1, max_position_embeddings=8192, tie_word_embeddings=False),
-                          14_315_784_192),
-    "Qwen3-30B-A3B": (dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                           moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
-                           num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-                           decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960,
-                           tie_word_embeddings=False, norm_topk_prob=True),
-                      30_532_122_624),
-    "DeepSeek-V2-Lite": (dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-                              moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
-                              num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-                              q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                              v_head_dim=128, first_k_dense_replace=1, moe_layer_freq=1,
-                              max_position_embeddings=163840, tie_word_embeddings=False),
-                         15_706_484_224),
-    "DeepSeek-V3": (dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-                         moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
-                         num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
-                         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                         v_head_dim=128, first_k_dense_replace=3, moe_layer_freq=1, n_group=8, topk_group=4,
-                         routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=163840,
-                         rope_scaling=dict(type="yarn", factor=40, beta_fast=32, beta_slow=1, mscale=1.0,
-                                           mscale_all_dim=1.0, original_max_position_embeddings=4096),
-                         tie_word_embeddings=False),
-                    None),  # published as "671B total, 37B activated"
+    "Llama-3-8B": (
+        dict(
+            model_type="llama",
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+        ),
+        8_030_261_248,
+    ),
+    "Llama-3.1-8B": (
+        dict(
+            model_type="llama",
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+        ),
+        8_030_261_248,
+    ),
+    "Mistral-7B-v0.1": (
+        dict(
+            model_type="mistral",
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=32768,
+            sliding_window=4096,
+            tie_word_embeddings=False,
+        ),
+        7_241_732_096,
+    ),
+    "Mixtral-8x7B": (
+        dict(
+            model_type="mixtral",
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+            sliding_window=None,
+            tie_word_embeddings=False,
+        ),
+        46_702_792_704,
+    ),
+    "SmolLM2-135M": (
+        dict(
+            model_type="llama",
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            rope_theta=100000,
+            tie_word_embeddings=True,
+        ),
+        134_515_008,
+    ),
+    "Qwen2-0.5B": (
+        dict(
+            model_type="qwen2",
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=131072,
+            sliding_window=131072,
+            use_sliding_window=False,
+            max_window_layers=24,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+        ),
+        494_032_768,
+    ),
+    "Qwen2.5-7B": (
+        dict(
+            model_type="qwen2",
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=131072,
+            sliding_window=131072,
+            use_sliding_window=False,
+            max_window_layers=28,
+            rope_theta=1e6,
+            tie_word_embeddings=False,
+        ),
+        7_615_616_512,
+    ),
+    "Gemma-7B": (
+        dict(
+            model_type="gemma",
+            vocab_size=256000,
+            hidden_size=3072,
+            intermediate_size=24576,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            head_dim=256,
+            max_position_embeddings=8192,
+            hidden_activation="gelu_pytorch_tanh",
+        ),
+        8_537_680_896,
+    ),
+    "Gemma-2-2B": (
+        dict(
+            model_type="gemma2",
+            vocab_size=256000,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            sliding_window=4096,
+            query_pre_attn_scalar=256,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            max_position_embeddings=8192,
+        ),
+        2_614_341_888,
+    ),
+    "Gemma-3-1B": (
+        dict(
+            model_type="gemma3_text",
+            vocab_size=262144,
+            hidden_size=1152,
+            intermediate_size=6912,
+            num_hidden_layers=26,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            sliding_window=512,
+            sliding_window_pattern=6,
+            query_pre_attn_scalar=256,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+            rope_local_base_freq=10000.0,
+        ),
+        999_885_952,
+    ),
+    "Phi-3-mini-4k": (
+        dict(
+            model_type="phi3",
+            vocab_size=32064,
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            sliding_window=2047,
+            tie_word_embeddings=False,
+            pad_token_id=32000,
+            eos_token_id=32000,
+            bos_token_id=1,
+        ),
+        3_821_079_552,
+    ),
+    "GPT-2": (
+        dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+        124_439_808,
+    ),
+    "Pythia-160m": (
+        dict(
+            model_type="gpt_neox",
+            vocab_size=50304,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            rotary_pct=0.25,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            use_parallel_residual=True,
+        ),
+        162_322_944,
+    ),
+    "Qwen1.5-MoE-A2.7B": (
+        dict(
+            model_type="qwen2_moe",
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=5632,
+            moe_intermediate_size=1408,
+            shared_expert_intermediate_size=5632,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            num_experts=60,
+            num_experts_per_tok=4,
+            decoder_sparse_step=1,
+            max_position_embeddings=8192,
+            tie_word_embeddings=False,
+        ),
+        14_315_784_192,
+    ),
+    "Qwen3-30B-A3B": (
+        dict(
+            model_type="qwen3_moe",
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            max_position_embeddings=40960,
+            tie_word_embeddings=False,
+            norm_topk_prob=True,
+        ),
+        30_532_122_624,
+    ),
+    "DeepSeek-V2-Lite": (
+        dict(
+            model_type="deepseek_v2",
+            vocab_size=102400,
+            hidden_size=2048,
+            intermediate_size=10944,
+            moe_intermediate_size=1408,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            n_routed_experts=64,
+            n_shared_experts=2,
+            num_experts_per_tok=6,
+            q_lora_rank=None,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            first_k_dense_replace=1,
+            moe_layer_freq=1,
+            max_position_embeddings=163840,
+            tie_word_embeddings=False,
+        ),
+        15_706_484_224,
+    ),
+    "DeepSeek-V3": (
+        dict(
+            model_type="deepseek_v3",
+            vocab_size=129280,
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            num_hidden_layers=61,
+            num_attention_heads=128,
+            num_key_value_heads=128,
+            n_routed_experts=256,
+            n_shared_experts=1,
+            num_experts_per_tok=8,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            first_k_dense_replace=3,
+            moe_layer_freq=1,
+            n_group=8,
+            topk_group=4,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            max_position_embeddings=163840,
+            rope_scaling=dict(
+                type="yarn",
+                factor=40,
+                beta_fast=32,
+                beta_slow=1,
+                mscale=1.0,
+                mscale_all_dim=1.0,
+                original_max_position_embeddings=4096,
+            ),
+            tie_word_embeddings=False,
+        ),
+        None,
+    ),  # published as "671B total, 37B activated"
 }
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +371,7 @@ def check_counts(cfg_dict: dict, hf_config) -> E.ParamCount:
 
 # ---- parameter counts ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_params_tiny_models_match_transformers(family, tiny_model):
     """Every family: the config.json transformers itself wrote (v5 key spellings) -> exact module counts."""
@@ -167,18 +395,23 @@ def test_deepseek_v3_is_671b_total_37b_active():
 
 def test_moe_variants_match_transformers():
     """decoder_sparse_step / mlp_only_layers, no shared expert, first_k_dense_replace with q_lora."""
-    for family, kw in [("qwen2_moe", dict(decoder_sparse_step=2, mlp_only_layers=[], shared_expert_intermediate_size=0,
-                                          num_hidden_layers=4)),
-                       ("qwen3_moe", dict(mlp_only_layers=[0, 2], tie_word_embeddings=True)),
-                       ("deepseek_v3", dict(first_k_dense_replace=2, n_shared_experts=2, num_hidden_layers=4)),
-                       ("deepseek_v2", dict(q_lora_rank=16, attention_bias=True)),
-                       ("llama", dict(attention_bias=True, mlp_bias=True, head_dim=32)),
-                       ("phi3", dict(tie_word_embeddings=True))]:
+    for family, kw in [
+        (
+            "qwen2_moe",
+            dict(decoder_sparse_step=2, mlp_only_layers=[], shared_expert_intermediate_size=0, num_hidden_layers=4),
+        ),
+        ("qwen3_moe", dict(mlp_only_layers=[0, 2], tie_word_embeddings=True)),
+        ("deepseek_v3", dict(first_k_dense_replace=2, n_shared_experts=2, num_hidden_layers=4)),
+        ("deepseek_v2", dict(q_lora_rank=16, attention_bias=True)),
+        ("llama", dict(attention_bias=True, mlp_bias=True, head_dim=32)),
+        ("phi3", dict(tie_word_embeddings=True)),
+    ]:
         hf = getattr(transformers, TINY_CONFIGS[family][0])(**{**TINY_CONFIGS[family][1], **kw})
         check_counts(hf.to_dict(), hf)
 
 
 # ---- weight memory ------------------------------------------------------------------------------------------
+
 
 def test_group_size_rule():
     """The requested group size, else the largest power of two >= 16 below it dividing the width, else the row."""
@@ -189,8 +422,9 @@ def test_group_size_rule():
     assert E.effective_group_size(576, 128) == 64  # SmolLM2's hidden size
 
 
-@pytest.mark.parametrize("shape,g", [((256, 512), 128), ((96, 192), 128), ((48, 96), 64), ((40, 80), 128),
-                                     ((8, 100), 32)])
+@pytest.mark.parametrize(
+    "shape,g", [((256, 512), 128), ((96, 192), 128), ((48, 96), 64), ((40, 80), 128), ((8, 100), 32)]
+)
 def test_matrix_bytes_match_real_quantizers(shape, g):
     """Bytes of the tensors our INT8/INT4 quantizers and bitsandbytes NF4 actually produce."""
     from bitsandbytes import functional as bnbf
@@ -229,7 +463,8 @@ def test_weight_bytes_llama3_closed_form():
     assert E.weight_bytes(mc, "int4", 128) == int4 + 2 * (n - packed)
     # token table and lm_head packed too with --quantize-embeddings (untied: two packed [V, d] tables)
     assert E.weight_bytes(mc, "int4", 128, quantize_embeddings=True) == (
-        E.weight_bytes(mc, "int4", 128) - 2 * 2 * V * d + 2 * E.matrix_bytes(V, d, "int4", 128))
+        E.weight_bytes(mc, "int4", 128) - 2 * 2 * V * d + 2 * E.matrix_bytes(V, d, "int4", 128)
+    )
 
 
 @pytest.mark.parametrize("bits,group,head", [(8, None, True), (4, 32, False)])
@@ -259,6 +494,7 @@ def test_weight_bytes_match_llm_quantize_checkpoint(tmp_path, tiny_model, bits, 
 
 
 # ---- KV cache -----------------------------------------------------------------------------------------------
+
 
 def test_kv_closed_forms():
     l3 = from_hf_dict(REAL["Llama-3-8B"][0])
@@ -295,6 +531,7 @@ def test_kv_agrees_with_engine_view(tiny_model):
 
 # ---- FLOPs --------------------------------------------------------------------------------------------------
 
+
 def test_flops_llama3_closed_form():
     mc = from_hf_dict(REAL["Llama-3-8B"][0])
     L, d, kv, inter, V, H, hd = 32, 4096, 1024, 14336, 128256, 32, 128
@@ -313,6 +550,7 @@ def test_flops_moe_counts_active_experts_and_windows():
 
 
 # ---- fit solver ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["Llama-3-8B", "Gemma-2-2B", "DeepSeek-V2-Lite", "Phi-3-mini-4k"])
 @pytest.mark.parametrize("dtype", ["bf16", "int4"])
@@ -367,9 +605,16 @@ def test_explain_names_the_rule_of_thumb_error():
 
 # ---- CLI ----------------------------------------------------------------------------------------------------
 
+
 def llm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmcli", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})}, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "llmcli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
 
 
 def write_config(directory: Path, cfg: dict) -> Path:
@@ -383,8 +628,20 @@ def test_cli_json_keys_and_values(tmp_path):
     r = llm("estimate", str(d), "--json", "--gpu", "H100-80GB", "--context", "8192", "--batch", "2")
     assert r.returncode == 0, r.stderr
     j = json.loads(r.stdout)
-    for k in ("params_total", "params_active", "params_embedding", "weight_bytes", "kv_bytes_per_token", "kv_bytes",
-              "activation_bytes", "total_bytes", "flops_per_token", "fits", "max_context", "max_batch"):
+    for k in (
+        "params_total",
+        "params_active",
+        "params_embedding",
+        "weight_bytes",
+        "kv_bytes_per_token",
+        "kv_bytes",
+        "activation_bytes",
+        "total_bytes",
+        "flops_per_token",
+        "fits",
+        "max_context",
+        "max_batch",
+    ):
         assert k in j, k
     assert j["params_total"] == 46_702_792_704 and j["weight_bytes"] == 2 * 46_702_792_704
     assert j["kv_bytes"] == 2 * 32 * 8 * 128 * 2 * 8192 * 2 and j["fits"] is False  # 87 GiB of bf16 weights
@@ -403,8 +660,10 @@ def test_cli_gguf_and_table(smollm2_gguf):
 
 
 def test_cli_bnb_nf4_dir_defaults_dtype(tmp_path):
-    cfg = dict(REAL["SmolLM2-135M"][0], quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                                              "bnb_4bit_quant_type": "nf4"})
+    cfg = dict(
+        REAL["SmolLM2-135M"][0],
+        quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    )
     j = json.loads(llm("estimate", str(write_config(tmp_path / "nf4", cfg)), "--json").stdout)
     assert j["dtype"] == "nf4" and j["weight_bytes"] == E.weight_bytes(from_hf_dict(cfg), "nf4")
 

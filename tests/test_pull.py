@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from hub_server import ROOT, HubServer, Knobs, add_revision, cli_env, files_from_dir, make_repo, run_llm
+
 BIG = "model.safetensors"
 
 
@@ -36,11 +36,16 @@ def server(tiny_files):
     with HubServer() as s:
         s.repos["org/tiny"] = make_repo(tiny_files)
         add_revision(s.repos["org/tiny"], "v2", {**tiny_files, "config.json": tiny_files["config.json"] + b"\n"})
-        s.repos["org/pickles"] = make_repo({"config.json": tiny_files["config.json"],
-                                            "pytorch_model.bin": b"\x80\x04x", "README.md": b"hi"})
+        s.repos["org/pickles"] = make_repo(
+            {"config.json": tiny_files["config.json"], "pytorch_model.bin": b"\x80\x04x", "README.md": b"hi"}
+        )
         s.repos["org/gated"] = make_repo({k: tiny_files[k] for k in ("config.json", BIG)}, gated=True)
-        gg = {"model-Q4_K_M.gguf": os.urandom(3000), "model-Q4_K_S.gguf": os.urandom(2500),
-              "model-Q8_0.gguf": os.urandom(5000), "README.md": b"gguf"}
+        gg = {
+            "model-Q4_K_M.gguf": os.urandom(3000),
+            "model-Q4_K_S.gguf": os.urandom(2500),
+            "model-Q8_0.gguf": os.urandom(5000),
+            "README.md": b"gguf",
+        }
         s.repos["org/gg"] = make_repo(gg)
         add_revision(s.repos["org/gg"], "Q8_0", {"model-F16.gguf": os.urandom(100)})  # a branch named like a tag
         yield s
@@ -62,8 +67,15 @@ llm = run_llm
 
 
 def start(env, *args):
-    return subprocess.Popen([sys.executable, "-m", "llmcli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmcli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
 
 
 def repo_dir(env, repo="org/tiny") -> Path:
@@ -281,8 +293,15 @@ def test_terminal_progress_prompts_and_offer(env, hub, tiny_files):
     pexpect = pytest.importorskip("pexpect")
 
     def spawn(*args):
-        return pexpect.spawn(sys.executable, ["-m", "llmcli", *args], env={**env, "COLUMNS": "120"}, cwd=str(ROOT),
-                             encoding="utf-8", timeout=30, dimensions=(40, 120))
+        return pexpect.spawn(
+            sys.executable,
+            ["-m", "llmcli", *args],
+            env={**env, "COLUMNS": "120"},
+            cwd=str(ROOT),
+            encoding="utf-8",
+            timeout=30,
+            dimensions=(40, 120),
+        )
 
     files = hub.repos["org/gg"].commits[hub.repos["org/gg"].refs["main"]]
     p = spawn("pull", "org/gg")
@@ -321,8 +340,16 @@ def test_full_disk_mid_file_keeps_bytes_and_resumes(env, hub, tiny_files):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
 
-    r = subprocess.run([sys.executable, "-m", "llmcli", "pull", "org/tiny"], env=env, capture_output=True,
-                       text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL, preexec_fn=limit)
+    r = subprocess.run(
+        [sys.executable, "-m", "llmcli", "pull", "org/tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=limit,
+    )
     line = one_error_line(r)
     assert "disk full" in line and BIG in line and "llm pull org/tiny" in line
     part = repo_dir(env) / "blobs" / (sha256(tiny_files[BIG]) + ".incomplete")

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hub_server import ROOT, HubServer, add_revision, cli_env, files_from_dir, make_repo
+from hub_server import run_llm as llm
 
-from hub_server import ROOT, HubServer, add_revision, cli_env, files_from_dir, make_repo, run_llm as llm
 from llmcli.errors import UserError
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,8 +25,12 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def tiny_files(tiny_model):
     files = files_from_dir(tiny_model("llama"))
     files["tokenizer_config.json"] = json.dumps(
-        {"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}",
-         "bos_token": {"content": "<s>"}, "eos_token": "</s>"}).encode()
+        {
+            "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}",
+            "bos_token": {"content": "<s>"},
+            "eos_token": "</s>",
+        }
+    ).encode()
     return files
 
 
@@ -83,8 +88,13 @@ def smol_closed_form(path: Path) -> int:
 
     r = gguf.GGUFReader(path)
     m = {k: f.contents() for k, f in r.fields.items() if k.startswith("llama.")}
-    d, n, h, kv, ff = (m["llama.embedding_length"], m["llama.block_count"], m["llama.attention.head_count"],
-                       m["llama.attention.head_count_kv"], m["llama.feed_forward_length"])
+    d, n, h, kv, ff = (
+        m["llama.embedding_length"],
+        m["llama.block_count"],
+        m["llama.attention.head_count"],
+        m["llama.attention.head_count_kv"],
+        m["llama.feed_forward_length"],
+    )
     vocab = len(r.fields["tokenizer.ggml.tokens"].contents())
     hd = d // h
     per_layer = d * d * 2 + 2 * d * kv * hd + 3 * d * ff + 2 * d
@@ -137,22 +147,39 @@ print(resolve_model_spec(SPEC))
 def test_resolver_offers_a_pull_on_a_terminal(server, tmp_path):
     env = cli_env(server.url, tmp_path)
     code = _OFFER.replace("ANSWER", "True").replace("SPEC", "'org/tiny'")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     assert "asked: org/tiny is not downloaded. Pull it now? {'default': True, 'err': True}" in r.stderr
     p = Path(r.stdout.strip().splitlines()[-1])
     assert p == snapshot(env, "org/tiny", "main") and (p / "model.safetensors").is_file()
     # Declined: the library's error, with the command to run.
     code = _OFFER.replace("ANSWER", "False").replace("SPEC", "'org/other'")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     assert r.returncode == 1 and "asked: org/other is not downloaded. Pull it now?" in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == ("llmcli.errors.NotDownloaded: org/other is not downloaded; "
-                                                 "run `llm pull org/other` first")
+    assert r.stderr.strip().splitlines()[-1] == (
+        "llmcli.errors.NotDownloaded: org/other is not downloaded; run `llm pull org/other` first"
+    )
     # A command on a repo that is not local, without a terminal: the exact command to run.
     r = llm(env, "show", "org/other")
-    assert r.returncode == 1 and r.stderr.strip() == "error: org/other is not downloaded; run `llm pull org/other` first"
+    assert (
+        r.returncode == 1 and r.stderr.strip() == "error: org/other is not downloaded; run `llm pull org/other` first"
+    )
 
 
 # ---- list / show ---------------------------------------------------------------------------------------
@@ -164,8 +191,14 @@ def test_list(filled, tiny_model, smollm2_gguf, tiny_files):
     r = llm(filled, "list", "--json")
     assert r.returncode == 0, r.stderr
     rows = {m["name"]: m for m in json.loads(r.stdout)}
-    assert set(rows) == {"smollm2-135m-instruct", "tiny-int8", "org/tiny", "org/tiny:v2", "org/smol:Q4_1",
-                         "org/smol:Q8_0"}
+    assert set(rows) == {
+        "smollm2-135m-instruct",
+        "tiny-int8",
+        "org/tiny",
+        "org/tiny:v2",
+        "org/smol:Q4_1",
+        "org/smol:Q8_0",
+    }
     n_tiny = transformers.AutoModelForCausalLM.from_pretrained(tiny_model("llama")).num_parameters()
     assert rows["org/tiny"]["params"] == n_tiny
     assert rows["org/tiny"]["format"] == "safetensors fp32"
@@ -187,10 +220,21 @@ def test_show_safetensors(filled, tiny_model, tiny_files):
     info = json.loads(r.stdout)
     ref = transformers.AutoConfig.from_pretrained(tiny_model("llama"))
     assert info["architecture"] == ref.model_type
-    assert (info["layers"], info["heads"], info["kv_heads"], info["head_dim"], info["vocab_size"],
-            info["context_length"]) == (ref.num_hidden_layers, ref.num_attention_heads, ref.num_key_value_heads,
-                                        ref.hidden_size // ref.num_attention_heads, ref.vocab_size,
-                                        ref.max_position_embeddings)
+    assert (
+        info["layers"],
+        info["heads"],
+        info["kv_heads"],
+        info["head_dim"],
+        info["vocab_size"],
+        info["context_length"],
+    ) == (
+        ref.num_hidden_layers,
+        ref.num_attention_heads,
+        ref.num_key_value_heads,
+        ref.hidden_size // ref.num_attention_heads,
+        ref.vocab_size,
+        ref.max_position_embeddings,
+    )
     assert info["parameters"] == info["active_parameters"]
     assert info["chat_template"] is True and info["quantization"] is None
     assert info["special_tokens"] == {"bos": "<s>", "eos": "</s>"}
@@ -218,8 +262,13 @@ def test_show_gguf_and_moe(filled, smollm2_gguf, tiny_model):
     info = json.loads(r.stdout)
     cfg = transformers.AutoConfig.from_pretrained(d)
     total = transformers.AutoModelForCausalLM.from_pretrained(d).num_parameters()
-    skipped = cfg.num_hidden_layers * (cfg.num_local_experts - cfg.num_experts_per_tok) * 3 * cfg.hidden_size \
+    skipped = (
+        cfg.num_hidden_layers
+        * (cfg.num_local_experts - cfg.num_experts_per_tok)
+        * 3
+        * cfg.hidden_size
         * cfg.intermediate_size
+    )
     assert (info["parameters"], info["active_parameters"]) == (total, total - skipped)
 
 

@@ -35,7 +35,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """Run, convert and size large language models on your own machine."""
@@ -43,7 +45,8 @@ def _root(
         os.environ["LLMCLI_DEBUG"] = "1"
 
 
-# Commands register themselves on `app`, and `llm --help` lists them in import order.
+# Commands register themselves on `app`, and `llm --help` lists them in import order (so: not sorted).
+# isort: off
 from llmcli.cli import run as _run  # noqa: E402,F401
 from llmcli.cli import bench as _bench  # noqa: E402,F401
 from llmcli.cli import chat as _chat  # noqa: E402,F401
@@ -52,6 +55,7 @@ from llmcli.cli import pull as _pull  # noqa: E402,F401
 from llmcli.cli import quantize as _quantize  # noqa: E402,F401
 from llmcli.cli import perplexity as _perplexity  # noqa: E402,F401
 from llmcli.cli import store as _store  # noqa: E402,F401
+# isort: on
 
 
 def _click_classes(name: str) -> tuple[type, ...]:
@@ -59,13 +63,16 @@ def _click_classes(name: str) -> tuple[type, ...]:
     mods = [click.exceptions]
     try:
         from typer._click import exceptions as vendored
+
         mods.append(vendored)
     except ImportError:
         pass
     return tuple(getattr(m, name) for m in mods if hasattr(m, name))
 
 
-_EXIT, _NO_ARGS, _CLICK_ERROR, _ABORT = (_click_classes(n) for n in ("Exit", "NoArgsIsHelpError", "ClickException", "Abort"))
+_EXIT, _NO_ARGS, _CLICK_ERROR, _ABORT = (
+    _click_classes(n) for n in ("Exit", "NoArgsIsHelpError", "ClickException", "Abort")
+)
 
 
 def _fail(message: str, code: int) -> None:

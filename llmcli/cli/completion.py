@@ -14,8 +14,10 @@ FILES = {"bash": "llm.bash", "zsh": "_llm", "fish": "llm.fish"}
 
 
 def scripts() -> dict[str, str]:
-    return {name: get_completion_script(prog_name="llm", complete_var="_LLM_COMPLETE", shell=shell) + "\n"
-            for shell, name in FILES.items()}
+    return {
+        name: get_completion_script(prog_name="llm", complete_var="_LLM_COMPLETE", shell=shell) + "\n"
+        for shell, name in FILES.items()
+    }
 
 
 def write(directory: Path) -> None:

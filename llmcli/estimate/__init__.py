@@ -55,8 +55,17 @@ class Weights:
 
 # ---- the inventory ------------------------------------------------------------------------------------------
 
-def _linear(out: list[Weights], name: str, n_in: int, n_out: int, bias: bool, count: int = 1, active: int = -1,
-            role: str = "linear") -> None:
+
+def _linear(
+    out: list[Weights],
+    name: str,
+    n_in: int,
+    n_out: int,
+    bias: bool,
+    count: int = 1,
+    active: int = -1,
+    role: str = "linear",
+) -> None:
     out.append(Weights(name, (n_out, n_in), count, role, active))
     if bias:
         out.append(Weights(name + ".bias", (n_out,), count, "vector", active))
@@ -93,8 +102,9 @@ def _attention(cfg: ModelConfig, out: list[Weights]) -> None:
         _norm(cfg, out, "k_norm", cfg.head_dim)
 
 
-def _mlp(cfg: ModelConfig, out: list[Weights], prefix: str, width: int, count: int = 1, active: int = -1,
-         bias: bool = False) -> None:
+def _mlp(
+    cfg: ModelConfig, out: list[Weights], prefix: str, width: int, count: int = 1, active: int = -1, bias: bool = False
+) -> None:
     d = cfg.hidden_size
     if cfg.gated_mlp:
         _linear(out, prefix + "gate_proj", d, width, bias, count, active)
@@ -164,6 +174,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
 # ---- weight memory ------------------------------------------------------------------------------------------
 
+
 def effective_group_size(in_features: int, group_size: int) -> int:
     """Same rule as llmcli.quant.int4: the requested group size, else the largest smaller power of two
     (>= 16) dividing the input size, else one group per row."""
@@ -204,8 +215,9 @@ def _quantizable(w: Weights, dtype: str, quantize_embeddings: bool) -> bool:
     return not (dtype in ("int4",) and w.shape[1] % 2)  # int4 packs two input columns per byte
 
 
-def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", group_size: int = 128,
-                 quantize_embeddings: bool = False) -> int:
+def weight_bytes(
+    cfg: ModelConfig, dtype: str = "bf16", group_size: int = 128, quantize_embeddings: bool = False
+) -> int:
     """Bytes of all weights. For int8/int4/nf4 only decoder-layer matmuls are packed (what `llm quantize`
     does); embeddings, lm_head, norms, biases and routers stay 16-bit. quantize_embeddings packs the token
     embedding and lm_head too (a tied model stores its one table once, as the checkpoint writer does)."""
@@ -238,6 +250,7 @@ def checkpoint_quantization(cfg: ModelConfig) -> tuple[str | None, int | None, b
 
 # ---- KV cache -----------------------------------------------------------------------------------------------
 
+
 def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str | int = "bf16") -> int:
     """Cache bytes one token adds to every layer (context shorter than any window).
 
@@ -258,11 +271,13 @@ def kv_bytes(cfg: ModelConfig, context: int, batch: int = 1, kv_dtype: str = "bf
 
 # ---- FLOPs --------------------------------------------------------------------------------------------------
 
+
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights one token multiplies with: active decoder matmuls, routers and the lm_head (tied or not)."""
     groups = param_groups(cfg)
     return sum(w.used for w in groups if w.role in ("linear", "router", "lm_head")) + (
-        cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0)
+        cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0
+    )
 
 
 def attention_flops(cfg: ModelConfig, context: int) -> int:
@@ -286,6 +301,7 @@ def flops_per_token(cfg: ModelConfig, context: int) -> int:
 
 # ---- activations / workspace --------------------------------------------------------------------------------
 
+
 def activation_bytes(cfg: ModelConfig, context: int, batch: int = 1, act_bytes: int = 2) -> int:
     """Peak transient memory of one forward step (a documented estimate, not a measurement).
 
@@ -303,12 +319,16 @@ def activation_bytes(cfg: ModelConfig, context: int, batch: int = 1, act_bytes: 
         qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     width = max(  # the widest MLP any layer runs: dense, or each token's k experts plus the shared expert
         cfg.num_experts_per_tok * cfg.moe_intermediate_size + cfg.shared_expert_intermediate_size
-        if cfg.is_moe_layer(i) else cfg.intermediate_size for i in range(cfg.num_layers))
+        if cfg.is_moe_layer(i)
+        else cfg.intermediate_size
+        for i in range(cfg.num_layers)
+    )
     per_token = 4 * cfg.hidden_size + qkv + 3 * width
     return t * per_token * act_bytes + batch * cfg.vocab_size * 4
 
 
 # ---- the whole estimate and the GPU fit ---------------------------------------------------------------------
+
 
 @dataclass
 class Options:
@@ -327,8 +347,7 @@ class Options:
 
 def total_bytes(cfg: ModelConfig, opts: Options, context: int, batch: int, weights: int | None = None) -> int:
     w = weight_bytes(cfg, opts.dtype, opts.group_size, opts.quantize_embeddings) if weights is None else weights
-    return (w + kv_bytes(cfg, context, batch, opts.kv_dtype)
-            + activation_bytes(cfg, context, batch, opts.act_bytes))
+    return w + kv_bytes(cfg, context, batch, opts.kv_dtype) + activation_bytes(cfg, context, batch, opts.act_bytes)
 
 
 def usable_bytes(gpu_bytes: int) -> int:
@@ -400,10 +419,20 @@ def estimate(cfg: ModelConfig, opts: Options) -> Estimate:
     kv = kv_bytes(cfg, opts.context, opts.batch, opts.kv_dtype)
     act = activation_bytes(cfg, opts.context, opts.batch, opts.act_bytes)
     est = Estimate(
-        family=cfg.family, dtype=opts.dtype, kv_dtype=opts.kv_dtype, context=opts.context, batch=opts.batch,
-        params_total=pc.total, params_active=pc.active, params_embedding=pc.embedding,
-        params_non_embedding=pc.non_embedding, weight_bytes=wb, kv_bytes_per_token=kv_bytes_per_token(cfg, opts.kv_dtype),
-        kv_bytes=kv, activation_bytes=act, total_bytes=wb + kv + act,
+        family=cfg.family,
+        dtype=opts.dtype,
+        kv_dtype=opts.kv_dtype,
+        context=opts.context,
+        batch=opts.batch,
+        params_total=pc.total,
+        params_active=pc.active,
+        params_embedding=pc.embedding,
+        params_non_embedding=pc.non_embedding,
+        weight_bytes=wb,
+        kv_bytes_per_token=kv_bytes_per_token(cfg, opts.kv_dtype),
+        kv_bytes=kv,
+        activation_bytes=act,
+        total_bytes=wb + kv + act,
         flops_per_token=flops_per_token(cfg, opts.context),
         group_size=opts.group_size if opts.dtype == "int4" else None,
     )
@@ -417,6 +446,7 @@ def estimate(cfg: ModelConfig, opts: Options) -> Estimate:
 
 
 # ---- --explain ----------------------------------------------------------------------------------------------
+
 
 def _n(x: float) -> str:
     """A count as the explanation writes it: 8.03B, 134.5M, 576."""
@@ -452,46 +482,64 @@ def explain(cfg: ModelConfig, opts: Options, est: Estimate) -> list[str]:
         emb += f" + untied lm_head {_n(V * d)}"
     lines.append(f"  embeddings       {emb} -> {_n(est.params_embedding)}")
     if c.is_mla:
-        q = (f"d*q_lora + q_lora*H*(nope+rope) = {d}*{c.q_lora_rank} + {c.q_lora_rank}*{c.num_heads}*{c.qk_head_dim}"
-             if c.q_lora_rank else f"d*H*(nope+rope) = {d}*{c.num_heads}*{c.qk_head_dim}")
+        q = (
+            f"d*q_lora + q_lora*H*(nope+rope) = {d}*{c.q_lora_rank} + {c.q_lora_rank}*{c.num_heads}*{c.qk_head_dim}"
+            if c.q_lora_rank
+            else f"d*H*(nope+rope) = {d}*{c.num_heads}*{c.qk_head_dim}"
+        )
         lines.append(f"  attention (MLA)  L*[{q} + d*(kv_lora+rope) + kv_lora*H*(nope+v) + H*v*d] -> {_n(attn)}")
     else:
-        lines.append(f"  attention        L*d*(2*H + 2*KV)*head_dim = {L}*{d}*(2*{c.num_heads} + 2*{c.num_kv_heads})*"
-                     f"{c.head_dim} -> {_n(attn)}")
+        lines.append(
+            f"  attention        L*d*(2*H + 2*KV)*head_dim = {L}*{d}*(2*{c.num_heads} + 2*{c.num_kv_heads})*"
+            f"{c.head_dim} -> {_n(attn)}"
+        )
     mats = 3 if c.gated_mlp else 2
     if c.is_moe:
         n_moe = sum(c.moe_layers)
-        lines.append(f"  MLP / experts    {L - n_moe} dense layers*{mats}*d*{c.intermediate_size} + {n_moe} MoE layers*"
-                     f"({c.num_experts} experts*{mats}*d*{c.moe_intermediate_size}"
-                     + (f" + shared {mats}*d*{c.shared_expert_intermediate_size}" if c.shared_expert_intermediate_size else "")
-                     + f") -> {_n(mlp)}")
+        lines.append(
+            f"  MLP / experts    {L - n_moe} dense layers*{mats}*d*{c.intermediate_size} + {n_moe} MoE layers*"
+            f"({c.num_experts} experts*{mats}*d*{c.moe_intermediate_size}"
+            + (f" + shared {mats}*d*{c.shared_expert_intermediate_size}" if c.shared_expert_intermediate_size else "")
+            + f") -> {_n(mlp)}"
+        )
     else:
         lines.append(f"  MLP              L*{mats}*d*intermediate = {L}*{mats}*{d}*{c.intermediate_size} -> {_n(mlp)}")
     lines.append(f"  norms/biases/routers                                -> {_n(by_role('vector', 'router'))}")
-    lines.append(f"  total {est.params_total:,}  (non-embedding {est.params_non_embedding:,}"
-                 + (f"; active per token {est.params_active:,})" if c.is_moe else ")"))
+    lines.append(
+        f"  total {est.params_total:,}  (non-embedding {est.params_non_embedding:,}"
+        + (f"; active per token {est.params_active:,})" if c.is_moe else ")")
+    )
     rule = 12 * L * d * d
-    lines.append(f"  rule of thumb    12*L*d^2 = 12*{L}*{d}^2 = {_n(rule)} non-embedding: "
-                 f"{_off(est.params_non_embedding, rule)}")
+    lines.append(
+        f"  rule of thumb    12*L*d^2 = 12*{L}*{d}^2 = {_n(rule)} non-embedding: {_off(est.params_non_embedding, rule)}"
+    )
     why = []
     if c.num_kv_heads != c.num_heads and not c.is_mla:
-        why.append(f"GQA: k/v have {c.num_kv_heads} of {c.num_heads} heads, so attention is "
-                   f"{_n(attn / L)}/layer, not 4*d^2 = {_n(4 * d * d)}")
+        why.append(
+            f"GQA: k/v have {c.num_kv_heads} of {c.num_heads} heads, so attention is "
+            f"{_n(attn / L)}/layer, not 4*d^2 = {_n(4 * d * d)}"
+        )
     if c.num_heads * c.head_dim != d and not c.is_mla:
         why.append(f"head_dim*H = {c.head_dim}*{c.num_heads} = {c.head_dim * c.num_heads} != d = {d}")
     if c.is_mla:
         why.append(f"MLA: low-rank q/kv projections give {_n(attn / L)}/layer, not 4*d^2 = {_n(4 * d * d)}")
     if c.gated_mlp and not c.is_moe:
-        why.append(f"gated MLP: 3 matrices of width {c.intermediate_size} ({c.intermediate_size / d:.2f}*d) = "
-                   f"{3 * c.intermediate_size / d:.1f}*d^2, not 8*d^2")
+        why.append(
+            f"gated MLP: 3 matrices of width {c.intermediate_size} ({c.intermediate_size / d:.2f}*d) = "
+            f"{3 * c.intermediate_size / d:.1f}*d^2, not 8*d^2"
+        )
     elif not c.is_moe and c.intermediate_size != 4 * d:
         why.append(f"MLP width {c.intermediate_size} is {c.intermediate_size / d:.2f}*d, not 4*d")
     if c.is_moe:
-        why.append(f"MoE: {c.num_experts} experts per MoE layer, {c.num_experts_per_tok} used per token "
-                   f"(active {_n(est.params_active)} of {_n(est.params_total)})")
+        why.append(
+            f"MoE: {c.num_experts} experts per MoE layer, {c.num_experts_per_tok} used per token "
+            f"(active {_n(est.params_active)} of {_n(est.params_total)})"
+        )
     if est.params_embedding > 0.1 * est.params_total:
-        why.append(f"vocab: embeddings are {100 * est.params_embedding / est.params_total:.0f}% of all parameters "
-                   "and are not in 12*L*d^2")
+        why.append(
+            f"vocab: embeddings are {100 * est.params_embedding / est.params_total:.0f}% of all parameters "
+            "and are not in 12*L*d^2"
+        )
     lines += [f"    - {w}" for w in why]
 
     lines.append("WEIGHTS")
@@ -501,34 +549,49 @@ def explain(cfg: ModelConfig, opts: Options, est: Estimate) -> list[str]:
         packed = sum(w.total for w in groups if _quantizable(w, opts.dtype, opts.quantize_embeddings))
         rest = est.params_total - packed
         qb = est.weight_bytes - 2 * rest
-        how = {"int8": "1 byte + fp16 scale per output row",
-               "int4": f"4 bits + fp16 scale and zero per group of {opts.group_size} (largest divisor if it does not "
-                       "divide the input size)",
-               "nf4": "4 bits + uint8 absmax per 64 + fp32 absmax per 256 blocks (bitsandbytes double quant)"}[opts.dtype]
-        lines.append(f"  {_n(packed)} decoder matmul weights as {opts.dtype} ({how}): {_b(qb)} = "
-                     f"{8 * qb / max(packed, 1):.3f} bits/weight")
+        how = {
+            "int8": "1 byte + fp16 scale per output row",
+            "int4": f"4 bits + fp16 scale and zero per group of {opts.group_size} (largest divisor if it does not "
+            "divide the input size)",
+            "nf4": "4 bits + uint8 absmax per 64 + fp32 absmax per 256 blocks (bitsandbytes double quant)",
+        }[opts.dtype]
+        lines.append(
+            f"  {_n(packed)} decoder matmul weights as {opts.dtype} ({how}): {_b(qb)} = "
+            f"{8 * qb / max(packed, 1):.3f} bits/weight"
+        )
         lines.append(f"  {_n(rest)} embedding/lm_head/norm/bias/router weights kept 16-bit: {_b(2 * rest)}")
-        lines.append(f"  total {_b(est.weight_bytes)}; rule of thumb params*bits/8 = "
-                     f"{_b(est.params_total * (8 if opts.dtype == 'int8' else 4) / 8)}")
+        lines.append(
+            f"  total {_b(est.weight_bytes)}; rule of thumb params*bits/8 = "
+            f"{_b(est.params_total * (8 if opts.dtype == 'int8' else 4) / 8)}"
+        )
 
     kvb = BYTES[opts.kv_dtype]
     lines.append("KV CACHE")
     if c.is_mla:
-        lines.append(f"  per token = L*(kv_lora + rope)*bytes = {L}*({c.kv_lora_rank} + {c.qk_rope_head_dim})*{kvb} = "
-                     f"{_b(est.kv_bytes_per_token)}")
+        lines.append(
+            f"  per token = L*(kv_lora + rope)*bytes = {L}*({c.kv_lora_rank} + {c.qk_rope_head_dim})*{kvb} = "
+            f"{_b(est.kv_bytes_per_token)}"
+        )
     else:
-        lines.append(f"  per token = L*2*KV*head_dim*bytes = {L}*2*{c.num_kv_heads}*{c.head_dim}*{kvb} = "
-                     f"{_b(est.kv_bytes_per_token)}")
+        lines.append(
+            f"  per token = L*2*KV*head_dim*bytes = {L}*2*{c.num_kv_heads}*{c.head_dim}*{kvb} = "
+            f"{_b(est.kv_bytes_per_token)}"
+        )
     naive_tok = 2 * L * d * kvb
-    lines.append(f"  rule of thumb 2*L*d*bytes = 2*{L}*{d}*{kvb} = {_b(naive_tok)} per token: "
-                 f"{_off(est.kv_bytes_per_token, naive_tok)}")
+    lines.append(
+        f"  rule of thumb 2*L*d*bytes = 2*{L}*{d}*{kvb} = {_b(naive_tok)} per token: "
+        f"{_off(est.kv_bytes_per_token, naive_tok)}"
+    )
     why = []
     if c.is_mla:
-        why.append(f"MLA caches one {c.kv_lora_rank}-dim latent + a {c.qk_rope_head_dim}-dim rope key per layer "
-                   f"instead of K and V for {c.num_heads} heads")
+        why.append(
+            f"MLA caches one {c.kv_lora_rank}-dim latent + a {c.qk_rope_head_dim}-dim rope key per layer "
+            f"instead of K and V for {c.num_heads} heads"
+        )
     elif c.num_kv_heads != c.num_heads:
-        why.append(f"GQA: {c.num_kv_heads} KV heads for {c.num_heads} query heads "
-                   f"({c.num_heads // c.num_kv_heads}x fewer)")
+        why.append(
+            f"GQA: {c.num_kv_heads} KV heads for {c.num_heads} query heads ({c.num_heads // c.num_kv_heads}x fewer)"
+        )
     if not c.is_mla and c.num_heads * c.head_dim != d:
         why.append(f"head_dim*H = {c.num_heads * c.head_dim} != d = {d}")
     lines += [f"    - {w}" for w in why]
@@ -538,8 +601,10 @@ def explain(cfg: ModelConfig, opts: Options, est: Estimate) -> list[str]:
     for w in windows:
         n = sum(1 for i in range(L) if c.layer_window(i) == w)
         terms.append(f"{n} window layers*min({opts.context}, {w})")
-    lines.append(f"  for context {opts.context}, batch {opts.batch}: per-layer values*({' + '.join(terms)})*batch*bytes"
-                 f" = {_b(est.kv_bytes)}")
+    lines.append(
+        f"  for context {opts.context}, batch {opts.batch}: per-layer values*({' + '.join(terms)})*batch*bytes"
+        f" = {_b(est.kv_bytes)}"
+    )
     naive = naive_tok * opts.context * opts.batch
     lines.append(f"  rule of thumb 2*L*d*seq*batch*bytes = {_b(naive)}: {_off(est.kv_bytes, naive)}")
     if windows and opts.context > min(windows):
@@ -548,27 +613,41 @@ def explain(cfg: ModelConfig, opts: Options, est: Estimate) -> list[str]:
     lines.append("FLOPS PER TOKEN")
     mm = matmul_params(c)
     att = attention_flops(c, opts.context)
-    lines.append(f"  2*active matmul weights (incl. lm_head) + attention = 2*{_n(mm)} + {_n(att)} = "
-                 f"{_n(est.flops_per_token)}")
-    per_pos = (f"H*(qk_dim+v_dim) = {c.num_heads}*({c.qk_head_dim}+{c.v_head_dim})" if c.is_mla
-               else f"2*H*head_dim = 2*{c.num_heads}*{c.head_dim}")
+    lines.append(
+        f"  2*active matmul weights (incl. lm_head) + attention = 2*{_n(mm)} + {_n(att)} = {_n(est.flops_per_token)}"
+    )
+    per_pos = (
+        f"H*(qk_dim+v_dim) = {c.num_heads}*({c.qk_head_dim}+{c.v_head_dim})"
+        if c.is_mla
+        else f"2*H*head_dim = 2*{c.num_heads}*{c.head_dim}"
+    )
     lines.append(f"  attention = 2 * sum over layers of {per_pos} * min(context, window), at context {opts.context}")
-    lines.append(f"  rule of thumb 2*N = {_n(2 * est.params_total)}: {_off(est.flops_per_token, 2 * est.params_total)}"
-                 + (" (N counts idle experts)" if c.is_moe else ""))
+    lines.append(
+        f"  rule of thumb 2*N = {_n(2 * est.params_total)}: {_off(est.flops_per_token, 2 * est.params_total)}"
+        + (" (N counts idle experts)" if c.is_moe else "")
+    )
     if att > 0.1 * est.flops_per_token:
-        lines.append(f"    - attention over {opts.context} tokens is {100 * att / est.flops_per_token:.0f}% of the "
-                     "FLOPs and is not in 2*N")
+        lines.append(
+            f"    - attention over {opts.context} tokens is {100 * att / est.flops_per_token:.0f}% of the "
+            "FLOPs and is not in 2*N"
+        )
 
     lines.append("ACTIVATIONS / WORKSPACE")
     t = min(opts.batch * opts.context, PREFILL_CHUNK)
-    lines.append(f"  T = min(batch*context, {PREFILL_CHUNK}) = {t} tokens per prefill chunk; "
-                 f"T*(4*d + qkv widths + 3*MLP width)*{opts.act_bytes} bytes + batch*V*4 (fp32 logits) = "
-                 f"{_b(est.activation_bytes)}")
-    lines.append(f"TOTAL weights + KV + activations = {_b(est.weight_bytes)} + {_b(est.kv_bytes)} + "
-                 f"{_b(est.activation_bytes)} = {_b(est.total_bytes)}")
+    lines.append(
+        f"  T = min(batch*context, {PREFILL_CHUNK}) = {t} tokens per prefill chunk; "
+        f"T*(4*d + qkv widths + 3*MLP width)*{opts.act_bytes} bytes + batch*V*4 (fp32 logits) = "
+        f"{_b(est.activation_bytes)}"
+    )
+    lines.append(
+        f"TOTAL weights + KV + activations = {_b(est.weight_bytes)} + {_b(est.kv_bytes)} + "
+        f"{_b(est.activation_bytes)} = {_b(est.total_bytes)}"
+    )
     if est.gpu_bytes is not None:
-        lines.append(f"FIT usable = GPU {_b(est.gpu_bytes)} - reserve (CUDA context, workspaces; "
-                     f"min(1 GiB, 10%)) = {_b(est.usable_bytes)}: {'fits' if est.fits else 'does not fit'}; "
-                     f"largest context at batch {opts.batch}: {est.max_context}; "
-                     f"largest batch at context {opts.context}: {est.max_batch}")
+        lines.append(
+            f"FIT usable = GPU {_b(est.gpu_bytes)} - reserve (CUDA context, workspaces; "
+            f"min(1 GiB, 10%)) = {_b(est.usable_bytes)}: {'fits' if est.fits else 'does not fit'}; "
+            f"largest context at batch {opts.batch}: {est.max_context}; "
+            f"largest batch at context {opts.context}: {est.max_batch}"
+        )
     return lines

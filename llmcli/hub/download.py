@@ -16,9 +16,10 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import httpx2
 from filelock import FileLock, Timeout
@@ -31,9 +32,17 @@ from llmcli.units import format_bytes
 
 # What `llm pull` fetches by default: everything our engine reads, never pickled weights.
 DEFAULT_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-    "*.safetensors", "model.safetensors.index.json", "quantization_config.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "quantization_config.json",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CHUNK = 1 << 20
@@ -74,12 +83,23 @@ class Reporter(Protocol):
 
 
 class QuietReporter:
-    def start(self, plan, todo): pass
-    def file_start(self, f, have): pass
-    def advance(self, n): pass
-    def file_done(self, f, skipped): pass
-    def note(self, msg): pass
-    def close(self): pass
+    def start(self, plan, todo):
+        pass
+
+    def file_start(self, f, have):
+        pass
+
+    def advance(self, n):
+        pass
+
+    def file_done(self, f, skipped):
+        pass
+
+    def note(self, msg):
+        pass
+
+    def close(self):
+        pass
 
 
 # ---- spec and cache paths --------------------------------------------------------------------------
@@ -169,13 +189,15 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None) -> UserError:
     """One line for every way the Hub can say no."""
 
     if isinstance(e, errors.GatedRepoError):
-        return UserError(f"{repo_id} is gated: accept its licence at {_endpoint()}/{repo_id} "
-                         "and set HF_TOKEN or pass --token")
+        return UserError(
+            f"{repo_id} is gated: accept its licence at {_endpoint()}/{repo_id} and set HF_TOKEN or pass --token"
+        )
     if isinstance(e, errors.RevisionNotFoundError):
         return UserError(f"revision {revision!r} not found in {repo_id}")
     if isinstance(e, errors.RepositoryNotFoundError):
-        return UserError(f"repository {repo_id} not found on {_endpoint()} "
-                         "(if it is private, set HF_TOKEN or pass --token)")
+        return UserError(
+            f"repository {repo_id} not found on {_endpoint()} (if it is private, set HF_TOKEN or pass --token)"
+        )
     if isinstance(e, errors.RemoteEntryNotFoundError):
         return UserError(f"a file of {repo_id} disappeared from the Hub during the pull; run `llm pull` again")
     if isinstance(e, errors.OfflineModeIsEnabled):
@@ -184,8 +206,11 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None) -> UserError:
         return UserError(f"the Hub refused the request for {repo_id}: {str(e).splitlines()[0]}")
     if isinstance(e, (httpx2.TransportError, OSError)):
         cached = cached_commit(repo_id, revision)
-        have = (f"a cached copy exists ({revision or 'main'} -> {cached[:12]}); `llm run {repo_id}` uses it"
-                if cached else "no cached copy exists")
+        have = (
+            f"a cached copy exists ({revision or 'main'} -> {cached[:12]}); `llm run {repo_id}` uses it"
+            if cached
+            else "no cached copy exists"
+        )
         return UserError(f"cannot reach {_endpoint()} ({type(e).__name__}: {e}); {have}")
     raise e
 
@@ -216,9 +241,16 @@ def fetch_config(spec: str) -> Path:
         hub_log.setLevel(level)
 
 
-def plan_pull(spec: str, *, revision: str | None = None, filename: str | None = None,
-              include: list[str] = (), exclude: list[str] = (), token: str | None = None,
-              choose: Callable[[list[RemoteFile]], RemoteFile] | None = None) -> PullPlan:
+def plan_pull(
+    spec: str,
+    *,
+    revision: str | None = None,
+    filename: str | None = None,
+    include: list[str] = (),
+    exclude: list[str] = (),
+    token: str | None = None,
+    choose: Callable[[list[RemoteFile]], RemoteFile] | None = None,
+) -> PullPlan:
     """Ask the Hub which commit and files `llm pull spec` means."""
 
     repo_id, suffix = parse_spec(spec)
@@ -227,9 +259,11 @@ def plan_pull(spec: str, *, revision: str | None = None, filename: str | None = 
     def listing(rev: str) -> tuple[str, list[RemoteFile]]:
         info = api.model_info(repo_id, revision=rev)
         commit = info.sha or rev
-        files = [RemoteFile(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None)
-                 for e in api.list_repo_tree(repo_id, revision=commit, recursive=True)
-                 if hasattr(e, "size")]
+        files = [
+            RemoteFile(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None)
+            for e in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+            if hasattr(e, "size")
+        ]
         return commit, files
 
     tag = None
@@ -267,16 +301,22 @@ def plan_pull(spec: str, *, revision: str | None = None, filename: str | None = 
         elif tag:
             chosen = match_gguf_tag(ggufs, tag)
             if not chosen:
-                raise UserError(f"{repo_id} has no GGUF file matching {tag!r}; it has: "
-                                + ", ".join(f.path for f in ggufs))
+                raise UserError(
+                    f"{repo_id} has no GGUF file matching {tag!r}; it has: " + ", ".join(f.path for f in ggufs)
+                )
             if len({gguf_group(f.path) for f in chosen}) > 1:
-                raise UserError(f"{tag!r} matches several GGUF files in {repo_id}: "
-                                + ", ".join(f.path for f in chosen) + "; use --file NAME")
+                raise UserError(
+                    f"{tag!r} matches several GGUF files in {repo_id}: "
+                    + ", ".join(f.path for f in chosen)
+                    + "; use --file NAME"
+                )
         else:
             if choose is None:
                 listing_txt = "; ".join(f"{f.path} ({format_bytes(f.size)})" for f in ggufs)
-                raise UserError(f"{repo_id} has {len(ggufs)} GGUF files, pick one with "
-                                f"`llm pull {repo_id}:TAG` (e.g. Q4_K_M) or --file NAME: {listing_txt}")
+                raise UserError(
+                    f"{repo_id} has {len(ggufs)} GGUF files, pick one with "
+                    f"`llm pull {repo_id}:TAG` (e.g. Q4_K_M) or --file NAME: {listing_txt}"
+                )
             pick = choose(ggufs)
             chosen = [f for f in ggufs if gguf_group(f.path) == gguf_group(pick.path)]
         chosen = sorted(chosen, key=lambda f: f.path)
@@ -286,8 +326,10 @@ def plan_pull(spec: str, *, revision: str | None = None, filename: str | None = 
     if not any(f.path.endswith((".safetensors", ".gguf")) for f in selected) and not include:
         pickles = [f.path for f in files if f.path.lower().endswith(PICKLE_SUFFIXES)]
         if pickles:
-            raise UserError(f"{repo_id} only has pickled weights ({', '.join(pickles[:3])}); llm never loads "
-                            "pickles (they can run code). Look for a safetensors or GGUF version of this model")
+            raise UserError(
+                f"{repo_id} only has pickled weights ({', '.join(pickles[:3])}); llm never loads "
+                "pickles (they can run code). Look for a safetensors or GGUF version of this model"
+            )
         raise UserError(f"{repo_id} has no safetensors or GGUF weights")
     if not selected:
         raise UserError(f"no file of {repo_id} matches the --include/--exclude patterns")
@@ -381,8 +423,10 @@ def _fetch_one(session, plan: PullPlan, f: RemoteFile, headers: dict, reporter: 
                 part.unlink(missing_ok=True)  # a bad file is never kept
                 if attempt == 2:
                     want = f"sha256 {f.sha256}" if f.sha256 else f"git sha1 {f.blob_id}"
-                    raise UserError(f"{f.path} from {plan.repo_id} failed verification twice (expected {want}, "
-                                    f"got {e}); nothing was kept") from None
+                    raise UserError(
+                        f"{f.path} from {plan.repo_id} failed verification twice (expected {want}, "
+                        f"got {e}); nothing was kept"
+                    ) from None
                 reporter.note(f"{f.path}: checksum mismatch, downloading it again")
         os.replace(part, blob)
         return True
@@ -407,8 +451,10 @@ def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None 
     todo = sum(missing(f) for f in plan.files)
     free = free_bytes(folder)
     if todo > free:
-        raise UserError(f"not enough disk space for {plan.repo_id}: {format_bytes(todo)} to download, "
-                        f"{format_bytes(free)} free in {cache_root()}")
+        raise UserError(
+            f"not enough disk space for {plan.repo_id}: {format_bytes(todo)} to download, "
+            f"{format_bytes(free)} free in {cache_root()}"
+        )
     headers = build_hf_headers(token=token)
     session = get_session()
     reporter.start(plan, todo)
@@ -420,8 +466,10 @@ def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None 
             _link(folder / "blobs" / f.etag, snapshot / f.path)
             reporter.file_done(f, skipped=not fetched)
     except KeyboardInterrupt:
-        raise UserError(f"interrupted; run `llm pull {_resume_spec(plan)}` to resume "
-                        "from the bytes already downloaded", exit_code=130) from None
+        raise UserError(
+            f"interrupted; run `llm pull {_resume_spec(plan)}` to resume from the bytes already downloaded",
+            exit_code=130,
+        ) from None
     except UserError:
         raise
     except Exception as e:
@@ -455,6 +503,7 @@ def _transfer_error(e: Exception, plan: PullPlan, f: RemoteFile) -> UserError:
 
 def _resume_spec(plan: PullPlan) -> str:
     if plan.gguf:
-        return f"{plan.repo_id} --file {plan.result}" + (f" --revision {plan.revision}" if plan.revision != "main" else "")
+        return f"{plan.repo_id} --file {plan.result}" + (
+            f" --revision {plan.revision}" if plan.revision != "main" else ""
+        )
     return plan.repo_id + (f":{plan.revision}" if plan.revision != "main" else "")
-

@@ -49,8 +49,10 @@ def _blob_linked_elsewhere(ptr: Path) -> bool:
 
 def plan_removal(spec: str) -> Removal:
     if spec.lower() == default_model.NAME:
-        raise UserError(f"{default_model.NAME} is the embedded default model (used when no model is given and "
-                        "fetched again automatically); it is not removed by `llm rm`")
+        raise UserError(
+            f"{default_model.NAME} is the embedded default model (used when no model is given and "
+            "fetched again automatically); it is not removed by `llm rm`"
+        )
     stored = stored_model(spec)
     if stored is not None:
         return Removal(f"{spec} ({stored})", dir_size(stored), paths=[stored])

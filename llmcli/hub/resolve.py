@@ -29,8 +29,12 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
 
 def looks_like_repo(spec: str) -> bool:
     repo = spec.partition(":")[0]
-    return (repo.count("/") == 1 and not spec.startswith((".", "/", "~")) and all(repo.split("/"))
-            and re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo) is not None)
+    return (
+        repo.count("/") == 1
+        and not spec.startswith((".", "/", "~"))
+        and all(repo.split("/"))
+        and re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo) is not None
+    )
 
 
 def stored_model(spec: str) -> Path | None:
@@ -54,8 +58,10 @@ def _pick_in_snapshot(snapshot: Path, spec: str, tag: str | None) -> Path:
     if len(ggufs) == 1:
         return ggufs[0]
     if ggufs:
-        raise UserError(f"{spec} has {len(ggufs)} GGUF files here; name one: "
-                        + ", ".join(f"{spec}:{gguf_tag(g.name)}" for g in ggufs))
+        raise UserError(
+            f"{spec} has {len(ggufs)} GGUF files here; name one: "
+            + ", ".join(f"{spec}:{gguf_tag(g.name)}" for g in ggufs)
+        )
     if (snapshot / "config.json").is_file():
         return snapshot  # the loader says what is missing
     raise NotDownloaded(spec)
@@ -121,8 +127,9 @@ def resolve_model(spec: str | None, notify: Callable[[str], None] | None = None)
             return find_cached(spec)
         except NotDownloaded:
             if constants.is_offline_mode():
-                raise UserError(f"{spec} is not downloaded and HF_HUB_OFFLINE is set; unset it and run "
-                                f"`llm pull {spec}`") from None
+                raise UserError(
+                    f"{spec} is not downloaded and HF_HUB_OFFLINE is set; unset it and run `llm pull {spec}`"
+                ) from None
             raise NotDownloaded(spec) from None
     raise UserError(f"model {spec!r} not found: not a path, a name from `llm list`, or an ORG/NAME Hub repo")
 

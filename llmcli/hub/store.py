@@ -16,8 +16,16 @@ from huggingface_hub.errors import CacheNotFound
 
 from llmcli.hub import default_model
 from llmcli.hub.download import cache_root, gguf_group
-from llmcli.hub.inspect import (dir_size, gguf_file_type, gguf_tag, loadable_dir, model_config, model_format,
-                                model_params, snapshot_ggufs)
+from llmcli.hub.inspect import (
+    dir_size,
+    gguf_file_type,
+    gguf_tag,
+    loadable_dir,
+    model_config,
+    model_format,
+    model_params,
+    snapshot_ggufs,
+)
 from llmcli.paths import store_dir
 
 
@@ -59,18 +67,33 @@ def _hub_models() -> list[LocalModel]:
             refs = sorted(rev.refs)
             ref = "main" if "main" in refs else (refs[0] if refs else None)
             suffix = "" if ref == "main" else f":{ref or rev.commit_hash[:12]}"
-            base = dict(source="hub", revision=ref or rev.commit_hash[:12], commit=rev.commit_hash,
-                        repo_id=repo.repo_id, modified=rev.last_modified)
+            base = dict(
+                source="hub",
+                revision=ref or rev.commit_hash[:12],
+                commit=rev.commit_hash,
+                repo_id=repo.repo_id,
+                modified=rev.last_modified,
+            )
             if loadable_dir(snap):
-                out.append(LocalModel(name=repo.repo_id + suffix, path=str(snap), format=_safe(model_format, snap),
-                                      size=rev.size_on_disk, **base))
+                out.append(
+                    LocalModel(
+                        name=repo.repo_id + suffix,
+                        path=str(snap),
+                        format=_safe(model_format, snap),
+                        size=rev.size_on_disk,
+                        **base,
+                    )
+                )
             for g in snapshot_ggufs(snap):
                 # Always REPO:TAG (resolvable: a tag that names a GGUF wins); other revisions say which.
                 name = f"{repo.repo_id}:{gguf_tag(g.name)}"
                 if suffix:
                     name += f"@{ref or rev.commit_hash[:12]}"
-                size = sum(f.size_on_disk for f in rev.files if f.file_name.endswith(".gguf")
-                           and gguf_group(str(f.file_path)) == gguf_group(str(g)))
+                size = sum(
+                    f.size_on_disk
+                    for f in rev.files
+                    if f.file_name.endswith(".gguf") and gguf_group(str(f.file_path)) == gguf_group(str(g))
+                )
                 out.append(LocalModel(name=name, path=str(g), format=_safe(gguf_file_type, g), size=size, **base))
     return out
 
@@ -82,8 +105,16 @@ def _store_models() -> list[LocalModel]:
     out = []
     for d in sorted(root.iterdir()):
         if d.is_dir() and (d / "config.json").is_file():
-            out.append(LocalModel(name=d.name, source="store", path=str(d), format=_safe(model_format, d),
-                                  size=dir_size(d), modified=(d / "config.json").stat().st_mtime))
+            out.append(
+                LocalModel(
+                    name=d.name,
+                    source="store",
+                    path=str(d),
+                    format=_safe(model_format, d),
+                    size=dir_size(d),
+                    modified=(d / "config.json").stat().st_mtime,
+                )
+            )
     return out
 
 
@@ -92,8 +123,16 @@ def _default_models() -> list[LocalModel]:
     if p is None:
         return []
     st = p.stat()
-    return [LocalModel(name=default_model.NAME, source="default", path=str(p), format=_safe(gguf_file_type, p),
-                       size=st.st_size, modified=st.st_mtime)]
+    return [
+        LocalModel(
+            name=default_model.NAME,
+            source="default",
+            path=str(p),
+            format=_safe(gguf_file_type, p),
+            size=st.st_size,
+            modified=st.st_mtime,
+        )
+    ]
 
 
 def _total_params(path: Path) -> int | None:
