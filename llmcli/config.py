@@ -121,7 +121,7 @@ class ModelConfig:
     def softmax_scale(self) -> float:
         if self.attn_scale is not None:
             return self.attn_scale
-        return self.qk_head_dim ** -0.5
+        return self.qk_head_dim**-0.5
 
     def kv_values_per_token(self, i: int) -> int:
         """Values layer i caches per token: K and V for each KV head, or MLA's latent + rope key."""
@@ -164,8 +164,9 @@ def _rope(cfg: dict) -> tuple[float, dict | None, float | None, float]:
         if scaling["rope_type"] == "default":
             scaling = None
     theta = float(_first(cfg, "rope_theta", default=params.get("rope_theta", 10000.0)))
-    partial = float(_first(cfg, "partial_rotary_factor", "rotary_pct",
-                           default=params.get("partial_rotary_factor", 1.0)))
+    partial = float(
+        _first(cfg, "partial_rotary_factor", "rotary_pct", default=params.get("partial_rotary_factor", 1.0))
+    )
     return theta, scaling, local_theta, partial
 
 
@@ -286,21 +287,35 @@ def _deepseek_yarn_scale(mc: ModelConfig, cfg: dict) -> None:
     if scaling and scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
         factor = scaling.get("factor", 1.0)
         m = 0.1 * scaling["mscale_all_dim"] * math.log(factor) + 1.0 if factor > 1 else 1.0
-        mc.attn_scale = mc.qk_head_dim ** -0.5 * m * m
+        mc.attn_scale = mc.qk_head_dim**-0.5 * m * m
 
 
 def _from_gpt2_dict(cfg: dict) -> ModelConfig:
     """gpt2 spells every key differently (n_embd, n_layer, ...) and has learned positions."""
     d = cfg.get("n_embd", 768)
     return ModelConfig(
-        family="gpt2", vocab_size=cfg.get("vocab_size", 50257), hidden_size=d,
-        num_layers=cfg.get("n_layer", 12), num_heads=cfg.get("n_head", 12), num_kv_heads=cfg.get("n_head", 12),
-        head_dim=d // cfg.get("n_head", 12), intermediate_size=cfg.get("n_inner") or 4 * d,
-        max_position_embeddings=cfg.get("n_positions", 1024), norm_type="layer",
-        norm_eps=cfg.get("layer_norm_epsilon", 1e-5), hidden_act="gelu_tanh", gated_mlp=False,
-        qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=cfg.get("tie_word_embeddings", True),
-        position_embedding="learned", layer_types=(FULL,) * cfg.get("n_layer", 12),
-        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_ids(cfg), torch_dtype=cfg.get("torch_dtype"),
+        family="gpt2",
+        vocab_size=cfg.get("vocab_size", 50257),
+        hidden_size=d,
+        num_layers=cfg.get("n_layer", 12),
+        num_heads=cfg.get("n_head", 12),
+        num_kv_heads=cfg.get("n_head", 12),
+        head_dim=d // cfg.get("n_head", 12),
+        intermediate_size=cfg.get("n_inner") or 4 * d,
+        max_position_embeddings=cfg.get("n_positions", 1024),
+        norm_type="layer",
+        norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+        hidden_act="gelu_tanh",
+        gated_mlp=False,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+        position_embedding="learned",
+        layer_types=(FULL,) * cfg.get("n_layer", 12),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg),
+        torch_dtype=cfg.get("torch_dtype"),
         raw=cfg,
     )
 
@@ -337,10 +352,17 @@ FAMILIES: dict[str, FamilyTraits] = {
     "qwen3": FamilyTraits(qk_norm=True, **_QWEN_WINDOW),
     "qwen3_moe": FamilyTraits(qk_norm=True, readers=(_qwen_moe_experts,), **_QWEN_WINDOW),
     "gemma": FamilyTraits(gemma_norms=True, window="never"),
-    "gemma2": FamilyTraits(gemma_norms=True, sandwich_norm=True, gemma2_attention=True,
-                           window_layers=_even_layers_slide),
-    "gemma3": FamilyTraits(qk_norm=True, gemma_norms=True, sandwich_norm=True, gemma2_attention=True, local_rope=True,
-                           window_layers=_gemma3_pattern),
+    "gemma2": FamilyTraits(
+        gemma_norms=True, sandwich_norm=True, gemma2_attention=True, window_layers=_even_layers_slide
+    ),
+    "gemma3": FamilyTraits(
+        qk_norm=True,
+        gemma_norms=True,
+        sandwich_norm=True,
+        gemma2_attention=True,
+        local_rope=True,
+        window_layers=_gemma3_pattern,
+    ),
     "phi3": FamilyTraits(),
     "gpt2": FamilyTraits(build=_from_gpt2_dict),
     "gpt_neox": FamilyTraits(layer_norm=True, biases=_neox_bias),
@@ -389,24 +411,39 @@ def _dense_config(cfg: dict, family: str, traits: FamilyTraits) -> ModelConfig:
         window = None
     qkv_bias, o_bias, mlp_bias = traits.biases(cfg)
     mc = ModelConfig(
-        family=family, vocab_size=cfg["vocab_size"], hidden_size=hidden, num_layers=n, num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
+        family=family,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=hidden,
+        num_layers=n,
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
         intermediate_size=cfg.get("intermediate_size", 4 * hidden),
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         norm_type="layer" if traits.layer_norm else "rms",
         norm_eps=_first(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6),
-        norm_offset=1.0 if traits.gemma_norms else 0.0, hidden_act=act, gated_mlp=not traits.layer_norm,
-        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, qk_norm=traits.qk_norm,
+        norm_offset=1.0 if traits.gemma_norms else 0.0,
+        hidden_act=act,
+        gated_mlp=not traits.layer_norm,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        qk_norm=traits.qk_norm,
         sandwich_norm=traits.sandwich_norm,
         parallel_residual=traits.layer_norm and bool(cfg.get("use_parallel_residual", True)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", traits.gemma_norms)),
         embedding_scale=math.sqrt(hidden) if traits.gemma_norms else None,
-        rope_theta=theta, rope_scaling=scaling,
+        rope_theta=theta,
+        rope_scaling=scaling,
         rope_local_theta=float(local_theta or 10000.0) if traits.local_rope else None,
-        partial_rotary_factor=partial, original_max_position_embeddings=cfg.get("original_max_position_embeddings"),
-        sliding_window=window, layer_types=_layer_types(cfg, traits.window_layers, n, window),
-        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_ids(cfg),
-        torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), raw=cfg,
+        partial_rotary_factor=partial,
+        original_max_position_embeddings=cfg.get("original_max_position_embeddings"),
+        sliding_window=window,
+        layer_types=_layer_types(cfg, traits.window_layers, n, window),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg),
+        torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        raw=cfg,
     )
     if traits.gemma2_attention:
         mc.attn_scale = cfg.get("query_pre_attn_scalar", head_dim) ** -0.5

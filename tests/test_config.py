@@ -32,8 +32,11 @@ def test_shapes_match_transformers_config(family):
     heads = getattr(hf, "num_attention_heads", getattr(hf, "n_head", None))
     assert mc.num_heads == heads
     if family.startswith("deepseek"):  # MLA: every head has its own decompressed K/V
-        assert (mc.kv_lora_rank, mc.qk_rope_head_dim, mc.v_head_dim) == (hf.kv_lora_rank, hf.qk_rope_head_dim,
-                                                                          hf.v_head_dim)
+        assert (mc.kv_lora_rank, mc.qk_rope_head_dim, mc.v_head_dim) == (
+            hf.kv_lora_rank,
+            hf.qk_rope_head_dim,
+            hf.v_head_dim,
+        )
         assert mc.q_lora_rank == hf.q_lora_rank
     else:
         assert mc.num_kv_heads == (getattr(hf, "num_key_value_heads", None) or heads)
@@ -63,18 +66,28 @@ def test_layer_types_match_transformers(family):
 def test_rope_both_spellings():
     """rope_theta + rope_scaling (transformers v4 files) and rope_parameters (v5) normalise identically."""
     base = dict(model_type="llama", vocab_size=10, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     old = from_hf_dict({**base, "rope_theta": 500000.0, "rope_scaling": scaling})
     new = from_hf_dict({**base, "rope_parameters": {**scaling, "rope_theta": 500000.0}})
-    v5 = from_hf_dict(transformers.LlamaConfig(**{k: v for k, v in base.items() if k != "model_type"},
-                                               rope_theta=500000.0, rope_scaling=scaling).to_dict())
+    v5 = from_hf_dict(
+        transformers.LlamaConfig(
+            **{k: v for k, v in base.items() if k != "model_type"}, rope_theta=500000.0, rope_scaling=scaling
+        ).to_dict()
+    )
     for mc in (old, new, v5):
         assert mc.rope_theta == 500000.0
         assert mc.rope_scaling["rope_type"] == "llama3" and mc.rope_scaling["factor"] == 8.0
         assert mc.rope_scaling["original_max_position_embeddings"] == 8192
     # old spelling with "type" instead of "rope_type"; "default" means no scaling
-    assert from_hf_dict({**base, "rope_scaling": {"type": "linear", "factor": 2.0}}).rope_scaling["rope_type"] == "linear"
+    assert (
+        from_hf_dict({**base, "rope_scaling": {"type": "linear", "factor": 2.0}}).rope_scaling["rope_type"] == "linear"
+    )
     assert from_hf_dict({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}).rope_scaling is None
 
 
@@ -88,9 +101,17 @@ def test_gemma3_rope_per_layer_type_and_multimodal_wrapper():
     assert wrapped.layer_types == mc.layer_types and wrapped.eos_token_ids == (1, 106)
 
 
-@pytest.mark.parametrize("family,key", [("mixtral", "num_local_experts"), ("mixtral", "num_experts"),
-                                        ("qwen2_moe", "num_experts"), ("qwen2_moe", "num_local_experts"),
-                                        ("qwen3_moe", "num_experts"), ("qwen3_moe", "num_local_experts")])
+@pytest.mark.parametrize(
+    "family,key",
+    [
+        ("mixtral", "num_local_experts"),
+        ("mixtral", "num_experts"),
+        ("qwen2_moe", "num_experts"),
+        ("qwen2_moe", "num_local_experts"),
+        ("qwen3_moe", "num_experts"),
+        ("qwen3_moe", "num_local_experts"),
+    ],
+)
 def test_expert_count_both_spellings(family, key):
     d = hf_config(family).to_dict()
     d.pop("num_experts", None)
@@ -116,7 +137,7 @@ def test_moe_layer_placement():
 def test_family_flags():
     g2 = from_hf_dict(hf_config("gemma2").to_dict())
     assert g2.sandwich_norm and g2.norm_offset == 1.0 and g2.embedding_scale == math.sqrt(64)
-    assert g2.attn_scale == 24 ** -0.5 and g2.attn_logit_softcap == 50.0 and g2.final_logit_softcap == 30.0
+    assert g2.attn_scale == 24**-0.5 and g2.attn_logit_softcap == 50.0 and g2.final_logit_softcap == 30.0
     assert from_hf_dict(hf_config("qwen3").to_dict()).qk_norm
     q2 = from_hf_dict(hf_config("qwen2").to_dict())
     assert q2.qkv_bias and not q2.o_bias

@@ -42,8 +42,11 @@ def test_smollm2_config_matches_transformers(smollm2_gguf, hf_smollm2):
     ref = hf_smollm2.config
     assert cfg.family == ref.model_type == "llama"
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers) == (ref.vocab_size, ref.hidden_size, ref.num_hidden_layers)
-    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (ref.num_attention_heads, ref.num_key_value_heads,
-                                                               ref.head_dim)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        ref.num_attention_heads,
+        ref.num_key_value_heads,
+        ref.head_dim,
+    )
     assert cfg.intermediate_size == ref.intermediate_size
     assert cfg.max_position_embeddings == ref.max_position_embeddings
     assert cfg.norm_eps == pytest.approx(ref.rms_norm_eps)
@@ -87,8 +90,16 @@ def test_half_precision_output(smollm2_gguf, hf_smollm2):
 
 # ---- synthetic GGUFs written the way llama.cpp's converter does --------------------------------------
 
-ARCH = {"llama": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe",
-        "gemma2": "gemma2", "gemma3": "gemma3", "phi3": "phi3"}
+ARCH = {
+    "llama": "llama",
+    "mixtral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen2_moe": "qwen2moe",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "phi3": "phi3",
+}
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -140,8 +151,10 @@ def write_gguf(model_dir, path, family: str, qtype=Q.F32, split_max_tensors: int
         from transformers import LlamaConfig
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        c = LlamaConfig(**{k: v for k, v in cfg.items() if k in ("hidden_size", "num_attention_heads", "head_dim")},
-                        rope_parameters=rope)
+        c = LlamaConfig(
+            **{k: v for k, v in cfg.items() if k in ("hidden_size", "num_attention_heads", "head_dim")},
+            rope_parameters=rope,
+        )
         scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")
         base = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
         w.add_tensor("rope_freqs.weight", (base / scaled).numpy().astype(np.float32))
@@ -179,8 +192,14 @@ def write_gguf(model_dir, path, family: str, qtype=Q.F32, split_max_tensors: int
     for (layer, proj), items in experts.items():
         items.sort()
         stacked = np.stack([t for _, _, t in items])
-        gname = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps", "gate_proj": "ffn_gate_exps",
-                 "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}[proj]
+        gname = {
+            "w1": "ffn_gate_exps",
+            "w3": "ffn_up_exps",
+            "w2": "ffn_down_exps",
+            "gate_proj": "ffn_gate_exps",
+            "up_proj": "ffn_up_exps",
+            "down_proj": "ffn_down_exps",
+        }[proj]
         add(f"blk.{layer}.{gname}.weight", stacked, [(n_, t) for _, n_, t in items])
 
     w.write_header_to_file()
@@ -199,8 +218,12 @@ def test_synthetic_roundtrip(family, tiny_model, tmp_path):
     # llama.cpp's qwen2 has no sliding-window metadata, so a GGUF can only describe a full-attention qwen2;
     # llama.cpp hard-codes gemma's query scale as head_dim (all but the 27B models) and has no dense layers
     # in qwen2moe: build the tiny models so.
-    overrides = {"qwen2": dict(use_sliding_window=False), "gemma2": dict(query_pre_attn_scalar=32),
-                 "gemma3": dict(query_pre_attn_scalar=32), "qwen2_moe": dict(mlp_only_layers=[])}.get(family, {})
+    overrides = {
+        "qwen2": dict(use_sliding_window=False),
+        "gemma2": dict(query_pre_attn_scalar=32),
+        "gemma3": dict(query_pre_attn_scalar=32),
+        "qwen2_moe": dict(mlp_only_layers=[]),
+    }.get(family, {})
     src = tiny_model(family, **overrides)
     path = tmp_path / f"{family}.gguf"
     expected = write_gguf(src, path, family)
@@ -213,8 +236,15 @@ def test_synthetic_roundtrip(family, tiny_model, tmp_path):
             np.testing.assert_array_equal(t.numpy(), expected[name], err_msg=name)
 
     ours, ref = load_gguf_config(path).to_dict(), load_config(src).to_dict()
-    floats = ("norm_eps", "rope_theta", "attn_scale", "attn_logit_softcap", "final_logit_softcap",
-              "rope_local_theta", "embedding_scale")
+    floats = (
+        "norm_eps",
+        "rope_theta",
+        "attn_scale",
+        "attn_logit_softcap",
+        "final_logit_softcap",
+        "rope_local_theta",
+        "embedding_scale",
+    )
     # Not in GGUF metadata, or (llama3) stored only as equivalent factors: checked elsewhere.
     skip = {"rope_scaling", "original_max_position_embeddings", "torch_dtype", "eos_token_ids", "bos_token_id"}
     for key in ref:
@@ -259,7 +289,7 @@ def test_k_quant_blocks_dequantize(qtype, tmp_path):
         getattr(w, f"add_{k}")(v)
     w.add_tensor("blk.0.ffn_down.weight", data, raw_dtype=qtype)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    (name, t), = list(iter_gguf_tensors(tmp_path / "k.gguf"))
+    ((name, t),) = list(iter_gguf_tensors(tmp_path / "k.gguf"))
     assert name == "model.layers.0.mlp.down_proj.weight" and t.shape == (rows, cols)
     ref = gguf.quants.dequantize(data, qtype)
     assert np.isfinite(ref).all()
@@ -269,19 +299,26 @@ def test_k_quant_blocks_dequantize(qtype, tmp_path):
 # ---- llama3 rope scaling ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("params", [
-    dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),  # 3.1
-    dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),  # 3.2
-    dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),  # tiny
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),  # 3.1
+        dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),  # 3.2
+        dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),  # tiny
+    ],
+)
 @pytest.mark.parametrize("theta,head_dim", [(500000.0, 128), (500000.0, 64), (10000.0, 16)])
 def test_llama3_scaling_recovered_from_factors(params, theta, head_dim):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     def inv_freq(p):
-        c = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
-                        rope_parameters={"rope_type": "llama3", "rope_theta": theta, **p})
+        c = LlamaConfig(
+            hidden_size=head_dim * 4,
+            num_attention_heads=4,
+            head_dim=head_dim,
+            rope_parameters={"rope_type": "llama3", "rope_theta": theta, **p},
+        )
         return ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")[0].double()
 
     base = 1.0 / theta ** (torch.arange(0, head_dim, 2).double() / head_dim)
@@ -344,8 +381,9 @@ def test_reader_matches_gguf_package(smollm2_gguf):
 
 def test_split_gguf(tiny_model, tmp_path):
     # llama.cpp's gguf-split layout: NAME-0000i-of-0000N.gguf, metadata in the first shard.
-    expected = write_gguf(tiny_model("qwen2", use_sliding_window=False), tmp_path / "m.gguf", "qwen2",
-                          split_max_tensors=10)
+    expected = write_gguf(
+        tiny_model("qwen2", use_sliding_window=False), tmp_path / "m.gguf", "qwen2", split_max_tensors=10
+    )
     shards = sorted(tmp_path.glob("m-*-of-*.gguf"))
     assert len(shards) >= 3
     for entry in (shards[0], shards[1]):  # any shard opens the whole model
@@ -382,9 +420,12 @@ def test_torch_dequantize_bit_identical_to_gguf(qtype):
 
 # ---- Q4_0 / Q4_1 / Q8_0 weights kept quantized in our kernels ------------------------------------------------
 
-KEPT = {"model.layers.{}.self_attn.qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "model.layers.{}.self_attn.o_proj": ["o_proj"], "model.layers.{}.mlp.gate_up_proj": ["gate_proj", "up_proj"],
-        "model.layers.{}.mlp.down_proj": ["down_proj"]}
+KEPT = {
+    "model.layers.{}.self_attn.qkv_proj": ["q_proj", "k_proj", "v_proj"],
+    "model.layers.{}.self_attn.o_proj": ["o_proj"],
+    "model.layers.{}.mlp.gate_up_proj": ["gate_proj", "up_proj"],
+    "model.layers.{}.mlp.down_proj": ["down_proj"],
+}
 
 
 def _sources(expected: dict, module: str, layer: int, parts: list[str]) -> np.ndarray:
@@ -431,7 +472,9 @@ def test_q4_kept_as_int4_dequantizes_exactly(qtype, kept_gguf):
     assert type(model.lm_head) is Int4OffsetLinear
     np.testing.assert_array_equal(model.lm_head.dequantize().numpy(), expected["lm_head.weight"])
     assert type(model.model.embed_tokens) is torch.nn.Embedding
-    np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(), expected["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(
+        model.model.embed_tokens.weight.detach().numpy(), expected["model.embed_tokens.weight"]
+    )
     # 4 bits + an fp16 scale and offset per 32 weights = 5 bits per weight, against 32 expanded
     lin = sum(m.in_features * m.out_features for m in model.modules() if type(m) is Int4OffsetLinear)
     assert _param_bytes(dense) - _param_bytes(model) == lin * 4 - lin * 5 // 8
@@ -469,24 +512,53 @@ def test_keep_plan_needs_every_fused_part_in_one_kind():
     from llmcli.config import from_hf_dict
     from llmcli.engine.loader import gguf_keep_plan
 
-    hf = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2)
+    hf = dict(
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     types = {"model.embed_tokens.weight": Q.Q8_0, "model.norm.weight": Q.F32, "lm_head.weight": Q.Q6_K}
-    for i, (q, k, v, o, gate, up, down) in enumerate([(Q.Q4_1, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q4_1, Q.F16),
-                                                      (Q.Q4_1, Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q8_0, Q.Q8_0, Q.Q4_0)]):
-        for name, t in zip(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), (q, k, v, o, gate, up, down)):
+    for i, (q, k, v, o, gate, up, down) in enumerate(
+        [
+            (Q.Q4_1, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q4_1, Q.F16),
+            (Q.Q4_1, Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q8_0, Q.Q8_0, Q.Q4_0),
+        ]
+    ):
+        for name, t in zip(
+            (
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ),
+            (q, k, v, o, gate, up, down),
+        ):
             types[f"model.layers.{i}.{name}.weight"] = t
     plan = {m: kind for m, (kind, _) in gguf_keep_plan(from_hf_dict(hf), types).items()}
-    layers = {"model.layers.0.self_attn.qkv_proj": "int4", "model.layers.0.self_attn.o_proj": "int8",
-              "model.layers.1.mlp.gate_up_proj": "int8", "model.layers.1.mlp.down_proj": "int4"}
+    layers = {
+        "model.layers.0.self_attn.qkv_proj": "int4",
+        "model.layers.0.self_attn.o_proj": "int8",
+        "model.layers.1.mlp.gate_up_proj": "int8",
+        "model.layers.1.mlp.down_proj": "int4",
+    }
     assert plan == {**layers, "model.embed_tokens": "int8"}  # the Q6_K head is expanded
     del types["lm_head.weight"]  # tied: the head shares the int8 table; a Q4_1 table would be expanded
-    assert {m: k for m, (k, _) in gguf_keep_plan(from_hf_dict({**hf, "tie_word_embeddings": True}), types).items()} \
-        == {**layers, "model.embed_tokens": "int8", "lm_head": "int8"}
+    assert {m: k for m, (k, _) in gguf_keep_plan(from_hf_dict({**hf, "tie_word_embeddings": True}), types).items()} == {
+        **layers,
+        "model.embed_tokens": "int8",
+        "lm_head": "int8",
+    }
     types["model.embed_tokens.weight"] = Q.Q4_1
-    assert {m: k for m, (k, _) in gguf_keep_plan(from_hf_dict({**hf, "tie_word_embeddings": True}), types).items()} \
-        == layers
+    assert {
+        m: k for m, (k, _) in gguf_keep_plan(from_hf_dict({**hf, "tie_word_embeddings": True}), types).items()
+    } == layers
 
 
 # Prefill (more than DENSE_ROWS_CPU rows) dequantizes to an fp32 matmul: for Q4_x the weights are gguf's

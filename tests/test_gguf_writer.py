@@ -25,16 +25,24 @@ from llmcli.quant import QuantSpec
 from llmcli.quant.gguf_writer import write_gguf
 
 Q = gguf.GGMLQuantizationType
-TEXTS = ["Hello world! It's 2024, and 12345 apples cost $3.14.", "  indented\n\tcode() { return x; }",
-         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n", "naïve café — 日本語 😀"]
+TEXTS = [
+    "Hello world! It's 2024, and 12345 apples cost $3.14.",
+    "  indented\n\tcode() { return x; }",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n",
+    "naïve café — 日本語 😀",
+]
 
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 SPLITS = {  # a SmolLM2-style pre-tokenizer (digits one by one) and Qwen2's split regex
     "smollm": None,
-    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "qwen2": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
 }
 
 
@@ -46,19 +54,36 @@ def train_tokenizer(directory, style: str) -> None:
 
     tok = Tokenizer(models.BPE())
     if SPLITS[style] is None:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLITS[style]), "isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(SPLITS[style]), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     text = open(DEFAULT_TEXT, encoding="utf-8").read()
     tok.train_from_iterator(text.split("\n\n"), trainer)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": CHATML,
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +126,7 @@ def _bound(w: np.ndarray, qtype) -> np.ndarray:
     Q4_1: d = (max-min)/15, m = min: error <= d/2, plus the f16 rounding of m and of d times q <= 15.
     """
     b = w.reshape(*w.shape[:-1], -1, 32).astype(np.float64)
-    eps = 2.0 ** -11  # f16 relative rounding
+    eps = 2.0**-11  # f16 relative rounding
     amax = np.abs(b).max(-1, keepdims=True)
     if qtype == Q.Q8_0:
         d = amax / 127
@@ -127,20 +152,32 @@ def test_blocks_equal_gguf_reference_and_bound(gtype, tiny_chat, tmp_path, one_t
     reader, tensors = _read(out)
 
     assert _field(reader, "general.architecture") == "llama"
-    for key, want in (("block_count", cfg["num_hidden_layers"]), ("embedding_length", cfg["hidden_size"]),
-                      ("feed_forward_length", cfg["intermediate_size"]),
-                      ("attention.head_count", cfg["num_attention_heads"]),
-                      ("attention.head_count_kv", cfg["num_key_value_heads"]),
-                      ("context_length", cfg["max_position_embeddings"]), ("vocab_size", cfg["vocab_size"])):
+    for key, want in (
+        ("block_count", cfg["num_hidden_layers"]),
+        ("embedding_length", cfg["hidden_size"]),
+        ("feed_forward_length", cfg["intermediate_size"]),
+        ("attention.head_count", cfg["num_attention_heads"]),
+        ("attention.head_count_kv", cfg["num_key_value_heads"]),
+        ("context_length", cfg["max_position_embeddings"]),
+        ("vocab_size", cfg["vocab_size"]),
+    ):
         assert _field(reader, f"llama.{key}") == want, key
     assert np.isclose(_field(reader, "llama.rope.freq_base"), cfg["rope_parameters"]["rope_theta"])
     assert np.isclose(_field(reader, "llama.attention.layer_norm_rms_epsilon"), cfg["rms_norm_eps"])
 
     n = cfg["num_hidden_layers"]
     hf_of = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-    per_layer = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                 "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    per_layer = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
     hf_of.update({f"blk.{i}.{g}": f"model.layers.{i}.{h}" for i in range(n) for g, h in per_layer.items()})
     assert set(tensors) == {f"{g}.weight" for g in hf_of}
     for gname, hf in hf_of.items():
@@ -219,8 +256,11 @@ def test_transformers_logits_match_engine(family, gtype, tiny_chat, tmp_path, on
     from transformers import AutoModelForCausalLM
 
     # transformers' GGUF loader ignores qwen3.attention.key_length and assumes Qwen3Config's head_dim of 128
-    overrides = {"llama": dict(rope_scaling=None), "qwen2": dict(use_sliding_window=False),
-                 "qwen3": dict(head_dim=128)}[family]
+    overrides = {
+        "llama": dict(rope_scaling=None),
+        "qwen2": dict(use_sliding_window=False),
+        "qwen3": dict(head_dim=128),
+    }[family]
     src = tiny_chat(family, "qwen2" if family.startswith("qwen") else "smollm", **overrides)
     out = tmp_path / f"{family}.gguf"
     write_gguf(src, out, QuantSpec(bits=8 if gtype == "q8_0" else 4), gguf_type=gtype)
@@ -271,8 +311,9 @@ def test_tokenizer_and_template_roundtrip(tokenizer, tiny_chat, tmp_path, one_th
     assert types[source.token_to_id("<|im_end|>")] == gguf.TokenType.CONTROL
     assert types[source.token_to_id("a")] == gguf.TokenType.NORMAL
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    assert ours.encode_chat(msgs) == theirs.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                                return_dict=False)
+    assert ours.encode_chat(msgs) == theirs.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
 
 
 def test_gguf_source_reexport(tiny_chat, tmp_path, one_thread):
@@ -294,8 +335,9 @@ def test_gguf_source_reexport(tiny_chat, tmp_path, one_thread):
     assert c1.pop("rope_scaling")["rope_type"] == c2.pop("rope_scaling")["rope_type"] == "llama3"
     assert c1 == c2
     # llama3 scaling is stored as per-frequency factors; re-deriving them from the recovered parameters agrees
-    np.testing.assert_allclose(_read(second)[1]["rope_freqs.weight"].data, _read(first)[1]["rope_freqs.weight"].data,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        _read(second)[1]["rope_freqs.weight"].data, _read(first)[1]["rope_freqs.weight"].data, rtol=1e-5
+    )
     a, b = dict(iter_gguf_tensors(first)), dict(iter_gguf_tensors(second))
     sd = load_file(src / "model.safetensors")
     assert set(a) == set(b) == set(sd)
@@ -333,8 +375,22 @@ def _run(capsys, *args) -> tuple[int, str, str]:
 def test_cli_gguf(tiny_chat, tmp_path, capsys, monkeypatch, one_thread):
     src = tiny_chat("llama", rope_scaling=None)
     out = tmp_path / "x.gguf"
-    code, stdout, _ = _run(capsys, "quantize", str(src), "--format", "gguf", "--bits", "4", "--method", "rtn",
-                           "--gguf-type", "q4_0", "-o", str(out), "--json")
+    code, stdout, _ = _run(
+        capsys,
+        "quantize",
+        str(src),
+        "--format",
+        "gguf",
+        "--bits",
+        "4",
+        "--method",
+        "rtn",
+        "--gguf-type",
+        "q4_0",
+        "-o",
+        str(out),
+        "--json",
+    )
     assert code == 0
     s = json.loads(stdout)
     assert s["layers_quantized"] == 21 and s["group_sizes"] == {"32": 21} and s["bytes_after"] == out.stat().st_size
@@ -352,15 +408,19 @@ def test_cli_gguf(tiny_chat, tmp_path, capsys, monkeypatch, one_thread):
     assert json.loads(stdout)["output"] == str(tmp_path / "home" / "models" / f"{src.name.lower()}.Q4_1.gguf")
 
 
-@pytest.mark.parametrize("args,msg", [(["--bits", "4", "--gguf-type", "q8_0"], "--gguf-type q8_0 holds 8-bit"),
-                                       (["--gguf-type", "q5_k"], "--gguf-type must be one of"),
-                                       (["--bits", "4", "--method", "gptq"], "rtn or hqq"),
-                                       (["--method", "nf4"], "rtn or hqq")])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--bits", "4", "--gguf-type", "q8_0"], "--gguf-type q8_0 holds 8-bit"),
+        (["--gguf-type", "q5_k"], "--gguf-type must be one of"),
+        (["--bits", "4", "--method", "gptq"], "rtn or hqq"),
+        (["--method", "nf4"], "rtn or hqq"),
+    ],
+)
 def test_cli_gguf_user_errors(args, msg, tiny_chat, tmp_path, capsys):
     src = tiny_chat("llama", rope_scaling=None)
     capsys.readouterr()
-    code, _, err = _run(capsys, "quantize", str(src), "--format", "gguf",
-                        "-o", str(tmp_path / "x.gguf"), *args)
+    code, _, err = _run(capsys, "quantize", str(src), "--format", "gguf", "-o", str(tmp_path / "x.gguf"), *args)
     assert code == 1 and msg in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
 

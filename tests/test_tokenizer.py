@@ -17,18 +17,38 @@ from llmcli.tokenizer.chat_template import render_chat_template
 from llmcli.tokenizer.stream import StreamDecoder
 
 CORPUS = [
-    "Hello world", "What is the capital of France?", "x 123 4567 a1b2 3.14159 1,000,000 2024-11-23",
-    "  two  spaces\n\n\ttabs\r\n  trailing   ", "café naïve façade Ωmega Ελληνικά русский عربى עברית",
-    "😀 🇫🇷 👨‍👩‍👧 🤖🦀 ✨", "日本語のテキスト 中文 한국어", "def f(x):\n    return {'a': x ** 2}  # comment\n",
-    "<|im_start|>user\nhi<|im_end|>\n", "<|endoftext|>text<|endoftext|> <repo_name>", "I'm you'll DON'T it's",
-    "a" * 64, "     ", "", "\u00a0nbsp\u200bzero-width", "e\u0301 (combining) vs \u00e9", "C:\\path\\to\\file.txt",
-    "<html><body>&amp; &lt;tag&gt;</body></html>", "\n", "       leading", "0000000000", "$$\\int_0^1 x\\,dx$$",
+    "Hello world",
+    "What is the capital of France?",
+    "x 123 4567 a1b2 3.14159 1,000,000 2024-11-23",
+    "  two  spaces\n\n\ttabs\r\n  trailing   ",
+    "café naïve façade Ωmega Ελληνικά русский عربى עברית",
+    "😀 🇫🇷 👨‍👩‍👧 🤖🦀 ✨",
+    "日本語のテキスト 中文 한국어",
+    "def f(x):\n    return {'a': x ** 2}  # comment\n",
+    "<|im_start|>user\nhi<|im_end|>\n",
+    "<|endoftext|>text<|endoftext|> <repo_name>",
+    "I'm you'll DON'T it's",
+    "a" * 64,
+    "     ",
+    "",
+    "\u00a0nbsp\u200bzero-width",
+    "e\u0301 (combining) vs \u00e9",
+    "C:\\path\\to\\file.txt",
+    "<html><body>&amp; &lt;tag&gt;</body></html>",
+    "\n",
+    "       leading",
+    "0000000000",
+    "$$\\int_0^1 x\\,dx$$",
 ]
 
 MESSAGES = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi 😀"},
-     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Count: 1 2 3"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi 😀"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Count: 1 2 3"},
+    ],
 ]
 
 
@@ -50,7 +70,9 @@ def ref(smollm2_gguf):
 @pytest.mark.parametrize("add_special", [True, False])
 def test_gguf_encode_matches_transformers(ours, ref, add_special):
     for text in CORPUS:
-        assert ours.encode(text, add_special_tokens=add_special) == ref.encode(text, add_special_tokens=add_special), text
+        assert ours.encode(text, add_special_tokens=add_special) == ref.encode(text, add_special_tokens=add_special), (
+            text
+        )
 
 
 def test_gguf_decode_matches_transformers(ours, ref):
@@ -120,8 +142,9 @@ def _copy_dir(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("add_bos,add_eos,post_processor", [(True, False, True), (True, True, False),
-                                                           (False, True, False)])
+@pytest.mark.parametrize(
+    "add_bos,add_eos,post_processor", [(True, False, True), (True, True, False), (False, True, False)]
+)
 def test_dir_add_bos_eos_like_transformers(saved_dir, tmp_path, add_bos, add_eos, post_processor):
     d = _copy_dir(saved_dir, tmp_path / "t")
     cfg = json.loads((d / "tokenizer_config.json").read_text())
@@ -130,10 +153,12 @@ def test_dir_add_bos_eos_like_transformers(saved_dir, tmp_path, add_bos, add_eos
     tj = json.loads((d / "tokenizer.json").read_text())
     if post_processor:  # a Llama-style post-processor that prepends BOS itself
         bos = cfg["bos_token"]
-        tj["post_processor"] = {"type": "TemplateProcessing",
-                                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                                "special_tokens": {bos: {"id": bos, "ids": [1], "tokens": [bos]}}}
+        tj["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [1], "tokens": [bos]}},
+        }
     else:
         tj["post_processor"] = None
     (d / "tokenizer.json").write_text(json.dumps(tj))
@@ -151,8 +176,10 @@ def test_dir_template_precedence_and_eos_ids(saved_dir, tmp_path):
     d = _copy_dir(saved_dir, tmp_path / "t")
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg.pop("chat_template", None)
-    cfg["chat_template"] = [{"name": "default", "template": "D{{ messages[0]['content'] }}"},
-                            {"name": "tool_use", "template": "T{{ tools | length }}"}]
+    cfg["chat_template"] = [
+        {"name": "default", "template": "D{{ messages[0]['content'] }}"},
+        {"name": "tool_use", "template": "T{{ tools | length }}"},
+    ]
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     (d / "chat_template.jinja").unlink(missing_ok=True)
     ours = load_tokenizer(d)
@@ -165,8 +192,12 @@ def test_dir_template_precedence_and_eos_ids(saved_dir, tmp_path):
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
     (d / "config.json").write_text(json.dumps({"eos_token_id": 11, "model_type": "llama"}))
     eos = load_tokenizer(d).eos_token_ids
-    assert eos == {7, 9, 11, ours.token_to_id(cfg["eos_token"] if isinstance(cfg["eos_token"], str)
-                                              else cfg["eos_token"]["content"])}
+    assert eos == {
+        7,
+        9,
+        11,
+        ours.token_to_id(cfg["eos_token"] if isinstance(cfg["eos_token"], str) else cfg["eos_token"]["content"]),
+    }
 
 
 def test_dir_errors(tmp_path):
@@ -276,7 +307,7 @@ QWEN25 = r"""{%- if tools %}
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
-"""
+"""  # noqa: E501 (a real template, verbatim)
 
 GEMMA = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
@@ -319,21 +350,39 @@ REASONING = """{%- for m in messages %}
 {% if enable_thinking is defined and not enable_thinking %}<think>
 
 </think>
-{% endif %}{% endif %}"""
+{% endif %}{% endif %}"""  # noqa: E501 (a real template, verbatim)
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <b>now</b> & 'later' in 東京",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                          "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather <b>now</b> & 'later' in 東京",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there  "}],
-    [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Weather in Paris?"},
-     {"role": "assistant", "content": None, "tool_calls": [
-         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-     {"role": "tool", "content": "{\"temp\": 21}"}, {"role": "assistant", "content": "21 °C"},
-     {"role": "user", "content": "Thanks 😀"}],
+    [
+        {"role": "system", "content": " Be brief. "},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "21 °C"},
+        {"role": "user", "content": "Thanks 😀"},
+    ],
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b <&>"}, {"role": "user", "content": "c"}],
-    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning": "Add them."},
-     {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6", "thinking": "Again."}],
+    [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning": "Add them."},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6", "thinking": "Again."},
+    ],
 ]
 
 
@@ -341,8 +390,11 @@ def _ref_render(ref, template, messages, **kw):
     return ref.apply_chat_template(messages, chat_template=template, tokenize=False, **kw)
 
 
-@pytest.mark.parametrize("template", [LLAMA3, QWEN25, GEMMA, MISTRAL, MISC, REASONING],
-                         ids=["llama3", "qwen25", "gemma", "mistral", "misc", "reasoning"])
+@pytest.mark.parametrize(
+    "template",
+    [LLAMA3, QWEN25, GEMMA, MISTRAL, MISC, REASONING],
+    ids=["llama3", "qwen25", "gemma", "mistral", "misc", "reasoning"],
+)
 @pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
 @pytest.mark.parametrize("gen", [True, False])
 def test_templates_match_transformers(ref, template, conv, gen):
@@ -367,8 +419,11 @@ def test_templates_match_transformers(ref, template, conv, gen):
 
 def test_gemma_system_role_is_a_user_error():
     with pytest.raises(UserError, match="System role not supported"):
-        render_chat_template(GEMMA, [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}],
-                             special_tokens={"bos_token": "<bos>"})
+        render_chat_template(
+            GEMMA,
+            [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}],
+            special_tokens={"bos_token": "<bos>"},
+        )
 
 
 def test_template_errors_are_user_errors():
@@ -450,8 +505,11 @@ def _write_bpe_gguf(path, source_gguf, pre: str, add_bos: bool, n_vocab: int = 6
     meta = gguf_metadata(source_gguf)
     tokens = meta["tokenizer.ggml.tokens"][:n_vocab]
     kept = set(tokens)
-    merges = [m for m in meta["tokenizer.ggml.merges"]
-              if (lambda a, b: a in kept and b in kept and a + b in kept)(*m.split(" ", 1))]
+    merges = [
+        m
+        for m in meta["tokenizer.ggml.merges"]
+        if (lambda a, b: a in kept and b in kept and a + b in kept)(*m.split(" ", 1))
+    ]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(1)
     w.add_tokenizer_model("gpt2")
@@ -465,8 +523,9 @@ def _write_bpe_gguf(path, source_gguf, pre: str, add_bos: bool, n_vocab: int = 6
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
 
 
-@pytest.mark.parametrize("pre,add_bos", [("llama-bpe", True), ("qwen2", False), ("gpt-4o", False),
-                                         ("tekken", False), ("default", True)])
+@pytest.mark.parametrize(
+    "pre,add_bos", [("llama-bpe", True), ("qwen2", False), ("gpt-4o", False), ("tekken", False), ("default", True)]
+)
 def test_bpe_pre_tokenizers_match_transformers(pre, add_bos, smollm2_gguf, tmp_path):
     from transformers import AutoTokenizer
 
@@ -474,9 +533,15 @@ def test_bpe_pre_tokenizers_match_transformers(pre, add_bos, smollm2_gguf, tmp_p
     _write_bpe_gguf(path, smollm2_gguf, pre, add_bos)
     ours = load_tokenizer(path)
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
-    for text in CORPUS + ["Hello123world 12345 I'M 'LL x\r\n\r\n  y", "ÀÉÎ ÕÜ Straße ǅungla", "a   \n  b\t\t c",
-                          "#include <stdio.h>\nint main(void) {\n\treturn 0;\n}\n", "x=1;\ny=2;\r\n\r\nz = x+y",
-                          "hello!!!??? ...\n\n\n   indented\n  \n", "—«quoted»— “smart” ‘quotes’"]:
+    for text in CORPUS + [
+        "Hello123world 12345 I'M 'LL x\r\n\r\n  y",
+        "ÀÉÎ ÕÜ Straße ǅungla",
+        "a   \n  b\t\t c",
+        "#include <stdio.h>\nint main(void) {\n\treturn 0;\n}\n",
+        "x=1;\ny=2;\r\n\r\nz = x+y",
+        "hello!!!??? ...\n\n\n   indented\n  \n",
+        "—«quoted»— “smart” ‘quotes’",
+    ]:
         assert ours.encode(text) == ref.encode(text), (pre, text)
         ids = ref.encode(text, add_special_tokens=False)
         assert ours.decode(ids) == ref.decode(ids)

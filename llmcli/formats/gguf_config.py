@@ -246,5 +246,10 @@ def llama3_scaling_from_factors(f: np.ndarray, theta: float, dim: int) -> dict |
         if hi > lo > 0 and np.allclose(llama3_factors(theta, dim, fa, lo, hi, orig), f, rtol=1e-5, atol=1e-6):
             factor, low, high = fa, lo, hi
             break
-    return {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": float(low),
-            "high_freq_factor": float(high), "original_max_position_embeddings": orig}
+    return {
+        "rope_type": "llama3",
+        "factor": float(factor),
+        "low_freq_factor": float(low),
+        "high_freq_factor": float(high),
+        "original_max_position_embeddings": orig,
+    }

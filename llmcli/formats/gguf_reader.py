@@ -28,8 +28,19 @@ from llmcli.errors import UserError
 # exactly as GGUFReader lays them out (so gguf.quants.dequantize accepts them).
 
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_NUMPY = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -82,7 +93,7 @@ class _Cursor:
         n = self.scalar("Q")
         if self.pos + n > self.size:
             raise ValueError("a string runs past the end of the file (truncated download?)")
-        raw = bytes(self.buf[self.pos:self.pos + n])
+        raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         try:
             return raw.decode("utf-8")
@@ -154,13 +165,25 @@ def _parse(path: str) -> GGUFFile:
         if start + n_bytes > size:
             raise ValueError(f"tensor {name} runs past the end of the file (truncated download?)")
         np_dims = list(reversed(dims))
-        raw = whole[start:start + n_bytes]
-        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                     gguf.GGMLQuantizationType.F64, gguf.GGMLQuantizationType.I8,
-                     gguf.GGMLQuantizationType.I16, gguf.GGMLQuantizationType.I32,
-                     gguf.GGMLQuantizationType.I64):
-            dt = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
-                  "I32": np.int32, "I64": np.int64}[qtype.name]
+        raw = whole[start : start + n_bytes]
+        if qtype in (
+            gguf.GGMLQuantizationType.F32,
+            gguf.GGMLQuantizationType.F16,
+            gguf.GGMLQuantizationType.F64,
+            gguf.GGMLQuantizationType.I8,
+            gguf.GGMLQuantizationType.I16,
+            gguf.GGMLQuantizationType.I32,
+            gguf.GGMLQuantizationType.I64,
+        ):
+            dt = {
+                "F32": np.float32,
+                "F16": np.float16,
+                "F64": np.float64,
+                "I8": np.int8,
+                "I16": np.int16,
+                "I32": np.int32,
+                "I64": np.int64,
+            }[qtype.name]
             data = raw.view(dt).reshape(np_dims)
         else:  # quantized and BF16: rows of whole blocks, as bytes
             if np_dims[-1] % block:
@@ -202,8 +225,10 @@ def gguf_shards(path: str | Path) -> list[Path]:
         return [p]
     m = _SHARD_NAME.match(p.name)
     if not m or int(m["count"]) != count:
-        raise UserError(f"{p} is one of {count} shards of a split GGUF, but its name does not follow "
-                        "NAME-00001-of-0000N.gguf, so the other shards cannot be found")
+        raise UserError(
+            f"{p} is one of {count} shards of a split GGUF, but its name does not follow "
+            "NAME-00001-of-0000N.gguf, so the other shards cannot be found"
+        )
     shards = [p.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     missing = [s.name for s in shards if not s.is_file()]
     if missing:

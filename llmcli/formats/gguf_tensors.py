@@ -95,7 +95,8 @@ def hf_tensor_name(gguf_name: str, family: str, *, has_ffn_gate: bool = True) ->
 def permute_qk_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half rows -> ggml's interleaved rotary pairs, per head (llama.cpp's convert permute)."""
     return np.ascontiguousarray(
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def unpermute_qk_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -280,8 +281,9 @@ def dense_tensor(raw: RawTensor, path: str | Path) -> torch.Tensor:
     try:
         w = raw.dequantize()
     except NotImplementedError:
-        raise UserError(f"{path}: tensor {raw.name} uses GGML type {raw.ggml_type.name}, which cannot be "
-                        "dequantized") from None
+        raise UserError(
+            f"{path}: tensor {raw.name} uses GGML type {raw.ggml_type.name}, which cannot be dequantized"
+        ) from None
     w = np.ascontiguousarray(w, dtype=np.float32)
     if not w.flags.writeable:  # still a view of the read-only memory map (F32 tensors)
         w = w.copy()

@@ -66,8 +66,9 @@ def requantize_q8_0(raw: RawTensor) -> dict[str, torch.Tensor]:
     return {"qweight": q, "scales": scales}
 
 
-def iter_gguf_kept(path: str | Path, dtype: torch.dtype | None = None,
-                   keep: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_kept(
+    path: str | Path, dtype: torch.dtype | None = None, keep: dict[str, str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Like iter_gguf_tensors, but the weights named in keep (HF name -> "int4" | "int8") come out as the
     quantized module's tensors instead: NAME.qweight / .scales / .offsets (raw_to_int4) or NAME.qweight /
     .scales (requantize_q8_0), NAME being the weight's name without `.weight`."""

@@ -55,10 +55,17 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
 
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _LAYER = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _SKIP = ("rotary_emb.inv_freq",)
@@ -189,8 +196,10 @@ def add_hparams(writer, config: ModelConfig, arch: str, file_type: int, name: st
     elif kind not in (None, "default", "llama3"):
         raise UserError(f"rope scaling {kind!r} cannot be expressed in a llama.cpp GGUF")
     if any(t != "full_attention" for t in config.layer_types) and config.sliding_window:
-        notes.append(f"llama.cpp's {arch} has no sliding window: the GGUF attends to the whole context, "
-                     f"not the last {config.sliding_window} tokens")
+        notes.append(
+            f"llama.cpp's {arch} has no sliding window: the GGUF attends to the whole context, "
+            f"not the last {config.sliding_window} tokens"
+        )
     return notes
 
 
@@ -199,8 +208,14 @@ def llama3_rope_freqs(config: ModelConfig) -> np.ndarray:
     rs = config.rope_scaling
     dim = int(config.head_dim * config.partial_rotary_factor)
     orig = rs.get("original_max_position_embeddings") or config.original_max_position_embeddings or 8192
-    return llama3_factors(config.rope_theta, dim, float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)),
-                          float(rs.get("high_freq_factor", 4.0)), int(orig)).astype(np.float32)
+    return llama3_factors(
+        config.rope_theta,
+        dim,
+        float(rs["factor"]),
+        float(rs.get("low_freq_factor", 1.0)),
+        float(rs.get("high_freq_factor", 4.0)),
+        int(orig),
+    ).astype(np.float32)
 
 
 def _source_rope_freqs(src: Path) -> np.ndarray:
@@ -259,8 +274,10 @@ def hf_vocab(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[int
 
 # llama.cpp pre-tokenizer names we can write (each one llama.cpp and llmcli.tokenizer both know).
 PRE_CANDIDATES = ("gpt-2", "smollm", "llama-bpe", "qwen2", "gpt-4o", "tekken", "dbrx")
-PROBE = ("Hello world! It's 2024-11-23, 3.14159 and 1234567 apples.\n\n  Indented\tcode() {x += 1;}\r\n"
-         "Ünïcödé café naïve — 日本語のテキスト 😀 I'm, you're, WE'LL, they'd  double  spaces   ")
+PROBE = (
+    "Hello world! It's 2024-11-23, 3.14159 and 1234567 apples.\n\n  Indented\tcode() {x += 1;}\r\n"
+    "Ünïcödé café naïve — 日本語のテキスト 😀 I'm, you're, WE'LL, they'd  double  spaces   "
+)
 
 
 def _pre_structure(tj: dict) -> tuple[str | None, bool, bool]:
@@ -287,8 +304,10 @@ def pick_pre(meta: dict, tj: dict, source_backend) -> str:
         got = gguf_bpe({**meta, "tokenizer.ggml.pre": pre}).encode(PROBE, add_special_tokens=False).ids
         if got == want:
             return pre
-    raise UserError("the source tokenizer's pre-tokenizer matches none llama.cpp knows "
-                    f"({', '.join(PRE_CANDIDATES)}); cannot write a GGUF tokenizer for it")
+    raise UserError(
+        "the source tokenizer's pre-tokenizer matches none llama.cpp knows "
+        f"({', '.join(PRE_CANDIDATES)}); cannot write a GGUF tokenizer for it"
+    )
 
 
 def add_hf_tokenizer(writer, src: Path, config: ModelConfig) -> None:
@@ -300,12 +319,17 @@ def add_hf_tokenizer(writer, src: Path, config: ModelConfig) -> None:
     model = tj.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback") or "merges" not in model:
         fallback = " with byte fallback" if model.get("byte_fallback") else ""
-        raise UserError("--format gguf supports byte-level BPE tokenizers (GPT-2 style); "
-                        f"{src.name}'s is {model.get('type')}{fallback}")
+        raise UserError(
+            "--format gguf supports byte-level BPE tokenizers (GPT-2 style); "
+            f"{src.name}'s is {model.get('type')}{fallback}"
+        )
     tokens, types = hf_vocab(tj, config.vocab_size)
     special = gguf.SpecialVocab(src, load_merges=True, n_vocab=len(tokens))
-    meta = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
-            "tokenizer.ggml.merges": special.merges}
+    meta = {
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": special.merges,
+    }
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pick_pre(meta, tj, Backend.from_file(str(tj_path))))
     writer.add_token_list(tokens)
@@ -326,8 +350,14 @@ class _Encoded:
     fallback: bool  # a weight the chosen type could not hold (row not whole blocks): written F16
 
 
-def _encoded_tensors(tensors: Iterator[tuple[str, torch.Tensor]], config: ModelConfig, arch: str, weight_type: str,
-                     spec: QuantSpec, summary: Summary) -> Iterator[_Encoded]:
+def _encoded_tensors(
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    config: ModelConfig,
+    arch: str,
+    weight_type: str,
+    spec: QuantSpec,
+    summary: Summary,
+) -> Iterator[_Encoded]:
     T = gguf.GGMLQuantizationType
     for name, w in tensors:
         gname = gguf_tensor_name(name)
@@ -357,12 +387,17 @@ def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gg
     config = from_hf_dict(cfg)
     arch = ARCHITECTURES.get(config.family)
     if arch is None:
-        raise UserError(f"--format gguf cannot write model family {config.family!r}; supported: "
-                        f"{', '.join(ARCHITECTURES)}")
+        raise UserError(
+            f"--format gguf cannot write model family {config.family!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
     if config.is_moe or config.is_mla:
         raise UserError("--format gguf writes dense models only")
-    file_type = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-                 "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "f16": gguf.LlamaFileType.MOSTLY_F16}[weight_type]
+    file_type = {
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+    }[weight_type]
     summary = Summary(spec=spec, output=out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -377,8 +412,9 @@ def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gg
         else:
             add_hf_tokenizer(writer, src, config)
         if arch == "llama" and (config.rope_scaling or {}).get("rope_type") == "llama3":
-            writer.add_tensor("rope_freqs.weight", _source_rope_freqs(src) if is_gguf(src)
-                              else llama3_rope_freqs(config))
+            writer.add_tensor(
+                "rope_freqs.weight", _source_rope_freqs(src) if is_gguf(src) else llama3_rope_freqs(config)
+            )
         fallback = []
         for e in _encoded_tensors(tensors(), config, arch, weight_type, spec, summary):
             writer.add_tensor(e.gname, e.data, raw_dtype=e.qtype)

@@ -78,9 +78,16 @@ class Tokenizer:
         return dict(self.special_tokens)
 
     # ---- chat ---------------------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
-                            template: str | None = None, tools: list[dict] | None = None,
-                            documents: list[dict] | None = None, **kwargs: Any) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        *,
+        template: str | None = None,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> str:
         """The prompt text, rendered as transformers' apply_chat_template(tokenize=False) would.
 
         template: a template text, or the name of one of chat_templates (default: the model's).
@@ -91,8 +98,15 @@ class Tokenizer:
         source = source or self.chat_template
         if source is None:
             raise UserError("this model has no chat template; use plain completion or pass a template")
-        return render_chat_template(source, messages, add_generation_prompt=add_generation_prompt,
-                                    special_tokens=self.special_tokens, tools=tools, documents=documents, **kwargs)
+        return render_chat_template(
+            source,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens,
+            tools=tools,
+            documents=documents,
+            **kwargs,
+        )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         # Templates write their own BOS ({{ bos_token }}), so like transformers we add no special tokens here.
@@ -149,8 +163,9 @@ def _from_dir(d: Path) -> Tokenizer:
         if tok is not None:
             special[key] = tok
     # Named special tokens missing from the vocabulary are added as special tokens (transformers does too).
-    missing = [AddedToken(t, special=True, normalized=False)
-               for t in special.values() if backend.token_to_id(t) is None]
+    missing = [
+        AddedToken(t, special=True, normalized=False) for t in special.values() if backend.token_to_id(t) is None
+    ]
     if missing:
         backend.add_tokens(missing)
 
@@ -211,19 +226,33 @@ def _from_gguf(path: Path) -> Tokenizer:
         i = meta.get(f"tokenizer.ggml.{key}")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    special = {k: t for k, t in (("bos_token", tok("bos_token_id")), ("eos_token", tok("eos_token_id")),
-                                 ("unk_token", tok("unknown_token_id")), ("pad_token", tok("padding_token_id")))
-               if t is not None}
+    special = {
+        k: t
+        for k, t in (
+            ("bos_token", tok("bos_token_id")),
+            ("eos_token", tok("eos_token_id")),
+            ("unk_token", tok("unknown_token_id")),
+            ("pad_token", tok("padding_token_id")),
+        )
+        if t is not None
+    }
     # SentencePiece vocabularies add BOS unless told otherwise (llama.cpp's default, and transformers').
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-    backend.post_processor = template_processor(special.get("bos_token") if add_bos else None,
-                                                 special.get("eos_token") if add_eos else None, backend)
+    backend.post_processor = template_processor(
+        special.get("bos_token") if add_bos else None, special.get("eos_token") if add_eos else None, backend
+    )
 
-    eos = {int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                  "tokenizer.ggml.eom_token_id") if meta.get(k) is not None}
+    eos = {
+        int(meta[k])
+        for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+        if meta.get(k) is not None
+    }
     eos.update(i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL and t in EOG_TEXTS)
 
-    named = {k[len("tokenizer.chat_template."):]: v for k, v in meta.items()
-             if k.startswith("tokenizer.chat_template.") and isinstance(v, str)}
+    named = {
+        k[len("tokenizer.chat_template.") :]: v
+        for k, v in meta.items()
+        if k.startswith("tokenizer.chat_template.") and isinstance(v, str)
+    }
     return Tokenizer(backend, special, frozenset(eos), meta.get("tokenizer.chat_template"), named, add_bos)

@@ -26,8 +26,9 @@ def _raise_exception(message: str):
     raise UserError(f"chat template: {message}")
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+) -> str:
     # Jinja's own tojson escapes <, >, & and ' for HTML, which would change the prompt.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -54,8 +55,9 @@ class _GenerationBlock(jinja2.ext.Extension):
 @functools.lru_cache(maxsize=16)
 def compile_template(source: str):
     """Compile once per template text (templates are reused for every turn of a chat)."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -66,9 +68,16 @@ def compile_template(source: str):
         raise UserError(f"chat template has a syntax error: {msg} (line {e.lineno})") from None
 
 
-def render_chat_template(source: str, messages: list[dict], *, add_generation_prompt: bool = True,
-                         special_tokens: dict[str, str | None] | None = None, tools: list[dict] | None = None,
-                         documents: list[dict] | None = None, **kwargs: Any) -> str:
+def render_chat_template(
+    source: str,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = True,
+    special_tokens: dict[str, str | None] | None = None,
+    tools: list[dict] | None = None,
+    documents: list[dict] | None = None,
+    **kwargs: Any,
+) -> str:
     """Render `messages` with the template text `source`.
 
     special_tokens: {"bos_token": "<s>", "eos_token": "</s>", ...}; explicit kwargs override them (as in
@@ -84,8 +93,13 @@ def render_chat_template(source: str, messages: list[dict], *, add_generation_pr
     template = compile_template(source)
     variables = {**(special_tokens or {}), **kwargs}
     try:
-        return template.render(messages=messages, tools=tools, documents=documents,
-                               add_generation_prompt=add_generation_prompt, **variables)
+        return template.render(
+            messages=messages,
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
     except UserError:
         raise
     except jinja2.TemplateError as e:

@@ -20,30 +20,62 @@ log = logging.getLogger(__name__)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Split regexes for tokenizer.ggml.pre, as llama.cpp applies them before byte-level BPE.
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # pre name -> (split regex or None for GPT-2's built-in one, split digits individually first, ignore_merges)
 PRE_TOKENIZERS: dict[str, tuple[str | None, bool, bool]] = {
-    "default": (None, False, False), "gpt2": (None, False, False), "gpt-2": (None, False, False),
-    "smollm": (None, True, False), "starcoder": (None, True, False), "refact": (None, True, False),
+    "default": (None, False, False),
+    "gpt2": (None, False, False),
+    "gpt-2": (None, False, False),
+    "smollm": (None, True, False),
+    "starcoder": (None, True, False),
+    "refact": (None, True, False),
     "command-r": (None, True, False),
-    "llama-bpe": (_LLAMA3, False, True), "llama3": (_LLAMA3, False, True), "llama-v3": (_LLAMA3, False, True),
-    "falcon3": (_LLAMA3, False, True), "smaug-bpe": (_LLAMA3, False, True), "dbrx": (_LLAMA3, False, False),
+    "llama-bpe": (_LLAMA3, False, True),
+    "llama3": (_LLAMA3, False, True),
+    "llama-v3": (_LLAMA3, False, True),
+    "falcon3": (_LLAMA3, False, True),
+    "smaug-bpe": (_LLAMA3, False, True),
+    "dbrx": (_LLAMA3, False, False),
     "pixtral": (_LLAMA3, False, False),
-    "qwen2": (_QWEN2, False, False), "deepseek-r1-qwen": (_QWEN2, False, False), "megrez": (_QWEN2, False, False),
-    "gpt-4o": (_GPT4O, False, False), "llama4": (_GPT4O, False, False), "tekken": (_TEKKEN, False, False),
+    "qwen2": (_QWEN2, False, False),
+    "deepseek-r1-qwen": (_QWEN2, False, False),
+    "megrez": (_QWEN2, False, False),
+    "gpt-4o": (_GPT4O, False, False),
+    "llama4": (_GPT4O, False, False),
+    "tekken": (_TEKKEN, False, False),
 }
 # Control tokens llama.cpp treats as end-of-generation even when the file names another eos.
-EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
-              "<|END_OF_TURN_TOKEN|>", "<|end_of_text|>", "</s>", "<|return|>", "<|call|>"}
+EOG_TEXTS = {
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "<|END_OF_TURN_TOKEN|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<|return|>",
+    "<|call|>",
+}
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -88,25 +120,42 @@ def gguf_bpe(meta: dict[str, Any]) -> Backend:
         log.warning("unknown GGUF pre-tokenizer %r; using GPT-2's", pre)
     regex, digits, ignore_merges = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
 
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                 end_of_word_suffix="", fuse_unk=False, ignore_merges=ignore_merges))
+    backend = Backend(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            ignore_merges=ignore_merges,
+        )
+    )
     steps = []
     if digits:
         steps.append(pre_tokenizers.Digits(individual_digits=True))
     if regex is None:
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
     else:
-        steps += [pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        steps += [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
 
     # Control tokens are matched whole in text as special tokens, user-defined ones as plain added tokens.
     # A "control" token outside the byte alphabet is a llama.cpp mislabel: adding it would grow the vocab.
-    control = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types) if ty == CONTROL and set(t) <= spelled]
-    user = [AddedToken(t, special=False, normalized=False)
-            for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab]
+    control = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types)
+        if ty == CONTROL and set(t) <= spelled
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, ty in zip(tokens, types)
+        if ty == USER_DEFINED and t in vocab
+    ]
     if control:
         backend.add_special_tokens(control)
     if user:
@@ -139,8 +188,9 @@ def gguf_spm(meta: dict[str, Any]) -> Backend:
     if gemma:
         unk_id = meta.get("tokenizer.ggml.unknown_token_id")
         unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
-        backend = Backend(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True,
-                                     dropout=None))
+        backend = Backend(
+            models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None)
+        )
         backend.normalizer = normalizers.Replace(" ", "▁")
         backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
         backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
@@ -150,15 +200,19 @@ def gguf_spm(meta: dict[str, Any]) -> Backend:
             backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         else:
             backend.pre_tokenizer = pre_tokenizers.Metaspace(
-                replacement="▁", prepend_scheme="first" if add_prefix else "never", split=False)
+                replacement="▁", prepend_scheme="first" if add_prefix else "never", split=False
+            )
         dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         if add_prefix or arch == "phi3":
             dec.append(decoders.Strip(content=" ", left=1, right=0))
         backend.decoder = decoders.Sequence(dec)
 
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-    special = [AddedToken(t, special=True, normalized=False)
-               for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL or i == unk_id]
+    special = [
+        AddedToken(t, special=True, normalized=False)
+        for i, (t, ty) in enumerate(zip(tokens, types))
+        if ty == CONTROL or i == unk_id
+    ]
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
     if special:
         backend.add_special_tokens(special)

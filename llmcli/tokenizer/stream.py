@@ -27,12 +27,12 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        prefix_text = self._decode(self.ids[self.prefix:self.read])
-        new_text = self._decode(self.ids[self.prefix:])
+        prefix_text = self._decode(self.ids[self.prefix : self.read])
+        new_text = self._decode(self.ids[self.prefix :])
         if new_text.endswith("\ufffd") or not new_text.startswith(prefix_text):
             # Mid-character (or the window does not yet extend the emitted text): wait for more tokens.
             return ""
-        delta = new_text[len(prefix_text):]
+        delta = new_text[len(prefix_text) :]
         self.prefix, self.read = self.read, len(self.ids)
         return delta
 
@@ -40,8 +40,8 @@ class StreamDecoder:
         """Whatever is held back at the end (e.g. invalid UTF-8 that will never complete)."""
         if self.read == len(self.ids):
             return ""
-        prefix_text = self._decode(self.ids[self.prefix:self.read])
-        new_text = self._decode(self.ids[self.prefix:])
-        delta = new_text[len(prefix_text):] if new_text.startswith(prefix_text) else new_text
+        prefix_text = self._decode(self.ids[self.prefix : self.read])
+        new_text = self._decode(self.ids[self.prefix :])
+        delta = new_text[len(prefix_text) :] if new_text.startswith(prefix_text) else new_text
         self.prefix, self.read = self.read, len(self.ids)
         return delta
