@@ -18,6 +18,7 @@ from conftest import TINY_CONFIGS
 from llmcli import estimate as E
 from llmcli.config import from_hf_dict, load_config
 from llmcli.errors import UserError
+from llmcli.estimate.explain import explain
 from llmcli.estimate.gpus import GPUS, find_gpu
 
 # Real config.json contents of well-known checkpoints (only the fields that shape the model) and their
@@ -595,11 +596,11 @@ def test_gpu_table():
 def test_explain_names_the_rule_of_thumb_error():
     mc = from_hf_dict(REAL["Llama-3-8B"][0])
     opts = E.Options()
-    text = "\n".join(E.explain(mc, opts, E.estimate(mc, opts)))
+    text = "\n".join(explain(mc, opts, E.estimate(mc, opts)))
     assert "12*L*d^2" in text and "2*L*d*bytes" in text
     assert "4.00x" in text and "GQA" in text  # naive KV: 32 heads assumed, 8 cached
     v3 = from_hf_dict(REAL["DeepSeek-V3"][0])
-    text = "\n".join(E.explain(v3, opts, E.estimate(v3, opts)))
+    text = "\n".join(explain(v3, opts, E.estimate(v3, opts)))
     assert "MLA" in text and "MoE" in text and f"{2 * 61 * 7168 / (61 * 576):.2f}x" in text
 
 
@@ -643,6 +644,7 @@ def test_cli_json_keys_and_values(tmp_path):
         "max_batch",
     ):
         assert k in j, k
+    assert "explain" not in j  # only with --explain
     assert j["params_total"] == 46_702_792_704 and j["weight_bytes"] == 2 * 46_702_792_704
     assert j["kv_bytes"] == 2 * 32 * 8 * 128 * 2 * 8192 * 2 and j["fits"] is False  # 87 GiB of bf16 weights
     r = llm("estimate", str(d / "config.json"), "--json", "--dtype", "int4", "--gpu-memory", "48")

@@ -108,6 +108,7 @@ def estimate(
 ) -> None:
     """Exact parameters, weight memory, KV cache, FLOPs and GPU fit, from the config alone (no weights read)."""
     from llmcli import estimate as E
+    from llmcli.estimate.explain import explain as explain_lines
     from llmcli.estimate.gpus import GIB, find_gpu
     from llmcli.hub.resolve import resolve_config
 
@@ -152,9 +153,9 @@ def estimate(
         if gpu_label:
             d["gpu"] = gpu_label
         if explain:
-            d["explain"] = E.explain(cfg, opts, est)
+            d["explain"] = explain_lines(cfg, opts, est)
         typer.echo(json.dumps(d, indent=2))
         return
     _render(est, cfg, source, gpu_label, notes)
     if explain:
-        typer.echo("\n".join(E.explain(cfg, opts, est)))
+        typer.echo("\n".join(explain_lines(cfg, opts, est)))
