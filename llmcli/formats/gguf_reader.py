@@ -121,6 +121,18 @@ class _Cursor:
         raise ValueError(f"unknown metadata value type {vtype}")
 
 
+# GGML types stored as plain numpy arrays; every other type (quantized, BF16) is kept as rows of block bytes.
+_PLAIN_TYPES = {
+    gguf.GGMLQuantizationType.F32: np.float32,
+    gguf.GGMLQuantizationType.F16: np.float16,
+    gguf.GGMLQuantizationType.F64: np.float64,
+    gguf.GGMLQuantizationType.I8: np.int8,
+    gguf.GGMLQuantizationType.I16: np.int16,
+    gguf.GGMLQuantizationType.I32: np.int32,
+    gguf.GGMLQuantizationType.I64: np.int64,
+}
+
+
 def _parse(path: str) -> GGUFFile:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -155,42 +167,30 @@ def _parse(path: str) -> GGUFFile:
     data_start = -(-cur.pos // align) * align
 
     whole = np.frombuffer(mm, dtype=np.uint8)  # read-only view of the map; slices are zero-copy
-    tensors = []
-    for name, dims, type_id, offset in infos:
-        qtype = gguf.GGMLQuantizationType(type_id)
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        n_el = int(np.prod(dims, dtype=np.int64)) if dims else 1
-        n_bytes = n_el // block * type_size
-        start = data_start + offset
-        if start + n_bytes > size:
-            raise ValueError(f"tensor {name} runs past the end of the file (truncated download?)")
-        np_dims = list(reversed(dims))
-        raw = whole[start : start + n_bytes]
-        if qtype in (
-            gguf.GGMLQuantizationType.F32,
-            gguf.GGMLQuantizationType.F16,
-            gguf.GGMLQuantizationType.F64,
-            gguf.GGMLQuantizationType.I8,
-            gguf.GGMLQuantizationType.I16,
-            gguf.GGMLQuantizationType.I32,
-            gguf.GGMLQuantizationType.I64,
-        ):
-            dt = {
-                "F32": np.float32,
-                "F16": np.float16,
-                "F64": np.float64,
-                "I8": np.int8,
-                "I16": np.int16,
-                "I32": np.int32,
-                "I64": np.int64,
-            }[qtype.name]
-            data = raw.view(dt).reshape(np_dims)
-        else:  # quantized and BF16: rows of whole blocks, as bytes
-            if np_dims[-1] % block:
-                raise ValueError(f"tensor {name}: row of {np_dims[-1]} is not a whole number of {qtype.name} blocks")
-            data = raw.reshape(*np_dims[:-1], np_dims[-1] // block * type_size)
-        tensors.append(GGUFTensorInfo(name, qtype, np.array(dims, dtype=np.uint64), n_el, n_bytes, start, data))
+    tensors = [_tensor(whole, data_start, *info) for info in infos]
     return GGUFFile(path, version, fields, tensors)
+
+
+def _tensor(
+    whole: np.ndarray, data_start: int, name: str, dims: list[int], type_id: int, offset: int
+) -> GGUFTensorInfo:
+    """One tensor's info and its view of the memory map."""
+    qtype = gguf.GGMLQuantizationType(type_id)
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n_el = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    n_bytes = n_el // block * type_size
+    start = data_start + offset
+    if start + n_bytes > whole.size:
+        raise ValueError(f"tensor {name} runs past the end of the file (truncated download?)")
+    np_dims = list(reversed(dims))
+    raw = whole[start : start + n_bytes]
+    if qtype in _PLAIN_TYPES:
+        data = raw.view(_PLAIN_TYPES[qtype]).reshape(np_dims)
+    else:  # quantized and BF16: rows of whole blocks, as bytes
+        if np_dims[-1] % block:
+            raise ValueError(f"tensor {name}: row of {np_dims[-1]} is not a whole number of {qtype.name} blocks")
+        data = raw.reshape(*np_dims[:-1], np_dims[-1] // block * type_size)
+    return GGUFTensorInfo(name, qtype, np.array(dims, dtype=np.uint64), n_el, n_bytes, start, data)
 
 
 @functools.lru_cache(maxsize=4)

@@ -376,6 +376,14 @@ def _encoded_tensors(
         yield _Encoded(gname, tuple(w.shape), data, qtype, qtype not in (T.F16, T.F32), fallback)
 
 
+_FILE_TYPES = {
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+}
+
+
 def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gguf_type: str | None = None) -> Summary:
     """Quantize the model at src (directory or .gguf) into the GGUF file out."""
     t0 = time.perf_counter()
@@ -392,12 +400,7 @@ def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gg
         )
     if config.is_moe or config.is_mla:
         raise UserError("--format gguf writes dense models only")
-    file_type = {
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-    }[weight_type]
+    file_type = _FILE_TYPES[weight_type]
     summary = Summary(spec=spec, output=out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -433,6 +436,13 @@ def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gg
         tmp.unlink(missing_ok=True)
         raise
     summary.bytes_after = out.stat().st_size
+    _add_notes(summary, spec, weight_type, fallback)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _add_notes(summary: Summary, spec: QuantSpec, weight_type: str, fallback: list[str]) -> None:
+    """What was written (first), and where the options could not be followed (last)."""
     kind = weight_type.upper()
     if weight_type == "q4_1":
         kind += " with HQQ-optimised offsets" if spec.method == "hqq" else " (round to nearest, min/max)"
@@ -443,5 +453,3 @@ def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gg
         summary.notes.append(f"GGUF 4-bit blocks hold {BLOCK} weights: group size {BLOCK} used, not {spec.group_size}")
     if fallback:
         summary.notes.append(f"{len(fallback)} weights stay F16: their rows are not whole {BLOCK}-value blocks")
-    summary.seconds = time.perf_counter() - t0
-    return summary
