@@ -115,7 +115,6 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def cache_root() -> Path:
-
     return Path(constants.HF_HUB_CACHE)
 
 
@@ -181,13 +180,11 @@ def match_gguf_tag(ggufs: list[RemoteFile], tag: str) -> list[RemoteFile]:
 
 
 def _endpoint() -> str:
-
     return constants.ENDPOINT
 
 
 def _hub_error(e: Exception, repo_id: str, revision: str | None) -> UserError:
     """One line for every way the Hub can say no."""
-
     if isinstance(e, errors.GatedRepoError):
         return UserError(
             f"{repo_id} is gated: accept its licence at {_endpoint()}/{repo_id} and set HF_TOKEN or pass --token"
@@ -241,6 +238,84 @@ def fetch_config(spec: str) -> Path:
         hub_log.setLevel(level)
 
 
+def _listing(api: HfApi, repo_id: str, rev: str) -> tuple[str, list[RemoteFile]]:
+    """(commit, every file with its size and hashes) of a repo at a revision."""
+    info = api.model_info(repo_id, revision=rev)
+    commit = info.sha or rev
+    files = [
+        RemoteFile(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None)
+        for e in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+        if hasattr(e, "size")
+    ]
+    return commit, files
+
+
+def _tag_and_revision(
+    api: HfApi, repo_id: str, suffix: str | None, revision: str | None
+) -> tuple[str | None, str, str, list[RemoteFile]]:
+    """(GGUF tag or None, revision, commit, files) that REPO[:SUFFIX] with --revision means."""
+    tag = None
+    rev = revision
+    try:
+        if suffix and revision is None:
+            # REPO:X is a GGUF tag if it names a .gguf at the default revision, else a revision.
+            try:
+                commit, files = _listing(api, repo_id, "main")
+            except RevisionNotFoundError:  # no main branch: X can only be a revision
+                commit, files = "", []
+            ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
+            if ggufs and match_gguf_tag(ggufs, suffix):
+                tag, rev = suffix, "main"
+            else:
+                rev = suffix
+                commit, files = _listing(api, repo_id, rev)
+        else:
+            tag = suffix
+            rev = revision or "main"
+            commit, files = _listing(api, repo_id, rev)
+    except Exception as e:
+        raise _hub_error(e, repo_id, rev) from None
+    return tag, rev, commit, files
+
+
+def _pick_gguf(
+    repo_id: str,
+    rev: str,
+    files: list[RemoteFile],
+    ggufs: list[RemoteFile],
+    filename: str | None,
+    tag: str | None,
+    choose: Callable[[list[RemoteFile]], RemoteFile] | None,
+) -> list[RemoteFile]:
+    """The parts of the one GGUF model that --file, the tag or `choose` names."""
+    if filename:
+        chosen = [f for f in ggufs + files if f.path == filename or f.path.rsplit("/", 1)[-1] == filename][:1]
+        if not chosen:
+            raise UserError(f"{repo_id} has no file {filename!r} at {rev}")
+        group = gguf_group(chosen[0].path)
+        chosen = [f for f in ggufs if gguf_group(f.path) == group] or chosen
+    elif tag:
+        chosen = match_gguf_tag(ggufs, tag)
+        if not chosen:
+            raise UserError(f"{repo_id} has no GGUF file matching {tag!r}; it has: " + ", ".join(f.path for f in ggufs))
+        if len({gguf_group(f.path) for f in chosen}) > 1:
+            raise UserError(
+                f"{tag!r} matches several GGUF files in {repo_id}: "
+                + ", ".join(f.path for f in chosen)
+                + "; use --file NAME"
+            )
+    else:
+        if choose is None:
+            listing_txt = "; ".join(f"{f.path} ({format_bytes(f.size)})" for f in ggufs)
+            raise UserError(
+                f"{repo_id} has {len(ggufs)} GGUF files, pick one with "
+                f"`llm pull {repo_id}:TAG` (e.g. Q4_K_M) or --file NAME: {listing_txt}"
+            )
+        pick = choose(ggufs)
+        chosen = [f for f in ggufs if gguf_group(f.path) == gguf_group(pick.path)]
+    return sorted(chosen, key=lambda f: f.path)
+
+
 def plan_pull(
     spec: str,
     *,
@@ -252,74 +327,12 @@ def plan_pull(
     choose: Callable[[list[RemoteFile]], RemoteFile] | None = None,
 ) -> PullPlan:
     """Ask the Hub which commit and files `llm pull spec` means."""
-
     repo_id, suffix = parse_spec(spec)
-    api = HfApi(token=token)
-
-    def listing(rev: str) -> tuple[str, list[RemoteFile]]:
-        info = api.model_info(repo_id, revision=rev)
-        commit = info.sha or rev
-        files = [
-            RemoteFile(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None)
-            for e in api.list_repo_tree(repo_id, revision=commit, recursive=True)
-            if hasattr(e, "size")
-        ]
-        return commit, files
-
-    tag = None
-    rev = revision
-    try:
-        if suffix and revision is None:
-            # REPO:X is a GGUF tag if it names a .gguf at the default revision, else a revision.
-
-            try:
-                commit, files = listing("main")
-            except RevisionNotFoundError:  # no main branch: X can only be a revision
-                commit, files = "", []
-            ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
-            if ggufs and match_gguf_tag(ggufs, suffix):
-                tag, rev = suffix, "main"
-            else:
-                rev = suffix
-                commit, files = listing(rev)
-        else:
-            tag = suffix
-            rev = revision or "main"
-            commit, files = listing(rev)
-    except Exception as e:
-        raise _hub_error(e, repo_id, rev) from None
-
+    tag, rev, commit, files = _tag_and_revision(HfApi(token=token), repo_id, suffix, revision)
     ggufs = sorted((f for f in files if f.path.lower().endswith(".gguf")), key=lambda f: f.path)
     has_safetensors = any(f.path.endswith(".safetensors") for f in files)
     if filename or tag or (ggufs and not has_safetensors and not include):
-        if filename:
-            chosen = [f for f in ggufs + files if f.path == filename or f.path.rsplit("/", 1)[-1] == filename][:1]
-            if not chosen:
-                raise UserError(f"{repo_id} has no file {filename!r} at {rev}")
-            group = gguf_group(chosen[0].path)
-            chosen = [f for f in ggufs if gguf_group(f.path) == group] or chosen
-        elif tag:
-            chosen = match_gguf_tag(ggufs, tag)
-            if not chosen:
-                raise UserError(
-                    f"{repo_id} has no GGUF file matching {tag!r}; it has: " + ", ".join(f.path for f in ggufs)
-                )
-            if len({gguf_group(f.path) for f in chosen}) > 1:
-                raise UserError(
-                    f"{tag!r} matches several GGUF files in {repo_id}: "
-                    + ", ".join(f.path for f in chosen)
-                    + "; use --file NAME"
-                )
-        else:
-            if choose is None:
-                listing_txt = "; ".join(f"{f.path} ({format_bytes(f.size)})" for f in ggufs)
-                raise UserError(
-                    f"{repo_id} has {len(ggufs)} GGUF files, pick one with "
-                    f"`llm pull {repo_id}:TAG` (e.g. Q4_K_M) or --file NAME: {listing_txt}"
-                )
-            pick = choose(ggufs)
-            chosen = [f for f in ggufs if gguf_group(f.path) == gguf_group(pick.path)]
-        chosen = sorted(chosen, key=lambda f: f.path)
+        chosen = _pick_gguf(repo_id, rev, files, ggufs, filename, tag, choose)
         return PullPlan(repo_id, rev, commit, chosen, gguf=True, result=chosen[0].path)
 
     selected = select_files(files, list(include), list(exclude))
@@ -353,7 +366,6 @@ class _Corrupt(Exception):
 
 def _transfer(session, url: str, headers: dict, f: RemoteFile, part: Path, reporter: Reporter) -> None:
     """Continue part (an .incomplete blob) to f.size bytes; raise _Corrupt if the hash is wrong."""
-
     have = part.stat().st_size if part.exists() else 0
     if have > f.size:
         part.unlink()
@@ -398,7 +410,6 @@ def _link(blob: Path, pointer: Path) -> None:
 
 def _fetch_one(session, plan: PullPlan, f: RemoteFile, headers: dict, reporter: Reporter) -> bool:
     """Make sure blobs/<etag> holds f, verified. Returns False if it was already there."""
-
     folder = repo_folder(plan.repo_id)
     blob = folder / "blobs" / f.etag
     part = blob.with_name(blob.name + ".incomplete")
@@ -436,7 +447,6 @@ def _fetch_one(session, plan: PullPlan, f: RemoteFile, headers: dict, reporter: 
 
 def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None = None) -> Path:
     """Download what the plan lists that is not in the cache yet; return the local path."""
-
     reporter = reporter or QuietReporter()
     folder = repo_folder(plan.repo_id)
     snapshot = folder / "snapshots" / plan.commit
@@ -488,7 +498,6 @@ def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None 
 
 def _transfer_error(e: Exception, plan: PullPlan, f: RemoteFile) -> UserError:
     """One line saying what failed during the transfer of f, and how to resume."""
-
     resume = f"run `llm pull {_resume_spec(plan)}` to resume from the bytes already downloaded"
     if isinstance(e, HfHubHTTPError):  # checked first: an HTTP error is an OSError too
         return _hub_error(e, plan.repo_id, plan.revision)

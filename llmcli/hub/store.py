@@ -14,6 +14,7 @@ from typing import Any
 from huggingface_hub import scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 
+from llmcli.formats import is_gguf
 from llmcli.hub import default_model
 from llmcli.hub.download import cache_root, gguf_group
 from llmcli.hub.inspect import (
@@ -92,7 +93,7 @@ def _hub_models() -> list[LocalModel]:
                 size = sum(
                     f.size_on_disk
                     for f in rev.files
-                    if f.file_name.endswith(".gguf") and gguf_group(str(f.file_path)) == gguf_group(str(g))
+                    if is_gguf(f.file_name) and gguf_group(str(f.file_path)) == gguf_group(str(g))
                 )
                 out.append(LocalModel(name=name, path=str(g), format=_safe(gguf_file_type, g), size=size, **base))
     return out
