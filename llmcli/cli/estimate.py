@@ -34,6 +34,22 @@ def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
     return v
 
 
+def _gpu(gpu: str | None, gpu_memory: float | None) -> tuple[int | None, str | None]:
+    """(bytes, label) of the GPU that --gpu or --gpu-memory names; (None, None) for neither."""
+    from llmcli.estimate.gpus import GIB, find_gpu
+
+    if gpu and gpu_memory is not None:
+        raise UserError("give --gpu or --gpu-memory, not both")
+    if gpu:
+        g = find_gpu(gpu)
+        return g.memory_bytes, g.name
+    if gpu_memory is not None:
+        if gpu_memory <= 0:
+            raise UserError("--gpu-memory must be a positive number of GiB")
+        return int(gpu_memory * GIB), f"{gpu_memory:g} GiB"
+    return None, None
+
+
 def _render(est, cfg, source: str, gpu_label: str | None, notes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -109,7 +125,6 @@ def estimate(
     """Exact parameters, weight memory, KV cache, FLOPs and GPU fit, from the config alone (no weights read)."""
     from llmcli import estimate as E
     from llmcli.estimate.explain import explain as explain_lines
-    from llmcli.estimate.gpus import GIB, find_gpu
     from llmcli.hub.resolve import resolve_config
 
     cfg, source = resolve_config(model)
@@ -124,16 +139,7 @@ def estimate(
         context = min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
     if context < 1 or batch < 1:
         raise UserError("--context and --batch must be at least 1")
-    if gpu and gpu_memory is not None:
-        raise UserError("give --gpu or --gpu-memory, not both")
-    gpu_bytes, gpu_label = None, None
-    if gpu:
-        g = find_gpu(gpu)
-        gpu_bytes, gpu_label = g.memory_bytes, g.name
-    elif gpu_memory is not None:
-        if gpu_memory <= 0:
-            raise UserError("--gpu-memory must be a positive number of GiB")
-        gpu_bytes, gpu_label = int(gpu_memory * GIB), f"{gpu_memory:g} GiB"
+    gpu_bytes, gpu_label = _gpu(gpu, gpu_memory)
 
     opts = E.Options(
         dtype=dtype,

@@ -94,6 +94,13 @@ def _parameters(c: ModelConfig, est: Estimate) -> list[str]:
     lines.append(
         f"  rule of thumb    12*L*d^2 = 12*{L}*{d}^2 = {_n(rule)} non-embedding: {_off(est.params_non_embedding, rule)}"
     )
+    lines += [f"    - {w}" for w in _parameter_departures(c, est, attn)]
+    return lines
+
+
+def _parameter_departures(c: ModelConfig, est: Estimate, attn: int) -> list[str]:
+    """Why this model's parameter count is not 12*L*d^2."""
+    L, d = c.num_layers, c.hidden_size
     why = []
     if c.num_kv_heads != c.num_heads and not c.is_mla:
         why.append(
@@ -121,8 +128,7 @@ def _parameters(c: ModelConfig, est: Estimate) -> list[str]:
             f"vocab: embeddings are {100 * est.params_embedding / est.params_total:.0f}% of all parameters "
             "and are not in 12*L*d^2"
         )
-    lines += [f"    - {w}" for w in why]
-    return lines
+    return why
 
 
 def _weights(c: ModelConfig, opts: Options, est: Estimate) -> list[str]:
