@@ -75,14 +75,21 @@ def main() -> None:
     # 1) the chat as `llm chat` runs it: prefix caching on, the whole history re-sent each turn
     conv = Conversation("You are a helpful travel assistant.")
     prompts, rows = [], []
-    for q in QUESTIONS[:args.turns]:
+    for q in QUESTIONS[: args.turns]:
         conv.messages.append({"role": "user", "content": q})
         prompts.append(conv.for_template())
         reply = "".join(backend.stream(conv.for_template(), settings))
         s = backend.last_stats
-        rows.append({"turn": len(rows) + 1, "prompt_tokens": s.prompt_tokens, "reused_tokens": s.cached_tokens,
-                     "new_tokens": s.prompt_tokens - s.cached_tokens, "ttft_ms": s.ttft_s * 1000,
-                     "reply_tokens": s.generated_tokens})
+        rows.append(
+            {
+                "turn": len(rows) + 1,
+                "prompt_tokens": s.prompt_tokens,
+                "reused_tokens": s.cached_tokens,
+                "new_tokens": s.prompt_tokens - s.cached_tokens,
+                "ttft_ms": s.ttft_s * 1000,
+                "reply_tokens": s.generated_tokens,
+            }
+        )
         conv.messages.append({"role": "assistant", "content": reply})
 
     # 2) the same prompts with caching off
@@ -96,12 +103,16 @@ def main() -> None:
     if args.json:
         print(json.dumps({"model": path.name, "device": str(engine.device), "turns": rows}))
         return
-    print(f"{path.name}  device={engine.device}  dtype={str(engine.dtype).replace('torch.', '')}  "
-          f"greedy replies of up to {args.max_tokens} tokens")
+    print(
+        f"{path.name}  device={engine.device}  dtype={str(engine.dtype).replace('torch.', '')}  "
+        f"greedy replies of up to {args.max_tokens} tokens"
+    )
     print(f"{'turn':>4}{'prompt':>8}{'reused':>8}{'new':>6}{'TTFT ms':>10}{'no cache ms':>13}{'speedup':>9}")
     for r in rows:
-        print(f"{r['turn']:>4}{r['prompt_tokens']:>8}{r['reused_tokens']:>8}{r['new_tokens']:>6}"
-              f"{r['ttft_ms']:>10.1f}{r['ttft_nocache_ms']:>13.1f}{r['ttft_nocache_ms'] / r['ttft_ms']:>8.1f}x")
+        print(
+            f"{r['turn']:>4}{r['prompt_tokens']:>8}{r['reused_tokens']:>8}{r['new_tokens']:>6}"
+            f"{r['ttft_ms']:>10.1f}{r['ttft_nocache_ms']:>13.1f}{r['ttft_nocache_ms'] / r['ttft_ms']:>8.1f}x"
+        )
 
 
 if __name__ == "__main__":

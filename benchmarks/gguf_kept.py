@@ -70,9 +70,11 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     path = resolve_model(a.model)
-    variants = {"expanded fp32 (--dequantize)": load_model(path, dequantize=True),
-                "linears kept, embedding fp32": (expand_embedding(load_model(path)[0]), None),
-                "all kept (default)": load_model(path)}
+    variants = {
+        "expanded fp32 (--dequantize)": load_model(path, dequantize=True),
+        "linears kept, embedding fp32": (expand_embedding(load_model(path)[0]), None),
+        "all kept (default)": load_model(path),
+    }
     cfg = variants["all kept (default)"][1]
     engines = {k: LLMEngine(m, cfg, kv_cache_gib=0.25) for k, (m, _) in variants.items()}
     print(f"{path.name}, torch threads {torch.get_num_threads()}, batch 1, {a.tokens} tokens")
@@ -86,8 +88,10 @@ def main() -> None:
     for k, e in engines.items():
         print(f"{(a.tokens - 1) / best[k]:8.1f} tok/s  {weight_bytes(e.model) / 1e6:8.1f} MB weights  {k}")
     table, zero = int4_table_error(engines["all kept (default)"].model)
-    print(f"kept 4-bit weights, relative error: bf16 kernel table {table:.2e}, an fp16 zero point would add {zero:.2e}, "
-          "the offsets themselves 0 (exact)")
+    print(
+        f"kept 4-bit weights, relative error: bf16 kernel table {table:.2e}, "
+        f"an fp16 zero point would add {zero:.2e}, the offsets themselves 0 (exact)"
+    )
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ void __cxa_call_terminate(void *unwind_header) {
 
 # ---- the llama.cpp worker: runs under the side venv's Python, standard library + cffi only ------------------------
 
+
 def _load_llama_cpu_module():
     """llama-cpp-cffi's compiled CPU module, without running the package's __init__ (transformers, GPU probes)."""
     import importlib.util
@@ -79,6 +80,7 @@ def _load_llama_cpu_module():
 
 def worker(model: str, threads: int, n_ctx: int) -> None:
     """Answer one JSON line per request {"prompt": [ids], "tokens": n} with timings and the greedy tokens."""
+
     def reply(**kw) -> None:
         print(json.dumps(kw), flush=True)
 
@@ -118,8 +120,12 @@ def worker(model: str, threads: int, n_ctx: int) -> None:
     sampler = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
     lib.llama_sampler_chain_add(sampler, lib.llama_sampler_init_greedy())
     vocab = lib.llama_model_get_vocab(llm)
-    reply(ready=True, version=importlib.metadata.version("llama-cpp-cffi"), n_vocab=lib.llama_vocab_n_tokens(vocab),
-          system_info=ffi.string(lib.llama_print_system_info()).decode().strip(" |"))
+    reply(
+        ready=True,
+        version=importlib.metadata.version("llama-cpp-cffi"),
+        n_vocab=lib.llama_vocab_n_tokens(vocab),
+        system_info=ffi.string(lib.llama_print_system_info()).decode().strip(" |"),
+    )
 
     one = ffi.new("int32_t[1]")
     for line in sys.stdin:
@@ -148,6 +154,7 @@ def worker(model: str, threads: int, n_ctx: int) -> None:
 
 # ---- the driver: our engine in this process, llama.cpp in the worker ----------------------------------------------
 
+
 class LlamaUnavailable(Exception):
     pass
 
@@ -161,11 +168,15 @@ def _build_shim() -> Path:
     d.mkdir(exist_ok=True)
     (d / "cxa_call_terminate.c").write_text(SHIM_C)
     try:
-        r = subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(d / "cxa_call_terminate.c"),
-                            "-lstdc++"], capture_output=True, text=True)
+        r = subprocess.run(
+            ["gcc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(d / "cxa_call_terminate.c"), "-lstdc++"],
+            capture_output=True,
+            text=True,
+        )
     except FileNotFoundError:
-        raise LlamaUnavailable(f"llama-cpp-cffi needs {MISSING_SYMBOL} (a newer libstdc++) and gcc is not "
-                               "installed to build the shim") from None
+        raise LlamaUnavailable(
+            f"llama-cpp-cffi needs {MISSING_SYMBOL} (a newer libstdc++) and gcc is not installed to build the shim"
+        ) from None
     if r.returncode:
         raise LlamaUnavailable(f"building the {MISSING_SYMBOL} shim failed: {r.stderr.strip()[-200:]}")
     return lib
@@ -174,6 +185,7 @@ def _build_shim() -> Path:
 @dataclass
 class LlamaWorker:
     """A running worker process and what it reported at start."""
+
     proc: subprocess.Popen
     python: str
     version: str
@@ -181,12 +193,17 @@ class LlamaWorker:
     n_vocab: int
 
     @classmethod
-    def start(cls, python: str, model: Path, threads: int, n_ctx: int) -> "LlamaWorker":
+    def start(cls, python: str, model: Path, threads: int, n_ctx: int) -> LlamaWorker:
         env = dict(os.environ)
         for attempt in range(2):
-            proc = subprocess.Popen([python, __file__, "--worker", str(model), "--threads", str(threads),
-                                     "--n-ctx", str(n_ctx)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, text=True, env=env)
+            proc = subprocess.Popen(
+                [python, __file__, "--worker", str(model), "--threads", str(threads), "--n-ctx", str(n_ctx)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=env,
+            )
             line = proc.stdout.readline()
             hello = json.loads(line) if line.strip() else {"error": "the worker exited without a word"}
             if hello.get("ready"):
@@ -216,9 +233,11 @@ class LlamaWorker:
 
 def _has_binding(python: str) -> bool:
     """Whether `python` can find llama-cpp-cffi (a spec lookup: nothing is imported)."""
-    code = ("import glob, importlib.util, os, sys; s = importlib.util.find_spec('llama'); "
-            "sys.exit(s is None or not s.submodule_search_locations or not glob.glob(os.path.join("
-            "list(s.submodule_search_locations)[0], '_llama_cpp_cpu*.so')))")
+    code = (
+        "import glob, importlib.util, os, sys; s = importlib.util.find_spec('llama'); "
+        "sys.exit(s is None or not s.submodule_search_locations or not glob.glob(os.path.join("
+        "list(s.submodule_search_locations)[0], '_llama_cpp_cpu*.so')))"
+    )
     try:
         return subprocess.run([python, "-c", code], capture_output=True).returncode == 0
     except OSError:
@@ -234,8 +253,10 @@ def find_side_python(explicit: str | None) -> str:
     for py in filter(None, candidates):
         if _has_binding(py):
             return py
-    raise LlamaUnavailable(f"llama.cpp not found (llama-cpp-cffi in --llama-python, $LLAMA_CPP_PYTHON, this "
-                           f"Python or {DEFAULT_SIDE_PYTHON}); install it with: {INSTALL}")
+    raise LlamaUnavailable(
+        f"llama.cpp not found (llama-cpp-cffi in --llama-python, $LLAMA_CPP_PYTHON, this "
+        f"Python or {DEFAULT_SIDE_PYTHON}); install it with: {INSTALL}"
+    )
 
 
 def leading_matches(a: list[int], b: list[int]) -> int:
@@ -255,9 +276,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds, the best kept (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="threads for both engines (default: torch's)")
     ap.add_argument("--check-prompts", type=int, default=3, help="prompts for the greedy-token check (default 3)")
-    ap.add_argument("--llama-python", default=None,
-                    help="a Python with llama-cpp-cffi installed (default: $LLAMA_CPP_PYTHON, this one, "
-                         f"{DEFAULT_SIDE_PYTHON})")
+    ap.add_argument(
+        "--llama-python",
+        default=None,
+        help=f"a Python with llama-cpp-cffi installed (default: $LLAMA_CPP_PYTHON, this one, {DEFAULT_SIDE_PYTHON})",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n-ctx", type=int, default=512, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -269,12 +292,12 @@ def main() -> None:
 
     import torch
 
-    from llmcli.tools.bench import bench_engine, random_prompts
     from llmcli.engine.llm_engine import LLMEngine
     from llmcli.engine.sampling_params import SamplingParams
     from llmcli.errors import UserError
     from llmcli.formats import is_gguf
     from llmcli.hub.resolve import resolve_model
+    from llmcli.tools.bench import bench_engine, random_prompts
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -291,8 +314,10 @@ def main() -> None:
         vocab = engine.config.vocab_size
         if llama.n_vocab != vocab:
             sys.exit(f"error: llama.cpp sees {llama.n_vocab} tokens, llmcli {vocab}")
-        print(f"{path.name}, threads {threads}, batch 1, {a.prompt_len}-token prompt, {a.tokens} tokens, "
-              f"best of {a.rounds} alternating rounds")
+        print(
+            f"{path.name}, threads {threads}, batch 1, {a.prompt_len}-token prompt, {a.tokens} tokens, "
+            f"best of {a.rounds} alternating rounds"
+        )
         print(f"llama.cpp: llama-cpp-cffi {llama.version} via {llama.python} ({llama.system_info})")
 
         warm = random_prompts(vocab, 1, min(a.prompt_len, 16), 1)  # kernel packing, allocators, page faults

@@ -34,15 +34,26 @@ def main() -> None:
                     lin.load_hf_weight(k, v)
         lin.finalize()
         w = lin.dequantize()
-        state = bnbf.QuantState(absmax=lin.absmax.detach(), shape=torch.Size((out_f, in_f)), code=lin.code.detach(),
-                                blocksize=64, quant_type="nf4", dtype=torch.float32)
+        state = bnbf.QuantState(
+            absmax=lin.absmax.detach(),
+            shape=torch.Size((out_f, in_f)),
+            code=lin.code.detach(),
+            blocksize=64,
+            quant_type="nf4",
+            dtype=torch.float32,
+        )
         for rows in (1, 4, 64, 256):
             x = torch.randn(rows, in_f)
             xb = x.bfloat16()
-            paths = {"bnb avx512 kernel": lambda: bnb.matmul_4bit(xb, *lin._kernel["bnb"]) if lin._kernel["bnb"] else None,
-                     "bnb generic": lambda: bnb.matmul_4bit(x, lin.weight, state),
-                     "torch dequant+fp32": lambda: F.linear(x, lin.dequantize()),
-                     "dense fp32 (no quant)": lambda: F.linear(x, w)}
+            # default arguments bind this iteration's tensors (the lambdas run before the next one)
+            paths = {
+                "bnb avx512 kernel": lambda xb=xb, lin=lin: (
+                    bnb.matmul_4bit(xb, *lin._kernel["bnb"]) if lin._kernel["bnb"] else None
+                ),
+                "bnb generic": lambda x=x, state=state, lin=lin: bnb.matmul_4bit(x, lin.weight, state),
+                "torch dequant+fp32": lambda x=x, lin=lin: F.linear(x, lin.dequantize()),
+                "dense fp32 (no quant)": lambda x=x, w=w: F.linear(x, w),
+            }
             times: dict[str, list[float]] = {k: [] for k in paths}
             for _ in range(15):
                 for k, f in paths.items():

@@ -27,8 +27,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     print(f"torch threads: {torch.get_num_threads()}, dtype {a.dtype}, device {a.device}")
-    engines = [LLMEngine.load(resolve_model(m), device=a.device, dtype=a.dtype, tokenizer=False, kv_cache_gib=0.25)
-               for m in a.models]
+    engines = [
+        LLMEngine.load(resolve_model(m), device=a.device, dtype=a.dtype, tokenizer=False, kv_cache_gib=0.25)
+        for m in a.models
+    ]
     best = [float("inf")] * len(engines)
     for e in engines:
         bench_engine(e, random_prompts(e.config.vocab_size, 1, 16, 1), 8)  # warm-up: kernel packing, allocator

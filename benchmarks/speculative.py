@@ -25,8 +25,11 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--open", action="store_true",
-                    help="also an open-ended prompt (little to copy): where adaptive K has to earn its keep")
+    ap.add_argument(
+        "--open",
+        action="store_true",
+        help="also an open-ended prompt (little to copy): where adaptive K has to earn its keep",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -54,8 +57,14 @@ def main() -> None:
         for k in args.num_draft:
             for adaptive in (False, True):
                 dec = SpeculativeDecoder(target, None, method="ngram", num_draft=k, adaptive=adaptive)
-                rows.append({"drafter": "ngram (open prompt)", "K": k, "adaptive": adaptive,
-                             **compare_speed(dec, open_ids, params).to_dict()})
+                rows.append(
+                    {
+                        "drafter": "ngram (open prompt)",
+                        "K": k,
+                        "adaptive": adaptive,
+                        **compare_speed(dec, open_ids, params).to_dict(),
+                    }
+                )
     for d in args.draft:
         dec = make_decoder(target, d, None, None, device=args.device)
         for k in (2, 4):
@@ -67,12 +76,16 @@ def main() -> None:
         print(json.dumps({"threads": torch.get_num_threads(), "prompt_tokens": len(ids), "rows": rows}, indent=1))
         return
     print(f"threads={torch.get_num_threads()} prompt={len(ids)} tokens, greedy, up to {args.gen_len} tokens")
-    print(f"{'drafter':<22}{'K':>3}{'adapt':>6}{'plain tok/s':>13}{'spec tok/s':>12}{'speed-up':>10}"
-          f"{'accept':>8}{'acc/step':>9}{'identical':>10}")
+    print(
+        f"{'drafter':<22}{'K':>3}{'adapt':>6}{'plain tok/s':>13}{'spec tok/s':>12}{'speed-up':>10}"
+        f"{'accept':>8}{'acc/step':>9}{'identical':>10}"
+    )
     for r in rows:
-        print(f"{str(r['drafter'])[-22:]:<22}{r['K']:>3}{str(r['adaptive']):>6}{r['plain_decode_tok_s']:>13.2f}"
-              f"{r['speculative_decode_tok_s']:>12.2f}{r['speedup']:>9.2f}x{r['acceptance_rate']:>8.0%}"
-              f"{r['mean_accepted']:>9.2f}{str(r['identical_output']):>10}")
+        print(
+            f"{str(r['drafter'])[-22:]:<22}{r['K']:>3}{str(r['adaptive']):>6}{r['plain_decode_tok_s']:>13.2f}"
+            f"{r['speculative_decode_tok_s']:>12.2f}{r['speedup']:>9.2f}x{r['acceptance_rate']:>8.0%}"
+            f"{r['mean_accepted']:>9.2f}{str(r['identical_output']):>10}"
+        )
 
 
 if __name__ == "__main__":

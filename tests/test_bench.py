@@ -63,8 +63,9 @@ def test_bench_compare_quantized_variants(tiny_model, tmp_path, capsys, one_thre
     assert set(Path(tempfile.gettempdir()).glob("llm-bench-*")) <= before  # the quantized copies are gone
 
     # a table with the ratio column
-    code, stdout, _ = _run(capsys, "bench", str(src), "--compare", "int4", "--prompt-len", "8", "--gen-len", "4",
-                           "--rounds", "1")
+    code, stdout, _ = _run(
+        capsys, "bench", str(src), "--compare", "int4", "--prompt-len", "8", "--gen-len", "4", "--rounds", "1"
+    )
     assert code == 0 and "decode x" in stdout and "int4-g128" in stdout and "original" in stdout
 
     # a quantized source cannot be re-quantized: one-line error

@@ -64,9 +64,20 @@ def session(backend=None, **kw):
 # ---- settings -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,value", [("temperature", "-1"), ("temperature", "hot"), ("top_p", "0"),
-                                        ("top_p", "1.5"), ("top_k", "2.5"), ("min_p", "nan"), ("max_tokens", "0"),
-                                        ("repeat_penalty", "0"), ("seed", "x")])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("temperature", "-1"),
+        ("temperature", "hot"),
+        ("top_p", "0"),
+        ("top_p", "1.5"),
+        ("top_k", "2.5"),
+        ("min_p", "nan"),
+        ("max_tokens", "0"),
+        ("repeat_penalty", "0"),
+        ("seed", "x"),
+    ],
+)
 def test_set_rejects_bad_values_with_a_clear_message(name, value):
     s, out = session()
     before = s.settings.settings()
@@ -78,13 +89,29 @@ def test_set_rejects_bad_values_with_a_clear_message(name, value):
 
 def test_set_accepts_good_values_and_ollama_spelling():
     s, out = session()
-    for line in ("/set temperature 0", "/set top_k 5", "/set parameter top_p 0.5", "/set seed 7", "/set seed none",
-                 "/set max_tokens 3", "/set min_p 0", "/set repeat_penalty 1.1"):
+    for line in (
+        "/set temperature 0",
+        "/set top_k 5",
+        "/set parameter top_p 0.5",
+        "/set seed 7",
+        "/set seed none",
+        "/set max_tokens 3",
+        "/set min_p 0",
+        "/set repeat_penalty 1.1",
+    ):
         s.handle(line)
-    assert s.settings == SamplingParams(temperature=0.0, top_k=5, top_p=0.5, min_p=0.0, repetition_penalty=1.1,
-                                        seed=None, max_tokens=3)
-    assert s.settings.settings() == {"temperature": 0.0, "top_k": 5, "top_p": 0.5, "min_p": 0.0,
-                                     "repeat_penalty": 1.1, "seed": None, "max_tokens": 3}
+    assert s.settings == SamplingParams(
+        temperature=0.0, top_k=5, top_p=0.5, min_p=0.0, repetition_penalty=1.1, seed=None, max_tokens=3
+    )
+    assert s.settings.settings() == {
+        "temperature": 0.0,
+        "top_k": 5,
+        "top_p": 0.5,
+        "min_p": 0.0,
+        "repeat_penalty": 1.1,
+        "seed": None,
+        "max_tokens": 3,
+    }
     s.handle("/set bogus 1")
     assert "unknown setting 'bogus'" in out.getvalue()
 
@@ -109,8 +136,10 @@ def test_turns_commands_and_unknown_command():
     b = EchoBackend()
     s, out = session(b, system="be brief")
     s.handle("hello there")
-    assert s.conv.messages == [{"role": "user", "content": "hello there"},
-                               {"role": "assistant", "content": "you said: hello there"}]
+    assert s.conv.messages == [
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "you said: hello there"},
+    ]
     assert b.seen[0][0] == {"role": "system", "content": "be brief"}
     assert s.handle("/frobnicate") is True
     assert "Unknown command '/frobnicate'. Type /? for help." in out.getvalue()
@@ -231,8 +260,9 @@ STATS = r"\d+ tokens · [\d.]+ tok/s · TTFT \d+ ms · \d+/\d+ prompt tokens reu
 def spawn_chat(model: Path, home: Path, *args: str):
     pexpect = pytest.importorskip("pexpect")
     env = dict(os.environ, LLMCLI_HOME=str(home), TERM="xterm-256color", COLUMNS="120", LINES="40")
-    child = pexpect.spawn(LLM, ["chat", str(model), "--device", "cpu", *args], env=env, encoding="utf-8",
-                          timeout=90, dimensions=(40, 120))
+    child = pexpect.spawn(
+        LLM, ["chat", str(model), "--device", "cpu", *args], env=env, encoding="utf-8", timeout=90, dimensions=(40, 120)
+    )
     child.expect(r"context \d+ tokens")
     child.expect_exact(">>> ")
     return child
@@ -359,13 +389,37 @@ def test_piped_stdin(smollm2_gguf, tmp_path):
     # so the conversation outgrows it after a few turns and the oldest turns must go
     per_token = 30 * 2 * 3 * 64 * 4
     pool = int(0.01 * 2**30 // (per_token * 16)) * 16
-    questions = ["What is the capital of France?", "/set temperature hot", "And of Germany?",
-                 "Describe the Eiffel Tower.", "Describe the Louvre.", "Describe a croissant.",
-                 "Describe a baguette.", "Describe Berlin.",
-                 "What is the capital of Italy?"]
-    r = subprocess.run([LLM, "chat", str(smollm2_gguf), "--device", "cpu", "--temperature", "0", "--max-tokens", "20",
-                        "--kv-cache-gib", "0.01"], input="\n".join(questions) + "\n",
-                       capture_output=True, text=True, timeout=180, env=dict(os.environ, LLMCLI_HOME=str(tmp_path)))
+    questions = [
+        "What is the capital of France?",
+        "/set temperature hot",
+        "And of Germany?",
+        "Describe the Eiffel Tower.",
+        "Describe the Louvre.",
+        "Describe a croissant.",
+        "Describe a baguette.",
+        "Describe Berlin.",
+        "What is the capital of Italy?",
+    ]
+    r = subprocess.run(
+        [
+            LLM,
+            "chat",
+            str(smollm2_gguf),
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "20",
+            "--kv-cache-gib",
+            "0.01",
+        ],
+        input="\n".join(questions) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, LLMCLI_HOME=str(tmp_path)),
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout and "Berlin" in r.stdout and "Rome" in r.stdout
     assert "\x1b" not in r.stdout and "context" not in r.stdout  # no colour, no banner

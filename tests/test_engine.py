@@ -113,8 +113,8 @@ def test_rollback_into_shared_block_copies_it(loaded):
     for _ in range(10):
         eng.step([a])
     b = eng.add(list(a.token_ids[:-1]) + [7, 8, 9], GREEDY)  # shares a's first blocks
-    shared = b.block_table[:b.num_cached_prompt // 4]
-    assert shared and shared == a.block_table[:len(shared)]
+    shared = b.block_table[: b.num_cached_prompt // 4]
+    assert shared and shared == a.block_table[: len(shared)]
     eng.truncate(b, 10)  # inside a shared block: b must get its own copy
     assert b.block_table[-1] != a.block_table[2]
     b_out = [eng.step([b])[0] for _ in range(5)]
@@ -169,6 +169,7 @@ def test_scattered_blocks_match_full_recompute(loaded):
 
 # ---- block manager ------------------------------------------------------------------------------
 
+
 def test_block_manager_grows_a_sequence_into_the_next_block():
     """A sequence that grows, finishes and comes back longer (a chat turn) keeps one run of blocks."""
     bm = BlockManager(num_blocks=16, block_size=2)
@@ -219,6 +220,7 @@ def test_block_manager_lru_eviction_and_refcounts():
 
 # ---- sampler ------------------------------------------------------------------------------------
 
+
 def test_sampler_filters_match_transformers():
     from transformers.generation.logits_process import (
         MinPLogitsWarper,
@@ -232,20 +234,23 @@ def test_sampler_filters_match_transformers():
     torch.manual_seed(0)
     logits = torch.randn(3, 50) * 3
     ones = torch.ones(3)
-    for kw, warper in [(dict(top_k=torch.full((3,), 7)), TopKLogitsWarper(7)),
-                       (dict(top_p=torch.full((3,), 0.8)), TopPLogitsWarper(0.8)),
-                       (dict(min_p=torch.full((3,), 0.1)), MinPLogitsWarper(0.1))]:
+    for kw, warper in [
+        (dict(top_k=torch.full((3,), 7)), TopKLogitsWarper(7)),
+        (dict(top_p=torch.full((3,), 0.8)), TopPLogitsWarper(0.8)),
+        (dict(min_p=torch.full((3,), 0.1)), MinPLogitsWarper(0.1)),
+    ]:
         args = dict(top_k=torch.zeros(3, dtype=torch.long), top_p=ones, min_p=torch.zeros(3))
         args.update(kw)
-        ours = filter_logits(logits.clone(), args["top_k"], args["top_p"], args["min_p"],
-                            "top_k" in kw, "top_p" in kw, "min_p" in kw)
+        ours = filter_logits(
+            logits.clone(), args["top_k"], args["top_p"], args["min_p"], "top_k" in kw, "top_p" in kw, "min_p" in kw
+        )
         theirs = warper(None, logits.clone())
         assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), kw
 
     hist = [[1, 2, 2, 5], [0], [7, 8]]
     ours = apply_repetition_penalty(logits.clone(), hist, [1.3, 1.3, 1.3])
     for row in range(3):
-        theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([hist[row]]), logits[row:row + 1].clone())
+        theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([hist[row]]), logits[row : row + 1].clone())
         assert torch.allclose(ours[row], theirs[0])
 
 
@@ -274,8 +279,10 @@ def test_sampler_distribution_and_seeds():
 
 def test_seeded_sampling_batch_equals_alone(loaded):
     prompts = [_prompt(n, 30 + n) for n in (4, 12)]
-    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=12, ignore_eos=True),
-              SamplingParams(temperature=1.2, top_k=20, seed=12, max_tokens=12, ignore_eos=True)]
+    params = [
+        SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=1.2, top_k=20, seed=12, max_tokens=12, ignore_eos=True),
+    ]
     batched = _engine(loaded).generate(prompts, params)
     alone = [_engine(loaded).generate([p], [sp])[0] for p, sp in zip(prompts, params)]
     assert batched == alone

@@ -17,8 +17,13 @@ pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter
 
 def _lint(tree: Path) -> subprocess.CompletedProcess:
     # --no-cache: the copy must be analysed as it is now, not as a cache from the real tree says
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache", "--config", str(tree / "pyproject.toml")], cwd=tree,
-                          capture_output=True, text=True, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--config", str(tree / "pyproject.toml")],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def _copy(tmp_path: Path) -> Path:
@@ -34,12 +39,15 @@ def test_contracts_hold(tmp_path):
     assert "broken" not in r.stdout.lower().replace("0 broken", "")
 
 
-@pytest.mark.parametrize("module, bad_import, contract", [
-    ("config.py", "import llmcli.engine.llm_engine", "Layers"),  # a circle: the engine imports config
-    ("layers/attention.py", "import llmcli.models.transformer", "Layers"),  # the transformer imports attention
-    ("engine/llm_engine.py", "import llmcli.hub.resolve", "never resolve or download"),
-    ("hub/download.py", "import typer", "never prompts or prints"),
-])
+@pytest.mark.parametrize(
+    "module, bad_import, contract",
+    [
+        ("config.py", "import llmcli.engine.llm_engine", "Layers"),  # a circle: the engine imports config
+        ("layers/attention.py", "import llmcli.models.transformer", "Layers"),  # the transformer imports attention
+        ("engine/llm_engine.py", "import llmcli.hub.resolve", "never resolve or download"),
+        ("hub/download.py", "import typer", "never prompts or prints"),
+    ],
+)
 def test_a_reintroduced_import_breaks_a_contract(tmp_path, module, bad_import, contract):
     tree = _copy(tmp_path)
     path = tree / "llmcli" / module

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llmcli.engine.llm_engine import LLMEngine
-from llmcli.estimate import kv_bytes_per_token
 from llmcli.engine.sampling_params import SamplingParams
+from llmcli.estimate import kv_bytes_per_token
 from llmcli.layers.mla import MLAttention, deinterleave
 
 # (family, overrides): plain q_proj (v2), low-rank q (v3), v3 without interleaved rope, v3 with yarn scaling
@@ -17,9 +17,21 @@ VARIANTS = {
     "v2": ("deepseek_v2", {}),
     "v3": ("deepseek_v3", {}),
     "v3-halfsplit": ("deepseek_v3", {"rope_interleave": False}),
-    "v3-yarn": ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                                    "original_max_position_embeddings": 128, "mscale": 0.707,
-                                                    "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}}),
+    "v3-yarn": (
+        "deepseek_v3",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+                "beta_fast": 32,
+                "beta_slow": 1,
+            }
+        },
+    ),
 }
 
 
@@ -47,7 +59,7 @@ def hf_greedy_continuation(hf, prompt: list[int], ours: list[int]) -> list[int]:
     `ours` exactly when transformers' own greedy generation would produce `ours`."""
     with torch.no_grad():
         logits = hf(torch.tensor([prompt + ours[:-1]])).logits[0]
-    return logits[len(prompt) - 1:].argmax(-1).tolist()
+    return logits[len(prompt) - 1 :].argmax(-1).tolist()
 
 
 def _prompt(n: int, seed: int = 0) -> list[int]:
@@ -112,8 +124,13 @@ def test_cache_bytes_per_token_is_latent_size(pair):
     per_token = raw["num_hidden_layers"] * (raw["kv_lora_rank"] + raw["qk_rope_head_dim"]) * 4
     allocated = sum(c[:, 0, 0].numel() * c.element_size() for c in eng.runner.caches)  # one slot, all groups
     assert allocated == per_token == kv_bytes_per_token(eng.config, torch.float32.itemsize)
-    full_kv = raw["num_hidden_layers"] * 2 * raw["num_attention_heads"] * (
-        raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"]) * 4
+    full_kv = (
+        raw["num_hidden_layers"]
+        * 2
+        * raw["num_attention_heads"]
+        * (raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"])
+        * 4
+    )
     assert allocated < full_kv / 4  # what MLA saves over caching per-head K and V
     # ... and what `llm estimate` reports for the KV cache
     assert kv_bytes_per_token(eng.config, "fp32") == allocated
@@ -147,8 +164,9 @@ def test_absorbed_and_expanded_forms_agree(pair):
     mask[..., 0] = True
     with torch.no_grad():
         for m in (None, mask):
-            torch.testing.assert_close(attn.attend(q_nope, q_rope, ctx, m),
-                                       attn.attend_expanded(q_nope, q_rope, ctx, m), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                attn.attend(q_nope, q_rope, ctx, m), attn.attend_expanded(q_nope, q_rope, ctx, m), rtol=1e-5, atol=1e-5
+            )
 
 
 def test_quantized_kv_b_proj(pair):

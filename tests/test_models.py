@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmcli.engine.llm_engine import LLMEngine
+from llmcli.engine.loader import load_model
+from llmcli.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-from llmcli.engine.llm_engine import LLMEngine
-from llmcli.engine.sampling_params import SamplingParams
-from llmcli.engine.loader import load_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 PROMPT_LEN = 40  # longer than the fixtures' sliding windows (16)
@@ -46,8 +45,9 @@ def test_family_matches_transformers(tiny_model, family):
     # greedy generation, prompt longer than the window, 32 tokens through the paged cache
     out = engine.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
     with torch.no_grad():
-        expect = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32, min_new_tokens=32,
-                              pad_token_id=0)[0, PROMPT_LEN:].tolist()
+        expect = ref.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=0
+        )[0, PROMPT_LEN:].tolist()
     assert out == expect
 
 
@@ -57,19 +57,24 @@ def smollm2(smollm2_gguf):
 
     # fp32 tolerance against transformers: expand the Q4_1/Q8_0 weights like it does (kept-quantized: test_gguf)
     engine = LLMEngine.load(smollm2_gguf, device="cpu", dtype="float32", tokenizer=False, dequantize=True)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                            dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     return engine, ref, tok
 
 
 def test_smollm2_gguf_greedy_matches_transformers(smollm2):
     engine, ref, tok = smollm2
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0, -1]
-        expect = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24, pad_token_id=0)[0, len(ids):]
+        expect = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24, pad_token_id=0)[0, len(ids) :]
     seq = engine.add(ids)
     got = engine.forward_logits([seq])[0]
     engine.release(seq)

@@ -11,9 +11,9 @@ import copy
 import pytest
 import torch
 
+from llmcli.engine.loader import build_model, load_model, load_weights
 from llmcli.layers import moe as moe_mod
 from llmcli.layers.moe import MoE, expert_usage, reset_expert_usage
-from llmcli.engine.loader import build_model, load_model, load_weights
 
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 
@@ -106,8 +106,9 @@ def test_fused_checkpoint_layout(hf_models, family):
 
 
 def test_deepseek_v2_group_limited_greedy(hf_models):
-    cfg, hf, ours = hf_models("deepseek_v2", topk_method="group_limited_greedy", n_group=2, topk_group=1,
-                                routed_scaling_factor=1.5)
+    cfg, hf, ours = hf_models(
+        "deepseek_v2", topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=1.5
+    )
     assert cfg.n_group == 2 and cfg.topk_group == 1
     x = _hidden(23, cfg.hidden_size)
     with torch.no_grad():
@@ -166,12 +167,15 @@ def test_deepseek_v3_correction_bias_steers_selection_only(hf_models):
 
 PATHS = {
     "engine": lambda m, x, ids, w: m(x),  # what the model runs on this device
-    "loop": lambda m, x, ids, w: moe_mod._grouped_experts(x, ids, w, m.experts.gate_up_proj, m.experts.down_proj,
-                                                          m.experts.act, grouped_mm=False),
-    "grouped_mm": lambda m, x, ids, w: moe_mod._grouped_experts(x, ids, w, m.experts.gate_up_proj,
-                                                                m.experts.down_proj, m.experts.act, grouped_mm=True),
-    "gather": lambda m, x, ids, w: moe_mod._selected_experts(x, ids, w, m.experts.gate_up_proj, m.experts.down_proj,
-                                                             m.experts.act),
+    "loop": lambda m, x, ids, w: moe_mod._grouped_experts(
+        x, ids, w, m.experts.gate_up_proj, m.experts.down_proj, m.experts.act, grouped_mm=False
+    ),
+    "grouped_mm": lambda m, x, ids, w: moe_mod._grouped_experts(
+        x, ids, w, m.experts.gate_up_proj, m.experts.down_proj, m.experts.act, grouped_mm=True
+    ),
+    "gather": lambda m, x, ids, w: moe_mod._selected_experts(
+        x, ids, w, m.experts.gate_up_proj, m.experts.down_proj, m.experts.act
+    ),
 }
 
 
@@ -227,6 +231,7 @@ def test_cuda_bf16_matches_cpu_fp32(hf_models, tokens):
 
 # ---- end to end through the engine (the DeepSeek families are covered in test_mla.py) ------------------------
 
+
 def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -258,7 +263,7 @@ def hf_greedy_continuation(hf, prompt: list[int], ours: list[int]) -> list[int]:
     than hf.generate on a loaded 2-core machine)."""
     with torch.no_grad():
         logits = hf(torch.tensor([prompt + ours[:-1]])).logits[0]
-    return logits[len(prompt) - 1:].argmax(-1).tolist()
+    return logits[len(prompt) - 1 :].argmax(-1).tolist()
 
 
 def test_engine_usage_counts_cover_every_routed_token(hf_models):
@@ -287,7 +292,7 @@ def test_active_params_per_token_match_the_loaded_model(hf_models, family):
     skipped = 0
     for layer in ours.model.layers:
         if isinstance(layer.mlp, MoE):
-            per_expert = (layer.mlp.experts.gate_up_proj[0].numel() + layer.mlp.experts.down_proj[0].numel())
+            per_expert = layer.mlp.experts.gate_up_proj[0].numel() + layer.mlp.experts.down_proj[0].numel()
             skipped += (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
     pc = count_params(cfg)
     assert pc.total == total
@@ -317,8 +322,9 @@ def test_run_json_reports_expert_usage(tiny_model, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(tiny_model("qwen2_moe"), d)
     _byte_tokenizer(d)
-    res = CliRunner().invoke(app, ["run", str(d), "hello world", "--raw", "--json", "-n", "5", "--ignore-eos",
-                                   "-t", "0", "--device", "cpu"])
+    res = CliRunner().invoke(
+        app, ["run", str(d), "hello world", "--raw", "--json", "-n", "5", "--ignore-eos", "-t", "0", "--device", "cpu"]
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     usage = out["expert_usage"]

@@ -14,7 +14,7 @@ def _reference_ppl(model, ids: list[int], window: int) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(ids), window):
-            chunk = torch.tensor([ids[s:s + window]])
+            chunk = torch.tensor([ids[s : s + window]])
             if chunk.shape[1] < 2:
                 break
             logits = model(chunk).logits[0].float()
@@ -46,8 +46,9 @@ def test_smollm2_perplexity_matches_transformers(smollm2_gguf):
 
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     ids = tok(DEFAULT_TEXT.read_text(), add_special_tokens=False).input_ids[:300]
-    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                           dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
     expected = _reference_ppl(ref, ids, 128)
     engine = LLMEngine.load(str(smollm2_gguf), device="cpu", dtype="float32", tokenizer=False, dequantize=True)
     r = perplexity(engine, ids, window=128)
@@ -71,8 +72,9 @@ def test_perplexity_cli_json_and_errors(smollm2_gguf, tmp_path, capsys):
 
     text = tmp_path / "t.txt"
     text.write_text(DEFAULT_TEXT.read_text()[:2000])
-    code, out, _ = run("perplexity", str(smollm2_gguf), "--file", str(text), "--max-tokens", "100", "--window", "50",
-                       "--json")
+    code, out, _ = run(
+        "perplexity", str(smollm2_gguf), "--file", str(text), "--max-tokens", "100", "--window", "50", "--json"
+    )
     assert code == 0
     r = json.loads(out)
     assert r["tokens"] == 98 and 1 < r["perplexity"] < 1000

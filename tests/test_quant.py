@@ -38,8 +38,10 @@ def test_int4_rtn_bound_packing_and_group_fallback():
 def test_hqq_lowers_the_lp_error_of_rtn():
     torch.manual_seed(0)
     w = torch.distributions.StudentT(3.0).sample((128, 256)) * 0.02  # heavy tails, like real weights
+
     def lp(qsz):
         return (dequantize_int4(*qsz) - w).abs().pow(0.7).mean()
+
     assert lp(quantize_int4_hqq(w, 64)) < lp(quantize_int4_rtn(w, 64))
 
 
@@ -171,7 +173,7 @@ def test_nf4_checkpoint_loads_in_transformers_bitsandbytes(tiny_model, tmp_path)
     with torch.no_grad():
         for n, m in ref.named_modules():
             if f"{n}.weight.absmax" in sd:
-                parts = {k[len(n) + 1:]: v for k, v in sd.items() if k.startswith(f"{n}.weight")}
+                parts = {k[len(n) + 1 :]: v for k, v in sd.items() if k.startswith(f"{n}.weight")}
                 m.weight.copy_(dequantize_nf4_tensor(parts).reshape(m.weight.shape).float())
         ids = torch.tensor([[1, 5, 9, 33, 70, 100, 7, 200]])
         a, b = ref(ids).logits, loaded(ids).logits.float()
@@ -222,8 +224,11 @@ def test_hqq_importance_of_qkv_is_the_input_norm_gain_squared(tiny_model, tmp_pa
     for w, importance in seen:
         name = next(n for n, t in source.items() if t.shape == w.shape and torch.equal(t.float(), w.float()))
         layer, leaf = name.split(".self_attn." if ".self_attn." in name else ".mlp.")
-        norm = {"q_proj.weight": "input_layernorm", "k_proj.weight": "input_layernorm",
-                "v_proj.weight": "input_layernorm"}.get(leaf)
+        norm = {
+            "q_proj.weight": "input_layernorm",
+            "k_proj.weight": "input_layernorm",
+            "v_proj.weight": "input_layernorm",
+        }.get(leaf)
         if norm is None:
             assert importance is None, name
         else:

@@ -52,8 +52,9 @@ def _dequantized(sd: dict, prefix: str) -> torch.Tensor | None:
 
 
 @pytest.mark.parametrize("family,bits,method", [("qwen3", 8, "rtn"), ("qwen3", 4, "hqq"), ("llama", 4, "rtn")])
-def test_engine_logits_match_float_model_of_the_dequantized_tensors(tiny_model, tmp_path, one_thread,
-                                                                    family, bits, method):
+def test_engine_logits_match_float_model_of_the_dequantized_tensors(
+    tiny_model, tmp_path, one_thread, family, bits, method
+):
     """qwen3 tiny is tied (one table for lookup and head), llama untied (two tables). Reference: transformers
     on the source model with every stored quantized tensor replaced by its dequantized value."""
     import transformers

@@ -60,8 +60,11 @@ def dequantized_checkpoint(qdir, dst):
     for k, v in sd.items():
         if k.endswith(".qweight"):
             p = k.removesuffix(".qweight")
-            out[f"{p}.weight"] = (dequantize_int8(v, sd[f"{p}.scales"]) if v.dtype == torch.int8
-                                  else dequantize_int4(unpack_int4(v), sd[f"{p}.scales"], sd[f"{p}.zeros"]))
+            out[f"{p}.weight"] = (
+                dequantize_int8(v, sd[f"{p}.scales"])
+                if v.dtype == torch.int8
+                else dequantize_int4(unpack_int4(v), sd[f"{p}.scales"], sd[f"{p}.zeros"])
+            )
         elif not k.endswith((".scales", ".zeros")):
             out[k] = v.float()
     dst.mkdir()
@@ -250,8 +253,9 @@ def test_run_cli_on_quantized_moe_reports_expert_usage(tiny_model, tmp_path):
     _byte_tokenizer(d)
     out = tmp_path / "int4"
     _llm("quantize", str(d), "--bits", "4", "--group-size", "32", "-o", str(out))
-    res = _llm("run", str(out), "hello world", "--raw", "--json", "-n", "5", "--ignore-eos", "-t", "0",
-               "--device", "cpu")
+    res = _llm(
+        "run", str(out), "hello world", "--raw", "--json", "-n", "5", "--ignore-eos", "-t", "0", "--device", "cpu"
+    )
     j = json.loads(res.stdout.strip().splitlines()[-1])
     assert j["generated_tokens"] == 5
     usage = j["expert_usage"]
@@ -291,8 +295,9 @@ def test_gptq_falls_back_for_experts_with_a_note(tiny_model, tmp_path):
     cal = tmp_path / "cal.txt"
     cal.write_text("The quick brown fox jumps over the lazy dog. " * 4)
     out = tmp_path / "g8"
-    res = _llm("quantize", str(d), "--bits", "8", "--method", "gptq", "--calibration", str(cal), "-o", str(out),
-               "--json")
+    res = _llm(
+        "quantize", str(d), "--bits", "8", "--method", "gptq", "--calibration", str(cal), "-o", str(out), "--json"
+    )
     source, stored = _tensors(d), _tensors(out)
     experts = [k.removesuffix(".weight") for k in source if ".experts." in k]
     assert any(f"{len(experts)} expert tensors use rtn" in n for n in json.loads(res.stdout)["notes"])
@@ -304,8 +309,8 @@ def test_gptq_falls_back_for_experts_with_a_note(tiny_model, tmp_path):
 def test_odd_expert_width_stays_16bit_in_quantizer_and_estimate(tiny_model, tmp_path):
     """INT4 packs two input columns per byte: with an odd expert width the whole expert block stays 16-bit (the
     attention still packs), and `llm estimate` counts exactly that."""
-    from llmcli.layers.moe import Experts
     from llmcli.engine.loader import load_model
+    from llmcli.layers.moe import Experts
 
     out = tmp_path / "q"
     _llm("quantize", str(tiny_model("qwen3_moe", moe_intermediate_size=33)), *BITS[4], "-o", str(out))

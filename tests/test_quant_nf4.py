@@ -39,8 +39,10 @@ def test_nf4_gptq_beats_plain_on_the_layer_output():
     x = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g)  # correlated features
     w = torch.randn(64, 128, generator=g) * 0.05
     h = 2 * x.T @ x / x.shape[0]
-    err = {name: (x @ (w - _parts_dequant(p)).T).pow(2).mean()
-           for name, p in (("plain", quantize_nf4_tensor(w)), ("gptq", quantize_nf4_tensor(w, h)))}
+    err = {
+        name: (x @ (w - _parts_dequant(p)).T).pow(2).mean()
+        for name, p in (("plain", quantize_nf4_tensor(w)), ("gptq", quantize_nf4_tensor(w, h)))
+    }
     assert err["gptq"] < 0.8 * err["plain"]
 
 
@@ -55,7 +57,7 @@ def test_nf4_linear_decodes_each_shards_nested_state():
     with torch.no_grad():
         for i, p in enumerate(parts):
             n = p["weight"].shape[0]
-            lin.weight[rows:rows + n].copy_(p["weight"])  # what the loader's fused row copy does
+            lin.weight[rows : rows + n].copy_(p["weight"])  # what the loader's fused row copy does
             rows += n
             for k, v in reversed(list(p.items())):  # any arrival order
                 if k != "weight":
@@ -95,7 +97,7 @@ def test_nf4_checkpoint_runs_in_our_engine(tiny_model, tmp_path, one_thread):
     with torch.no_grad():
         for n, m in ref.named_modules():
             if f"{n}.weight.absmax" in sd:
-                parts = {k[len(n) + 1:]: v for k, v in sd.items() if k.startswith(f"{n}.weight")}
+                parts = {k[len(n) + 1 :]: v for k, v in sd.items() if k.startswith(f"{n}.weight")}
                 m.weight.copy_(_parts_dequant(parts).reshape(m.weight.shape))
             elif f"{n}.weight" in sd and hasattr(m, "weight"):
                 m.weight.copy_(sd[f"{n}.weight"].float())  # the 16-bit tensors as stored
@@ -147,7 +149,19 @@ def test_nf4_checkpoint_with_hessians_places_codes_by_gptq(tiny_model, tmp_path,
     key = "model.layers.0.mlp.down_proj"
     assert a.keys() == b.keys() and not torch.equal(a[f"{key}.weight"], b[f"{key}.weight"])
     x, w = xs[key], orig[f"{key}.weight"]
-    err = {n: (x @ (w - _parts_dequant({k[len(key) + 1:]: v for k, v in sd.items() if k.startswith(f"{key}.weight")})
-                     .reshape(w.shape)).T).pow(2).mean() for n, sd in (("plain", a), ("gptq", b))}
+    err = {
+        n: (
+            x
+            @ (
+                w
+                - _parts_dequant(
+                    {k[len(key) + 1 :]: v for k, v in sd.items() if k.startswith(f"{key}.weight")}
+                ).reshape(w.shape)
+            ).T
+        )
+        .pow(2)
+        .mean()
+        for n, sd in (("plain", a), ("gptq", b))
+    }
     assert err["gptq"] < err["plain"]
     load_model(gptq)

@@ -30,8 +30,13 @@ def test_quantize_int4_writes_a_loadable_dir(tiny_model, tmp_path, capsys):
     assert "not a multiple of 128" in s["notes"][0]
     assert s["bytes_after"] < s["bytes_before_16bit"]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["quantization_config"] == {"quant_method": "llmcli", "bits": 4, "group_size": 128, "method": "hqq",
-                                          "quantize_embeddings": False}
+    assert cfg["quantization_config"] == {
+        "quant_method": "llmcli",
+        "bits": 4,
+        "group_size": 128,
+        "method": "hqq",
+        "quantize_embeddings": False,
+    }
     model, _ = load_model(out)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear)
     assert model.model.layers[0].mlp.down_proj.group_size == 128
@@ -53,11 +58,16 @@ def test_quantize_default_output_in_store(tiny_model, tmp_path, capsys, monkeypa
     assert json.loads(stdout)["output"] == str(tmp_path / "home" / "models" / f"{src.name.lower()}-int8")
 
 
-@pytest.mark.parametrize("args,msg", [(["--bits", "3"], "--bits must be 8 or 4"),
-                                       (["--bits", "4", "--group-size", "100"], "--group-size"),
-                                       (["--method", "magic"], "unknown method"),
-                                       (["--bits", "4", "--method", "gptq"], "--calibration"),
-                                       (["--format", "onnx"], "--format")])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--bits", "3"], "--bits must be 8 or 4"),
+        (["--bits", "4", "--group-size", "100"], "--group-size"),
+        (["--method", "magic"], "unknown method"),
+        (["--bits", "4", "--method", "gptq"], "--calibration"),
+        (["--format", "onnx"], "--format"),
+    ],
+)
 def test_quantize_user_errors(tiny_model, tmp_path, capsys, args, msg):
     code, _, err = _run(capsys, "quantize", str(tiny_model("llama")), "-o", str(tmp_path / "x"), *args)
     assert code == 1 and msg in err and len(err.strip().splitlines()) == 1

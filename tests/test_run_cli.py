@@ -15,8 +15,9 @@ QUESTION = "What is the capital of France?"
 
 def llm(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "llmcli", *args], capture_output=True, text=True, input=input,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "llmcli", *args], capture_output=True, text=True, input=input, timeout=600, env=env
+    )
 
 
 def test_run_default_model_answers_paris(smollm2_gguf):
@@ -37,8 +38,19 @@ def test_run_default_model_answers_paris(smollm2_gguf):
 
 
 def test_run_seed_reproducible_and_max_tokens(smollm2_gguf):
-    args = ("run", str(smollm2_gguf), "Tell me a story.", "--temperature", "1.0", "--seed", "7",
-            "--max-tokens", "12", "--ignore-eos", "--json")
+    args = (
+        "run",
+        str(smollm2_gguf),
+        "Tell me a story.",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "7",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
+    )
     a, b = llm(*args), llm(*args)
     assert a.returncode == 0, a.stderr
     ja, jb = json.loads(a.stdout), json.loads(b.stdout)
@@ -74,12 +86,15 @@ def test_run_cuda_without_gpu_is_one_line_error():
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error:") and "CUDA" in r.stderr
 
 
-@pytest.mark.parametrize("args, needle", [
-    (("run", "--dtype", "float64", "hi"), "dtype"),
-    (("run", "/nonexistent/model", "hi"), "not found"),
-    (("run", ""), "empty"),
-    (("bench", "--compare", "vllm"), "transformers"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("run", "--dtype", "float64", "hi"), "dtype"),
+        (("run", "/nonexistent/model", "hi"), "not found"),
+        (("run", ""), "empty"),
+        (("bench", "--compare", "vllm"), "transformers"),
+    ],
+)
 def test_user_errors_are_one_line(args, needle):
     r = llm(*args)
     assert r.returncode != 0
@@ -87,8 +102,21 @@ def test_user_errors_are_one_line(args, needle):
 
 
 def test_bench_compare_transformers_json(tiny_model):
-    r = llm("bench", str(tiny_model("llama")), "--prompt-len", "12", "--gen-len", "6", "--batch", "2",
-            "--compare", "transformers", "--rounds", "1", "--json")
+    r = llm(
+        "bench",
+        str(tiny_model("llama")),
+        "--prompt-len",
+        "12",
+        "--gen-len",
+        "6",
+        "--batch",
+        "2",
+        "--compare",
+        "transformers",
+        "--rounds",
+        "1",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     ours, theirs = out["results"]

@@ -30,10 +30,10 @@ def _one_thread():
 def _ngram_reference(ctx: list[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
     """Plain-Python statement of the rule: longest suffix first, latest earlier match with a following token."""
     for n in range(min(max_ngram, len(ctx) - 1), min_ngram - 1, -1):
-        suffix = ctx[len(ctx) - n:]
+        suffix = ctx[len(ctx) - n :]
         for i in range(len(ctx) - n - 1, -1, -1):  # start i, match must end before the last token
-            if ctx[i:i + n] == suffix:
-                return ctx[i + n:i + n + k]
+            if ctx[i : i + n] == suffix:
+                return ctx[i + n : i + n + k]
     return []
 
 
@@ -90,8 +90,15 @@ def _resample_from_target(d, q, p, g):
     return tokens, n_acc
 
 
-def _simulate(target: torch.Tensor, draft: torch.Tensor | None, k: int, rows: int, n_tokens: int, seed: int,
-              verify=rejection_sample) -> torch.Tensor:
+def _simulate(
+    target: torch.Tensor,
+    draft: torch.Tensor | None,
+    k: int,
+    rows: int,
+    n_tokens: int,
+    seed: int,
+    verify=rejection_sample,
+) -> torch.Tensor:
     """Run speculative sampling for `rows` independent sequences in lockstep; first n_tokens of each [rows, n]."""
     g = torch.Generator().manual_seed(seed)
     buf = torch.full((rows, n_tokens + k + 1), -1, dtype=torch.long)
@@ -218,7 +225,7 @@ def test_greedy_verify_equals_step_by_step_argmax():
             k = trial % 5
             d = torch.randint(0, V, (1, k), generator=g)
             if trial % 2 and k:  # half the time drafts partially agree with the target
-                d[0, : k // 2 + 1] = torch.tensor(ref[len(out):len(out) + k // 2 + 1] + [0] * k)[: k // 2 + 1]
+                d[0, : k // 2 + 1] = torch.tensor(ref[len(out) : len(out) + k // 2 + 1] + [0] * k)[: k // 2 + 1]
             ctx = torch.cat([torch.tensor([[last]]), d], 1)
             tokens, n = greedy_verify(d, logits[ctx])
             emitted = tokens[0, : int(n) + 1].tolist()
@@ -275,16 +282,19 @@ def _params(**kw):
     return SamplingParams(**{"temperature": 0.0, "max_tokens": 40, "ignore_eos": True, **kw})
 
 
-@pytest.mark.parametrize("method,k,adaptive", [("ngram", 3, False), ("ngram", 10, True), ("draft", 4, True),
-                                               ("draft", 2, False), ("self", 5, False)])
+@pytest.mark.parametrize(
+    "method,k,adaptive",
+    [("ngram", 3, False), ("ngram", 10, True), ("draft", 4, True), ("draft", 2, False), ("self", 5, False)],
+)
 def test_greedy_output_identical_to_plain_decoding(tiny_engines, method, k, adaptive):
     from llmcli.engine.speculative import SpeculativeDecoder
 
     target, other, copy, _ = tiny_engines
     plain = target.generate([PROMPT], _params())[0]
     draft = {"ngram": None, "draft": other, "self": copy}[method]
-    dec = SpeculativeDecoder(target, draft, method="ngram" if method == "ngram" else "draft", num_draft=k,
-                             adaptive=adaptive)
+    dec = SpeculativeDecoder(
+        target, draft, method="ngram" if method == "ngram" else "draft", num_draft=k, adaptive=adaptive
+    )
     assert dec.generate(PROMPT, _params()) == plain
     s = dec.stats
     assert s.drafted > 0 and s.emitted == len(plain) - 1  # the first token comes from the prefill step
@@ -418,8 +428,9 @@ def test_sampling_distribution_matches_target(tiny_engines, method):
     target, other, _, target_dir = tiny_engines
     # every token id occurs once in the prompt, so n-gram lookup always finds the last token and drafts
     prompt = torch.randperm(256, generator=torch.Generator().manual_seed(0)).tolist() + PROMPT[:6]
-    dec = SpeculativeDecoder(target, other if method == "draft" else None, method=method, num_draft=2,
-                             adaptive=False, min_ngram=1)
+    dec = SpeculativeDecoder(
+        target, other if method == "draft" else None, method=method, num_draft=2, adaptive=False, min_ngram=1
+    )
     outs, drafted = [], 0
     for seed in range(RUNS):
         outs.append(dec.generate(prompt, _params(temperature=TEMPERATURE, max_tokens=3, seed=seed)))
@@ -439,8 +450,12 @@ def test_cli_flag_errors_are_user_errors(tiny_engines):
 
     target = tiny_engines[0]
     assert make_decoder(target) is None
-    for kw, msg in ((dict(num_draft=3), "--num-draft needs"), (dict(speculate="eagle"), "only 'ngram'"),
-                    (dict(speculate="ngram", draft="x"), "either"), (dict(speculate="ngram", num_draft=0), "between")):
+    for kw, msg in (
+        (dict(num_draft=3), "--num-draft needs"),
+        (dict(speculate="eagle"), "only 'ngram'"),
+        (dict(speculate="ngram", draft="x"), "either"),
+        (dict(speculate="ngram", num_draft=0), "between"),
+    ):
         with pytest.raises(UserError, match=msg):
             make_decoder(target, **kw)
 
@@ -478,8 +493,22 @@ def test_smollm2_run_json_reports_speculation(smollm2_gguf, capsys):
     from llmcli.tools.bench import PASSAGE
 
     with pytest.raises(SystemExit) as e:
-        main(["run", str(smollm2_gguf), f"Repeat this exactly: {PASSAGE[:120]}", "--json", "-t", "0", "-n", "24",
-              "--speculate", "ngram", "--kv-cache-gib", "0.1"])
+        main(
+            [
+                "run",
+                str(smollm2_gguf),
+                f"Repeat this exactly: {PASSAGE[:120]}",
+                "--json",
+                "-t",
+                "0",
+                "-n",
+                "24",
+                "--speculate",
+                "ngram",
+                "--kv-cache-gib",
+                "0.1",
+            ]
+        )
     assert e.value.code == 0
     out = json.loads(capsys.readouterr().out)
     s = out["speculative"]
@@ -503,9 +532,11 @@ def test_smollm2_chat_stats_show_acceptance_and_speedup(smollm2_engine):
 
     dec = SpeculativeDecoder(smollm2_engine, None, method="ngram", num_draft=8)
     buf = io.StringIO()
-    s = ChatSession(EngineBackend(smollm2_engine, "smollm2", streamer=dec),
-                    SamplingParams(temperature=0.0, max_tokens=24),
-                    console=Console(file=buf, color_system=None, width=200))
+    s = ChatSession(
+        EngineBackend(smollm2_engine, "smollm2", streamer=dec),
+        SamplingParams(temperature=0.0, max_tokens=24),
+        console=Console(file=buf, color_system=None, width=200),
+    )
     s.handle(f"Repeat this exactly: {PASSAGE[:120]}")
     s.handle("/stats")
     out = buf.getvalue()

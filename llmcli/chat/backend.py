@@ -107,13 +107,15 @@ class EngineBackend:
         }
         if c.num_experts:
             out["experts"] = f"{c.num_experts} ({c.num_experts_per_tok} per token)"
-        out.update({
-            "vocabulary": str(c.vocab_size),
-            "context length": f"{self.context_length} tokens (model {c.max_position_embeddings}, "
-                              f"KV pool {self.pool_tokens})",
-            "device": str(e.device),
-            "dtype": str(e.dtype).replace("torch.", ""),
-        })
+        out.update(
+            {
+                "vocabulary": str(c.vocab_size),
+                "context length": f"{self.context_length} tokens (model {c.max_position_embeddings}, "
+                f"KV pool {self.pool_tokens})",
+                "device": str(e.device),
+                "dtype": str(e.dtype).replace("torch.", ""),
+            }
+        )
         if self.streamer is not e:
             out["speculative"] = getattr(self.streamer, "method", type(self.streamer).__name__)
         return out

@@ -48,8 +48,14 @@ def settings_from_dict(saved: dict[str, Any]) -> SamplingParams:
 
 def save_conversation(path: Path, conv: Conversation, settings: SamplingParams, model: str) -> None:
     """JSON, written to a temporary file then renamed so a crash never leaves half a file."""
-    data = {"format": SAVE_FORMAT, "version": 1, "model": model, "system": conv.system,
-            "settings": settings.settings(), "messages": conv.messages}
+    data = {
+        "format": SAVE_FORMAT,
+        "version": 1,
+        "model": model,
+        "system": conv.system,
+        "settings": settings.settings(),
+        "messages": conv.messages,
+    }
     path = Path(path).expanduser()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

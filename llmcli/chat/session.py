@@ -39,9 +39,18 @@ class ChatSession:
     """REPL state and behaviour. `console` receives everything shown to the user; `err` notices and errors
     (the same console in a terminal, stderr when piped so stdout carries only replies)."""
 
-    def __init__(self, backend: ChatBackend, settings: SamplingParams | None = None, system: str | None = None, *,
-                 console: Console | None = None, err: Console | None = None, interactive: bool = True,
-                 markdown: bool = False, model_name: str = ""):
+    def __init__(
+        self,
+        backend: ChatBackend,
+        settings: SamplingParams | None = None,
+        system: str | None = None,
+        *,
+        console: Console | None = None,
+        err: Console | None = None,
+        interactive: bool = True,
+        markdown: bool = False,
+        model_name: str = "",
+    ):
         self.backend, self.settings = backend, settings or default_settings()
         self.conv = Conversation(system or None)
         self.interactive, self.markdown, self.model_name = interactive, markdown, model_name
@@ -60,9 +69,15 @@ class ChatSession:
         info = self.backend.info()
         self.console.print(
             f"[bold]{info.get('model', self.model_name)}[/bold]  device {info.get('device', '?')}  "
-            f"dtype {info.get('dtype', '?')}  context {self.backend.context_length} tokens", highlight=False)
-        self.console.print('Type /? for help, /bye or Ctrl-D to exit, """ for multi-line input.', style="dim",
-                           highlight=False, markup=False)
+            f"dtype {info.get('dtype', '?')}  context {self.backend.context_length} tokens",
+            highlight=False,
+        )
+        self.console.print(
+            'Type /? for help, /bye or Ctrl-D to exit, """ for multi-line input.',
+            style="dim",
+            highlight=False,
+            markup=False,
+        )
 
     # ---- input dispatch ----
     def handle(self, text: str) -> bool:
@@ -114,8 +129,9 @@ class ChatSession:
     def set_system(self, text: str) -> None:
         self.conv.system = text or None
         self.conv.messages.clear()  # the system prompt leads the conversation: a new one starts
-        self.notice("Set the system prompt; started a new conversation." if text else "Removed the system prompt.",
-                    style="dim")
+        self.notice(
+            "Set the system prompt; started a new conversation." if text else "Removed the system prompt.", style="dim"
+        )
 
     def cmd_set(self, arg: str) -> None:
         parts = arg.split(None, 1)
@@ -162,8 +178,10 @@ class ChatSession:
         gen = sum(s.generated_tokens for s in self.history)
         prompt = sum(s.prompt_tokens for s in self.history)
         reused = sum(s.cached_tokens for s in self.history)
-        self.say(f"  session           {len(self.history)} replies, {gen} tokens generated, {prompt} prompt tokens "
-                 f"({reused} reused from the prefix cache)")
+        self.say(
+            f"  session           {len(self.history)} replies, {gen} tokens generated, {prompt} prompt tokens "
+            f"({reused} reused from the prefix cache)"
+        )
         used = self.backend.count_tokens(self.conv.for_template()) if self.conv.messages else 0
         self.say(f"  context           {used} of {self.backend.context_length} tokens used")
         spec = [s.speculative for s in self.history if s.speculative]
@@ -171,13 +189,17 @@ class ChatSession:
             drafted, accepted = sum(s["drafted"] for s in spec), sum(s["accepted"] for s in spec)
             steps = sum(s["steps"] for s in spec)
             rate = f"{accepted / drafted:.0%}" if drafted else "-"
-            self.say(f"  speculative       last reply {last.speculative['acceptance_rate']:.0%} accepted, "
-                     f"{last.speculative['mean_accepted']:.2f} per step; session {rate} of {drafted} drafts, "
-                     f"{accepted / max(steps, 1):.2f} per step")
+            self.say(
+                f"  speculative       last reply {last.speculative['acceptance_rate']:.0%} accepted, "
+                f"{last.speculative['mean_accepted']:.2f} per step; session {rate} of {drafted} drafts, "
+                f"{accepted / max(steps, 1):.2f} per step"
+            )
             plain = getattr(self.backend, "plain_decode_tok_s", lambda: None)()
             if plain and last.decode_tok_s:
-                self.say(f"  speed-up          ~{last.decode_tok_s / plain:.2f}x vs plain decoding "
-                         f"({last.decode_tok_s:.1f} vs {plain:.1f} tok/s, plain measured now on the last prompt)")
+                self.say(
+                    f"  speed-up          ~{last.decode_tok_s / plain:.2f}x vs plain decoding "
+                    f"({last.decode_tok_s:.1f} vs {plain:.1f} tok/s, plain measured now on the last prompt)"
+                )
 
     # ---- one turn ----
     def send(self, text: str) -> None:
@@ -187,8 +209,11 @@ class ChatSession:
             if not self._fit():
                 self.conv.messages.pop()
                 return
-            renderer = (MarkdownRenderer(self.console) if self.markdown and self.interactive
-                        else PlainRenderer(self.console.file))
+            renderer = (
+                MarkdownRenderer(self.console)
+                if self.markdown and self.interactive
+                else PlainRenderer(self.console.file)
+            )
             pieces: list[str] = []
             stream = self.backend.stream(self.conv.for_template(), self.settings)
             try:
@@ -224,14 +249,17 @@ class ChatSession:
         limit = self.backend.context_length
         n = self.backend.count_tokens(self.conv.for_template(self.conv.messages[-1:]))
         if n >= limit:  # hopeless on its own: keep the history rather than drop it for nothing
-            self.notice(f"This message is too long: {n} tokens with the system prompt, the context holds {limit}.",
-                        style="red")
+            self.notice(
+                f"This message is too long: {n} tokens with the system prompt, the context holds {limit}.", style="red"
+            )
             return False
         reserve = min(self.settings.max_tokens, max(1, limit // 4))
         dropped = fit_context(self.conv, self.backend.count_tokens, limit - reserve)
         if dropped:
-            self.notice(f"(the conversation outgrew the {limit}-token context: dropped the {dropped} oldest "
-                        f"message{'s' if dropped > 1 else ''})")
+            self.notice(
+                f"(the conversation outgrew the {limit}-token context: dropped the {dropped} oldest "
+                f"message{'s' if dropped > 1 else ''})"
+            )
         return True
 
     # ---- loops ----
@@ -273,4 +301,4 @@ class ChatSession:
 
 def _stats_line(s: TurnStats) -> str:
     reused = f"{s.cached_tokens}/{s.prompt_tokens} prompt tokens reused"
-    return (f"{s.generated_tokens} tokens · {s.decode_tok_s:.1f} tok/s · TTFT {s.ttft_s * 1000:.0f} ms · {reused}")
+    return f"{s.generated_tokens} tokens · {s.decode_tok_s:.1f} tok/s · TTFT {s.ttft_s * 1000:.0f} ms · {reused}"

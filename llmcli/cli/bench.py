@@ -16,8 +16,10 @@ import typer
 from llmcli.cli import app
 from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, make_decoder
 
-EXAMPLES = ("[bold]Examples[/bold]\n\n  llm bench\n  llm bench --compare transformers --json\n"
-            "  llm bench ./model --prompt-len 512 --gen-len 128 --batch 4\n  llm bench --speculate ngram")
+EXAMPLES = (
+    "[bold]Examples[/bold]\n\n  llm bench\n  llm bench --compare transformers --json\n"
+    "  llm bench ./model --prompt-len 512 --gen-len 128 --batch 4\n  llm bench --speculate ngram"
+)
 
 
 @app.command("bench", epilog=EXAMPLES)
@@ -26,9 +28,13 @@ def bench(
     prompt_len: int = typer.Option(128, "--prompt-len", min=1, help="Prompt tokens per sequence."),
     gen_len: int = typer.Option(64, "--gen-len", min=1, help="Tokens generated per sequence."),
     batch: int = typer.Option(1, "--batch", min=1, help="Sequences decoded together."),
-    compare: str | None = typer.Option(None, "--compare", help="`transformers`: run its generate() side by side; "
-                                          "`int8,int4` (also int4-g64, int4-g32): quantize the model to temp dirs "
-                                          "and bench each beside it."),
+    compare: str | None = typer.Option(
+        None,
+        "--compare",
+        help="`transformers`: run its generate() side by side; "
+        "`int8,int4` (also int4-g64, int4-g32): quantize the model to temp dirs "
+        "and bench each beside it.",
+    ),
     rounds: int = typer.Option(2, "--rounds", min=1, help="Alternating rounds with --compare; the best is kept."),
     device: str | None = DEVICE,
     dtype: str | None = DTYPE,
@@ -51,8 +57,9 @@ def bench(
         spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
         _speculation(path, engine, spec, draft or speculate, gen_len, as_json)
         return
-    engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, tokenizer=False,
-                            dequantize=dequantize)
+    engine = LLMEngine.load(
+        path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, tokenizer=False, dequantize=dequantize
+    )
     _throughput(path, engine, prompt_len, gen_len, batch, compare, rounds, quant_compare, as_json)
 
 
@@ -68,15 +75,28 @@ def _speculation(path, engine, spec, drafter: str, gen_len: int, as_json: bool) 
     if as_json:
         print(json.dumps({"model": str(path), "draft": drafter, "device": str(engine.device), **r}))
         return
-    print(f"{path.name}  speculative ({drafter}, K={spec.num_draft})  device={engine.device}  "
-          f"{r['generated_tokens']} tokens, repeat-a-passage prompt")
-    print(f"plain {r['plain_decode_tok_s']:.1f} tok/s, speculative {r['speculative_decode_tok_s']:.1f} tok/s: "
-          f"speed-up {r['speedup']:.2f}x; acceptance {r['acceptance_rate']:.0%}, "
-          f"{r['mean_accepted']:.2f} accepted per step; identical output: {r['identical_output']}")
+    print(
+        f"{path.name}  speculative ({drafter}, K={spec.num_draft})  device={engine.device}  "
+        f"{r['generated_tokens']} tokens, repeat-a-passage prompt"
+    )
+    print(
+        f"plain {r['plain_decode_tok_s']:.1f} tok/s, speculative {r['speculative_decode_tok_s']:.1f} tok/s: "
+        f"speed-up {r['speedup']:.2f}x; acceptance {r['acceptance_rate']:.0%}, "
+        f"{r['mean_accepted']:.2f} accepted per step; identical output: {r['identical_output']}"
+    )
 
 
-def _throughput(path, engine, prompt_len: int, gen_len: int, batch: int, compare: str | None, rounds: int,
-                quant_compare: bool, as_json: bool) -> None:
+def _throughput(
+    path,
+    engine,
+    prompt_len: int,
+    gen_len: int,
+    batch: int,
+    compare: str | None,
+    rounds: int,
+    quant_compare: bool,
+    as_json: bool,
+) -> None:
     """Prefill/decode tok/s, TTFT and peak memory of the engine (and what --compare puts beside it)."""
     from llmcli.estimate import count_params
     from llmcli.tools.bench import decode_ratios, run_bench
@@ -86,9 +106,14 @@ def _throughput(path, engine, prompt_len: int, gen_len: int, batch: int, compare
     results = run_bench(engine, path, prompt_len, gen_len, batch, compare, rounds=rounds, log=log)
     pc = count_params(engine.config)  # MoE: a token multiplies only its k routed experts
     if as_json:
-        out = {"model": str(path), "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
-               "params_total": pc.total, "params_active_per_token": pc.active,
-               "results": [r.to_dict() for r in results]}
+        out = {
+            "model": str(path),
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).replace("torch.", ""),
+            "params_total": pc.total,
+            "params_active_per_token": pc.active,
+            "results": [r.to_dict() for r in results],
+        }
         if quant_compare:
             out["decode_vs_original"] = decode_ratios(results)
         elif len(results) == 2:
@@ -96,17 +121,27 @@ def _throughput(path, engine, prompt_len: int, gen_len: int, batch: int, compare
             out["prefill_speedup"] = results[0].prefill_tok_s / results[1].prefill_tok_s
         print(json.dumps(out))
         return
-    print(f"{path.name}  device={engine.device}  dtype={str(engine.dtype).replace('torch.', '')}  "
-          f"batch={batch} prompt={prompt_len} gen={gen_len}")
-    print(f"parameters: {format_count(pc.total, significant=True)} total, "
-          f"{format_count(pc.active, significant=True)} active per token")
+    print(
+        f"{path.name}  device={engine.device}  dtype={str(engine.dtype).replace('torch.', '')}  "
+        f"batch={batch} prompt={prompt_len} gen={gen_len}"
+    )
+    print(
+        f"parameters: {format_count(pc.total, significant=True)} total, "
+        f"{format_count(pc.active, significant=True)} active per token"
+    )
     ratio = decode_ratios(results) if quant_compare else None
-    print(f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT ms':>10}{'peak GiB':>10}"
-          + (f"{'decode x':>10}" if ratio else ""))
+    print(
+        f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT ms':>10}{'peak GiB':>10}"
+        + (f"{'decode x':>10}" if ratio else "")
+    )
     for r in results:
         mem = f"{r.peak_memory_gib:>10.2f}" if r.peak_memory_gib is not None else f"{'-':>10}"
-        print(f"{r.engine:<14}{r.prefill_tok_s:>15.1f}{r.decode_tok_s:>14.1f}{r.ttft_s * 1000:>10.1f}{mem}"
-              + (f"{ratio[r.engine]:>9.2f}x" if ratio else ""))
+        print(
+            f"{r.engine:<14}{r.prefill_tok_s:>15.1f}{r.decode_tok_s:>14.1f}{r.ttft_s * 1000:>10.1f}{mem}"
+            + (f"{ratio[r.engine]:>9.2f}x" if ratio else "")
+        )
     if len(results) == 2 and not quant_compare:
-        print(f"speedup: decode {results[0].decode_tok_s / results[1].decode_tok_s:.2f}x, "
-              f"prefill {results[0].prefill_tok_s / results[1].prefill_tok_s:.2f}x")
+        print(
+            f"speedup: decode {results[0].decode_tok_s / results[1].decode_tok_s:.2f}x, "
+            f"prefill {results[0].prefill_tok_s / results[1].prefill_tok_s:.2f}x"
+        )

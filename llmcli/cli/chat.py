@@ -29,8 +29,10 @@ from llmcli.cli.options import (
     make_decoder,
 )
 
-EXAMPLES = ("[bold]Examples[/bold]\n\n  llm chat\n  llm chat ./Qwen2.5-0.5B-Instruct --system 'Answer briefly.'\n"
-            "  llm chat --temperature 0 --speculate ngram\n  echo 'What is the capital of France?' | llm chat")
+EXAMPLES = (
+    "[bold]Examples[/bold]\n\n  llm chat\n  llm chat ./Qwen2.5-0.5B-Instruct --system 'Answer briefly.'\n"
+    "  llm chat --temperature 0 --speculate ngram\n  echo 'What is the capital of France?' | llm chat"
+)
 
 
 @app.command("chat", epilog=EXAMPLES)
@@ -66,9 +68,17 @@ def chat(
     from llmcli.engine.sampling_params import SamplingParams
 
     path = resolve_model_spec(model)
-    settings = SamplingParams.settle(path, default_max_tokens=DEFAULT_MAX_TOKENS, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repeat_penalty,
-                                     seed=seed, max_tokens=max_tokens)
+    settings = SamplingParams.settle(
+        path,
+        default_max_tokens=DEFAULT_MAX_TOKENS,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repeat_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
+    )
 
     interactive = sys.stdin.isatty()
     engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
@@ -76,8 +86,9 @@ def chat(
     backend = EngineBackend(engine, path.name, streamer=spec)
     if interactive:
         console = Console(highlight=False)
-        session = ChatSession(backend, settings, system, console=console, interactive=True, markdown=markdown,
-                              model_name=path.name)
+        session = ChatSession(
+            backend, settings, system, console=console, interactive=True, markdown=markdown, model_name=path.name
+        )
         save_history = setup_readline(None if no_history else history_path())
         session.banner()
         try:
@@ -88,6 +99,5 @@ def chat(
         # Scripts: plain replies on stdout, no banner, no colour; notices go to stderr.
         out = Console(color_system=None, highlight=False, soft_wrap=True)
         err = Console(file=sys.stderr, color_system=None, highlight=False, soft_wrap=True)
-        session = ChatSession(backend, settings, system, console=out, err=err, interactive=False,
-                              model_name=path.name)
+        session = ChatSession(backend, settings, system, console=out, err=err, interactive=False, model_name=path.name)
         session.run_piped(sys.stdin)

@@ -22,8 +22,9 @@ KV_CACHE_GIB = typer.Option(None, "--kv-cache-gib", help="KV-cache size (default
 
 # Sampling flags shared by `llm run` and `llm chat`: None = not given, so the model's generation_config.json or
 # llama.cpp's defaults apply (SamplingParams.settle).
-TEMPERATURE = typer.Option(None, "--temperature", "-t", min=0.0,
-                           help="0 = greedy (default 0.8, or the model's generation_config).")
+TEMPERATURE = typer.Option(
+    None, "--temperature", "-t", min=0.0, help="0 = greedy (default 0.8, or the model's generation_config)."
+)
 TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k likeliest tokens (default 40; 0 = off).")
 TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (default 0.95).")
 MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the top one (default 0.05).")
@@ -36,8 +37,9 @@ SPECULATE = typer.Option(None, "--speculate", help="`ngram`: draft by looking up
 NUM_DRAFT = typer.Option(None, "--num-draft", help="Tokens drafted per step (4 draft, 8 ngram).")
 
 
-def make_decoder(target, draft: str | None = None, speculate: str | None = None,
-                 num_draft: int | None = None, **load_kw):
+def make_decoder(
+    target, draft: str | None = None, speculate: str | None = None, num_draft: int | None = None, **load_kw
+):
     """--draft MODEL / --speculate ngram / --num-draft K -> a SpeculativeDecoder on target (None: plain decoding).
 
     The draft model is resolved like every MODEL argument and loaded with load_kw (device, dtype, kv_cache_gib)."""

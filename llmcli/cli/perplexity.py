@@ -15,17 +15,19 @@ from llmcli.cli.options import DEQUANTIZE_HELP
 from llmcli.cli.resolve import resolve_model_spec
 from llmcli.errors import UserError
 
-EXAMPLES = ("[bold]Examples[/bold]\n\n"
-            "  llm perplexity\n"
-            "  llm perplexity ./model-int4-g64 --file book.txt --window 512 --json")
+EXAMPLES = (
+    "[bold]Examples[/bold]\n\n  llm perplexity\n  llm perplexity ./model-int4-g64 --file book.txt --window 512 --json"
+)
 
 
 @app.command("perplexity", epilog=EXAMPLES)
 def perplexity_cmd(
     model: str | None = typer.Argument(
-        None, help="Model directory, .gguf file or store name (default: the built-in model)."),
+        None, help="Model directory, .gguf file or store name (default: the built-in model)."
+    ),
     file: Path | None = typer.Option(
-        None, "--file", help="UTF-8 text to score (default: the GPL-3 text in /usr/share/common-licenses)."),
+        None, "--file", help="UTF-8 text to score (default: the GPL-3 text in /usr/share/common-licenses)."
+    ),
     window: int = typer.Option(512, "--window", help="Tokens per window (no overlap)."),
     max_tokens: int = typer.Option(4096, "--max-tokens", help="Score at most this many tokens of the text."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),

@@ -41,33 +41,40 @@ def _output_dir(src: Path, bits: int, group_size: int, method: str, fmt: str, gg
     return store_dir() / (f"{name}-int8" if bits == 8 else f"{name}-int4-g{group_size}")
 
 
-EXAMPLES = ("[bold]Examples[/bold]\n\n"
-            "  llm quantize --bits 8\n"
-            "  llm quantize Qwen/Qwen2.5-0.5B-Instruct --bits 4 --group-size 64 --method hqq\n"
-            "  llm quantize ./model --bits 4 --method gptq --calibration text.txt\n"
-            "  llm quantize ./model --method nf4 --output ./model-nf4\n"
-            "  llm quantize --bits 4 --format gguf --gguf-type q4_1")
+EXAMPLES = (
+    "[bold]Examples[/bold]\n\n"
+    "  llm quantize --bits 8\n"
+    "  llm quantize Qwen/Qwen2.5-0.5B-Instruct --bits 4 --group-size 64 --method hqq\n"
+    "  llm quantize ./model --bits 4 --method gptq --calibration text.txt\n"
+    "  llm quantize ./model --method nf4 --output ./model-nf4\n"
+    "  llm quantize --bits 4 --format gguf --gguf-type q4_1"
+)
 
 
 @app.command("quantize", epilog=EXAMPLES)
 def quantize(
     model: str | None = typer.Argument(
-        None, help="Model directory, .gguf file or store name (default: the built-in model)."),
+        None, help="Model directory, .gguf file or store name (default: the built-in model)."
+    ),
     bits: int = typer.Option(8, "--bits", "-b", help="8 or 4."),
     group_size: int = typer.Option(128, "--group-size", "-g", help="INT4 group size: 32, 64 or 128."),
     method: str | None = typer.Option(
-        None, "--method", "-m", help="rtn | hqq | gptq | nf4 (default: rtn for 8 bits, hqq for 4)."),
+        None, "--method", "-m", help="rtn | hqq | gptq | nf4 (default: rtn for 8 bits, hqq for 4)."
+    ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output directory (default: in the llmcli store)."),
     fmt: str = typer.Option("llmcli", "--format", help="llmcli (safetensors directory) or gguf."),
     gguf_type: str | None = typer.Option(
-        None, "--gguf-type",
-        help="GGUF weight type: q8_0, q4_0, q4_1 or f16 (default: q8_0 for 8 bits, q4_1 for 4)."),
+        None, "--gguf-type", help="GGUF weight type: q8_0, q4_0, q4_1 or f16 (default: q8_0 for 8 bits, q4_1 for 4)."
+    ),
     calibration: Path | None = typer.Option(
-        None, "--calibration", help="Text file for GPTQ calibration (gptq; optional for nf4)."),
+        None, "--calibration", help="Text file for GPTQ calibration (gptq; optional for nf4)."
+    ),
     eval_file: Path | None = typer.Option(None, "--eval", help="Text file: report perplexity before and after."),
     quantize_embeddings: bool = typer.Option(
-        False, "--quantize-embeddings",
-        help="Also quantize the token embedding and lm_head (one shared table when tied)."),
+        False,
+        "--quantize-embeddings",
+        help="Also quantize the token embedding and lm_head (one shared table when tied).",
+    ),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -115,11 +122,19 @@ def quantize(
 
 def _render(s, ppl: dict, as_json: bool) -> None:
     ratio = s.bytes_after / s.bytes_before if s.bytes_before else float("nan")
-    data = {"output": str(s.output), "bits": s.spec.bits, "method": s.spec.method,
-            "layers_quantized": len(s.layers), "tensors_kept_16bit": s.kept,
-            "group_sizes": {str(k): v for k, v in s.group_sizes().items()},
-            "bytes_before_16bit": s.bytes_before, "bytes_after": s.bytes_after, "ratio": ratio,
-            "seconds": round(s.seconds, 2), "notes": s.notes}
+    data = {
+        "output": str(s.output),
+        "bits": s.spec.bits,
+        "method": s.spec.method,
+        "layers_quantized": len(s.layers),
+        "tensors_kept_16bit": s.kept,
+        "group_sizes": {str(k): v for k, v in s.group_sizes().items()},
+        "bytes_before_16bit": s.bytes_before,
+        "bytes_after": s.bytes_after,
+        "ratio": ratio,
+        "seconds": round(s.seconds, 2),
+        "notes": s.notes,
+    }
     if ppl:
         data["perplexity"] = ppl
     if as_json:

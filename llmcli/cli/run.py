@@ -57,16 +57,19 @@ def _prompt_ids(tokenizer, text: str, system: str | None, raw: bool) -> list[int
     return prompt_ids(tokenizer, messages)
 
 
-EXAMPLES = ("[bold]Examples[/bold]\n\n  llm run 'What is the capital of France?'\n"
-            "  llm run ./Qwen2.5-0.5B-Instruct 'Write a haiku' --temperature 0.7 --seed 1\n"
-            "  cat notes.txt | llm run - --system 'Summarize this.' --json\n"
-            "  llm run 'Repeat: ...' --speculate ngram --temperature 0")
+EXAMPLES = (
+    "[bold]Examples[/bold]\n\n  llm run 'What is the capital of France?'\n"
+    "  llm run ./Qwen2.5-0.5B-Instruct 'Write a haiku' --temperature 0.7 --seed 1\n"
+    "  cat notes.txt | llm run - --system 'Summarize this.' --json\n"
+    "  llm run 'Repeat: ...' --speculate ngram --temperature 0"
+)
 
 
 @app.command("run", epilog=EXAMPLES)
 def run(
     model_or_prompt: str = typer.Argument(
-        ..., metavar="[MODEL] PROMPT", help="Model (directory, .gguf or store name) then the prompt; `-` reads stdin."),
+        ..., metavar="[MODEL] PROMPT", help="Model (directory, .gguf or store name) then the prompt; `-` reads stdin."
+    ),
     prompt: str | None = typer.Argument(None, hidden=True),
     system: str | None = typer.Option(None, "--system", help="System message for the chat template."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
@@ -97,9 +100,18 @@ def run(
 
     model, text = _split_args(model_or_prompt, prompt)
     path = resolve_model_spec(model)
-    params = SamplingParams.settle(path, default_max_tokens=DEFAULT_MAX_TOKENS, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, min_p=min_p, repetition_penalty=repeat_penalty, seed=seed,
-                                   max_tokens=max_tokens, ignore_eos=ignore_eos)
+    params = SamplingParams.settle(
+        path,
+        default_max_tokens=DEFAULT_MAX_TOKENS,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repeat_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
+        ignore_eos=ignore_eos,
+    )
     engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
     ids = _prompt_ids(engine.tokenizer, text, system, raw)
     reset_expert_usage(engine.model)  # MoE router statistics cover this generation only
@@ -124,9 +136,15 @@ def run(
     sys.stdout.flush()
     if stats:
         cached = f" ({stats.cached_prompt_tokens} cached)" if stats.cached_prompt_tokens else ""
-        print(f"prompt {stats.prompt_tokens} tokens{cached}, TTFT {stats.ttft_s * 1000:.0f} ms, "
-              f"{stats.generated_tokens} tokens at {stats.decode_tok_s:.1f} tok/s", file=sys.stderr)
+        print(
+            f"prompt {stats.prompt_tokens} tokens{cached}, TTFT {stats.ttft_s * 1000:.0f} ms, "
+            f"{stats.generated_tokens} tokens at {stats.decode_tok_s:.1f} tok/s",
+            file=sys.stderr,
+        )
         if spec:
             sp = s["speculative"]
-            print(f"speculative: {sp['acceptance_rate']:.0%} of {sp['drafted']} drafts accepted, "
-                  f"{sp['mean_accepted']:.2f} per step, speed-up ~{sp['speedup_est']}x", file=sys.stderr)
+            print(
+                f"speculative: {sp['acceptance_rate']:.0%} of {sp['drafted']} drafts accepted, "
+                f"{sp['mean_accepted']:.2f} per step, speed-up ~{sp['speedup_est']}x",
+                file=sys.stderr,
+            )

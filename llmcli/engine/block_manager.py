@@ -78,7 +78,7 @@ class BlockManager:
         assert not seq.block_table
         bs, h = self.block_size, None
         for i in range((len(seq) - 1) // bs):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(h, tokens)
             bid = self.hash_to_block.get(h)
             if bid is None or self.blocks[bid].token_ids != tokens:
@@ -105,7 +105,7 @@ class BlockManager:
             if b.hash is not None:
                 continue
             prev = self.blocks[seq.block_table[i - 1]].hash if i else None
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             b.hash, b.token_ids = chain_hash(prev, tokens), tokens
             self.hash_to_block.setdefault(b.hash, b.block_id)
         seq.num_computed = num_computed

@@ -65,9 +65,15 @@ class GenerationStats:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return dict(prompt_tokens=self.prompt_tokens, cached_prompt_tokens=self.cached_prompt_tokens,
-                    generated_tokens=self.generated_tokens, ttft_s=self.ttft_s, decode_tok_s=self.decode_tok_s,
-                    prefill_tok_s=self.prefill_tok_s, finish_reason=self.finish_reason)
+        return dict(
+            prompt_tokens=self.prompt_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            generated_tokens=self.generated_tokens,
+            ttft_s=self.ttft_s,
+            decode_tok_s=self.decode_tok_s,
+            prefill_tok_s=self.prefill_tok_s,
+            finish_reason=self.finish_reason,
+        )
 
 
 @dataclass
@@ -86,8 +92,14 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -101,8 +113,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 class LLMEngine:
-    def __init__(self, model: nn.Module, config: ModelConfig, tokenizer=None, *, block_size: int = 16,
-                 num_blocks: int | None = None, kv_cache_gib: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        tokenizer=None,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_gib: float | None = None,
+    ):
         self.model, self.config, self.tokenizer = model, config, tokenizer
         p = model.model.norm.weight  # compute dtype even when the embedding table is quantized
         self.device, self.dtype = p.device, p.dtype
@@ -117,9 +137,17 @@ class LLMEngine:
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
-             *, kv_cache_gib: float | None = None, block_size: int = 16, tokenizer: bool = True,
-             dequantize: bool = False) -> LLMEngine:
+    def load(
+        cls,
+        path: str | Path,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        kv_cache_gib: float | None = None,
+        block_size: int = 16,
+        tokenizer: bool = True,
+        dequantize: bool = False,
+    ) -> LLMEngine:
         """A resolved model: a model directory or a .gguf file (the CLI resolves names and specs first).
 
         dequantize: expand a GGUF's Q4_0/Q4_1/Q8_0 linears to dtype instead of keeping them quantized."""
@@ -141,8 +169,9 @@ class LLMEngine:
             budget = free * CUDA_KV_FRACTION
         else:
             # CPU: a fixed budget, but no more than a few full-length contexts need.
-            budget = min(DEFAULT_CPU_KV_GIB * 2**30,
-                         4 * max(self.config.max_position_embeddings, 4096) * per_block / block_size)
+            budget = min(
+                DEFAULT_CPU_KV_GIB * 2**30, 4 * max(self.config.max_position_embeddings, 4096) * per_block / block_size
+            )
         n = int(budget // per_block)
         if n < 2:
             raise UserError(f"the KV-cache budget ({budget / 2**30:.2f} GiB) is too small for this model")
@@ -171,7 +200,7 @@ class LLMEngine:
         for seq in seqs:
             self.block_manager.commit(seq, len(seq))
         if all_positions:
-            return [self.model.compute_logits(hidden[i, :e - s]) for i, (_, s, e) in enumerate(batch)]
+            return [self.model.compute_logits(hidden[i, : e - s]) for i, (_, s, e) in enumerate(batch)]
         if len(seqs) == 1:
             return self.model.compute_logits(hidden[:, -1])
         last = torch.tensor([e - s - 1 for _, s, e in batch], device=self.device)
@@ -228,8 +257,9 @@ class LLMEngine:
         return seq.finished
 
     # ---- high-level API ---------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[list[int]]:
         """Generate for several prompts at once (batched decode); returns the new token ids of each."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         waiting = [Sequence(list(p), sp) for p, sp in zip(prompts, plist)]
@@ -293,4 +323,3 @@ class LLMEngine:
                     return
         finally:
             self.release(seq)
-

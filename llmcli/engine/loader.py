@@ -68,7 +68,7 @@ def _load_one(params: dict, modules: dict, config: ModelConfig, name: str, tenso
         # rows scale with the parameter (quantized formats may pack rows): offsets are proportional
         total = sum(sizes)
         lo = p.shape[0] * sum(sizes[:shard]) // total
-        hi = p.shape[0] * sum(sizes[:shard + 1]) // total
+        hi = p.shape[0] * sum(sizes[: shard + 1]) // total
         _copy(p[lo:hi], tensor, name)
         return f"{target}#{shard}"
     if _module_hook(modules, name, tensor):
@@ -104,7 +104,7 @@ def _module_hook(modules: dict, name: str, tensor: torch.Tensor) -> bool:
             return bool(m.load_hf_weight(".".join(parts[cut:]), tensor))
         if m is None and parts[cut - 1] in FUSED:  # e.g. q_proj.weight.absmax: a fused module's shard
             fused, shard = FUSED[parts[cut - 1]]
-            m = modules.get(".".join(parts[:cut - 1] + [fused]))
+            m = modules.get(".".join(parts[: cut - 1] + [fused]))
             if m is not None and hasattr(m, "load_hf_weight"):
                 return bool(m.load_hf_weight(".".join(parts[cut:]), tensor, shard=shard))
     return False
@@ -116,8 +116,9 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src)
 
 
-def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
-                quantization_config: dict | None = None, swap=None) -> nn.Module:
+def build_model(
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, quantization_config: dict | None = None, swap=None
+) -> nn.Module:
     """Allocate (not initialize) the model on device; quantization swaps modules before allocation
     (from a checkpoint's quantization_config, or `swap(meta_model)`: a GGUF's kept-quantized linears)."""
     prev = torch.get_default_dtype()
@@ -139,8 +140,9 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
     return model.eval()
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               dequantize: bool = False) -> tuple[nn.Module, ModelConfig]:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, dequantize: bool = False
+) -> tuple[nn.Module, ModelConfig]:
     """A model directory (config.json + safetensors) or a .gguf file -> (model on device, ModelConfig).
 
     A GGUF's Q4_0/Q4_1/Q8_0 linears stay quantized in our kernels (as llama.cpp runs them) unless
@@ -209,7 +211,10 @@ def _swap_kept(model: nn.Module, plan: dict[str, tuple[str, list[str]]]) -> None
             model.model.embed_tokens = Int8Embedding(lin.num_embeddings, lin.embedding_dim)
             continue
         bias = lin.bias is not None
-        new = (Int4OffsetLinear(lin.in_features, lin.out_features, KEPT_GROUP_SIZE, bias) if kind == "int4"
-               else Int8Linear(lin.in_features, lin.out_features, bias))
+        new = (
+            Int4OffsetLinear(lin.in_features, lin.out_features, KEPT_GROUP_SIZE, bias)
+            if kind == "int4"
+            else Int8Linear(lin.in_features, lin.out_features, bias)
+        )
         parent, _, leaf = module.rpartition(".")
         setattr(model.get_submodule(parent), leaf, new)

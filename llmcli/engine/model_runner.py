@@ -27,8 +27,16 @@ class ModelRunner:
         self.caches = []
         for i in range(config.num_layers):
             g = config.kv_cache_groups(i)
-            self.caches.append(torch.zeros(g, num_blocks + 1, block_size, config.kv_values_per_token(i) // g,
-                                           dtype=self.dtype, device=self.device))
+            self.caches.append(
+                torch.zeros(
+                    g,
+                    num_blocks + 1,
+                    block_size,
+                    config.kv_values_per_token(i) // g,
+                    dtype=self.dtype,
+                    device=self.device,
+                )
+            )
         self._bind()
         self.windows = sorted({config.layer_window(i) for i in range(config.num_layers)}, key=lambda w: w or 0)
 
@@ -43,8 +51,9 @@ class ModelRunner:
             for cache in self.caches:
                 cache[:, dst].copy_(cache[:, src])
 
-    def _views(self, tables: torch.Tensor, positions: torch.Tensor, starts: list[int], ends: list[int],
-               batch_tables: list[int]) -> dict:
+    def _views(
+        self, tables: torch.Tensor, positions: torch.Tensor, starts: list[int], ends: list[int], batch_tables: list[int]
+    ) -> dict:
         bs, b, q = self.block_size, positions.shape[0], positions.shape[1]
         views = {}
         for w in self.windows:
@@ -52,7 +61,7 @@ class ModelRunner:
                 # Gather only the blocks this window can see, and slice to the exact key range.
                 kstart = 0 if w is None else max(0, starts[0] - w + 1)
                 first = kstart // bs
-                bt = tables[:, first:self._nblocks(ends[0])]
+                bt = tables[:, first : self._nblocks(ends[0])]
                 lo, hi = kstart - first * bs, ends[0] - first * bs
                 mask = None
                 if q > 1:  # bottom-right causal (and windowed) mask for a multi-token query over the cache
@@ -62,7 +71,7 @@ class ModelRunner:
                     if w is not None:
                         mask &= qpos - kpos[None, :] < w
                     mask = mask[None, None]
-                blocks = batch_tables[first:self._nblocks(ends[0])]
+                blocks = batch_tables[first : self._nblocks(ends[0])]
                 # a fresh single stream gets consecutive blocks: then attention reads a slice, no gather
                 consecutive = blocks == list(range(blocks[0], blocks[0] + len(blocks)))
                 # queries == keys (nothing cached, no window cut): the mask is plain causal, which SDPA's
@@ -77,7 +86,7 @@ class ModelRunner:
                 mask = (kpos <= qpos) & (kpos < end_t)
                 if w is not None:
                     mask &= qpos - kpos < w
-                views[w] = KVView(tables[:, :self._nblocks(kmax)], 0, kmax, mask[:, None])
+                views[w] = KVView(tables[:, : self._nblocks(kmax)], 0, kmax, mask[:, None])
         return views
 
     def _nblocks(self, n: int) -> int:
@@ -95,7 +104,7 @@ class ModelRunner:
             seq, s, e = batch[0]
             ids = torch.tensor([seq.token_ids[s:e]], device=dev)
             positions = torch.arange(s, e, device=dev).unsqueeze(0)
-            tables = torch.tensor([seq.block_table[:self._nblocks(e)]], device=dev)
+            tables = torch.tensor([seq.block_table[: self._nblocks(e)]], device=dev)
             pos_flat = positions[0]
             slots = tables[0, pos_flat // bs] * bs + pos_flat % bs
         else:
@@ -105,7 +114,7 @@ class ModelRunner:
                 n = e - s
                 ids_l.append(seq.token_ids[s:e] + [0] * (qmax - n))
                 pos_l.append(list(range(s, e)) + [0] * (qmax - n))
-                t = seq.block_table[:self._nblocks(e)]
+                t = seq.block_table[: self._nblocks(e)]
                 tab_l.append(t + [self.scratch_block] * (nb - len(t)))
             ids = torch.tensor(ids_l, device=dev)
             positions = torch.tensor(pos_l, device=dev)
@@ -117,7 +126,10 @@ class ModelRunner:
         if getattr(self.model, "_cache_owner", None) is not self:
             self._bind()
         self.model.ensure_positions(max(ends), dev, self.dtype)
-        meta = AttentionMetadata(positions=positions, slot_mapping=slots,
-                                 views=self._views(tables, positions, starts, ends, batch[0][0].block_table),
-                                 pos_start=starts[0] if b == 1 else None)
+        meta = AttentionMetadata(
+            positions=positions,
+            slot_mapping=slots,
+            views=self._views(tables, positions, starts, ends, batch[0][0].block_table),
+            pos_start=starts[0] if b == 1 else None,
+        )
         return self.model(ids, meta)

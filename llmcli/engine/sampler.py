@@ -23,8 +23,15 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], pen
     return logits
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                  any_k: bool, any_p: bool, any_min_p: bool) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    any_k: bool,
+    any_p: bool,
+    any_min_p: bool,
+) -> torch.Tensor:
     """Mask filtered-out tokens with -inf (logits already divided by temperature)."""
     if any_k:
         vocab = logits.shape[-1]
@@ -64,13 +71,19 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         torch.tensor([p.top_k for p in params], device=dev),
         torch.tensor([p.top_p for p in params], device=dev),
         torch.tensor([p.min_p for p in params], device=dev),
-        any(p.top_k > 0 for p in params), any(p.top_p < 1.0 for p in params), any(p.min_p > 0 for p in params),
+        any(p.top_k > 0 for p in params),
+        any(p.top_p < 1.0 for p in params),
+        any(p.min_p > 0 for p in params),
     )
     return scaled.softmax(-1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           history: list[list[int]] | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    history: list[list[int]] | None = None,
+) -> torch.Tensor:
     """logits [B, V] (fp32) -> token ids [B] on device."""
     logits = penalized(logits, params, history)
     greedy = logits.argmax(-1)

@@ -18,8 +18,13 @@ from pathlib import Path
 from typing import Any
 
 # llama.cpp / Ollama defaults, used unless the model's generation_config.json or a flag says otherwise.
-LLAMA_CPP_DEFAULTS: dict[str, float] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
-                                        "repetition_penalty": 1.0}
+LLAMA_CPP_DEFAULTS: dict[str, float] = {
+    "temperature": 0.8,
+    "top_k": 40,
+    "top_p": 0.95,
+    "min_p": 0.05,
+    "repetition_penalty": 1.0,
+}
 
 
 class SettingError(ValueError):
@@ -29,6 +34,7 @@ class SettingError(ValueError):
 @dataclass
 class SamplingParams:
     """temperature 0 = greedy. top_k 0 / top_p 1 / min_p 0 / repetition_penalty 1 disable those filters."""
+
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0

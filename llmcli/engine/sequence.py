@@ -19,6 +19,7 @@ class Sequence:
     num_computed: tokens whose K/V are already in the cache (the last sampled token is not, until the next step).
     num_cached_prompt: prompt tokens found in the prefix cache instead of being computed.
     """
+
     token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     seq_id: int = field(default_factory=lambda: next(_ids))
@@ -44,4 +45,4 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]

@@ -43,10 +43,10 @@ def ngram_propose(context: torch.Tensor, k: int, max_ngram: int = 4, min_ngram: 
     # windows over context[:-1] so every match is followed by at least one token, and the suffix never matches itself
     head = context[:-1]
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
-        hits = (head.unfold(0, n, 1) == context[length - n:]).all(dim=1).nonzero()
+        hits = (head.unfold(0, n, 1) == context[length - n :]).all(dim=1).nonzero()
         if hits.numel():
             start = int(hits[-1]) + n
-            return context[start:start + k]
+            return context[start : start + k]
     return context[:0]
 
 
@@ -63,8 +63,12 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return (probs / e).argmax(dim=-1)
 
 
-def rejection_sample(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_probs: torch.Tensor,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rejection_sample(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify K drafted tokens per row so the emitted tokens are distributed exactly as the target's.
 
     draft_tokens [B, K]; draft_probs [B, K, V] the distributions the drafts were sampled from, or None for
@@ -127,6 +131,7 @@ def _assemble(draft_tokens: torch.Tensor, num_accepted: torch.Tensor, extra: tor
 @dataclass
 class SpecStats:
     """Counters for one generation; `steps` counts target verification forwards."""
+
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -149,13 +154,20 @@ class SpecStats:
         return self.accepted / self.steps if self.steps else 0.0
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "drafted": self.drafted, "accepted": self.accepted, "emitted": self.emitted,
-                "acceptance_rate": round(self.acceptance_rate, 4), "mean_accepted": round(self.mean_accepted, 3)}
+        return {
+            "steps": self.steps,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "emitted": self.emitted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted": round(self.mean_accepted, 3),
+        }
 
 
 @dataclass
 class SpecGenerationStats(GenerationStats):
     """The engine's generation stats plus the speculation counters (in to_dict under "speculative")."""
+
     speculative: SpecStats = field(default_factory=SpecStats)
 
     def to_dict(self) -> dict:
@@ -169,6 +181,7 @@ class AdaptiveK:
     Drafting past the first rejection is wasted work (draft forwards, wider target forward), so K follows how far
     the drafts have recently been right; asymmetric steps because a long accepted run tends to continue.
     """
+
     k: int
     lo: int = 1
     hi: int = 10
@@ -190,13 +203,17 @@ def check_compatible(target: LLMEngine, draft: LLMEngine) -> None:
     """A draft must speak the target's token ids: same vocabulary size and, when both are known, the same vocab."""
     tv, dv = target.config.vocab_size, draft.config.vocab_size
     if tv != dv:
-        raise UserError(f"the draft model's vocabulary ({dv} tokens) differs from the target's ({tv} tokens); "
-                        "a draft must use the same tokenizer")
+        raise UserError(
+            f"the draft model's vocabulary ({dv} tokens) differs from the target's ({tv} tokens); "
+            "a draft must use the same tokenizer"
+        )
     ta, da = _vocab(target.tokenizer), _vocab(draft.tokenizer)
     if ta is not None and da is not None and ta != da:
         diff = sum(1 for k, v in ta.items() if da.get(k) != v)
-        raise UserError(f"the draft model's tokenizer differs from the target's ({diff} of {len(ta)} tokens map to "
-                        "other ids); a draft must use the same tokenizer")
+        raise UserError(
+            f"the draft model's tokenizer differs from the target's ({diff} of {len(ta)} tokens map to "
+            "other ids); a draft must use the same tokenizer"
+        )
 
 
 def _vocab(tokenizer) -> dict | None:
@@ -222,8 +239,17 @@ class SpeculativeDecoder:
     bonus token (still pending: it is computed as the first query of the next step's forward).
     """
 
-    def __init__(self, target: LLMEngine, draft: LLMEngine | None = None, *, method: str | None = None,
-                 num_draft: int | None = None, adaptive: bool = True, max_ngram: int = 4, min_ngram: int = 1):
+    def __init__(
+        self,
+        target: LLMEngine,
+        draft: LLMEngine | None = None,
+        *,
+        method: str | None = None,
+        num_draft: int | None = None,
+        adaptive: bool = True,
+        max_ngram: int = 4,
+        min_ngram: int = 1,
+    ):
         method = method or ("draft" if draft is not None else "ngram")
         if method not in DEFAULT_NUM_DRAFT:
             raise UserError(f"unknown speculation method {method!r} (use a draft model or 'ngram')")
@@ -288,15 +314,16 @@ class SpeculativeDecoder:
 
     # ---- one draft-verify step ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _step(self, ts: Sequence, ds: Sequence | None, k: int, draft_gen: torch.Generator | None
-              ) -> tuple[list[int], int, int]:
+    def _step(
+        self, ts: Sequence, ds: Sequence | None, k: int, draft_gen: torch.Generator | None
+    ) -> tuple[list[int], int, int]:
         """Draft up to k tokens, verify them; returns (emitted tokens, drafted count, accepted count)."""
         target, params = self.target, ts.params
         length = len(ts)  # the last token is pending (sampled, not yet in the cache)
         drafts, q = self._propose(ts, ds, k, draft_gen)
         kd = len(drafts)
         logits = target.extend(ts, drafts)  # [kd + 1, V]: next-token logits after the last token and each draft
-        histories = [ts.token_ids[:length + i] for i in range(kd + 1)] if params.repetition_penalty != 1 else None
+        histories = [ts.token_ids[: length + i] for i in range(kd + 1)] if params.repetition_penalty != 1 else None
         rows = [params] * (kd + 1)
         logits = penalized(logits, rows, histories)
         d = torch.tensor([drafts], dtype=torch.long, device=logits.device)
@@ -305,7 +332,7 @@ class SpeculativeDecoder:
         else:
             tokens, n = rejection_sample(d, q, sampling_probs(logits, rows).unsqueeze(0), ts.generator)
         n = int(n)
-        emitted = tokens[0, :n + 1].tolist()  # the one host sync of the step
+        emitted = tokens[0, : n + 1].tolist()  # the one host sync of the step
         # roll back to the accepted prefix and append the corrected/bonus token (pending, like after engine.step)
         if n < kd:
             target.truncate(ts, length + n)
@@ -313,7 +340,7 @@ class SpeculativeDecoder:
         # stop at the first token that ends the sequence; any accepted tokens after it are never shown
         for i, tok in enumerate(emitted):
             if target.check_finished(ts, tok, length + i + 1 - ts.num_prompt_tokens):
-                emitted = emitted[:i + 1]
+                emitted = emitted[: i + 1]
                 break
         if ds is not None and not ts.finished:
             if n < kd:
@@ -321,8 +348,9 @@ class SpeculativeDecoder:
             ds.token_ids.append(emitted[-1])
         return emitted, kd, n
 
-    def _propose(self, ts: Sequence, ds: Sequence | None, k: int, draft_gen: torch.Generator | None
-                 ) -> tuple[list[int], torch.Tensor | None]:
+    def _propose(
+        self, ts: Sequence, ds: Sequence | None, k: int, draft_gen: torch.Generator | None
+    ) -> tuple[list[int], torch.Tensor | None]:
         """k draft tokens (maybe fewer for n-gram) and their draft distributions [1, k, V] (None: deterministic)."""
         if k <= 0:
             return [], None
@@ -348,6 +376,7 @@ class SpeculativeDecoder:
 
 # ---- measuring ----------------------------------------------------------------------------------------------------
 
+
 def plain_decode_tok_s(engine: LLMEngine, prompt_ids: list[int], steps: int = 6) -> float:
     """Plain one-token-per-forward decode speed of engine after this prompt (the prompt prefix is usually cached).
 
@@ -368,5 +397,8 @@ def plain_decode_tok_s(engine: LLMEngine, prompt_ids: list[int], steps: int = 6)
 def run_summary(decoder: SpeculativeDecoder, prompt_ids: list[int], decode_tok_s: float) -> dict:
     """Stats for `llm run`: the counters plus a speed-up against a short plain decode of the same prompt."""
     plain = plain_decode_tok_s(decoder.target, prompt_ids)
-    return {**decoder.stats.to_dict(), "plain_decode_tok_s_est": round(plain, 2),
-            "speedup_est": round(decode_tok_s / plain, 3) if plain and decode_tok_s else None}
+    return {
+        **decoder.stats.to_dict(),
+        "plain_decode_tok_s_est": round(plain, 2),
+        "speedup_est": round(decode_tok_s / plain, 3) if plain and decode_tok_s else None,
+    }

@@ -27,6 +27,7 @@ class KVView:
     block_tables [B, n] selects the blocks to gather; keys [start, end) of the gathered run are used; mask
     [B, 1, Q, end - start] (True = attend) or None when every query may see every key (batch-1 decode).
     """
+
     block_tables: torch.Tensor
     start: int
     end: int
@@ -38,6 +39,7 @@ class KVView:
 @dataclass
 class AttentionMetadata:
     """Built once per step by the model runner and shared by every layer."""
+
     positions: torch.Tensor  # [B, Q] absolute positions of the query tokens
     slot_mapping: torch.Tensor  # [B * Q] cache slot each new token is written to (padding -> a scratch slot)
     views: dict  # window (None = full attention) -> KVView
@@ -45,8 +47,9 @@ class AttentionMetadata:
     pos_start: int | None = None  # batch 1: positions are pos_start + arange(Q), so rope rows are a slice
 
 
-def sdpa_softcap(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                 scale: float, cap: float) -> torch.Tensor:
+def sdpa_softcap(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, cap: float
+) -> torch.Tensor:
     """Attention with tanh soft-capping of the scores (gemma2): SDPA's fused kernels cannot do it.
 
     q [B, H, Q, D], k/v [B, KVH, K, D]; grouped query heads are a broadcast dimension, not a copy.
@@ -88,11 +91,11 @@ class Attention(nn.Module):
         cos, sin = meta.rope[self.rope_key]
         if self.qk_norm:
             q = apply_rotary(self.q_norm(qkv[:, :, :h]), cos, sin)
-            k = apply_rotary(self.k_norm(qkv[:, :, h:h + kvh]), cos, sin)
+            k = apply_rotary(self.k_norm(qkv[:, :, h : h + kvh]), cos, sin)
         else:
-            qk = apply_rotary(qkv[:, :, :h + kvh], cos, sin)  # q and k rotated in one pass
+            qk = apply_rotary(qkv[:, :, : h + kvh], cos, sin)  # q and k rotated in one pass
             q, k = qk[:, :, :h], qk[:, :, h:]
-        v = qkv[:, :, h + kvh:]
+        v = qkv[:, :, h + kvh :]
 
         cache = self.kv_cache
         nb, bs = cache.shape[1], cache.shape[2]
@@ -101,15 +104,22 @@ class Attention(nn.Module):
 
         view = meta.views[self.window]
         if view.first_slot is not None:  # consecutive blocks: a zero-copy slice of the pool
-            kc, vc = pool[:, None, :, view.first_slot + view.start:view.first_slot + view.end]  # [1, kvh, K, d]
+            kc, vc = pool[:, None, :, view.first_slot + view.start : view.first_slot + view.end]  # [1, kvh, K, d]
         else:
             ctx = cache.view(2, kvh, nb, bs, d).index_select(2, view.block_tables.view(-1))  # [2, kvh, B*n, bs, d]
-            ctx = ctx.view(2, kvh, b, -1, d).transpose(1, 2)[:, :, :, view.start:view.end]
+            ctx = ctx.view(2, kvh, b, -1, d).transpose(1, 2)[:, :, :, view.start : view.end]
             kc, vc = ctx  # [B, kvh, K, d]
         qt = q.transpose(1, 2)
         if self.softcap:
             out = sdpa_softcap(qt, kc, vc, view.mask, self.scale, self.softcap)
         else:
-            out = F.scaled_dot_product_attention(qt, kc, vc, attn_mask=None if view.causal else view.mask,
-                                                 is_causal=view.causal, scale=self.scale, enable_gqa=kvh != h)
+            out = F.scaled_dot_product_attention(
+                qt,
+                kc,
+                vc,
+                attn_mask=None if view.causal else view.mask,
+                is_causal=view.causal,
+                scale=self.scale,
+                enable_gqa=kvh != h,
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, ql, h * d))

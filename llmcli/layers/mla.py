@@ -80,10 +80,11 @@ class MLAttention(nn.Module):
                 self._kv_b_dense = self.kv_b_proj.dequantize(dt).to(self.kv_a_layernorm.weight.device)
             w = self._kv_b_dense
         w = w.view(self.num_heads, self.nope + self.v_dim, self.rank)
-        return w[:, :self.nope], w[:, self.nope:]
+        return w[:, : self.nope], w[:, self.nope :]
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, Q, H] -> (q_nope [B, Q, h, dn], q_rope [B, Q, h, dr] rotated, cache rows [B, Q, r + dr])."""
         b, ql, _ = x.shape
         if hasattr(self, "q_proj"):
@@ -98,8 +99,9 @@ class MLAttention(nn.Module):
         k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).squeeze(2)
         return q_nope, q_rope, torch.cat((self.kv_a_layernorm(latent), k_rope), dim=-1)
 
-    def attend(self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Absorbed attention over cache rows ctx [B, K, r + dr]; mask [B, 1, Q, K] (True = attend) or None."""
         b, ql = q_nope.shape[:2]
         h, kl = self.num_heads, ctx.shape[1]
@@ -112,21 +114,23 @@ class MLAttention(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(ctx.dtype)
-        out = torch.bmm(probs.view(b, h * ql, kl), ctx[..., :self.rank]).view(b, h, ql, self.rank)
+        out = torch.bmm(probs.view(b, h * ql, kl), ctx[..., : self.rank]).view(b, h, ql, self.rank)
         out = torch.einsum("bhqr,hvr->bqhv", out, w_uv).reshape(b, ql, h * self.v_dim)
         return self.o_proj(out)
 
-    def attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: torch.Tensor,
-                        mask: torch.Tensor | None) -> torch.Tensor:
+    def attend_expanded(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Same result as attend(), computed with per-head K/V up-projected from the cached latents."""
         b, ql = q_nope.shape[:2]
         kl, h = ctx.shape[1], self.num_heads
-        kv = self.kv_b_proj(ctx[..., :self.rank]).view(b, kl, h, self.nope + self.v_dim)
+        kv = self.kv_b_proj(ctx[..., : self.rank]).view(b, kl, h, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, ctx[..., self.rank:].unsqueeze(2).expand(b, kl, h, self.rope)), dim=-1)
+        k = torch.cat((k_nope, ctx[..., self.rank :].unsqueeze(2).expand(b, kl, h, self.rope)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, scale=self.scale)  # [B, h, Q, dv]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scale
+        )  # [B, h, Q, dv]
         return self.o_proj(out.transpose(1, 2).reshape(b, ql, h * self.v_dim))
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -137,7 +141,7 @@ class MLAttention(nn.Module):
         width = cache.shape[-1]
         cache.view(-1, width).index_copy_(0, meta.slot_mapping, rows.reshape(b * ql, width).to(cache.dtype))
         view = meta.views[None]  # MLA models have no sliding window
-        ctx = cache[view.block_tables].view(b, -1, width)[:, view.start:view.end]
+        ctx = cache[view.block_tables].view(b, -1, width)[:, view.start : view.end]
         if ql >= self.expand_from:
             return self.attend_expanded(q_nope, q_rope, ctx, view.mask)
         return self.attend(q_nope, q_rope, ctx, view.mask)

@@ -38,12 +38,20 @@ class RouterConfig:
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig) -> RouterConfig:
-        return cls(cfg.num_experts, cfg.num_experts_per_tok, cfg.router, cfg.norm_topk_prob, cfg.n_group,
-                   cfg.topk_group, cfg.routed_scaling_factor)
+        return cls(
+            cfg.num_experts,
+            cfg.num_experts_per_tok,
+            cfg.router,
+            cfg.norm_topk_prob,
+            cfg.n_group,
+            cfg.topk_group,
+            cfg.routed_scaling_factor,
+        )
 
 
-def route(logits: torch.Tensor, rc: RouterConfig, correction_bias: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    logits: torch.Tensor, rc: RouterConfig, correction_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 router logits [T, E] -> (weights [T, k] fp32, expert ids [T, k] int64)."""
     scores = logits.sigmoid() if rc.scoring == "sigmoid" else logits.softmax(dim=-1)
     # DeepSeek-V3's bias only balances load: it steers which experts are chosen, never how much they weigh.
@@ -89,8 +97,9 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _GROUPED_MM_OK[key]
 
 
-def _selected_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                      down: torch.Tensor, act: Callable) -> torch.Tensor:
+def _selected_experts(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable
+) -> torch.Tensor:
     """Few tokens (batch-1 decode): gather only the chosen experts' weights, one batched matvec per projection.
 
     No host sync (CUDA-graph friendly) and no other expert's bytes are read.
@@ -103,15 +112,23 @@ def _selected_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     return (y.view(t, k, -1) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
 
 
-def _grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                     down: torch.Tensor, act: Callable, grouped_mm: bool,
-                     counts: torch.Tensor | None = None) -> torch.Tensor:
+def _grouped_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    act: Callable,
+    grouped_mm: bool,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sort the (token, expert) pairs by expert, run each expert once on its contiguous run of tokens.
 
     grouped_mm: one torch._grouped_mm per projection (no host sync; empty groups cost nothing). Otherwise a
     loop over the experts that received tokens (never over tokens), indexing the stacked weights in place.
     """
     if grouped_mm:
+
         def run(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
             offs = counts.cumsum(0).to(torch.int32)
             h = gated(act, torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs))
@@ -121,9 +138,14 @@ def _grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     return dispatch_sorted(x, ids, weights, run, gate_up.shape[0], counts)
 
 
-def dispatch_sorted(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_experts: int,
-                    counts: torch.Tensor | None = None) -> torch.Tensor:
+def dispatch_sorted(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    num_experts: int,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for x [T, H], the expert math left to `run`.
 
     The (token, expert) pairs are sorted by expert; run(xs, counts) gets their inputs xs [T*k, H] in that order
@@ -141,18 +163,28 @@ def dispatch_sorted(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     return torch.zeros_like(x).index_add_(0, token, y)
 
 
-def each_active_expert(expert: Callable[[int, torch.Tensor], torch.Tensor]
-                       ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def each_active_expert(
+    expert: Callable[[int, torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A dispatch_sorted `run` calling expert(j, rows of j) for each expert that has rows: a loop over the
     active experts (never over tokens), one host sync per layer; unselected experts are never touched."""
+
     def run(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         sizes = counts.tolist()
         return torch.cat([expert(j, xj) for j, xj in enumerate(xs.split(sizes)) if sizes[j]])
+
     return run
 
 
-def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                    down: torch.Tensor, act: Callable, counts: torch.Tensor | None = None) -> torch.Tensor:
+def experts_forward(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    act: Callable,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for x [T, H]; gate_up [E, 2I, H], down [E, H, I].
 
     Every path reads only the experts that some token selected.
@@ -174,6 +206,7 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
 
 # ---- modules -----------------------------------------------------------------------------------------------
 
+
 class Router(nn.Module):
     """`gate` in checkpoints: weight [E, H] (+ DeepSeek-V3's e_score_correction_bias). Kept out of nn.Linear on
     purpose: it is tiny, runs in fp32, and a quantizer must not touch it."""
@@ -184,8 +217,10 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(rc.num_experts, hidden))
         # A checkpoint tensor that is not trained by gradient: a buffer. fp32 whatever the model dtype (like the
         # reference): it is added to sigmoid scores, where bf16's 3 digits would reorder close experts.
-        self.register_buffer("e_score_correction_bias",
-                             torch.zeros(rc.num_experts, dtype=torch.float32) if rc.scoring == "sigmoid" else None)
+        self.register_buffer(
+            "e_score_correction_bias",
+            torch.zeros(rc.num_experts, dtype=torch.float32) if rc.scoring == "sigmoid" else None,
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Routing in fp32 for every family: a bf16 near-tie must not flip which expert runs.
@@ -203,14 +238,21 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.act = activation(act)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                counts: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return experts_forward(x, ids, weights, self.gate_up_proj, self.down_proj, self.act, counts)
 
 
 # per-expert checkpoint projection -> (stacked parameter, row half: 0 gate, 1 up, None whole)
-PER_EXPERT = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-               "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
+PER_EXPERT = {
+    "gate_proj": ("gate_up_proj", 0),
+    "w1": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "w3": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", None),
+    "w2": ("down_proj", None),
+}
 
 
 class MoE(nn.Module):
@@ -283,8 +325,9 @@ class MoE(nn.Module):
             # every quantized tensor is indexed [expert, out row, ...], so gate/up halves split the same way
             dst = p[j] if half is None else p[j].chunk(2, dim=0)[half]
             if tuple(dst.shape) != tuple(tensor.shape):
-                raise UserError(f"expert weight {suffix} has shape {tuple(tensor.shape)}, "
-                                f"the config expects {tuple(dst.shape)}")
+                raise UserError(
+                    f"expert weight {suffix} has shape {tuple(tensor.shape)}, the config expects {tuple(dst.shape)}"
+                )
             dst.copy_(tensor)
             key = f"{pname}.{parts[3]}"
             self._filled.add((j, key, half))
@@ -299,8 +342,9 @@ def expert_usage(model: nn.Module) -> dict[int, list[int]]:
 
     The router statistics `llm run --json` reports; {} for a dense model."""
     layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else []
-    return {i: layer.mlp.usage.tolist() for i, layer in enumerate(layers)
-            if isinstance(getattr(layer, "mlp", None), MoE)}
+    return {
+        i: layer.mlp.usage.tolist() for i, layer in enumerate(layers) if isinstance(getattr(layer, "mlp", None), MoE)
+    }
 
 
 def reset_expert_usage(model: nn.Module) -> None:

@@ -17,8 +17,9 @@ def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
-def rope_inv_freq(theta: float, dim: int, scaling: dict | None, max_position: int,
-                  original_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+def rope_inv_freq(
+    theta: float, dim: int, scaling: dict | None, max_position: int, original_max: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """(inv_freq, long inv_freq or None, attention factor) for a rotary dimension `dim`.
 
     The second tensor is only set for longrope: positions at or past original_max_position_embeddings use it.
@@ -56,8 +57,9 @@ def _llama3_inv_freq(inv: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, out)
 
 
-def _yarn_inv_freq(inv: torch.Tensor, s: dict, theta: float, dim: int, orig: int,
-                   factor: float) -> tuple[torch.Tensor, None, float]:
+def _yarn_inv_freq(
+    inv: torch.Tensor, s: dict, theta: float, dim: int, orig: int, factor: float
+) -> tuple[torch.Tensor, None, float]:
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
@@ -81,14 +83,15 @@ def _yarn_inv_freq(inv: torch.Tensor, s: dict, theta: float, dim: int, orig: int
     return (inv / factor) * (1 - extrap) + inv * extrap, None, float(attn)
 
 
-def _longrope_inv_freq(s: dict, theta: float, dim: int, orig: int,
-                       factor: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _longrope_inv_freq(
+    s: dict, theta: float, dim: int, orig: int, factor: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     attn = s.get("attention_factor")
     if attn is None:
         attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
     shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * theta ** shape)
-    long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * theta ** shape)
+    short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * theta**shape)
+    long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * theta**shape)
     return short, long, float(attn)
 
 
@@ -99,8 +102,9 @@ class RotaryEmbedding(nn.Module):
     x * cos + roll(x, d/2) * sin: three kernels instead of slicing, negating and concatenating.
     """
 
-    def __init__(self, dim: int, theta: float, scaling: dict | None, max_position: int,
-                 original_max: int | None = None):
+    def __init__(
+        self, dim: int, theta: float, scaling: dict | None, max_position: int, original_max: int | None = None
+    ):
         super().__init__()
         self.dim = dim
         with torch.device("cpu"):  # the model may be built under a meta-device context
@@ -141,7 +145,7 @@ class RotaryEmbedding(nn.Module):
         """
         if start is not None:
             q = positions.shape[1]
-            return self.cos[start:start + q, None].unsqueeze(0), self.sin[start:start + q, None].unsqueeze(0)
+            return self.cos[start : start + q, None].unsqueeze(0), self.sin[start : start + q, None].unsqueeze(0)
         return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
 
 

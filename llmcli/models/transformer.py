@@ -79,8 +79,15 @@ class Transformer(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # rope tables live outside the state dict; the model runner grows them (ensure) before a step
-        self.rotary = {"global": RotaryEmbedding(c.rotary_dim, c.rope_theta, c.rope_scaling,
-                                                 c.max_position_embeddings, c.original_max_position_embeddings)}
+        self.rotary = {
+            "global": RotaryEmbedding(
+                c.rotary_dim,
+                c.rope_theta,
+                c.rope_scaling,
+                c.max_position_embeddings,
+                c.original_max_position_embeddings,
+            )
+        }
         if c.rope_local_theta:  # gemma3: sliding layers use their own base and no scaling
             self.rotary["local"] = RotaryEmbedding(c.rotary_dim, c.rope_local_theta, None, c.max_position_embeddings)
 

@@ -16,14 +16,22 @@ from llmcli.config import ModelConfig
 from llmcli.layers.moe import PER_EXPERT
 
 # Checkpoint prefixes of models that wrap a text decoder (gemma3 multimodal, v4 and v5 spellings).
-PREFIX_RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-                  ("language_model.lm_head.", "lm_head."))
+PREFIX_RENAMES = (
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
 SKIP_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
 SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
 
 # separate projection -> (fused module, shard index); shard sizes come from fused_shards()
-FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
 _EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)$")
 
@@ -44,7 +52,7 @@ def rename(name: str) -> str | None:
     name = name.replace(".block_sparse_moe.", ".mlp.")
     for old, new in PREFIX_RENAMES:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 

@@ -61,8 +61,12 @@ class QuantSpec:
     def from_config(cls, qc: dict) -> QuantSpec:
         if qc.get("quant_method") != "llmcli":
             raise UserError(f"unsupported quantization_config quant_method {qc.get('quant_method')!r}")
-        return cls(bits=int(qc["bits"]), group_size=int(qc.get("group_size", 128)), method=qc.get("method", "rtn"),
-                   quantize_embeddings=bool(qc.get("quantize_embeddings", False)))
+        return cls(
+            bits=int(qc["bits"]),
+            group_size=int(qc.get("group_size", 128)),
+            method=qc.get("method", "rtn"),
+            quantize_embeddings=bool(qc.get("quantize_embeddings", False)),
+        )
 
 
 def quantizable_linears(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Linear]]:

@@ -44,9 +44,18 @@ from llmcli.quant.prepare import make_quant_module
 from llmcli.tokenizer import load_tokenizer
 
 SHARD_BYTES = 2 * 2**30
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+)
 # Written in the source's dtype: DeepSeek-V3's router correction bias is an fp32 buffer the engine keeps in fp32
 # (bf16 would reorder near-tied experts); it is E values per layer.
 KEEP_SOURCE_DTYPE = ("e_score_correction_bias",)
@@ -137,8 +146,9 @@ def _is_head(name: str) -> bool:
     return rename(name) == "lm_head.weight"
 
 
-def quantize_tensor(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tensor | None = None,
-                    importance: torch.Tensor | None = None) -> dict:
+def quantize_tensor(
+    w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tensor | None = None, importance: torch.Tensor | None = None
+) -> dict:
     """One weight [out, in] -> {suffix: tensor} in the on-disk layout of qmod's class. importance: the inputs'
     E[x^2] estimate [in] for hqq's search (see norm_fed_modules); other methods ignore it."""
     if spec.method == "gptq" and hessian is not None:
@@ -188,7 +198,8 @@ class ShardWriter:
         total = sum((self.dir / f).stat().st_size for f, _ in self.shards)
         weight_map = {n: f for f, names in self.shards for n in names}
         (self.dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
 
 
 def keep_dtype(cfg: dict) -> torch.dtype:
@@ -235,8 +246,9 @@ def input_gains(src: Path, config, targets: dict, spec: QuantSpec) -> dict[str, 
     return {m: (config.norm_offset + norms[n]).pow(2) for m, n in fed.items() if n in norms}
 
 
-def _quantize_parts(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tensor | None,
-                    importance: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _quantize_parts(
+    w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tensor | None, importance: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """One source tensor -> its stored parts ({suffix: tensor}) for the target module qmod."""
     if spec.method == "nf4":
         return quantize_nf4_tensor(w, hessian)
@@ -246,9 +258,18 @@ def _quantize_parts(w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tenso
     return quantize_tensor(w, qmod, spec, hessian, importance)
 
 
-def _write_tensors(tensors: Iterator[tuple[str, torch.Tensor]], writer: ShardWriter, summary: Summary, *,
-                   config, targets: dict, dtype16: torch.dtype, hessians: dict[str, torch.Tensor] | None,
-                   importance: dict[str, torch.Tensor], progress: Callable[[str], None] | None) -> int:
+def _write_tensors(
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    writer: ShardWriter,
+    summary: Summary,
+    *,
+    config,
+    targets: dict,
+    dtype16: torch.dtype,
+    hessians: dict[str, torch.Tensor] | None,
+    importance: dict[str, torch.Tensor],
+    progress: Callable[[str], None] | None,
+) -> int:
     """Stream every source tensor into writer: quantized when it loads into one of targets, else kept (16-bit).
     Fills summary's sizes, kept count and layer records; returns how many expert tensors gptq left to hqq/rtn."""
     spec = summary.spec
@@ -305,17 +326,27 @@ def _summary_notes(summary: Summary, expert_fallbacks: int) -> list[str]:
     smaller = sorted({r.group_size for r in summary.layers if r.group_size and r.group_size != requested})
     if spec.bits == 4 and spec.method != "nf4" and smaller:
         n = sum(1 for r in summary.layers if r.group_size != requested)
-        notes.append(f"{n} layers use group size {', '.join(map(str, smaller))}: their input size is not a "
-                     f"multiple of {requested}")
+        notes.append(
+            f"{n} layers use group size {', '.join(map(str, smaller))}: their input size is not a "
+            f"multiple of {requested}"
+        )
     if expert_fallbacks:
-        notes.append(f"{expert_fallbacks} expert tensors use {'hqq' if spec.bits == 4 else 'rtn'}: gptq "
-                     "collects Hessians for Linear layers only, not per expert")
+        notes.append(
+            f"{expert_fallbacks} expert tensors use {'hqq' if spec.bits == 4 else 'rtn'}: gptq "
+            "collects Hessians for Linear layers only, not per expert"
+        )
     return notes
 
 
-def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = False,
-                        hessians: dict[str, torch.Tensor] | None = None,
-                        progress: Callable[[str], None] | None = None) -> Summary:
+def quantize_checkpoint(
+    src: Path,
+    out: Path,
+    spec: QuantSpec,
+    *,
+    force: bool = False,
+    hessians: dict[str, torch.Tensor] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Summary:
     """Quantize the model at src (directory or .gguf) into the directory out."""
     t0 = time.perf_counter()
     spec.validate()
@@ -331,9 +362,17 @@ def quantize_checkpoint(src: Path, out: Path, spec: QuantSpec, *, force: bool = 
     try:
         writer = ShardWriter(tmp)
         importance = input_gains(src, config, targets, spec)
-        expert_fallbacks = _write_tensors(tensors(), writer, summary, config=config, targets=targets,
-                                          dtype16=dtype16, hessians=hessians, importance=importance,
-                                          progress=progress)
+        expert_fallbacks = _write_tensors(
+            tensors(),
+            writer,
+            summary,
+            config=config,
+            targets=targets,
+            dtype16=dtype16,
+            hessians=hessians,
+            importance=importance,
+            progress=progress,
+        )
         writer.close()
         if not summary.layers:
             raise UserError(f"{src} has no layers this quantizer can handle")

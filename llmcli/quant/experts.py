@@ -53,8 +53,11 @@ class QuantExpertProj(nn.Module):
 
     def _build(self, j: int) -> QuantLinear:
         with torch.device("meta"):  # constructed empty; its parameters are then replaced by views of expert j
-            lin = (Int8Linear(self.in_features, self.out_features) if self.bits == 8
-                   else Int4Linear(self.in_features, self.out_features, self.group_size))
+            lin = (
+                Int8Linear(self.in_features, self.out_features)
+                if self.bits == 8
+                else Int4Linear(self.in_features, self.out_features, self.group_size)
+            )
         for name in ("qweight", "scales", "zeros"):
             if name in self._parameters:
                 setattr(lin, name, nn.Parameter(self._parameters[name][j], requires_grad=False))
@@ -74,15 +77,18 @@ class QuantExpertProj(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
-        return (f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}{g}")
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}{g}"
+        )
 
 
 class QuantExperts(nn.Module):
     """Drop-in for layers.moe.Experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I], quantized."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, act: Callable, bits: int,
-                 group_size: int = 128):
+    def __init__(
+        self, num_experts: int, hidden: int, intermediate: int, act: Callable, bits: int, group_size: int = 128
+    ):
         super().__init__()
         self.num_experts, self.intermediate = num_experts, intermediate
         self.gate_up_proj = QuantExpertProj(num_experts, hidden, 2 * intermediate, bits, group_size)
@@ -92,8 +98,9 @@ class QuantExperts(nn.Module):
     def _expert(self, j: int, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.expert(j)(gated(self.act, self.gate_up_proj.expert(j)(x)))
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                counts: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # No grouped-matmul kernel takes packed int weights: one quantized matmul per projection per active expert.
         return dispatch_sorted(x, ids, weights, each_active_expert(self._expert), self.num_experts, counts)
 
@@ -108,4 +115,3 @@ def make_quant_experts(experts: nn.Module, bits: int, group_size: int) -> QuantE
     """The quantized twin of a layers.moe.Experts block (shapes read from it; works on the meta device)."""
     e, two_i, hidden = experts.gate_up_proj.shape
     return QuantExperts(e, hidden, two_i // 2, experts.act, bits, group_size)
-

@@ -29,8 +29,9 @@ DAMP = 0.01
 ColumnQuantizer = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def gptq_core(w: torch.Tensor, hessian: torch.Tensor, quantize_col: ColumnQuantizer, *,
-              act_order: bool = True, damp: float = DAMP) -> torch.Tensor:
+def gptq_core(
+    w: torch.Tensor, hessian: torch.Tensor, quantize_col: ColumnQuantizer, *, act_order: bool = True, damp: float = DAMP
+) -> torch.Tensor:
     """w [rows, cols], H [cols, cols] -> the stored values [rows, cols] (fp32, original column order)."""
     W = w.float().clone()
     rows, cols = W.shape
@@ -62,8 +63,9 @@ def gptq_core(w: torch.Tensor, hessian: torch.Tensor, quantize_col: ColumnQuanti
     return out
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, *,
-                  act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def gptq_quantize(
+    w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, *, act_order: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w [rows, cols], H [cols, cols] -> int8: (q int8, scales fp16 [rows], None);
     int4: (q uint8 0..15 [rows, cols], scales fp16 [rows, G], zeros fp16 [rows, G])."""
     W = w.float()
@@ -88,8 +90,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     return gptq_core(W, hessian, col4, act_order=act_order).to(torch.uint8), scales, zeros
 
 
-def gptq_quantize_grid(w: torch.Tensor, hessian: torch.Tensor, block_scales: torch.Tensor, code: torch.Tensor,
-                       block: int, *, act_order: bool = True) -> torch.Tensor:
+def gptq_quantize_grid(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    block_scales: torch.Tensor,
+    code: torch.Tensor,
+    block: int,
+    *,
+    act_order: bool = True,
+) -> torch.Tensor:
     """A scaled codebook grid (NF4): w[r, j] ~= code[idx] * block_scales[r, j // block], code ascending.
     Returns idx [rows, cols] (long)."""
     mids = (code[1:] + code[:-1]) / 2
@@ -101,4 +110,3 @@ def gptq_quantize_grid(w: torch.Tensor, hessian: torch.Tensor, block_scales: tor
         return idx.float(), code[idx] * sj
 
     return gptq_core(w, hessian, colc, act_order=act_order).long()
-

@@ -57,8 +57,17 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * torch.relu(ax - (1.0 / beta) * ax.clamp(min=1e-12).pow(p - 1.0))
 
 
-def optimize_zero(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor | None = None,
-                  *, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01, iters: int = 20) -> torch.Tensor:
+def optimize_zero(
+    wg: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    p: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+) -> torch.Tensor:
     """wg [..., G, g] fp32, scale/zero [..., G], weight (per value, broadcastable to wg; None = uniform) ->
     the refined zero [..., G]."""
     s = scale.unsqueeze(-1)
@@ -85,17 +94,16 @@ def optimize_zero(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, wei
     return best_z.squeeze(-1)
 
 
-def weighted_sq_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                      weight: torch.Tensor) -> torch.Tensor:
+def weighted_sq_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-group sum of weight * (dequant(quant(w)) - w)^2 for the grid (scale, zero) [..., G]."""
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
     q = torch.round(wg / s + z).clamp(0, 15)
     return (((q - z) * s - wg).pow(2) * weight).sum(-1)
 
 
-def search_scale_zero(wg: torch.Tensor, weight: torch.Tensor,
-                      deltas: tuple[float, ...] = SEARCH_DELTAS,
-                      refits: int = SEARCH_REFITS) -> tuple[torch.Tensor, torch.Tensor]:
+def search_scale_zero(
+    wg: torch.Tensor, weight: torch.Tensor, deltas: tuple[float, ...] = SEARCH_DELTAS, refits: int = SEARCH_REFITS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """wg [..., G, g] fp32, weight (> 0, broadcastable to wg) -> (scale, zero) [..., G], fp16-representable,
     with the least weighted squared error among the min/max grid and the refitted stretched grids."""
     weight = weight.expand_as(wg)
@@ -128,9 +136,9 @@ def search_scale_zero(wg: torch.Tensor, weight: torch.Tensor,
     return scale, zero
 
 
-def quantize_int4_hqq(w: torch.Tensor, group_size: int, rows_per_chunk: int = 4096,
-                      importance: torch.Tensor | None = None,
-                      **kw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4_hqq(
+    w: torch.Tensor, group_size: int, rows_per_chunk: int = 4096, importance: torch.Tensor | None = None, **kw
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as quantize_int4_rtn: (q uint8 [..., in], scales fp16 [..., G], zeros fp16 [..., G]).
     importance: [in] (or [n_matrices, in] for a stack) known second moments E[x^2] of the inputs up to a
     constant, e.g. the squared gain of the RMSNorm feeding the layer; it multiplies the data-free prior
@@ -148,7 +156,7 @@ def quantize_int4_hqq(w: torch.Tensor, group_size: int, rows_per_chunk: int = 40
         weights = weights.clamp(min=1.0 / MAX_IMPORTANCE, max=MAX_IMPORTANCE)
     qs, ss, zs = [], [], []
     for r0 in range(0, rows.shape[0], rows_per_chunk):  # bounded temporaries for huge layers
-        wg = rows[r0:r0 + rows_per_chunk].float().reshape(-1, k // g, g)
+        wg = rows[r0 : r0 + rows_per_chunk].float().reshape(-1, k // g, g)
         weight = weights[torch.arange(r0, r0 + wg.shape[0]) // n_out].reshape(-1, k // g, g)
         scale, zero = search_scale_zero(wg, weight)
         zero = optimize_zero(wg, scale, zero, weight, **kw).half().float()
@@ -156,5 +164,8 @@ def quantize_int4_hqq(w: torch.Tensor, group_size: int, rows_per_chunk: int = 40
         ss.append(scale.half())
         zs.append(zero.half())
     n_groups = k // g
-    return (torch.cat(qs).reshape(*lead, k), torch.cat(ss).reshape(*lead, n_groups),
-            torch.cat(zs).reshape(*lead, n_groups))
+    return (
+        torch.cat(qs).reshape(*lead, k),
+        torch.cat(ss).reshape(*lead, n_groups),
+        torch.cat(zs).reshape(*lead, n_groups),
+    )

@@ -45,8 +45,9 @@ def quantize_int4_rtn(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, t
     return q.reshape(*lead, k).to(torch.uint8), scale, zero
 
 
-def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """q [..., in] (unpacked 0..15) -> w [..., in]."""
     *lead, k = q.shape
     n_groups = scales.shape[-1]

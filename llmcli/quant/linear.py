@@ -73,7 +73,7 @@ class Int8Linear(QuantLinear):
         self.scales = frozen_param(out_features, dtype=torch.float16)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.qweight.to(dtype) * self.scales.to(dtype).unsqueeze(-1))
+        return self.qweight.to(dtype) * self.scales.to(dtype).unsqueeze(-1)
 
     def _prepare(self, device: torch.device) -> dict:
         use_kernel = device.type == "cpu" and int8_kernel_ok(self.in_features)

@@ -46,10 +46,17 @@ STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
 
 
 def bnb_quantization_config() -> dict:
-    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-            "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": ["lm_head"], "llm_int8_threshold": 6.0}
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": ["lm_head"],
+        "llm_int8_threshold": 6.0,
+    }
 
 
 def nf4_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -90,8 +97,9 @@ def nested_roundtrip(absmax: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return back.float(), {"q8": q8, "state2": state2, "offset": offset}
 
 
-def search_block_scales(wb: torch.Tensor, code: torch.Tensor, ratios: torch.Tensor,
-                        weight: torch.Tensor | None = None) -> torch.Tensor:
+def search_block_scales(
+    wb: torch.Tensor, code: torch.Tensor, ratios: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """wb [B, 64] -> per-block scale among absmax * ratios minimising the (optionally column-weighted)
     squared reconstruction error. All ratios are tried in one batched op per ratio (not per block)."""
     amax = wb.abs().amax(dim=-1).clamp(min=1e-12)
@@ -111,8 +119,9 @@ def search_block_scales(wb: torch.Tensor, code: torch.Tensor, ratios: torch.Tens
 SCALE_RATIOS = torch.linspace(0.80, 1.10, 31)
 
 
-def quantize_nf4_tensor(w: torch.Tensor, hessian: torch.Tensor | None = None,
-                        search: bool | None = None) -> dict[str, torch.Tensor]:
+def quantize_nf4_tensor(
+    w: torch.Tensor, hessian: torch.Tensor | None = None, search: bool | None = None
+) -> dict[str, torch.Tensor]:
     """w [out, in] -> {suffix: tensor} in the bitsandbytes layout. hessian: GPTQ code placement against the
     layer's calibration inputs; search: per-block scale search weighted by the Hessian's diagonal (default: only
     with a Hessian -- unweighted, the squared-error optimum measured slightly worse perplexity on SmolLM2 than
@@ -142,16 +151,25 @@ def quantize_nf4_tensor(w: torch.Tensor, hessian: torch.Tensor | None = None,
         idx = nearest_code(wb / stored.clamp(min=1e-12)[:, None], code).reshape(out_f, in_f)
     flat = idx.reshape(-1).to(torch.uint8)
     packed = (flat[0::2] << 4 | flat[1::2]).reshape(-1, 1)
-    state = QuantState(absmax=nested["q8"], shape=torch.Size(w.shape), code=code, blocksize=BLOCKSIZE,
-                       quant_type="nf4", dtype=torch.bfloat16, offset=nested["offset"], state2=nested["state2"])
+    state = QuantState(
+        absmax=nested["q8"],
+        shape=torch.Size(w.shape),
+        code=code,
+        blocksize=BLOCKSIZE,
+        quant_type="nf4",
+        dtype=torch.bfloat16,
+        offset=nested["offset"],
+        state2=nested["state2"],
+    )
     parts = {"weight": packed}
     for k, v in state.as_dict(packed=True).items():
         parts[f"weight.{k}"] = v
     return parts
 
 
-def dequantize_nf4_tensor(parts: dict[str, torch.Tensor], device: str = "cpu",
-                          dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4_tensor(
+    parts: dict[str, torch.Tensor], device: str = "cpu", dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """bitsandbytes' own dequantization of one stored tensor (the reference our engine is tested against);
     dtype overrides the stored compute dtype (bf16), e.g. fp32 for exact comparisons."""
     import bitsandbytes.functional as bnbf  # noqa: PLC0415  (bitsandbytes is heavy: loaded only for NF4)
@@ -223,12 +241,14 @@ class NF4Linear(nn.Module):
         absmax, state = decode_absmax(parts)
         rows = self.shards[shard]
         if int(state.get("blocksize", 0)) != BLOCKSIZE or list(state.get("shape", [])) != [rows, self.in_features]:
-            raise UserError(f"NF4 tensor with blocksize {state.get('blocksize')} and shape {state.get('shape')}: "
-                            f"expected blocksize {BLOCKSIZE} and shape {[rows, self.in_features]}")
+            raise UserError(
+                f"NF4 tensor with blocksize {state.get('blocksize')} and shape {state.get('shape')}: "
+                f"expected blocksize {BLOCKSIZE} and shape {[rows, self.in_features]}"
+            )
         per_row = self.in_features // BLOCKSIZE
         lo = sum(self.shards[:shard]) * per_row
         with torch.no_grad():
-            self.absmax[lo:lo + rows * per_row].copy_(absmax)
+            self.absmax[lo : lo + rows * per_row].copy_(absmax)
             if "weight.quant_map" in parts:
                 self.code.copy_(parts["weight.quant_map"].float())
         self._done.add(shard)
@@ -255,9 +275,14 @@ class NF4Linear(nn.Module):
 
             if not bnbf.has_avx512bf16():
                 return k
-            state = bnbf.QuantState(absmax=self.absmax.detach().clone(), shape=torch.Size((self.out_features,
-                                    self.in_features)), code=self.code.detach().clone(), blocksize=BLOCKSIZE,
-                                    quant_type="nf4", dtype=torch.bfloat16)
+            state = bnbf.QuantState(
+                absmax=self.absmax.detach().clone(),
+                shape=torch.Size((self.out_features, self.in_features)),
+                code=self.code.detach().clone(),
+                blocksize=BLOCKSIZE,
+                quant_type="nf4",
+                dtype=torch.bfloat16,
+            )
             k["bnb"] = bnbf._convert_weight_packed_for_cpu(self.weight.detach().clone(), state)
         except (ImportError, AttributeError, RuntimeError, AssertionError):
             k["bnb"] = None  # no bitsandbytes CPU kernel here: torch dequantization instead
@@ -293,4 +318,3 @@ def make_nf4_linear(config, name: str, m: nn.Linear) -> NF4Linear:
     else:
         shards = [m.out_features]
     return NF4Linear(m.in_features, m.out_features, shards, m.bias is not None)
-

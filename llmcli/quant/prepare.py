@@ -53,8 +53,10 @@ def prepare_model_nf4(model: nn.Module, config, quantization_config: dict) -> nn
     """Swap the Linear modules an NF4 checkpoint quantizes (the writer's choice: nf4_linears)."""
     qc = quantization_config
     if not qc.get("load_in_4bit") or qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
-        raise UserError("this bitsandbytes checkpoint is not NF4 4-bit: the llmcli engine runs only "
-                        "load_in_4bit with bnb_4bit_quant_type nf4")
+        raise UserError(
+            "this bitsandbytes checkpoint is not NF4 4-bit: the llmcli engine runs only "
+            "load_in_4bit with bnb_4bit_quant_type nf4"
+        )
     for name, m in nf4_linears(model):
         set_module(model, name, make_nf4_linear(config, name, m))
     return model

@@ -32,7 +32,11 @@ from llmcli.quant.checkpoint import quantize_checkpoint
 # --compare name -> (bits, group size, method): what `llm quantize` writes by default for each, plus the smaller
 # int4 groups (more accurate, slightly larger).
 QUANT_VARIANTS: dict[str, tuple[int, int, str]] = {
-    "int8": (8, 128, "rtn"), "int4": (4, 128, "hqq"), "int4-g64": (4, 64, "hqq"), "int4-g32": (4, 32, "hqq")}
+    "int8": (8, 128, "rtn"),
+    "int4": (4, 128, "hqq"),
+    "int4-g64": (4, 64, "hqq"),
+    "int4-g32": (4, 32, "hqq"),
+}
 ORIGINAL = "original"  # the engine label of the model as loaded, in a --compare int8,int4 run
 
 
@@ -42,8 +46,9 @@ def parse_compare(compare: str | None) -> str | list[str] | None:
         return compare
     names = list(dict.fromkeys(c.strip() for c in compare.split(",") if c.strip()))
     if not names or any(n not in QUANT_VARIANTS for n in names):
-        raise UserError(f"--compare takes 'transformers' or a comma list of {', '.join(QUANT_VARIANTS)}, "
-                        f"not {compare!r}")
+        raise UserError(
+            f"--compare takes 'transformers' or a comma list of {', '.join(QUANT_VARIANTS)}, not {compare!r}"
+        )
     return names
 
 
@@ -116,10 +121,12 @@ def bench_transformers(model, prompts: torch.Tensor, gen_len: int, device: torch
     return prefill, max(t2 - t1 - prefill, 1e-9)
 
 
-def _result(name: str, batch: int, plen: int, glen: int, prefill: float, decode: float, mem: float | None
-            ) -> BenchResult:
-    return BenchResult(name, batch, plen, glen, prefill, batch * plen / prefill,
-                       batch * (glen - 1) / decode if glen > 1 else 0.0, mem)
+def _result(
+    name: str, batch: int, plen: int, glen: int, prefill: float, decode: float, mem: float | None
+) -> BenchResult:
+    return BenchResult(
+        name, batch, plen, glen, prefill, batch * plen / prefill, batch * (glen - 1) / decode if glen > 1 else 0.0, mem
+    )
 
 
 def load_transformers(path, device: torch.device, dtype: torch.dtype):
@@ -149,8 +156,9 @@ def load_quantized(path, names: list[str], engine, log) -> list[tuple[str, objec
     return out
 
 
-def bench_quantized(engine, path, names: list[str], prompt_len: int, gen_len: int, batch: int, rounds: int,
-                    log) -> list[BenchResult]:
+def bench_quantized(
+    engine, path, names: list[str], prompt_len: int, gen_len: int, batch: int, rounds: int, log
+) -> list[BenchResult]:
     """The loaded model first (labelled ORIGINAL), then each quantized variant, rounds alternating."""
     if engine.config.raw.get("quantization_config"):
         raise UserError(f"--compare {','.join(names)} quantizes the model itself; give the unquantized original")
@@ -173,8 +181,10 @@ def bench_quantized(engine, path, names: list[str], prompt_len: int, gen_len: in
             runs[label].append(bench_engine(e, random_prompts(vocab, batch, prompt_len, 100 + r), gen_len))
     best = lambda rs: (min(p for p, _ in rs), min(d for _, d in rs))  # noqa: E731
     # every variant shares the process with the original: only the original's peak is its own
-    return [_result(label, batch, prompt_len, gen_len, *best(rs), mem if label == ORIGINAL else None)
-            for label, rs in runs.items()]
+    return [
+        _result(label, batch, prompt_len, gen_len, *best(rs), mem if label == ORIGINAL else None)
+        for label, rs in runs.items()
+    ]
 
 
 def decode_ratios(results: list[BenchResult]) -> dict[str, float]:
@@ -183,8 +193,9 @@ def decode_ratios(results: list[BenchResult]) -> dict[str, float]:
     return {r.engine: r.decode_tok_s / base if base else float("nan") for r in results}
 
 
-def run_bench(engine, path, prompt_len: int, gen_len: int, batch: int, compare: str | None = None,
-              rounds: int = 2, log=None) -> list[BenchResult]:
+def run_bench(
+    engine, path, prompt_len: int, gen_len: int, batch: int, compare: str | None = None, rounds: int = 2, log=None
+) -> list[BenchResult]:
     if prompt_len < 1 or gen_len < 1 or batch < 1:
         raise UserError("--prompt-len, --gen-len and --batch must be at least 1")
     log = log or (lambda msg: None)
@@ -224,11 +235,13 @@ def run_bench(engine, path, prompt_len: int, gen_len: int, batch: int, compare: 
 # ---- plain vs speculative decoding ----------------------------------------------------------------------------------
 
 # A workload speculation is made for: the reply copies a passage that is in the prompt.
-PASSAGE = ("The old lighthouse stood at the edge of the cliff for over a hundred years. Every night its beam swept "
-           "across the dark water, guiding fishing boats safely back to the harbor. The keeper, a quiet man named "
-           "Elias, climbed the spiral stairs each evening to light the lamp and wind the clockwork that turned it. "
-           "In winter the storms came without warning, and more than once he stayed awake until dawn, watching the "
-           "waves break against the rocks below and listening for the horns of ships lost in the fog.")
+PASSAGE = (
+    "The old lighthouse stood at the edge of the cliff for over a hundred years. Every night its beam swept "
+    "across the dark water, guiding fishing boats safely back to the harbor. The keeper, a quiet man named "
+    "Elias, climbed the spiral stairs each evening to light the lamp and wind the clockwork that turned it. "
+    "In winter the storms came without warning, and more than once he stayed awake until dawn, watching the "
+    "waves break against the rocks below and listening for the horns of ships lost in the fog."
+)
 REPEAT_PROMPT = "Repeat the following passage exactly, word for word, and say nothing else:\n\n" + PASSAGE
 
 
@@ -245,15 +258,24 @@ class SpeedComparison:
         return self.spec_tok_s / self.plain_tok_s if self.plain_tok_s else 0.0
 
     def to_dict(self) -> dict:
-        return {"plain_decode_tok_s": round(self.plain_tok_s, 2), "speculative_decode_tok_s": round(self.spec_tok_s, 2),
-                "speedup": round(self.speedup, 3), "identical_output": self.identical, "generated_tokens": self.tokens,
-                **self.stats.to_dict()}
+        return {
+            "plain_decode_tok_s": round(self.plain_tok_s, 2),
+            "speculative_decode_tok_s": round(self.spec_tok_s, 2),
+            "speedup": round(self.speedup, 3),
+            "identical_output": self.identical,
+            "generated_tokens": self.tokens,
+            **self.stats.to_dict(),
+        }
 
 
 def compare_speed(decoder: SpeculativeDecoder, prompt_ids: list[int], params: SamplingParams) -> SpeedComparison:
     """Generate the same reply plainly and speculatively (decode tok/s after the first token of each)."""
     plain = list(decoder.target.stream(prompt_ids, params))
     spec = list(decoder.stream(prompt_ids, params))
-    return SpeedComparison(plain[-1].stats.decode_tok_s, spec[-1].stats.decode_tok_s,
-                           [e.token_id for e in plain] == [e.token_id for e in spec], decoder.stats,
-                           len(spec))
+    return SpeedComparison(
+        plain[-1].stats.decode_tok_s,
+        spec[-1].stats.decode_tok_s,
+        [e.token_id for e in plain] == [e.token_id for e in spec],
+        decoder.stats,
+        len(spec),
+    )

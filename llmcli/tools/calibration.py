@@ -18,8 +18,9 @@ from llmcli.tools.perplexity import encode_text
 
 
 @torch.inference_mode()
-def collect_hessians(src: Path, text: str, spec: QuantSpec, max_tokens: int = 2048,
-                     window: int = 512) -> dict[str, torch.Tensor]:
+def collect_hessians(
+    src: Path, text: str, spec: QuantSpec, max_tokens: int = 2048, window: int = 512
+) -> dict[str, torch.Tensor]:
     """Engine module name -> H = 2/n X^T X over the calibration tokens, for every Linear the spec quantizes."""
     ids = encode_text(src, text)[:max_tokens]
     # dequantize: a GGUF source keeps its linears quantized by default, and only nn.Linear gets hooks
@@ -35,13 +36,14 @@ def collect_hessians(src: Path, text: str, spec: QuantSpec, max_tokens: int = 20
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return fn
 
     for name, m in quantizable_linears(engine.model, spec):
         hooks.append(m.register_forward_hook(hook(name)))
     try:
         for s in range(0, len(ids), window):
-            engine.forward_window(ids[s:s + window])
+            engine.forward_window(ids[s : s + window])
     finally:
         for h in hooks:
             h.remove()

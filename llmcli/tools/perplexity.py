@@ -65,7 +65,7 @@ def perplexity(engine, ids: list[int], window: int = 512, max_tokens: int | None
         ids = ids[:max_tokens]
     total, count = 0.0, 0
     for start in range(0, len(ids), window):
-        chunk = ids[start:start + window]
+        chunk = ids[start : start + window]
         if len(chunk) < 2:
             break
         logits = engine.forward_window(chunk, all_positions=True)  # every position, even a cached prefix
@@ -77,8 +77,15 @@ def perplexity(engine, ids: list[int], window: int = 512, max_tokens: int | None
     return PerplexityResult(math.exp(nll), count, nll)
 
 
-def measure_perplexity(path: Path, text: str, window: int, max_tokens: int | None, device: str | None,
-                       dtype: str | None, dequantize: bool = False) -> PerplexityResult:
+def measure_perplexity(
+    path: Path,
+    text: str,
+    window: int,
+    max_tokens: int | None,
+    device: str | None,
+    dtype: str | None,
+    dequantize: bool = False,
+) -> PerplexityResult:
     """Perplexity of the model at path (resolved: a directory or a .gguf file) on text."""
     ids = encode_text(path, text)
     engine = LLMEngine.load(path, device=device, dtype=dtype, tokenizer=False, dequantize=dequantize)
