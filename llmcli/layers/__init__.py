@@ -1,1 +1,1 @@
-"""Building blocks of the transformer: norms, rotary embeddings, activations, attention, sampling."""
+"""Building blocks of the transformer: norms, rotary embeddings, activations, attention, MLPs, MoE, MLA."""
