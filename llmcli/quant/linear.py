@@ -148,7 +148,7 @@ class Int4OffsetLinear(Int4Linear):
     the block's own fp16 min as the offset is, so dequantize() reproduces gguf's fp32 result bit for bit
     (d*q is exact in fp32, then one rounding in the add, the same order as ggml). Not a checkpoint format:
     llmcli checkpoints keep Int4Linear's scales/zeros. Same kernels: tinygemm's table is
-    [scale, offset + 8 * scale] in bf16, which rounds (measured in tests/test_gguf.py).
+    [scale, offset + 8 * scale] in bf16, which rounds (measured in tests/formats/test_gguf.py).
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):

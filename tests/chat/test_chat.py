@@ -18,7 +18,7 @@ from llmcli.chat.session import ChatSession
 from llmcli.chat.terminal import read_message
 from llmcli.engine.sampling_params import SamplingParams, generation_defaults
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LLM = str(ROOT / ".venv" / "bin" / "llm") if (ROOT / ".venv" / "bin" / "llm").exists() else "llm"
 
 

@@ -340,7 +340,7 @@ REAL: dict[str, tuple[dict, int | None]] = {
     ),  # published as "671B total, 37B activated"
 }
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def meta_model(hf_config):

@@ -11,7 +11,7 @@ import pytest
 from llmcli import __version__
 from llmcli.cli import completion
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ["pull", "list", "show", "rm", "estimate", "quantize", "run", "chat", "perplexity", "bench"]
 
 
