@@ -45,14 +45,14 @@ def _split_args(model_or_prompt: str, prompt: str | None) -> tuple[str | None, s
 
 def _prompt_ids(tokenizer, text: str, system: str | None, raw: bool) -> list[int]:
     """The prompt through the chat template (with the system message), or with --raw the text's own ids."""
-    from llmcli.engine.text import prompt_ids
+    from llmcli.engine.text import prompt_ids, text_ids
 
     if tokenizer is None:
         raise UserError("this model has no tokenizer")
     if raw:
         if system:
             raise UserError("--system needs the chat template; drop --raw")
-        return list(tokenizer.encode(text))
+        return text_ids(tokenizer, text)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     return prompt_ids(tokenizer, messages)
 
