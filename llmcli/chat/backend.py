@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 from llmcli.engine.block_manager import OutOfBlocks
@@ -22,6 +23,8 @@ from llmcli.engine.sampling_params import SamplingParams
 from llmcli.engine.speculative import plain_decode_tok_s
 from llmcli.engine.text import TextStream, prompt_ids
 from llmcli.errors import UserError
+from llmcli.estimate import count_params
+from llmcli.hub.inspect import model_params
 from llmcli.units import format_count
 
 
@@ -45,17 +48,28 @@ class ChatBackend(Protocol):
 
     def count_tokens(self, messages: list[dict]) -> int: ...
 
+    def parameters(self) -> int:
+        """The model's parameter count as `llm show` reports it: the checkpoint's tensors where they are not packed,
+        else the architecture's count. Never the loaded modules' elements: a quantized linear packs two 4-bit
+        weights in a byte and keeps its scales apart, so its numel() is neither."""
+        if self.path is not None:
+            total, _ = model_params(self.path, self.engine.config)
+            if total:
+                return total
+        return int(count_params(self.engine.config).total)
+
     def info(self) -> dict[str, str]: ...
 
 
 class EngineBackend:
     """The chat backend on our engine. `streamer` defaults to the engine itself; anything with the same
-    `.stream(prompt_ids, params)` works (speculative decoding: SpeculativeDecoder(engine, draft, ...))."""
+    `.stream(prompt_ids, params)` works (speculative decoding: SpeculativeDecoder(engine, draft, ...)).
+    `path` is the model's file or directory, so /show counts its parameters as `llm show` does."""
 
-    def __init__(self, engine: LLMEngine, model_name: str, streamer=None):
+    def __init__(self, engine: LLMEngine, model_name: str, streamer=None, path: Path | None = None):
         if engine.tokenizer is None:
             raise UserError("this model has no tokenizer, so it cannot chat")
-        self.engine, self.model_name = engine, model_name
+        self.engine, self.model_name, self.path = engine, model_name, path
         self.streamer = streamer if streamer is not None else engine
         bm = engine.block_manager
         self.pool_tokens = len(bm.blocks) * bm.block_size
@@ -94,13 +108,22 @@ class EngineBackend:
         except OutOfBlocks:  # the pool is full of this conversation: no room for a measuring sequence
             return None
 
+    def parameters(self) -> int:
+        """The model's parameter count as `llm show` reports it: the checkpoint's tensors where they are not packed,
+        else the architecture's count. Never the loaded modules' elements: a quantized linear packs two 4-bit
+        weights in a byte and keeps its scales apart, so its numel() is neither."""
+        if self.path is not None:
+            total, _ = model_params(self.path, self.engine.config)
+            if total:
+                return total
+        return int(count_params(self.engine.config).total)
+
     def info(self) -> dict[str, str]:
         c, e = self.engine.config, self.engine
-        n_params = sum(p.numel() for p in e.model.parameters())
         out = {
             "model": self.model_name,
             "architecture": c.family,
-            "parameters": format_count(n_params),
+            "parameters": format_count(self.parameters()),
             "layers": str(c.num_layers),
             "hidden size": str(c.hidden_size),
             "attention heads": f"{c.num_heads} (kv {c.num_kv_heads})",

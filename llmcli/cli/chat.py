@@ -83,7 +83,7 @@ def chat(
     interactive = sys.stdin.isatty()
     engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
     spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
-    backend = EngineBackend(engine, path.name, streamer=spec)
+    backend = EngineBackend(engine, path.name, streamer=spec, path=path)
     if interactive:
         console = Console(highlight=False)
         session = ChatSession(

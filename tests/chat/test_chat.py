@@ -425,3 +425,24 @@ def test_piped_stdin(smollm2_gguf, tmp_path):
     assert "\x1b" not in r.stdout and "context" not in r.stdout  # no colour, no banner
     assert "invalid value for temperature: 'hot'" in r.stderr
     assert f"outgrew the {pool}-token context: dropped the" in r.stderr
+
+
+def test_show_reports_the_parameters_llm_show_reports(smollm2_gguf, tmp_path):
+    # the GGUF's 4-bit linears pack two weights a byte: counting the loaded modules' elements said 88.1M
+    env = dict(os.environ, LLMCLI_HOME=str(tmp_path))
+    shown = subprocess.run(
+        [LLM, "show", str(smollm2_gguf), "--json"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert shown.returncode == 0, shown.stderr
+    params = json.loads(shown.stdout)["parameters"]
+    r = subprocess.run(
+        [LLM, "chat", str(smollm2_gguf), "--device", "cpu"],
+        input="/show\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.split()[:1] == ["parameters"])
+    assert line.split()[1] == f"{params / 1e6:.1f}M" == "134.5M"
