@@ -61,7 +61,12 @@ def quantize(
     method: str | None = typer.Option(
         None, "--method", "-m", help="rtn | hqq | gptq | nf4 (default: rtn for 8 bits, hqq for 4)."
     ),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Output directory (default: in the llmcli store)."),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Output directory, or .gguf file with --format gguf (default: in the llmcli store, shown by `llm list`).",
+    ),
     fmt: str = typer.Option("llmcli", "--format", help="llmcli (safetensors directory) or gguf."),
     gguf_type: str | None = typer.Option(
         None, "--gguf-type", help="GGUF weight type: q8_0, q4_0, q4_1 or f16 (default: q8_0 for 8 bits, q4_1 for 4)."
@@ -75,12 +80,14 @@ def quantize(
         "--quantize-embeddings",
         help="Also quantize the token embedding and lm_head (one shared table when tied).",
     ),
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output."),
+    force: bool = typer.Option(
+        False, "--force", "-f", help="Overwrite an existing output (never the source model itself)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Write an INT8/INT4/NF4 weight-only checkpoint, or a GGUF (Q8_0/Q4_0/Q4_1) with --format gguf."""
     from llmcli.quant import QuantSpec
-    from llmcli.quant.checkpoint import quantize_checkpoint
+    from llmcli.quant.checkpoint import check_output, quantize_checkpoint
     from llmcli.quant.gguf_writer import check_gguf_type, write_gguf
     from llmcli.tools.calibration import collect_hessians
     from llmcli.tools.perplexity import measure_perplexity, read_text
@@ -103,8 +110,7 @@ def quantize(
         raise UserError(f"eval file {eval_file} not found")
     src = resolve_model_spec(model)
     out = output or _output_dir(src, spec.bits, spec.group_size, method, fmt, gguf_type or "")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    check_output(src, out, force=force)  # exists, is/holds/inside the source, cannot be written: before any work
     if fmt == "gguf":
         summary = write_gguf(src, out, spec, force=force, gguf_type=gguf_type)
     else:

@@ -2,8 +2,10 @@
 
 Source tensors are read memory-mapped (safe_open / GGUFReader) and quantized one by one, and output shards
 are flushed every SHARD_BYTES, so peak memory is about one layer's fp32 weight plus one output shard --
-never the whole fp32 model. Everything is written into a temporary sibling directory that is renamed onto
-the destination only once complete.
+never the whole fp32 model. Everything is written into a temporary sibling directory (llmcli.paths.temp_path:
+hidden, named after the destination and this process, so a later run removes it if this one is killed) that is
+renamed onto the destination only once complete. check_output refuses, before any work, an output that exists
+(without force), that is, holds or lies inside the source, or that cannot be created.
 
 Which tensors are quantized is decided by building the engine's model on the meta device and running
 prepare_model on it: a checkpoint tensor is quantized iff the module it loads into (after q/k/v and
@@ -15,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,7 @@ from llmcli.formats.gguf_tensors import dense_tensor, iter_gguf_raw, iter_gguf_t
 from llmcli.formats.safetensors import iter_safetensors, safetensors_files
 from llmcli.models.transformer import Transformer
 from llmcli.models.weights import rename, target_module
+from llmcli.paths import aside_path, remove_path, remove_stale_temps, temp_path
 from llmcli.quant import QuantSpec, quantizable_embeddings, quantizable_experts, quantizable_linears
 from llmcli.quant.experts import QuantExpertProj, make_quant_experts
 from llmcli.quant.gptq import gptq_quantize
@@ -214,7 +216,7 @@ def write_tokenizer(src: Path, dst: Path) -> list[str]:
         copied = []
         for n in TOKENIZER_FILES:
             if (src / n).is_file():
-                shutil.copy2(src / n, dst / n)
+                shutil.copyfile(src / n, dst / n)  # contents only: the output's modes follow the umask
                 copied.append(n)
         return copied
     tok = load_tokenizer(src)
@@ -312,12 +314,42 @@ def _write_config(directory: Path, cfg: dict, spec: QuantSpec, dtype16: torch.dt
 
 def _move_into_place(tmp: Path, out: Path) -> None:
     if out.exists():  # --force: the old output goes only once the new one is complete
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = aside_path(out)  # a kill between the two renames: remove_stale_temps puts it back
         os.replace(out, old)
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
     else:
         os.replace(tmp, out)
+
+
+def _first_existing(p: Path) -> Path:
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output(src: Path, out: Path, *, force: bool = False) -> None:
+    """Refuse an output before any work is done: one that exists (without force), that is the source, holds it
+    or lies inside it, or whose directory cannot be created or written (probed by creating this run's temporary
+    entry there). Stale temporary outputs of killed runs next to out are removed on the way."""
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    s, o = src.resolve(), out.resolve()
+    if o == s or s.is_relative_to(o) or o.is_relative_to(s):
+        how = "is" if o == s else ("holds" if s.is_relative_to(o) else "is inside")
+        raise UserError(f"refusing to write {out}: it {how} the source model {src}; choose another --output")
+    base = _first_existing(out.parent)
+    if not base.is_dir():
+        raise UserError(f"cannot write {out}: {base} is a file, not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out.parent)
+        probe = temp_path(out)
+        remove_path(probe)  # this PID's own leftover (only this process can own the name)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def _summary_notes(summary: Summary, expert_fallbacks: int) -> list[str]:
@@ -350,15 +382,14 @@ def quantize_checkpoint(
     """Quantize the model at src (directory or .gguf) into the directory out."""
     t0 = time.perf_counter()
     spec.validate()
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    check_output(src, out, force=force)
     cfg, tensors = open_source(src)
     config = from_hf_dict(cfg)
     targets = checkpoint_targets(config, spec)
     summary = Summary(spec=spec, output=out)
     dtype16 = keep_dtype(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_path(out)
+    tmp.mkdir()  # 0777 & ~umask, as the output will be
     try:
         writer = ShardWriter(tmp)
         importance = input_gains(src, config, targets, spec)
@@ -381,7 +412,7 @@ def quantize_checkpoint(
         summary.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         _move_into_place(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         raise
     summary.notes.extend(_summary_notes(summary, expert_fallbacks))
     summary.seconds = time.perf_counter() - t0

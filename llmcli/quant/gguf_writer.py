@@ -17,7 +17,8 @@ becomes m = -zero*d and the blocks are packed here; with rtn it is gguf-py's min
 
 Tensors are read from the source one at a time and their encoded bytes go to GGUFWriter's spool file (on
 disk past 256 MiB), so memory holds one tensor, not the model. The file is written to a temporary sibling
-and renamed onto the destination only once complete.
+(llmcli.paths.temp_path, which a later run removes if this one is killed) and renamed onto the destination only
+once complete; its mode is the umask's (0666 & ~umask), as any file the user creates.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,8 +43,9 @@ from llmcli.formats import is_gguf
 from llmcli.formats.gguf_config import llama3_factors
 from llmcli.formats.gguf_reader import gguf_metadata, open_gguf, read_f32
 from llmcli.formats.gguf_tensors import PERMUTED_QK, permute_qk_rows
+from llmcli.paths import remove_path, temp_path
 from llmcli.quant import QuantSpec
-from llmcli.quant.checkpoint import LayerRecord, Summary, open_source
+from llmcli.quant.checkpoint import LayerRecord, Summary, check_output, open_source
 from llmcli.quant.hqq import quantize_int4_hqq
 from llmcli.tokenizer.gguf_vocab import PRE_TOKENIZERS, gguf_bpe
 
@@ -389,8 +390,7 @@ def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gg
     t0 = time.perf_counter()
     spec.validate()
     weight_type = check_gguf_type(gguf_type, spec)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    check_output(src, out, force=force)
     cfg, tensors = open_source(src)
     config = from_hf_dict(cfg)
     arch = ARCHITECTURES.get(config.family)
@@ -402,10 +402,8 @@ def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gg
         raise UserError("--format gguf writes dense models only")
     file_type = _FILE_TYPES[weight_type]
     summary = Summary(spec=spec, output=out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_path(out)
+    remove_path(tmp)  # only this process can own the name
     try:
         writer = gguf.GGUFWriter(tmp, arch, use_temp_file=True)
         name = re.sub(r"[.-](Q\d\w*|F16|F32|BF16)$", "", src.stem if is_gguf(src) else src.name, flags=re.I)
@@ -433,7 +431,7 @@ def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gg
         writer.close()
         os.replace(tmp, out)  # atomic: an existing output (--force) is replaced only now
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_path(tmp)
         raise
     summary.bytes_after = out.stat().st_size
     _add_notes(summary, spec, weight_type, fallback)
