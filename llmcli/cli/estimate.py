@@ -1,7 +1,9 @@
 """`llm estimate MODEL`: exact parameters, memory, KV cache, FLOPs and GPU fit from the config alone.
 
-This module only parses flags and renders: the config comes from hub.resolve.resolve_config (a directory,
-config.json, .gguf metadata or a Hub repo's config.json) and every number from llmcli.estimate. The library
+This module only parses flags and renders: the config comes from hub.resolve.resolve_config_source (every name
+`llm list` shows, a directory, config.json, .gguf metadata or a Hub repo's config.json) and every number from
+llmcli.estimate; a GGUF's weights are its tensors as stored (hub.inspect.gguf_stored_weights) unless --dtype is
+given. The library
 is imported inside the command body so `llm --help` and completion stay fast.
 """
 
@@ -96,12 +98,14 @@ def _render(est, cfg, source: str, gpu_label: str | None, notes: list[str]) -> N
 def estimate(
     model: str | None = typer.Argument(
         None,
-        help="Model directory, config.json, .gguf file or Hub repo id (REPO[:REVISION]); default: the built-in model.",
+        help="A name from `llm list`, model directory, config.json, .gguf file or Hub repo id (REPO[:REVISION]); "
+        "default: the built-in model.",
     ),
     dtype: str | None = typer.Option(
         None,
         "--dtype",
-        help="Weights: fp32, bf16, fp16, int8, int4, nf4. Default: the checkpoint's quantization, else bf16.",
+        help="Weights: fp32, bf16, fp16, int8, int4, nf4. Default: the checkpoint's quantization (a GGUF's tensor "
+        "types as stored), else bf16.",
     ),
     group_size: int | None = typer.Option(
         None, "--group-size", help="int4 group size: 32, 64 or 128 (default 128, or the checkpoint's)."
@@ -125,11 +129,22 @@ def estimate(
     """Exact parameters, weight memory, KV cache, FLOPs and GPU fit, from the config alone (no weights read)."""
     from llmcli import estimate as E
     from llmcli.estimate.explain import explain as explain_lines
-    from llmcli.hub.resolve import resolve_config
+    from llmcli.formats import is_gguf
+    from llmcli.hub.inspect import gguf_stored_weights
+    from llmcli.hub.resolve import resolve_config_source
 
-    cfg, source = resolve_config(model)
+    cfg, source, local = resolve_config_source(model)
 
+    notes = []
+    stored, kinds = None, None
     q_dtype, q_group, q_emb = E.checkpoint_quantization(cfg)
+    if dtype is None and local is not None and is_gguf(local):
+        q_dtype, stored, kinds = gguf_stored_weights(local)
+        notes.append(
+            "weights: the GGUF's tensors as stored ("
+            + ", ".join(f"{n} {k}" for k, n in kinds.items())
+            + "); --dtype estimates another type instead"
+        )
     dtype = _choice(dtype, E.WEIGHT_DTYPES, "--dtype") if dtype else (q_dtype or "bf16")
     kv_dtype = _choice(kv_dtype, E.KV_DTYPES, "--kv-dtype")
     group_size = group_size or q_group or 128
@@ -149,15 +164,17 @@ def estimate(
         batch=batch,
         kv_dtype=kv_dtype,
         gpu_bytes=gpu_bytes,
+        stored_weight_bytes=stored,
     )
     est = E.estimate(cfg, opts)
-    notes = []
     if context > cfg.max_position_embeddings:
         notes.append(f"context {context} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
     if as_json:
         d = {"model": source, **est.to_dict(), "max_position_embeddings": cfg.max_position_embeddings}
         if gpu_label:
             d["gpu"] = gpu_label
+        if kinds:
+            d["stored_tensor_types"] = kinds
         if explain:
             d["explain"] = explain_lines(cfg, opts, est)
         typer.echo(json.dumps(d, indent=2))

@@ -338,14 +338,24 @@ class Options:
     batch: int = 1
     kv_dtype: str = "bf16"
     gpu_bytes: int | None = None  # None: no fit questions
+    # The checkpoint's weights as stored (a GGUF's tensors, from its header), used instead of the dtype formula;
+    # dtype is then only its label (e.g. "q4_1").
+    stored_weight_bytes: int | None = None
 
     @property
     def act_bytes(self) -> int:
         return 4 if self.dtype == "fp32" else 2
 
 
+def option_weight_bytes(cfg: ModelConfig, opts: Options) -> int:
+    """Bytes of the weights opts describes: the stored size when known, else weight_bytes for opts.dtype."""
+    if opts.stored_weight_bytes is not None:
+        return opts.stored_weight_bytes
+    return weight_bytes(cfg, opts.dtype, opts.group_size, opts.quantize_embeddings)
+
+
 def total_bytes(cfg: ModelConfig, opts: Options, context: int, batch: int, weights: int | None = None) -> int:
-    w = weight_bytes(cfg, opts.dtype, opts.group_size, opts.quantize_embeddings) if weights is None else weights
+    w = option_weight_bytes(cfg, opts) if weights is None else weights
     return w + kv_bytes(cfg, context, batch, opts.kv_dtype) + activation_bytes(cfg, context, batch, opts.act_bytes)
 
 
@@ -357,7 +367,7 @@ def usable_bytes(gpu_bytes: int) -> int:
 def max_context(cfg: ModelConfig, opts: Options, budget: int) -> int:
     """Largest context (<= the model's max_position_embeddings) whose total fits `budget` at opts.batch;
     0 if not even one token fits. total() is non-decreasing in context, so bisection is exact."""
-    w = weight_bytes(cfg, opts.dtype, opts.group_size, opts.quantize_embeddings)
+    w = option_weight_bytes(cfg, opts)
     fits = lambda c: total_bytes(cfg, opts, c, opts.batch, w) <= budget  # noqa: E731
     lo, hi = 0, cfg.max_position_embeddings
     if fits(hi):
@@ -371,7 +381,7 @@ def max_context(cfg: ModelConfig, opts: Options, budget: int) -> int:
 def max_batch(cfg: ModelConfig, opts: Options, budget: int) -> int:
     """Largest batch of opts.context-token sequences that fits `budget` (0: none). Every layer caches
     something per token, so memory grows without bound in the batch: double, then bisect."""
-    w = weight_bytes(cfg, opts.dtype, opts.group_size, opts.quantize_embeddings)
+    w = option_weight_bytes(cfg, opts)
     fits = lambda b: total_bytes(cfg, opts, opts.context, b, w) <= budget  # noqa: E731
     if not fits(1):
         return 0
@@ -414,7 +424,7 @@ class Estimate:
 
 def estimate(cfg: ModelConfig, opts: Options) -> Estimate:
     pc = count_params(cfg)
-    wb = weight_bytes(cfg, opts.dtype, opts.group_size, opts.quantize_embeddings)
+    wb = option_weight_bytes(cfg, opts)
     kv = kv_bytes(cfg, opts.context, opts.batch, opts.kv_dtype)
     act = activation_bytes(cfg, opts.context, opts.batch, opts.act_bytes)
     est = Estimate(

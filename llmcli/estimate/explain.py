@@ -133,7 +133,9 @@ def _parameter_departures(c: ModelConfig, est: Estimate, attn: int) -> list[str]
 
 def _weights(c: ModelConfig, opts: Options, est: Estimate) -> list[str]:
     lines = ["WEIGHTS"]
-    if opts.dtype in BYTES:
+    if opts.stored_weight_bytes is not None:
+        lines.append(f"  the checkpoint's tensors as stored ({opts.dtype}): {_b(est.weight_bytes)}")
+    elif opts.dtype in BYTES:
         lines.append(f"  params*bytes = {est.params_total:,}*{BYTES[opts.dtype]} = {_b(est.weight_bytes)}")
     else:
         packed = sum(w.total for w in param_groups(c) if quantizable(w, opts.dtype, opts.quantize_embeddings))

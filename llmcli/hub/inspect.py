@@ -42,6 +42,15 @@ def gguf_file_type(path: Path) -> str:
     return "GGUF " + kinds.most_common(1)[0][0] if kinds else "GGUF"
 
 
+def gguf_stored_weights(path: Path) -> tuple[str, int, dict[str, int]]:
+    """(weight type, bytes, tensors per ggml type) of a GGUF as stored: the type is general.file_type's (else the
+    commonest tensor type) as --gguf-type names it ("q4_1"), the bytes are every tensor's as its header says."""
+    reader = open_gguf(path)
+    kinds = Counter(t.tensor_type.name for t in reader.tensors)
+    label = gguf_file_type(path).removeprefix("GGUF").strip().lower() or "gguf"
+    return label, int(sum(int(t.n_bytes) for t in reader.tensors)), dict(kinds.most_common())
+
+
 def _gguf_params(path: Path) -> int:
     return int(sum(int(t.n_elements) for t in open_gguf(path).tensors))
 

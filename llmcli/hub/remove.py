@@ -23,13 +23,16 @@ class Removal:
 
     description: str
     freed: int
-    paths: list[Path] = field(default_factory=list)  # whole trees to delete (store models)
+    paths: list[Path] = field(default_factory=list)  # store models: directory trees or .gguf files
     hub_commits: tuple[str, ...] = ()  # revisions for huggingface_hub's delete strategy
     gguf_pointers: list[Path] = field(default_factory=list)  # one GGUF out of a multi-GGUF snapshot
 
     def execute(self) -> None:
         for p in self.paths:
-            shutil.rmtree(p)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
         if self.hub_commits:
             scan_cache_dir(cache_root()).delete_revisions(*self.hub_commits).execute()
         for ptr in self.gguf_pointers:
@@ -55,7 +58,8 @@ def plan_removal(spec: str) -> Removal:
         )
     stored = stored_model(spec)
     if stored is not None:
-        return Removal(f"{spec} ({stored})", dir_size(stored), paths=[stored])
+        size = dir_size(stored) if stored.is_dir() else stored.stat().st_size
+        return Removal(f"{spec} ({stored})", size, paths=[stored])
     if not looks_like_repo(spec):
         raise UserError(f"no local model named {spec!r} (see `llm list`)")
     repo_id, suffix = parse_spec(spec)

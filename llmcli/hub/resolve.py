@@ -20,7 +20,7 @@ from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.hub import default_model
 from llmcli.hub.download import RemoteFile, cached_commit, fetch_config, match_gguf_tag, parse_spec, repo_folder
 from llmcli.hub.inspect import gguf_tag, loadable_dir, snapshot_ggufs
-from llmcli.paths import store_dir
+from llmcli.paths import is_temporary, store_dir
 
 _HEX = re.compile(r"[0-9a-f]{7,40}")
 # What `llm estimate` takes for a Hub repo id (REPO[:REVISION]), whose config.json alone it fetches.
@@ -38,9 +38,14 @@ def looks_like_repo(spec: str) -> bool:
 
 
 def stored_model(spec: str) -> Path | None:
-    """The `llm quantize` output named `spec`, if there is one."""
+    """The `llm quantize` output named `spec` (a directory, or a .gguf file by its file name), if there is one;
+    never a temporary output."""
+    if not spec or "/" in spec or "\\" in spec or spec in (".", "..") or is_temporary(spec):
+        return None
     stored = store_dir() / spec
-    if "/" not in spec and stored.is_dir() and (stored / "config.json").is_file():
+    if stored.is_dir() and (stored / "config.json").is_file():
+        return stored
+    if stored.is_file() and is_gguf(stored):
         return stored
     return None
 
@@ -134,26 +139,50 @@ def resolve_model(spec: str | None, notify: Callable[[str], None] | None = None)
     raise UserError(f"model {spec!r} not found: not a path, a name from `llm list`, or an ORG/NAME Hub repo")
 
 
-def resolve_config(spec: str | None) -> tuple[ModelConfig, str]:
-    """(ModelConfig, where it came from) for a directory, config.json, .gguf file or Hub repo id, reading no
-    weights: a Hub repo's config.json alone is fetched (or read from the cache). None: the default model, which
-    is not fetched for this."""
-    if spec is None:
-        spec = str(default_model.default_model_path(fetch=False))
+def _local_config(p: Path) -> ModelConfig:
+    if is_gguf(p):
+        try:
+            return load_gguf_config(p)
+        except UserError:
+            raise
+        except Exception as e:  # a truncated or foreign file
+            raise UserError(f"{p} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    return load_config(p)
+
+
+def resolve_config_source(spec: str | None) -> tuple[ModelConfig, str, Path | None]:
+    """(ModelConfig, where it came from, the local directory/file or None) for what `llm estimate` takes: every
+    name `resolve_model` takes (a path, the default model's name, a store name, a cached Hub repo, read locally)
+    and a config.json, reading no weights. A Hub repo that is not downloaded has its config.json alone fetched.
+    None or the default model's name: the default model, which is not fetched for this."""
+    if spec is None or spec.lower() == default_model.NAME:
+        p = default_model.default_model_path(fetch=False)
+        return _local_config(p), str(p), p
     p = Path(spec).expanduser()
     if p.is_dir():
-        return load_config(p), str(p)
+        return load_config(p), str(p), p
     if p.is_file():
         if is_gguf(p):
-            try:
-                return load_gguf_config(p), str(p)
-            except UserError:
-                raise
-            except Exception as e:  # a truncated or foreign file
-                raise UserError(f"{p} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+            return _local_config(p), str(p), p
         if p.suffix == ".json":
-            return load_config(p), str(p)
+            return load_config(p), str(p), None
         raise UserError(f"{spec} is neither a model directory, a config.json nor a .gguf file")
+    stored = stored_model(spec)
+    if stored is not None:
+        return _local_config(stored), spec, stored
+    if looks_like_repo(spec):
+        try:
+            local = find_cached(spec)
+        except NotDownloaded:
+            local = None
+        if local is not None:
+            return _local_config(local), spec, local
     if _REPO_ID.match(spec) and not (spec.endswith(".json") or is_gguf(spec)) and not spec.startswith((".", "~")):
-        return load_config(fetch_config(spec)), spec
-    raise UserError(f"{spec}: no such file or directory (and not a Hub repo id)")
+        return load_config(fetch_config(spec)), spec, None
+    raise UserError(f"{spec}: no such file or directory, nor a name from `llm list` (and not a Hub repo id)")
+
+
+def resolve_config(spec: str | None) -> tuple[ModelConfig, str]:
+    """(ModelConfig, where it came from): resolve_config_source without the local path."""
+    cfg, source, _ = resolve_config_source(spec)
+    return cfg, source

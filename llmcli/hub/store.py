@@ -1,7 +1,8 @@
 """The models on this machine, from the three places they live (what `llm list` shows).
 
 The Hugging Face cache (repos fetched by `llm pull` or transformers), the llmcli store (`llm quantize`
-output, one directory per model in store_dir()) and the embedded default GGUF.
+output in store_dir(): a directory or a .gguf file per model) and the embedded default GGUF. Temporary
+outputs (hidden names, `.tmp` files: llmcli.paths.is_temporary) are never listed, wherever they are.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from llmcli.hub.inspect import (
     model_params,
     snapshot_ggufs,
 )
-from llmcli.paths import store_dir
+from llmcli.paths import is_temporary, store_dir
 
 
 @dataclass
@@ -86,6 +87,8 @@ def _hub_models() -> list[LocalModel]:
                     )
                 )
             for g in snapshot_ggufs(snap):
+                if any(is_temporary(part) for part in g.relative_to(snap).parts):
+                    continue
                 # Always REPO:TAG (resolvable: a tag that names a GGUF wins); other revisions say which.
                 name = f"{repo.repo_id}:{gguf_tag(g.name)}"
                 if suffix:
@@ -105,17 +108,25 @@ def _store_models() -> list[LocalModel]:
         return []
     out = []
     for d in sorted(root.iterdir()):
+        if is_temporary(d.name):
+            continue
         if d.is_dir() and (d / "config.json").is_file():
-            out.append(
-                LocalModel(
-                    name=d.name,
-                    source="store",
-                    path=str(d),
-                    format=_safe(model_format, d),
-                    size=dir_size(d),
-                    modified=(d / "config.json").stat().st_mtime,
-                )
+            size, modified = dir_size(d), (d / "config.json").stat().st_mtime
+        elif d.is_file() and is_gguf(d):  # `llm quantize --format gguf`: its file name is its name
+            st = d.stat()
+            size, modified = st.st_size, st.st_mtime
+        else:
+            continue
+        out.append(
+            LocalModel(
+                name=d.name,
+                source="store",
+                path=str(d),
+                format=_safe(model_format, d),
+                size=size,
+                modified=modified,
             )
+        )
     return out
 
 
