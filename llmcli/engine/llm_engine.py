@@ -177,11 +177,42 @@ class LLMEngine:
             raise UserError(f"the KV-cache budget ({budget / 2**30:.2f} GiB) is too small for this model")
         return n
 
-    # ---- low-level API -----------------------------------------------------------------------
-    def add(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Sequence:
+    # ---- the context ---------------------------------------------------------------------------
+    @property
+    def pool_tokens(self) -> int:
+        """Tokens the KV pool holds (one sequence can use at most all of it)."""
+        return len(self.block_manager.blocks) * self.block_manager.block_size
+
+    @property
+    def context_len(self) -> int:
+        """The most tokens one sequence holds, prompt and generated together: the model's max_position_embeddings,
+        or the KV pool's capacity where that is smaller. add/generate refuse a prompt that leaves no room, and
+        generation stops at it (finish_reason "length"), so nothing runs past the positions the model knows."""
+        return min(self.config.max_position_embeddings, self.pool_tokens)
+
+    def _context_words(self) -> str:
+        n = self.context_len
+        if n < self.config.max_position_embeddings:
+            return f"{n:,} tokens (the KV cache's size; the model's context is {self.config.max_position_embeddings:,})"
+        return f"{n:,} tokens"
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """UserError, with the numbers, when the prompt is empty or leaves no room in the context for one token
+        (a prompt alone, max_tokens 0, may fill it)."""
         if not prompt_ids:
             raise UserError("the prompt is empty")
+        most = self.context_len - (1 if params.max_tokens > 0 else 0)
+        if len(prompt_ids) > most:
+            raise UserError(
+                f"the prompt is {len(prompt_ids):,} tokens but the context holds {self._context_words()}, "
+                f"prompt and reply together: shorten the prompt to at most {most:,} tokens"
+            )
+
+    # ---- low-level API -----------------------------------------------------------------------
+    def add(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Sequence:
+        """A new sequence for the prompt (refused when it does not fit the context, check_prompt)."""
         params = params or SamplingParams()
+        self.check_prompt(prompt_ids, params)
         seq = Sequence(list(prompt_ids), params)
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
@@ -192,6 +223,8 @@ class LLMEngine:
     def forward_logits(self, seqs: list[Sequence], all_positions: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Compute every pending token of each sequence; logits of the last one [B, V] (or all of them, listed)."""
         for seq in seqs:
+            if len(seq) > self.context_len:  # extend() past the context (speculation caps its drafts before this)
+                raise UserError(f"a sequence of {len(seq):,} tokens is past the context of {self._context_words()}")
             if seq.num_computed >= len(seq):  # e.g. after a rollback: recompute the last token for its logits
                 self.runner.copy_blocks(self.block_manager.uncompute_last(seq))
             self.block_manager.ensure_capacity(seq, len(seq))
@@ -211,7 +244,7 @@ class LLMEngine:
         """Run token_ids through the model as a fresh sequence, every position computed even where a cached
         prefix matched (a measurement sees each token's own forward: perplexity, calibration hooks), then
         release it. Logits of the last token [V], or with all_positions of every token [n, V]."""
-        seq = self.add(token_ids)
+        seq = self.add(token_ids, SamplingParams(max_tokens=0))  # the whole context is there to be scored
         try:
             seq.num_computed = 0
             return self.forward_logits([seq], all_positions=all_positions)[0]
@@ -247,12 +280,17 @@ class LLMEngine:
 
     def check_finished(self, seq: Sequence, token: int, num_generated: int | None = None) -> bool:
         """Whether `token`, the sequence's num_generated-th generated token (default: its last one), ends it: an
-        end-of-sequence or stop token ("stop"), or the max_tokens budget ("length"). Marks seq finished if so."""
+        end-of-sequence or stop token ("stop"), or the max_tokens budget or the context's end ("length"). Marks
+        seq finished if so.
+
+        At the context's end generation stops as llama.cpp's server and vLLM do (finish_reason "length") rather
+        than refusing a max_tokens that reaches past it: --max-tokens is an upper bound that a default value must
+        not turn into an error for a long prompt, and the caller sees why the reply ended."""
         p = seq.params
         n = seq.num_generated if num_generated is None else num_generated
         if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
             seq.finished, seq.finish_reason = True, "stop"
-        elif n >= p.max_tokens:
+        elif n >= p.max_tokens or seq.num_prompt_tokens + n >= self.context_len:
             seq.finished, seq.finish_reason = True, "length"
         return seq.finished
 
@@ -262,6 +300,8 @@ class LLMEngine:
     ) -> list[list[int]]:
         """Generate for several prompts at once (batched decode); returns the new token ids of each."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        for p, sp in zip(prompts, plist):
+            self.check_prompt(p, sp)  # every prompt, before any of them runs
         waiting = [Sequence(list(p), sp) for p, sp in zip(prompts, plist)]
         for seq in waiting:
             if seq.params.seed is not None:

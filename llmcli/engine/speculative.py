@@ -297,6 +297,7 @@ class SpeculativeDecoder:
             while not ts.finished:
                 k = k_ctl.k if k_ctl else self.num_draft
                 k = min(k, params.max_tokens - ts.num_generated - 1)  # never draft past the token budget
+                k = min(k, *(e.context_len - len(q) - 1 for e, q in ((target, ts), (self.draft, ds)) if q is not None))
                 emitted, drafted, n_acc = self._step(ts, ds, max(k, 0), draft_gen)
                 self.stats.update(drafted, n_acc, len(emitted))
                 if k_ctl and drafted:
