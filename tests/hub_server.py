@@ -6,7 +6,8 @@
   GET  /{repo}/resolve/{rev}/{path}            the bytes, honouring `Range: bytes=N-`
 
 Errors carry X-Error-Code (RepoNotFound, RevisionNotFound, GatedRepo, EntryNotFound) as the Hub does.
-Knobs make it misbehave on purpose: cut a connection mid-file, corrupt bytes, throttle, require a token.
+Knobs make it misbehave on purpose: cut a connection mid-file (at a byte offset, or after N bytes of every GET),
+answer with an error status, corrupt bytes, throttle, require a token.
 Every request is logged (method, path, Range header) so tests can assert what the client asked for.
 """
 
@@ -66,8 +67,12 @@ def files_from_dir(d: Path) -> dict[str, bytes]:
 
 @dataclass
 class Knobs:
-    cut_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the connection drops
-    cut_times: int = 1  # how many GETs get cut
+    cut_after: dict[str, int] = field(default_factory=dict)  # path -> file offset at which the connection drops
+    cut_every: dict[str, int] = field(default_factory=dict)  # path -> bytes each GET sends (from its Range) first
+    cut_times: int = 1  # how many GETs get cut (by cut_after or cut_every)
+    fail_status: int = 0  # answer requests whose path contains fail_match with this status (0: never)
+    fail_match: str = "/resolve/"
+    fail_times: int = 1 << 30  # how many requests get it
     corrupt: dict[str, int] = field(default_factory=dict)  # path -> how many GETs serve flipped bytes
     throttle: float = 0.0  # seconds slept per 64 KiB chunk
     tokens: set[str] = field(default_factory=lambda: {"hf_good"})  # tokens that may read gated repos
@@ -131,7 +136,9 @@ class HubServer:
             h,
             status,
             body,
-            {"X-Error-Code": code, "X-Error-Message": msg or code, "Content-Type": "application/json"},
+            {"X-Error-Code": code, "X-Error-Message": msg or code, "Content-Type": "application/json"}
+            if code
+            else {"Content-Type": "application/json"},
             head,
         )
 
@@ -143,6 +150,12 @@ class HubServer:
         path = unquote(url.path)
         with self._lock:
             self.log.append((h.command, path, h.headers.get("Range")))
+            fail = self.knobs.fail_status and self.knobs.fail_match in path and self.knobs.fail_times > 0
+            if fail:
+                self.knobs.fail_times -= 1
+        if fail:
+            code = {401: "RepoNotFound", 403: "GatedRepo", 404: "EntryNotFound"}.get(self.knobs.fail_status, "")
+            return self._error(h, self.knobs.fail_status, code, head, f"injected {self.knobs.fail_status}")
         try:
             if path.startswith("/api/models/"):
                 self._api(h, path[len("/api/models/") :], head)
@@ -255,6 +268,8 @@ class HubServer:
             if corrupt:
                 self.knobs.corrupt[fpath] -= 1
             cut = self.knobs.cut_after.get(fpath) if self.knobs.cut_times > 0 else None
+            if fpath in self.knobs.cut_every and self.knobs.cut_times > 0:
+                cut = start + self.knobs.cut_every[fpath]
             if cut is not None:
                 self.knobs.cut_times -= 1
         if corrupt:

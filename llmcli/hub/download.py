@@ -16,16 +16,18 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
+from urllib.parse import quote
 
 import httpx2
 from filelock import FileLock, Timeout
-from huggingface_hub import HfApi, constants, errors, hf_hub_download, hf_hub_url
+from huggingface_hub import constants, errors, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 
 from llmcli.errors import UserError
 from llmcli.units import format_bytes
@@ -176,11 +178,96 @@ def match_gguf_tag(ggufs: list[RemoteFile], tag: str) -> list[RemoteFile]:
     return sorted(hits, key=lambda f: f.path)
 
 
+# ---- how hard to try -------------------------------------------------------------------------------
+
+# Every request to the Hub uses these timeouts (huggingface_hub's shared session has none): 10 s to connect, as
+# huggingface_hub's own HEAD calls wait, and 30 s without a byte before a read counts as stalled.
+HUB_TIMEOUT = httpx2.Timeout(30.0, connect=10.0)
+# A transient failure (a connection reset or cut, a body that ends early, a timeout, HTTP 408/429/5xx) is retried
+# RETRIES times, waiting BACKOFF, 2*BACKOFF, 4*BACKOFF: 3 retries from 0.5 s wait 3.5 s in all. That covers a dropped
+# Wi-Fi link, a proxy's reset or a server restart, and still reports an outage within seconds instead of waiting it
+# out (huggingface_hub's own backoff, which made `llm estimate` take 24 s to fail, waits 1+2+4+8+8 s). During a
+# download the count starts again after every attempt that received bytes, so a long file over a flaky link keeps
+# progressing while the waits without progress stay bounded. LLMCLI_HUB_RETRIES and LLMCLI_HUB_BACKOFF (seconds)
+# override both; the tests make the waits short. A refused connection or a connect timeout on a command's first
+# request is not retried at all: nothing answers there (no network, a wrong HF_ENDPOINT), so we say so at once.
+# 401/403/404 and checksum mismatches are answers, not accidents: never retried here (a mismatch deletes the bytes
+# and fetches the file once more from byte 0, see _fetch_one).
+RETRIES = 3
+BACKOFF = 0.5
+
+T = TypeVar("T")
+
+
+def _retry_policy() -> tuple[int, float]:
+    """(retries, first wait in seconds), from LLMCLI_HUB_RETRIES / LLMCLI_HUB_BACKOFF or the defaults above."""
+    try:
+        retries = int(os.environ.get("LLMCLI_HUB_RETRIES", RETRIES))
+        backoff = float(os.environ.get("LLMCLI_HUB_BACKOFF", BACKOFF))
+    except ValueError:
+        raise UserError("LLMCLI_HUB_RETRIES must be a whole number, LLMCLI_HUB_BACKOFF a number of seconds") from None
+    return max(retries, 0), max(backoff, 0.0)
+
+
+class _Incomplete(Exception):
+    """The server ended a response before the file's last byte."""
+
+
+class _GaveUp(Exception):
+    """A transfer's transient error, still there after the retries."""
+
+    def __init__(self, error: Exception, retries: int) -> None:
+        super().__init__(str(error))
+        self.error, self.retries = error, retries
+
+
+def _transient(e: BaseException, *, first_contact: bool = False) -> bool:
+    """Whether trying again may help. first_contact: nothing from this command has reached the Hub yet."""
+    if isinstance(e, HfHubHTTPError):  # checked first: it is an OSError too
+        status = e.response.status_code if e.response is not None else 0
+        return status in (408, 429) or status >= 500
+    if isinstance(e, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+        return not first_contact
+    return isinstance(e, (httpx2.TransportError, _Incomplete))
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, HfHubHTTPError) and e.response is not None:
+        return f"HTTP {e.response.status_code}"
+    if isinstance(e, _Incomplete):
+        return "connection closed early"
+    return f"connection lost ({type(e).__name__})"
+
+
+def _retrying(call: Callable[[], T], *, first_contact: bool = False) -> T:
+    """call(), retried on transient errors as the policy above says. Ctrl-C is no Exception: it stops at once."""
+    retries, delay = _retry_policy()
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as e:
+            if attempt == retries or not _transient(e, first_contact=first_contact):
+                raise
+        time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 # ---- talking to the Hub ----------------------------------------------------------------------------
 
 
 def _endpoint() -> str:
     return constants.ENDPOINT
+
+
+def _api_get(url: str, headers: dict, params: dict | None = None, *, first_contact: bool = False) -> httpx2.Response:
+    """GET a Hub API url with our timeouts and retries; HTTP errors raised as huggingface_hub's typed errors."""
+
+    def get() -> httpx2.Response:
+        r = get_session().get(url, headers=headers, params=params, timeout=HUB_TIMEOUT)
+        hf_raise_for_status(r)
+        return r
+
+    return _retrying(get, first_contact=first_contact)
 
 
 def _hub_error(e: Exception, repo_id: str, revision: str | None) -> UserError:
@@ -213,13 +300,30 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None) -> UserError:
 
 
 def fetch_config(spec: str) -> Path:
-    """config.json of a Hub repo (REPO or REPO:REVISION) alone, from the cache when offline (`llm estimate`)."""
+    """config.json of a Hub repo (REPO or REPO:REVISION) alone, from the cache when the Hub cannot be reached
+    (`llm estimate`). The HEAD that asks for it goes through our timeouts and retries first: hf_hub_download, when
+    its own HEAD fails and the file is not cached, retries for 23 s before it gives up."""
     repo, _, rev = spec.partition(":")
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # its retry warnings would break the one-line error contract
     try:
-        return Path(hf_hub_download(repo, "config.json", revision=rev or None))
+        if not constants.is_offline_mode():
+            validate_repo_id(repo)
+            url = hf_hub_url(repo, "config.json", revision=rev or None)
+            try:
+                _retrying(lambda: get_hf_file_metadata(url, timeout=HUB_TIMEOUT), first_contact=True)
+            except Exception as e:
+                if not _transient(e):
+                    raise  # the Hub answered (no such repo, revision or file, gated): said below
+                cached = try_to_load_from_cache(repo, "config.json", revision=rev or None)
+                if isinstance(cached, str):
+                    return Path(cached)
+                why = _why(e) if isinstance(e, HfHubHTTPError) else f"{type(e).__name__}: {e}"
+                raise UserError(
+                    f"cannot reach {_endpoint()} ({why}) and {spec}'s config.json is not in the local cache"
+                ) from None
+        return Path(hf_hub_download(repo, "config.json", revision=rev or None, etag_timeout=HUB_TIMEOUT.connect))
     except errors.GatedRepoError:
         raise UserError(f"{repo} is gated: accept its license on huggingface.co and log in (hf auth login)") from None
     except errors.RepositoryNotFoundError:
@@ -238,20 +342,27 @@ def fetch_config(spec: str) -> Path:
         hub_log.setLevel(level)
 
 
-def _listing(api: HfApi, repo_id: str, rev: str) -> tuple[str, list[RemoteFile]]:
-    """(commit, every file with its size and hashes) of a repo at a revision."""
-    info = api.model_info(repo_id, revision=rev)
-    commit = info.sha or rev
-    files = [
-        RemoteFile(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None)
-        for e in api.list_repo_tree(repo_id, revision=commit, recursive=True)
-        if hasattr(e, "size")
-    ]
+def _listing(headers: dict, repo_id: str, rev: str, *, first_contact: bool = False) -> tuple[str, list[RemoteFile]]:
+    """(commit, every file with its size and hashes) of a repo at a revision: the API calls HfApi.model_info and
+    list_repo_tree make, with our timeouts and retries (HfApi's have no timeout, and its listing retries for 23 s)."""
+    base = f"{_endpoint()}/api/models/{repo_id}"
+    info = _api_get(f"{base}/revision/{quote(rev, safe='')}", headers, first_contact=first_contact).json()
+    commit = info.get("sha") or rev
+    files = []
+    url: str | None = f"{base}/tree/{quote(commit, safe='')}"
+    params: dict | None = {"recursive": "true", "expand": "false"}
+    while url:
+        r = _api_get(url, headers, params)
+        for e in r.json():
+            if e.get("type") == "file":
+                lfs = e.get("lfs")
+                files.append(RemoteFile(e["path"], e["size"], e["oid"], lfs["oid"] if lfs else None))
+        url, params = r.links.get("next", {}).get("url"), None  # the next page's url carries the parameters
     return commit, files
 
 
 def _tag_and_revision(
-    api: HfApi, repo_id: str, suffix: str | None, revision: str | None
+    headers: dict, repo_id: str, suffix: str | None, revision: str | None
 ) -> tuple[str | None, str, str, list[RemoteFile]]:
     """(GGUF tag or None, revision, commit, files) that REPO[:SUFFIX] with --revision means."""
     tag = None
@@ -260,7 +371,7 @@ def _tag_and_revision(
         if suffix and revision is None:
             # REPO:X is a GGUF tag if it names a .gguf at the default revision, else a revision.
             try:
-                commit, files = _listing(api, repo_id, "main")
+                commit, files = _listing(headers, repo_id, "main", first_contact=True)
             except RevisionNotFoundError:  # no main branch: X can only be a revision
                 commit, files = "", []
             ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
@@ -268,11 +379,11 @@ def _tag_and_revision(
                 tag, rev = suffix, "main"
             else:
                 rev = suffix
-                commit, files = _listing(api, repo_id, rev)
+                commit, files = _listing(headers, repo_id, rev)
         else:
             tag = suffix
             rev = revision or "main"
-            commit, files = _listing(api, repo_id, rev)
+            commit, files = _listing(headers, repo_id, rev, first_contact=True)
     except Exception as e:
         raise _hub_error(e, repo_id, rev) from None
     return tag, rev, commit, files
@@ -328,7 +439,7 @@ def plan_pull(
 ) -> PullPlan:
     """Ask the Hub which commit and files `llm pull spec` means."""
     repo_id, suffix = parse_spec(spec)
-    tag, rev, commit, files = _tag_and_revision(HfApi(token=token), repo_id, suffix, revision)
+    tag, rev, commit, files = _tag_and_revision(build_hf_headers(token=token), repo_id, suffix, revision)
     ggufs = sorted((f for f in files if f.path.lower().endswith(".gguf")), key=lambda f: f.path)
     has_safetensors = any(f.path.endswith(".safetensors") for f in files)
     if filename or tag or (ggufs and not has_safetensors and not include):
@@ -364,37 +475,46 @@ class _Corrupt(Exception):
     pass
 
 
-def _transfer(session, url: str, headers: dict, f: RemoteFile, part: Path, reporter: Reporter) -> None:
-    """Continue part (an .incomplete blob) to f.size bytes; raise _Corrupt if the hash is wrong."""
-    have = part.stat().st_size if part.exists() else 0
-    if have > f.size:
-        part.unlink()
-        have = 0
-    h = _hasher(f)
-    if have:
-        with open(part, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                h.update(chunk)
-    reporter.file_start(f, have)
-    if have < f.size:
-        hdrs = dict(headers)
-        if have:
-            hdrs["Range"] = f"bytes={have}-"
+class _Partial:
+    """An .incomplete blob, how many bytes it holds and their running hash (kept across retries)."""
 
-        timeout = httpx2.Timeout(30.0, read=60.0)
-        with session.stream("GET", url, headers=hdrs, timeout=timeout) as r:
+    def __init__(self, f: RemoteFile, path: Path) -> None:
+        self.f, self.path = f, path
+        self.have, self.h, self.received = 0, _hasher(f), 0
+        if path.exists() and path.stat().st_size > f.size:
+            path.unlink()
+        if path.exists():
+            with open(path, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    self.h.update(chunk)
+                    self.have += len(chunk)
+
+
+def _transfer(session, url: str, headers: dict, p: _Partial, reporter: Reporter) -> None:
+    """One GET that continues p to the file's size (Range: bytes=have-). Raises what the connection raised,
+    _Incomplete if the response ended early, _Corrupt if the finished file's hash is wrong."""
+    f = p.f
+    if p.have < f.size:
+        hdrs = dict(headers)
+        if p.have:
+            hdrs["Range"] = f"bytes={p.have}-"
+        with session.stream("GET", url, headers=hdrs, timeout=HUB_TIMEOUT) as r:
             if r.status_code >= 400:
                 r.read()
                 hf_raise_for_status(r)
-            if have and r.status_code != 206:  # the server ignored Range: start over
-                have, h = 0, _hasher(f)
-            with open(part, "ab" if have else "wb") as out:
+            if p.have and r.status_code != 206:  # the server ignored Range: start over
+                p.have, p.h = 0, _hasher(f)
+            with open(p.path, "ab" if p.have else "wb") as out:
                 for chunk in r.iter_bytes():  # as received: a dropped connection keeps every byte so far
                     out.write(chunk)
-                    h.update(chunk)
+                    p.h.update(chunk)
+                    p.have += len(chunk)
+                    p.received += len(chunk)
                     reporter.advance(len(chunk))
-    if part.stat().st_size != f.size or h.hexdigest() != (f.sha256 or f.blob_id):
-        raise _Corrupt(h.hexdigest())
+        if p.have < f.size:
+            raise _Incomplete(f"{p.have} of {f.size} bytes")
+    if p.have != f.size or p.h.hexdigest() != (f.sha256 or f.blob_id):
+        raise _Corrupt(p.h.hexdigest())
 
 
 def _link(blob: Path, pointer: Path) -> None:
@@ -426,19 +546,40 @@ def _fetch_one(session, plan: PullPlan, f: RemoteFile, headers: dict, reporter: 
         if blob.is_file() and blob.stat().st_size == f.size:
             return False
         url = hf_hub_url(plan.repo_id, f.path, revision=plan.commit)
-        for attempt in (1, 2):
+        retries, backoff = _retry_policy()
+        p = _Partial(f, part)
+        reporter.file_start(f, p.have)
+        left, delay, refetched = retries, backoff, False
+        while True:
+            received = p.received
             try:
-                _transfer(session, url, headers, f, part, reporter)
+                _transfer(session, url, headers, p, reporter)
                 break
             except _Corrupt as e:
-                part.unlink(missing_ok=True)  # a bad file is never kept
-                if attempt == 2:
+                part.unlink(missing_ok=True)  # a bad file is never kept; a resumed one may hold stale bytes
+                if refetched:
                     want = f"sha256 {f.sha256}" if f.sha256 else f"git sha1 {f.blob_id}"
                     raise UserError(
                         f"{f.path} from {plan.repo_id} failed verification twice (expected {want}, "
                         f"got {e}); nothing was kept"
                     ) from None
+                refetched = True  # once more, from byte 0
                 reporter.note(f"{f.path}: checksum mismatch, downloading it again")
+                p = _Partial(f, part)
+                reporter.file_start(f, 0)
+            except Exception as e:
+                if not _transient(e):
+                    raise
+                if p.received > received:  # bytes arrived: the link works, count the retries again
+                    left, delay = retries, backoff
+                if left == 0:
+                    raise _GaveUp(e, retries) from None
+                left -= 1
+                reporter.note(
+                    f"{f.path}: {_why(e)} at {p.have} bytes; retrying in {delay:g} s ({retries - left}/{retries})"
+                )
+                time.sleep(delay)  # Ctrl-C here raises KeyboardInterrupt: no retry
+                delay *= 2
         os.replace(part, blob)
         return True
     finally:
@@ -499,6 +640,12 @@ def pull(plan: PullPlan, *, token: str | None = None, reporter: Reporter | None 
 def _transfer_error(e: Exception, plan: PullPlan, f: RemoteFile) -> UserError:
     """One line saying what failed during the transfer of f, and how to resume."""
     resume = f"run `llm pull {_resume_spec(plan)}` to resume from the bytes already downloaded"
+    if isinstance(e, _GaveUp):
+        tries = f"after {e.retries} retries" if e.retries else "(retries are off)"
+        if isinstance(e.error, HfHubHTTPError):
+            status = e.error.response.status_code if e.error.response is not None else "?"
+            return UserError(f"the Hub kept failing while downloading {f.path} (HTTP {status}) {tries}; {resume}")
+        return UserError(f"{_why(e.error)} while downloading {f.path} {tries}; {resume}")
     if isinstance(e, HfHubHTTPError):  # checked first: an HTTP error is an OSError too
         return _hub_error(e, plan.repo_id, plan.revision)
     if isinstance(e, httpx2.TransportError):

@@ -151,9 +151,10 @@ def test_pickle_only_repo_is_refused(env, hub):
 
 
 def test_cut_connection_then_resume_with_range(env, hub, tiny_files):
+    """With retries off, a cut ends the run; the next run continues from the bytes on disk."""
     hub.knobs.cut_after[BIG] = 200_000
-    line = one_error_line(llm(env, "pull", "org/tiny"))
-    assert BIG in line and "llm pull org/tiny" in line
+    line = one_error_line(llm({**env, "LLMCLI_HUB_RETRIES": "0"}, "pull", "org/tiny"))
+    assert BIG in line and "llm pull org/tiny" in line and "connection" in line
     part = repo_dir(env) / "blobs" / (sha256(tiny_files[BIG]) + ".incomplete")
     kept = part.stat().st_size
     assert 0 < kept <= 200_000
@@ -360,3 +361,111 @@ def test_full_disk_mid_file_keeps_bytes_and_resumes(env, hub, tiny_files):
     assert r.returncode == 0, r.stderr
     assert hub.ranges(BIG) == [f"bytes={kept}-"]
     assert (Path(r.stdout.strip()) / BIG).read_bytes() == tiny_files[BIG]
+
+
+# ---- retries ---------------------------------------------------------------------------------------
+
+FAST = {"LLMCLI_HUB_BACKOFF": "0.05"}
+
+
+def range_starts(hub, name) -> list[int]:
+    return [int(r.removeprefix("bytes=").rstrip("-")) if r else 0 for r in hub.ranges(name)]
+
+
+def test_connection_cut_twice_in_one_run_is_retried_from_the_bytes_on_disk(env, hub, tiny_files):
+    size = len(tiny_files[BIG])
+    hub.knobs.cut_every[BIG] = 200_000  # each of the first two GETs sends 200 kB of the 580 kB file, then drops
+    hub.knobs.cut_times = 2
+    r = llm({**env, **FAST}, "pull", "org/tiny")
+    assert r.returncode == 0, r.stderr
+    said = [int(n) for n in re.findall(rf"{re.escape(BIG)}: .* at (\d+) bytes; retrying", r.stderr)]
+    starts = range_starts(hub, BIG)
+    assert len(said) == 2 and starts == [0, *said], (r.stderr, hub.ranges(BIG))  # resumed where the bytes on disk end
+    assert 0 < said[0] <= 200_000 < said[1] <= 400_000 < size
+    blob = repo_dir(env) / "blobs" / sha256(tiny_files[BIG])
+    assert sha256(blob.read_bytes()) == blob.name  # verified: the blob is named by the hash of its bytes
+    assert (Path(r.stdout.strip().splitlines()[-1]) / BIG).read_bytes() == tiny_files[BIG]
+    assert not list(blob.parent.glob("*.incomplete"))
+
+
+def test_server_errors_are_retried(env, hub, tiny_files):
+    hub.knobs.fail_status, hub.knobs.fail_times = 503, 2  # the model info GET, then the first file GET
+    hub.knobs.fail_match = ""
+    r = llm({**env, **FAST}, "pull", "org/tiny", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (Path(r.stdout.strip()) / BIG).read_bytes() == tiny_files[BIG]
+
+
+@pytest.mark.parametrize("fault", ["503", "cut"])
+def test_a_server_that_keeps_failing_ends_after_the_retries(env, hub, fault):
+    if fault == "503":
+        hub.knobs.fail_status = 503
+    else:  # every GET of the file drops before its first byte
+        hub.knobs.cut_every["config.json"], hub.knobs.cut_times = 0, 1 << 30
+    waits = [0.2, 0.4, 0.8]  # LLMCLI_HUB_BACKOFF=0.2, 3 retries
+    t0 = time.monotonic()
+    r = llm({**env, "LLMCLI_HUB_RETRIES": "3", "LLMCLI_HUB_BACKOFF": "0.2"}, "pull", "org/tiny")
+    took = time.monotonic() - t0
+    line = one_error_line(r)
+    assert "config.json" in line and "after 3 retries" in line and "llm pull org/tiny" in line, line
+    assert ("HTTP 503" in line) if fault == "503" else ("connection" in line)
+    assert len(hub.ranges("config.json")) == 4  # the first try and 3 retries, then no more
+    assert sum(waits) <= took < sum(waits) + 15, took  # it waited out the backoff, and no longer than that + start-up
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_answers_are_not_retried(env, hub, status):
+    hub.knobs.fail_status = status
+    line = one_error_line(llm({**env, **FAST}, "pull", "org/tiny"))
+    assert "retr" not in line
+    assert len(hub.ranges("config.json")) == 1 and len(hub.ranges("")) == 1
+
+
+def test_ctrl_c_during_a_retry_wait_stops_at_once(env, hub):
+    hub.knobs.fail_status = 503
+    p = start({**env, "LLMCLI_HUB_BACKOFF": "30"}, "pull", "org/tiny")
+    deadline = time.time() + 30
+    while time.time() < deadline and not hub.ranges(""):
+        time.sleep(0.02)
+    time.sleep(0.3)  # now in the 30 s wait
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=10)
+    assert time.time() - t0 < 1.5
+    assert p.returncode == 130 and "llm pull org/tiny" in err and "Traceback" not in err
+    assert len(hub.ranges("")) == 1
+
+
+# ---- failing fast --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["pull", "estimate"])
+def test_no_network_fails_in_a_second_or_two(tmp_path, command):
+    """Nothing listens on the endpoint: one line, without huggingface_hub's 23 s of retries."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: connections to it are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = cli_env(f"http://127.0.0.1:{port}", tmp_path)
+    t0 = time.monotonic()
+    line = one_error_line(llm(env, command, "org/tiny"))
+    took = time.monotonic() - t0
+    assert "cannot reach" in line and f"127.0.0.1:{port}" in line, line
+    assert took < 8, took  # was 24 s for estimate; most of what is left is starting Python
+
+
+def test_estimate_reads_config_from_the_hub_and_then_from_the_cache(env, hub, tiny_files, tmp_path):
+    import json
+
+    r = llm({**env, **FAST}, "estimate", "org/tiny", "--json")
+    assert r.returncode == 0, r.stderr
+    assert ("HEAD", "/org/tiny/resolve/main/config.json", None) in hub.log
+    first = json.loads(r.stdout)
+    hub.knobs.fail_status = 503  # the Hub is down now: the cached config.json is used, after the retries
+    r = llm({**env, **FAST}, "estimate", "org/tiny", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == first
+    hub.knobs.fail_status = 0
+    line = one_error_line(llm({**env, **FAST}, "estimate", "org/nope"))
+    assert "org/nope" in line and "neither a local path nor a Hub repository" in line
