@@ -28,7 +28,7 @@ from llmcli.hub.inspect import (
     model_params,
     snapshot_ggufs,
 )
-from llmcli.paths import is_temporary, store_dir
+from llmcli.paths import is_temporary, remove_stale_temps, store_dir
 
 
 @dataclass
@@ -106,6 +106,8 @@ def _store_models() -> list[LocalModel]:
     root = store_dir()
     if not root.is_dir():
         return []
+    # What a killed `llm quantize` left: its temporaries go, an output it had moved aside comes back.
+    remove_stale_temps(root)
     out = []
     for d in sorted(root.iterdir()):
         if is_temporary(d.name):
