@@ -49,6 +49,29 @@ def aside_path(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.llmcli-old-{os.getpid()}")
 
 
+def current_umask() -> int:
+    """This process's umask (read without changing it where /proc allows; os.umask otherwise)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_umask_modes(root: Path) -> None:
+    """chmod root (and everything under a directory root) to what the user creates: directories 0777 & ~umask,
+    files 0666 & ~umask (some writers create 0600 files, e.g. safetensors)."""
+    mask = current_umask()
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def is_temporary(name: str) -> bool:
     """A hidden name or a `.tmp` file: never a model to list."""
     return name.startswith(".") or name.endswith(".tmp") or TEMP_TAG in name

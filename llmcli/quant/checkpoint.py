@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmcli.config import from_hf_dict
@@ -31,10 +30,10 @@ from llmcli.errors import UserError
 from llmcli.formats import is_gguf
 from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.formats.gguf_tensors import dense_tensor, iter_gguf_raw, iter_gguf_tensors
-from llmcli.formats.safetensors import iter_safetensors, safetensors_files
+from llmcli.formats.safetensors import iter_safetensors, open_safetensors, safetensors_files
 from llmcli.models.transformer import Transformer
 from llmcli.models.weights import rename, target_module
-from llmcli.paths import aside_path, remove_path, remove_stale_temps, temp_path
+from llmcli.paths import aside_path, give_umask_modes, remove_path, remove_stale_temps, temp_path
 from llmcli.quant import QuantSpec, quantizable_embeddings, quantizable_experts, quantizable_linears
 from llmcli.quant.experts import QuantExpertProj, make_quant_experts
 from llmcli.quant.gptq import gptq_quantize
@@ -125,7 +124,7 @@ def read_source_tensors(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]
                 found[rename(raw.name)] = dense_tensor(raw, path).float()
         return found
     for f in safetensors_files(path):
-        with safe_open(f, framework="pt", device="cpu") as st:
+        with open_safetensors(f) as st:
             for name in st.keys():
                 if rename(name) in wanted:
                     found[rename(name)] = st.get_tensor(name).float()
@@ -410,6 +409,7 @@ def quantize_checkpoint(
         _write_config(tmp, cfg, spec, dtype16)
         write_tokenizer(src, tmp)
         summary.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        give_umask_modes(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         remove_path(tmp)

@@ -43,7 +43,7 @@ from llmcli.formats import is_gguf
 from llmcli.formats.gguf_config import llama3_factors
 from llmcli.formats.gguf_reader import gguf_metadata, open_gguf, read_f32
 from llmcli.formats.gguf_tensors import PERMUTED_QK, permute_qk_rows
-from llmcli.paths import remove_path, temp_path
+from llmcli.paths import give_umask_modes, remove_path, temp_path
 from llmcli.quant import QuantSpec
 from llmcli.quant.checkpoint import LayerRecord, Summary, check_output, open_source
 from llmcli.quant.hqq import quantize_int4_hqq
@@ -429,6 +429,7 @@ def write_gguf(src: Path, out: Path, spec: QuantSpec, *, force: bool = False, gg
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        give_umask_modes(tmp)
         os.replace(tmp, out)  # atomic: an existing output (--force) is replaced only now
     except BaseException:
         remove_path(tmp)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +74,105 @@ def test_quantize_user_errors(tiny_model, tmp_path, capsys, args, msg):
     code, _, err = _run(capsys, "quantize", str(tiny_model("llama")), "-o", str(tmp_path / "x"), *args)
     assert code == 1 and msg in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def _modes(root) -> set[tuple[str, int]]:
+    import stat
+
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    return {("dir" if p.is_dir() else "file", stat.S_IMODE(p.stat().st_mode)) for p in paths}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_take_the_umask_modes(tiny_model, smollm2_gguf, tmp_path, capsys, umask):
+    from llmcli.quant.checkpoint import write_tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (src / f).write_bytes((tiny_model("llama", vocab_size=49152) / f).read_bytes())
+    write_tokenizer(smollm2_gguf, src)
+    (src / "tokenizer.json").chmod(0o400)  # a source file's own mode is not copied
+    old = os.umask(umask)
+    try:
+        assert _run(capsys, "quantize", str(src), "-o", str(tmp_path / "d" / "int8"))[0] == 0
+        assert _run(capsys, "quantize", str(src), "--format", "gguf", "-o", str(tmp_path / "g.gguf"))[0] == 0
+    finally:
+        os.umask(old)
+    want_dir, want_file = 0o777 & ~umask, 0o666 & ~umask
+    assert _modes(tmp_path / "d" / "int8") == {("dir", want_dir), ("file", want_file)}
+    assert _modes(tmp_path / "d") >= {("dir", want_dir)}
+    assert _modes(tmp_path / "g.gguf") == {("file", want_file)}
+
+
+def test_refuses_to_overwrite_its_source(tiny_model, smollm2_gguf, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import llmcli.quant.checkpoint as C
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), src)
+    gguf = tmp_path / "s.gguf"
+    gguf.symlink_to(smollm2_gguf)  # the same file under another name is still the source
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    monkeypatch.setattr(C, "open_source", lambda *a: pytest.fail("work started"))
+    cases = [
+        ([str(src), "-o", str(src)], "is the source"),
+        ([str(src), "-o", str(src / "sub")], "is inside the source"),
+        ([str(src), "-o", str(tmp_path)], "holds the source"),
+        ([str(gguf), "--format", "gguf", "-o", str(smollm2_gguf)], "is the source"),
+        ([str(smollm2_gguf), "--format", "gguf", "-o", str(gguf)], "is the source"),
+    ]
+    for args, msg in cases:
+        code, _, err = _run(capsys, "quantize", *args, "--force")
+        assert code == 1 and msg in err and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_unwritable_output_fails_before_work(tiny_model, tmp_path, capsys, monkeypatch):
+    import time
+
+    import llmcli.quant.checkpoint as C
+    import llmcli.tools.calibration as cal
+
+    monkeypatch.setattr(C, "open_source", lambda *a: pytest.fail("the model was read"))
+    monkeypatch.setattr(cal, "collect_hessians", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "file").write_text("x")
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text " * 20)
+    outs = [("/proc/x", "cannot write /proc/x"), (str(tmp_path / "file" / "out"), "is a file, not a directory")]
+    if os.geteuid() != 0:  # root writes into a read-only directory anyway
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        outs.append((str(ro / "out"), "cannot write"))
+    for out, msg in outs:
+        for extra in ([], ["--bits", "4", "--method", "gptq", "--calibration", str(text)], ["--format", "gguf"]):
+            t0 = time.perf_counter()
+            code, _, err = _run(capsys, "quantize", str(tiny_model("llama")), "-o", out, *extra)
+            assert code == 1 and msg in err and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+            assert time.perf_counter() - t0 < 2
+
+
+def test_gguf_output_in_store_is_listed_run_and_removed(tiny_model, smollm2_gguf, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLMCLI_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLMCLI_DEFAULT_MODEL", str(smollm2_gguf))
+    code, stdout, err = _run(capsys, "quantize", str(smollm2_gguf), "--format", "gguf", "--json")
+    assert code == 0, err
+    out = Path(json.loads(stdout)["output"])
+    assert out.parent == tmp_path / "home" / "models" and out.is_file()
+    (out.parent / ".junk.gguf").write_bytes(b"")  # hidden and .tmp entries are never models
+    (out.parent / "half.gguf.tmp").write_bytes(b"")
+    code, stdout, _ = _run(capsys, "list", "--json")
+    store = [m for m in json.loads(stdout) if m["source"] == "store"]
+    assert [(m["name"], m["path"], m["format"]) for m in store] == [(out.name, str(out), "GGUF Q8_0")]
+    assert store[0]["size"] == out.stat().st_size
+    from llmcli.hub.resolve import resolve_model
+
+    assert resolve_model(out.name) == out
+    code, stdout, _ = _run(capsys, "show", out.name, "--json")
+    assert code == 0 and json.loads(stdout)["path"] == str(out)
+    code, stdout, _ = _run(capsys, "rm", out.name, "--yes")
+    assert code == 0 and not out.exists()
+    code, stdout, _ = _run(capsys, "list", "--json")
+    assert [m for m in json.loads(stdout) if m["source"] == "store"] == []
