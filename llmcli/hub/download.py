@@ -319,10 +319,12 @@ def fetch_config(spec: str) -> Path:
                 cached = try_to_load_from_cache(repo, "config.json", revision=rev or None)
                 if isinstance(cached, str):
                     return Path(cached)
-                why = _why(e) if isinstance(e, HfHubHTTPError) else f"{type(e).__name__}: {e}"
-                raise UserError(
-                    f"cannot reach {_endpoint()} ({why}) and {spec}'s config.json is not in the local cache"
-                ) from None
+                trouble = (
+                    f"{_endpoint()} kept failing ({_why(e)})"
+                    if isinstance(e, HfHubHTTPError)
+                    else f"cannot reach {_endpoint()} ({type(e).__name__}: {e})"
+                )
+                raise UserError(f"{trouble} and {spec}'s config.json is not in the local cache") from None
         return Path(hf_hub_download(repo, "config.json", revision=rev or None, etag_timeout=HUB_TIMEOUT.connect))
     except errors.GatedRepoError:
         raise UserError(f"{repo} is gated: accept its license on huggingface.co and log in (hf auth login)") from None

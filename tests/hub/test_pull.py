@@ -466,6 +466,9 @@ def test_estimate_reads_config_from_the_hub_and_then_from_the_cache(env, hub, ti
     r = llm({**env, **FAST}, "estimate", "org/tiny", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == first
+    line = one_error_line(llm({**env, **FAST}, "estimate", "org/tiny:v2"))  # not cached
+    assert "kept failing (HTTP 503)" in line and "not in the local cache" in line, line
+    assert len([p for m, p, _ in hub.log if m == "HEAD" and p.endswith("/v2/config.json")]) == 4  # 1 + 3 retries
     hub.knobs.fail_status = 0
     line = one_error_line(llm({**env, **FAST}, "estimate", "org/nope"))
     assert "org/nope" in line and "neither a local path nor a Hub repository" in line
