@@ -708,3 +708,53 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
         assert msg in lines[0], (args, lines[0])
+
+
+def test_cli_takes_every_name_llm_list_shows(tmp_path, tiny_model, smollm2_gguf):
+    """Store directories and .gguf files, the default model's name and cached Hub repos, as `llm list` names them;
+    the parameters agree with the ones `llm list` counts from the tensors."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_model("llama"), home / "models" / "tiny-int8")
+    (home / "models" / "smol.Q4_1.gguf").symlink_to(smollm2_gguf)
+    snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_model("qwen3"), snap)
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("a" * 40)
+    env = {
+        "LLMCLI_HOME": str(home),
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "LLMCLI_DEFAULT_MODEL": str(smollm2_gguf),
+    }
+    r = llm("list", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    listed = {m["name"]: m for m in json.loads(r.stdout)}
+    assert set(listed) == {"smollm2-135m-instruct", "tiny-int8", "smol.Q4_1.gguf", "acme/tiny"}
+    for name, m in listed.items():
+        r = llm("estimate", name, "--json", env=env)
+        assert r.returncode == 0, (name, r.stderr)
+        assert json.loads(r.stdout)["params_total"] == m["params"], name
+    r = llm("estimate", ".hidden", env=env)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_gguf_weights_are_its_tensor_types(smollm2_gguf):
+    """Default: the checkpoint's quantization, i.e. every tensor's bytes for its own GGUF type (computed here from
+    gguf's block sizes); --dtype still asks for another type."""
+    import gguf
+
+    reader = gguf.GGUFReader(smollm2_gguf)
+    want = 0
+    kinds: dict[str, int] = {}
+    for t in reader.tensors:
+        block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        want += int(t.n_elements) // block * size
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+    assert kinds["Q4_1"] > 100  # the file really is mostly Q4_1
+    j = json.loads(llm("estimate", str(smollm2_gguf), "--json").stdout)
+    assert j["dtype"] == "q4_1" and j["weight_bytes"] == want and j["stored_tensor_types"] == kinds
+    assert j["total_bytes"] == want + j["kv_bytes"] + j["activation_bytes"]
+    j = json.loads(llm("estimate", str(smollm2_gguf), "--json", "--dtype", "bf16").stdout)
+    assert j["dtype"] == "bf16" and j["weight_bytes"] == 2 * j["params_total"] and "stored_tensor_types" not in j
