@@ -14,6 +14,16 @@ from llmcli.engine.sampling_params import SETTING_NAMES, SamplingParams, Setting
 DEFAULT_MAX_TOKENS = 2048  # a reply's budget in `llm chat` unless --max-tokens or /set max_tokens says otherwise
 SAVE_FORMAT = "llmcli-chat"
 
+# When a chat outgrows its context, the oldest turns go down to this fraction of the context, not just the few
+# that make the next reply fit. Each turn's prompt is the whole conversation, and the KV cache reuses it up to the
+# first token that changed: dropping turns changes the prompt right after the system prompt, so the turn after a
+# drop re-processes everything kept. Dropping the minimum moves that point every turn (re-processing the whole
+# history each turn, ~the full context); dropping down to half means one re-processing of at most half the context,
+# then about half a context of conversation (many turns) that reuses its prefix before the next drop: roughly one
+# extra prefill token per new token, while the model still sees at least half a context of history. llama.cpp's
+# context shift discards half for the same reason.
+KEEP_AFTER_DROP = 0.5
+
 
 class CommandError(Exception):
     """A bad slash command or value: reported on one line, the chat goes on."""
@@ -88,14 +98,20 @@ def load_conversation(path: Path) -> tuple[Conversation, SamplingParams | None]:
     return Conversation(system or None, messages), settings
 
 
-def fit_context(conv: Conversation, count_tokens: Callable[[list[dict]], int], budget: int) -> int:
-    """Drop the oldest turns (never the system prompt, never the newest message) until the prompt fits budget.
+def fit_context(
+    conv: Conversation, count_tokens: Callable[[list[dict]], int], budget: int, target: int | None = None
+) -> int:
+    """When the prompt is over `budget`, drop the oldest turns (never the system prompt, never the newest message)
+    until it fits `target` (at most budget; default budget: the least that fits).
 
     Whole turns go together: after dropping, the conversation starts again at a user message. Returns how many
     messages were dropped (conv.messages is edited in place).
     """
+    if count_tokens(conv.for_template()) <= budget:
+        return 0
+    target = budget if target is None else min(target, budget)
     dropped = 0
-    while len(conv.messages) > 1 and count_tokens(conv.for_template()) > budget:
+    while len(conv.messages) > 1 and count_tokens(conv.for_template()) > target:
         conv.messages.pop(0)
         dropped += 1
         while len(conv.messages) > 1 and conv.messages[0]["role"] != "user":

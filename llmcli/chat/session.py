@@ -9,6 +9,7 @@ from rich.console import Console
 
 from llmcli.chat.backend import ChatBackend, TurnStats
 from llmcli.chat.conversation import (
+    KEEP_AFTER_DROP,
     CommandError,
     Conversation,
     default_settings,
@@ -57,6 +58,7 @@ class ChatSession:
         self.console = console or Console(highlight=False)
         self.err = err or self.console
         self.history: list[TurnStats] = []
+        self.keep_after_drop = KEEP_AFTER_DROP  # fraction of the context kept when turns must go (1.0: the least)
 
     # ---- output helpers ----
     def say(self, text: str, style: str | None = None) -> None:
@@ -254,7 +256,8 @@ class ChatSession:
             )
             return False
         reserve = min(self.settings.max_tokens, max(1, limit // 4))
-        dropped = fit_context(self.conv, self.backend.count_tokens, limit - reserve)
+        keep = int(limit * self.keep_after_drop)
+        dropped = fit_context(self.conv, self.backend.count_tokens, limit - reserve, target=keep)
         if dropped:
             self.notice(
                 f"(the conversation outgrew the {limit}-token context: dropped the {dropped} oldest "

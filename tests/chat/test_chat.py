@@ -202,21 +202,57 @@ def test_context_overflow_drops_oldest_turns_keeps_system():
     s.settings.max_tokens = 8  # reserve 8 of the 64-token context for the reply
     for i in range(8):
         s.handle(f"message number {i} with some words")
-    assert "dropped the 2 oldest messages" in out.getvalue()
+    assert "outgrew the 64-token context: dropped the 4 oldest messages" in out.getvalue()
     sent = b.seen[-1]
     assert sent[0] == {"role": "system", "content": "keep me"} and sent[1]["role"] == "user"
     assert b.count_tokens(sent) <= 64 - 8
+    assert b.count_tokens(b.seen[5]) <= 64 // 2 < b.count_tokens(b.seen[4])  # the drop went down to half
     assert sent[-1]["content"] == "message number 7 with some words"
     s.handle("word " * 70)  # alone larger than the context
     assert "This message is too long" in out.getvalue() and s.conv.messages[-1]["role"] == "assistant"
+
+
+def prefix_breaks(seen: list[list[dict]]) -> list[int]:
+    """The turns whose prompt does not start with the previous turn's prompt (so the KV cache cannot reuse it)."""
+    return [i for i in range(1, len(seen)) if seen[i][: len(seen[i - 1])] != seen[i - 1]]
+
+
+@pytest.mark.parametrize("keep,most_breaks", [(None, 5), (1.0, 39)])
+def test_long_chat_drops_a_chunk_so_the_prefix_survives_many_turns(keep, most_breaks):
+    # a 400-token context, 20 tokens a turn (9 asked, 11 replied): the chat overflows at turn 19 (4 + 20 * 19 + 9 > 392)
+    # and goes on for 39 more turns
+    b = EchoBackend()
+    b.context_length = 400
+    s, out = session(b, system="keep me")
+    if keep is not None:
+        s.keep_after_drop = keep  # 1.0: drop only what the next reply needs (the policy before)
+    s.settings.max_tokens = 8
+    for i in range(58):
+        s.handle(f"question {i} of a long chat here")
+    breaks = prefix_breaks(b.seen)
+    assert breaks[0] == 19 and len(breaks) == out.getvalue().count("outgrew the 400-token context")
+    assert all(p[0] == {"role": "system", "content": "keep me"} and p[1]["role"] == "user" for p in b.seen)
+    assert all(b.count_tokens(p) <= 400 - 8 for p in b.seen)
+    assert len(breaks) <= most_breaks
+    if keep is None:  # down to half the context: (392 - 200) / 20 = 9.6 turns of full reuse between two drops
+        assert all(y - x >= 9 for x, y in zip(breaks, breaks[1:]))
+        assert all(b.count_tokens(b.seen[i]) <= 200 for i in breaks)
+    else:  # the prefix changes at every turn past the overflow
+        assert breaks == list(range(19, 58))
 
 
 def test_fit_context_keeps_whole_turns():
     conv = Conversation("s", [{"role": r, "content": "a b c"} for r in ("user", "assistant") * 3])
     count = EchoBackend().count_tokens
     assert fit_context(conv, count, 100) == 0
+    assert fit_context(conv, count, 100, target=1) == 0  # under budget: the target does not matter
     dropped = fit_context(conv, count, count(conv.for_template()) - 1)
     assert dropped == 2 and conv.messages[0]["role"] == "user" and len(conv.messages) == 4
+    # over budget: down to the target (each message is 5 tokens, the system prompt 3)
+    dropped = fit_context(conv, count, count(conv.for_template()) - 1, target=14)
+    assert dropped == 2 and count(conv.for_template()) == 13 and conv.messages[0]["role"] == "user"
+    # never the newest message, even when it alone is over the target
+    assert fit_context(conv, count, 5, target=1) == 1 and len(conv.messages) == 1
 
 
 def test_multiline_input():
