@@ -73,6 +73,7 @@ class Knobs:
     fail_status: int = 0  # answer requests whose path contains fail_match with this status (0: never)
     fail_match: str = "/resolve/"
     fail_times: int = 1 << 30  # how many requests get it
+    page_size: int = 0  # tree listings in pages of this many entries, linked by `Link: <url>; rel="next"` (0: one)
     corrupt: dict[str, int] = field(default_factory=dict)  # path -> how many GETs serve flipped bytes
     throttle: float = 0.0  # seconds slept per 64 KiB chunk
     tokens: set[str] = field(default_factory=lambda: {"hf_good"})  # tokens that may read gated repos
@@ -217,6 +218,16 @@ class HubServer:
                 {"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0}
                 for d in sorted(dirs)
             ]
+            n = self.knobs.page_size
+            if n:  # the Hub's cursor pagination; the next url carries the query
+                query = dict(p.split("=", 1) for p in urlparse(h.path).query.split("&") if "=" in p)
+                at = int(query.pop("cursor", 0))
+                page, rest = out[at : at + n], out[at + n :]
+                if rest:
+                    q = "&".join(f"{k}={v}" for k, v in {**query, "cursor": str(at + n)}.items())
+                    link = f'<{self.url}{urlparse(h.path).path}?{q}>; rel="next"'
+                    return self._send(h, 200, json.dumps(page).encode(), {"Link": link}, head)
+                out = page
             return self._json(h, out, head)
         return self._error(h, 404, "EntryNotFound", head)
 

@@ -144,6 +144,17 @@ def test_include_exclude_and_revision(env, hub, tiny_files):
     assert (v2 / "config.json").read_bytes() == tiny_files["config.json"] + b"\n"
 
 
+def test_paged_listing_is_followed(env, hub, tiny_files):
+    hub.knobs.page_size = 2
+    r = llm(env, "pull", "org/tiny", "-q")
+    assert r.returncode == 0, r.stderr
+    pages = [p for m, p, _ in hub.log if m == "GET" and "/tree/" in p]
+    assert len(pages) == -(-len(tiny_files) // 2) > 1  # every page, no more
+    snap = Path(r.stdout.strip())
+    want = ["config.json", "generation_config.json", BIG, "tokenizer_config.json"]
+    assert sorted(p.name for p in snap.iterdir()) == want
+
+
 def test_pickle_only_repo_is_refused(env, hub):
     line = one_error_line(llm(env, "pull", "org/pickles"))
     assert "pickle" in line and "pytorch_model.bin" in line
