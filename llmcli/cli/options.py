@@ -7,8 +7,11 @@ stays fast and lists the commands in their order).
 
 from __future__ import annotations
 
+import math
+
 import typer
 
+from llmcli.engine.sampling_params import MAX_SEED, SettingError, expected_value, parse_setting
 from llmcli.errors import UserError
 
 DEVICE_HELP = "cpu or cuda (default: cuda when available)."
@@ -18,18 +21,103 @@ DEQUANTIZE_HELP = "Expand a GGUF's Q4_0/Q4_1/Q8_0 weights to --dtype instead of 
 DEVICE = typer.Option(None, "--device", help=DEVICE_HELP)
 DTYPE = typer.Option(None, "--dtype", help=DTYPE_HELP)
 DEQUANTIZE = typer.Option(False, "--dequantize", help=DEQUANTIZE_HELP)
-KV_CACHE_GIB = typer.Option(None, "--kv-cache-gib", help="KV-cache size (default: CPU 1 GiB, CUDA most free memory).")
+
+
+def positive_float(flag: str):
+    """A parser for a flag that takes a finite number > 0 (typer's min= cannot exclude the bound itself)."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise typer.BadParameter(f"{text!r} is not a number") from None
+        if not (math.isfinite(v) and v > 0):
+            raise typer.BadParameter(f"{flag} must be a number > 0 (got {text!r})")
+        return v
+
+    return parse
+
+
+def positive_int(flag: str, least: int = 1):
+    """A parser for a flag that takes an integer >= least."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise typer.BadParameter(f"{text!r} is not an integer") from None
+        if v < least:
+            raise typer.BadParameter(f"{flag} must be an integer >= {least} (got {text!r})")
+        return v
+
+    return parse
+
+
+def _setting(name: str):
+    """A parser for a sampling flag: the rules of SamplingParams (parse_setting), the ones chat's /set applies."""
+
+    def parse(text: str):
+        try:
+            return parse_setting(name, text)
+        except SettingError:
+            raise typer.BadParameter(f"{text.strip()!r} is not {expected_value(name)}") from None
+
+    return parse
+
+
+KV_CACHE_GIB = typer.Option(
+    None,
+    "--kv-cache-gib",
+    parser=positive_float("--kv-cache-gib"),
+    metavar="GIB",
+    help="KV-cache size, > 0 (default: CPU 1 GiB, CUDA most free memory).",
+)
 
 # Sampling flags shared by `llm run` and `llm chat`: None = not given, so the model's generation_config.json or
-# llama.cpp's defaults apply (SamplingParams.settle).
+# llama.cpp's defaults apply (SamplingParams.settle). Their ranges are SamplingParams' (parse_setting).
 TEMPERATURE = typer.Option(
-    None, "--temperature", "-t", min=0.0, help="0 = greedy (default 0.8, or the model's generation_config)."
+    None,
+    "--temperature",
+    "-t",
+    parser=_setting("temperature"),
+    metavar="FLOAT",
+    help="A number >= 0; 0 = greedy (default 0.8, or the model's generation_config).",
 )
-TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k likeliest tokens (default 40; 0 = off).")
-TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (default 0.95).")
-MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the top one (default 0.05).")
-REPEAT_PENALTY = typer.Option(None, "--repeat-penalty", min=0.0, help="> 1 discourages repeats (default 1).")
-SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
+TOP_K = typer.Option(
+    None,
+    "--top-k",
+    parser=_setting("top_k"),
+    metavar="INT",
+    help="Keep the k likeliest tokens, k >= 0 (default 40; 0 = off).",
+)
+TOP_P = typer.Option(
+    None,
+    "--top-p",
+    parser=_setting("top_p"),
+    metavar="FLOAT",
+    help="Nucleus sampling mass, in (0, 1] (default 0.95; 1 = off).",
+)
+MIN_P = typer.Option(
+    None,
+    "--min-p",
+    parser=_setting("min_p"),
+    metavar="FLOAT",
+    help="Drop tokens below min_p x the top one, in [0, 1] (default 0.05; 0 = off).",
+)
+REPEAT_PENALTY = typer.Option(
+    None,
+    "--repeat-penalty",
+    parser=_setting("repeat_penalty"),
+    metavar="FLOAT",
+    help="A number > 0; > 1 discourages repeats (default 1 = off).",
+)
+SEED = typer.Option(
+    None,
+    "--seed",
+    parser=_setting("seed"),
+    metavar="INT",
+    help=f"Seed for reproducible sampling, 0 to {MAX_SEED} (-1: random, the default).",
+)
 
 # Speculative decoding, as `llm run` and `llm chat` offer it (`llm bench` words its help as a comparison).
 DRAFT = typer.Option(None, "--draft", help="Draft model for speculative decoding (same tokenizer).")

@@ -20,7 +20,8 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], pen
         idx = torch.tensor(ids, device=logits.device)
         seen = logits[row].gather(0, idx)
         logits[row].scatter_(0, idx, torch.where(seen > 0, seen / p, seen * p))
-    return logits
+    big = torch.finfo(logits.dtype).max  # a penalty near 0 (or huge) stays finite: ties, never inf - inf = nan
+    return logits.clamp_(-big, big)
 
 
 def filter_logits(
@@ -43,6 +44,7 @@ def filter_logits(
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass strictly before it already reaches top_p (always keeps the first)
         drop = (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
+        drop[:, 0] = False  # even a top_p that rounds to 0 in float32 (5e-324) keeps the likeliest token
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     if any_min_p:
@@ -63,12 +65,16 @@ def penalized(logits: torch.Tensor, params: list[SamplingParams], history: list[
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The distribution each row is sampled from [B, V]: logits over temperature (1 for greedy rows), then the
     top-k / top-p / min-p filters, softmaxed. Speculative decoding verifies drafts against exactly this."""
-    dev = logits.device
+    dev, vocab = logits.device, logits.shape[-1]
     temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
-    scaled = logits / temp.unsqueeze(1)
+    # Shifted so the top logit is 0 (softmax and every filter are shift-invariant): a temperature so small that
+    # logits / t overflows still gives the top token probability 1, never inf / inf; below the smallest normal
+    # float the temperature is that float (the same greedy limit).
+    temp = temp.clamp(min=torch.finfo(logits.dtype).tiny)
+    scaled = (logits - logits.max(-1, keepdim=True).values) / temp.unsqueeze(1)
     scaled = filter_logits(
         scaled,
-        torch.tensor([p.top_k for p in params], device=dev),
+        torch.tensor([min(p.top_k, vocab) for p in params], device=dev),  # any k > vocab keeps every token
         torch.tensor([p.top_p for p in params], device=dev),
         torch.tensor([p.min_p for p in params], device=dev),
         any(p.top_k > 0 for p in params),

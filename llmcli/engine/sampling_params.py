@@ -27,6 +27,11 @@ LLAMA_CPP_DEFAULTS: dict[str, float] = {
 }
 
 
+# torch.Generator.manual_seed takes [-2**63, 2**64 - 1] (negatives wrap around); we take the unsigned half, which
+# covers every generator state, and keep -1 for "random" as llama.cpp does (parse_setting).
+MAX_SEED = 2**64 - 1
+
+
 class SettingError(ValueError):
     """An unknown setting name or a value it cannot take (the message says which values are valid)."""
 
@@ -44,6 +49,20 @@ class SamplingParams:
     max_tokens: int = 256
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        """The rules of parse_setting (what `llm run`'s flags and chat's /set accept), so no other value gets in."""
+        for name in SETTING_NAMES:
+            value = self.setting(name)
+            if name == "max_tokens":
+                ok, expected = value >= 0, "an integer >= 0"  # 0: prompt only (perplexity, the engine's own use)
+            elif name == "seed" and value is None:
+                continue
+            else:
+                _, rule, expected = _RULES[name]
+                ok = (not isinstance(value, float) or math.isfinite(value)) and rule(value)
+            if not ok:
+                raise SettingError(f"invalid value for {name}: {value!r} (expected {expected})")
 
     @property
     def greedy(self) -> bool:
@@ -78,11 +97,16 @@ _RULES: dict[str, tuple[type, Callable[[float], bool], str]] = {
     "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
     "min_p": (float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
     "repeat_penalty": (float, lambda v: v > 0, "a number > 0 (1 = off)"),
-    "seed": (int, lambda v: True, "an integer, or 'none' for a random seed"),
+    "seed": (int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}, or -1 or 'none' for random"),
     "max_tokens": (int, lambda v: v >= 1, "an integer >= 1"),
 }
 SETTING_NAMES = tuple(_RULES)
 _FIELD = {"repeat_penalty": "repetition_penalty"}  # user-facing name -> field name, where they differ
+
+
+def expected_value(name: str) -> str:
+    """What a valid value of a user-facing setting looks like, e.g. "a number in (0, 1] (1 = off)"."""
+    return _RULES[name][2]
 
 
 def parse_setting(name: str, text: str) -> Any:

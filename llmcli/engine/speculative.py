@@ -280,7 +280,7 @@ class SpeculativeDecoder:
         self.stats = stats.speculative
         draft_gen = None
         if ds is not None and params.seed is not None:  # drafts get their own stream so seeded runs reproduce
-            draft_gen = torch.Generator(self.draft.device).manual_seed(params.seed + 1)
+            draft_gen = torch.Generator(self.draft.device).manual_seed((params.seed + 1) % 2**64)
         k_ctl = AdaptiveK(self.num_draft, 1, self.num_draft) if self.adaptive else None
         try:
             if params.max_tokens <= 0:
