@@ -14,7 +14,7 @@ import sys
 import typer
 
 from llmcli.cli import app
-from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, make_decoder
+from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, KV_CACHE_GIB, make_decoder
 
 EXAMPLES = (
     "[bold]Examples[/bold]\n\n  llm bench\n  llm bench --compare transformers --json\n"
@@ -39,7 +39,7 @@ def bench(
     device: str | None = DEVICE,
     dtype: str | None = DTYPE,
     dequantize: bool = DEQUANTIZE,
-    kv_cache_gib: float | None = typer.Option(None, "--kv-cache-gib", help="KV-cache size."),
+    kv_cache_gib: float | None = KV_CACHE_GIB,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     draft: str | None = typer.Option(None, "--draft", help="Compare plain vs speculative decoding with this draft."),
     speculate: str | None = typer.Option(None, "--speculate", help="`ngram`: compare plain vs n-gram speculation."),
@@ -47,12 +47,15 @@ def bench(
 ) -> None:
     """Measure prefill and decode speed (tok/s), time to first token and peak memory."""
     from llmcli.cli.resolve import resolve_model_spec
-    from llmcli.engine.llm_engine import LLMEngine
-    from llmcli.tools.bench import parse_compare
+    from llmcli.engine.llm_engine import LLMEngine, check_context, read_config
+    from llmcli.tools.bench import check_fits, parse_compare
 
     quant_compare = isinstance(parse_compare(compare), list)  # validated before any model is loaded
     path = resolve_model_spec(model)
-    if draft is not None or speculate is not None or num_draft is not None:
+    speculating = draft is not None or speculate is not None or num_draft is not None
+    if not speculating:  # the context, from the config alone: before the weights load
+        check_context(read_config(path), prompt_len + gen_len, f"--prompt-len {prompt_len:,} + --gen-len {gen_len:,}")
+    if speculating:
         engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
         spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
         _speculation(path, engine, spec, draft or speculate, gen_len, as_json)
@@ -60,6 +63,7 @@ def bench(
     engine = LLMEngine.load(
         path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, tokenizer=False, dequantize=dequantize
     )
+    check_fits(engine, prompt_len, gen_len, batch)  # the KV cache, known once loaded; before any warm-up
     _throughput(path, engine, prompt_len, gen_len, batch, compare, rounds, quant_compare, as_json)
 
 

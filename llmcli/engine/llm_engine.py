@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmcli.config import ModelConfig
+from llmcli.config import ModelConfig, load_config
 from llmcli.engine.block_manager import BlockManager, OutOfBlocks
 from llmcli.engine.loader import load_model
 from llmcli.engine.model_runner import ModelRunner
@@ -39,6 +39,8 @@ from llmcli.engine.sampling_params import SamplingParams
 from llmcli.engine.sequence import Sequence
 from llmcli.errors import UserError
 from llmcli.estimate import kv_bytes_per_token
+from llmcli.formats import is_gguf
+from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.tokenizer import load_tokenizer
 
 DEFAULT_CPU_KV_GIB = 1.0
@@ -80,6 +82,18 @@ class GenerationStats:
 class StreamEvent:
     token_id: int
     stats: GenerationStats
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """A resolved model's config without its weights (a .gguf's metadata or config.json): what a command checks
+    its arguments against (the context) before the expensive load."""
+    return load_gguf_config(path) if is_gguf(path) else load_config(path)
+
+
+def check_context(config: ModelConfig, tokens: int, what: str) -> None:
+    """UserError when `what` (e.g. "--window 9000") needs more tokens than the model's context."""
+    if tokens > config.max_position_embeddings:
+        raise UserError(f"{what} is {tokens:,} tokens, past the model's context of {config.max_position_embeddings:,}")
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -157,7 +171,7 @@ class LLMEngine:
         if dev.type == "cpu" and dt == torch.float16:
             raise UserError("float16 is not supported on CPU; use float32 or bfloat16")
         net, config = load_model(path, dev, dt, dequantize=dequantize)
-        tok = load_tokenizer(path) if tokenizer else None
+        tok = load_tokenizer(path, config.vocab_size) if tokenizer else None
         return cls(net, config, tok, block_size=block_size, kv_cache_gib=kv_cache_gib)
 
     def _pool_blocks(self, block_size: int, kv_cache_gib: float | None) -> int:

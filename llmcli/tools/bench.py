@@ -193,11 +193,31 @@ def decode_ratios(results: list[BenchResult]) -> dict[str, float]:
     return {r.engine: r.decode_tok_s / base if base else float("nan") for r in results}
 
 
+def check_fits(engine, prompt_len: int, gen_len: int, batch: int) -> None:
+    """UserError, with the numbers, when a sequence of prompt_len + gen_len tokens passes the engine's context, or
+    batch of them do not fit its KV cache together (bench_engine steps every sequence to the end, no preemption)."""
+    need = prompt_len + gen_len
+    if need > engine.context_len:
+        raise UserError(
+            f"--prompt-len {prompt_len:,} + --gen-len {gen_len:,} = {need:,} tokens is past the context of "
+            f"{engine.context_len:,} tokens (model {engine.config.max_position_embeddings:,}, "
+            f"KV cache {engine.pool_tokens:,})"
+        )
+    bm = engine.block_manager
+    blocks = batch * bm.blocks_needed(need)
+    if blocks > len(bm.blocks):
+        raise UserError(
+            f"--batch {batch} sequences of {need:,} tokens need {blocks * bm.block_size:,} tokens of KV cache; "
+            f"it holds {engine.pool_tokens:,}: lower --batch or raise --kv-cache-gib"
+        )
+
+
 def run_bench(
     engine, path, prompt_len: int, gen_len: int, batch: int, compare: str | None = None, rounds: int = 2, log=None
 ) -> list[BenchResult]:
     if prompt_len < 1 or gen_len < 1 or batch < 1:
         raise UserError("--prompt-len, --gen-len and --batch must be at least 1")
+    check_fits(engine, prompt_len, gen_len, batch)
     log = log or (lambda msg: None)
     variants = parse_compare(compare)
     if isinstance(variants, list):

@@ -61,6 +61,8 @@ def perplexity(engine, ids: list[int], window: int = 512, max_tokens: int | None
     """Score token ids with an LLMEngine (anything with forward_window(ids, all_positions=True))."""
     if window < 2:
         raise UserError("--window must be at least 2 tokens")
+    if window > engine.context_len:  # the model's context, or a smaller KV cache
+        raise UserError(f"--window {window:,} is past the context of {engine.context_len:,} tokens")
     if max_tokens is not None:
         ids = ids[:max_tokens]
     total, count = 0.0, 0
