@@ -460,12 +460,35 @@ def load_config(path: str | Path) -> ModelConfig:
     if not p.is_file():
         raise UserError(f"no config.json at {p}")
     try:
-        cfg = json.loads(p.read_text())
+        cfg = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p} is not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{p} is not valid JSON: {e.msg} (line {e.lineno})") from None
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise UserError(f"{p} has no model_type: not a transformers config.json")
     try:
-        return from_hf_dict(cfg)
+        return check_sizes(from_hf_dict(cfg), p)
     except KeyError as e:
         raise UserError(f"{p} lacks the field {e.args[0]!r} needed for a {cfg.get('model_type')} model") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # e.g. "hidden_size": "64", or 0 heads
+        kind = cfg.get("model_type")
+        raise UserError(f"{p} has a field of the wrong type or value for a {kind} model ({e})") from None
+
+
+_SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings")
+
+
+def check_sizes(config: ModelConfig, source: str | Path) -> ModelConfig:
+    """config, or UserError naming source when a size the model is built from is not a positive integer (a
+    corrupt or hand-edited config: "hidden_size": "64", 0 heads, -1 layers) or the heads do not group evenly."""
+    for name in (*_SIZES, "intermediate_size"):
+        v = getattr(config, name)
+        least = 0 if name == "intermediate_size" else 1  # MoE models may have no dense MLP
+        if type(v) is not int or v < least:
+            raise UserError(f"{source}: {name} is {v!r}; it must be an integer of at least {least}")
+    if config.num_heads % config.num_kv_heads:
+        raise UserError(
+            f"{source}: {config.num_heads} attention heads do not split into {config.num_kv_heads} key/value heads"
+        )
+    return config

@@ -171,7 +171,7 @@ class LLMEngine:
         if dev.type == "cpu" and dt == torch.float16:
             raise UserError("float16 is not supported on CPU; use float32 or bfloat16")
         net, config = load_model(path, dev, dt, dequantize=dequantize)
-        tok = load_tokenizer(path) if tokenizer else None
+        tok = load_tokenizer(path, config.vocab_size) if tokenizer else None
         return cls(net, config, tok, block_size=block_size, kv_cache_gib=kv_cache_gib)
 
     def _pool_blocks(self, block_size: int, kv_cache_gib: float | None) -> int:

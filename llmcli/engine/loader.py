@@ -32,8 +32,12 @@ from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
 from llmcli.quant.prepare import prepare_model
 
 
-def load_weights(model: nn.Module, config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy every tensor into its parameter; raise UserError for weights the model needs but never got."""
+def load_weights(
+    model: nn.Module, config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], source: str | Path = ""
+) -> None:
+    """Copy every tensor into its parameter; raise UserError for weights the model needs but never got, or one
+    whose shape is not the config's (source, the checkpoint's path, is named in both messages)."""
+    where = f"{source}: " if source else ""
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     loaded: set[str] = set()
@@ -42,14 +46,17 @@ def load_weights(model: nn.Module, config: ModelConfig, tensors: Iterator[tuple[
             name = rename(raw_name)
             if name is None:
                 continue
-            key = _load_one(params, modules, config, name, tensor)
+            try:
+                key = _load_one(params, modules, config, name, tensor)
+            except ShapeMismatch as e:
+                raise UserError(f"{where}{e}") from None
             if key is not None:
                 loaded.add(key)
             # unknown tensors (e.g. extra heads) are ignored; missing ones are reported below
     missing = _missing(params, config, loaded)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise UserError(f"checkpoint lacks weights the model needs: {', '.join(missing[:3])}{more}")
+        raise UserError(f"{where}the checkpoint lacks weights the model needs: {', '.join(missing[:3])}{more}")
 
 
 def _load_one(params: dict, modules: dict, config: ModelConfig, name: str, tensor: torch.Tensor) -> str | None:
@@ -110,9 +117,13 @@ def _module_hook(modules: dict, name: str, tensor: torch.Tensor) -> bool:
     return False
 
 
+class ShapeMismatch(UserError):
+    """A checkpoint tensor whose shape is not the one the config gives its parameter."""
+
+
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     if tuple(dst.shape) != tuple(src.shape):
-        raise UserError(f"weight {name} has shape {tuple(src.shape)}, the config expects {tuple(dst.shape)}")
+        raise ShapeMismatch(f"weight {name} has shape {tuple(src.shape)}, the config expects {tuple(dst.shape)}")
     dst.copy_(src)
 
 
@@ -155,12 +166,12 @@ def load_model(
         plan = {} if dequantize else gguf_keep_plan(config, gguf_tensor_types(path))
         keep = {src: kind for kind, sources in plan.values() for src in sources}
         model = build_model(config, device, dtype, swap=lambda m: _swap_kept(m, plan))
-        load_weights(model, config, iter_gguf_kept(path, dtype, keep))
+        load_weights(model, config, iter_gguf_kept(path, dtype, keep), path)
     else:
         config = load_config(path)
         qcfg = config.raw.get("quantization_config")
         model = build_model(config, device, dtype, qcfg)
-        load_weights(model, config, iter_safetensors(path))
+        load_weights(model, config, iter_safetensors(path), path)
     return model, config
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llmcli.config import ModelConfig, from_hf_dict
+from llmcli.config import ModelConfig, check_sizes, from_hf_dict
 from llmcli.errors import UserError
 from llmcli.formats.gguf_reader import open_gguf_model, read_f32
 
@@ -34,13 +34,19 @@ ARCH_TO_FAMILY = {
 
 
 def load_gguf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a GGUF model; UserError naming the file for metadata that is missing or malformed."""
     meta, infos = open_gguf_model(path)
     tensors = {t.name: t for t in infos}
     try:
-        hf = gguf_to_hf_config(meta, tensors)
+        return check_sizes(from_hf_dict(gguf_to_hf_config(meta, tensors)), path)
     except KeyError as e:
         raise UserError(f"{path} lacks the GGUF metadata key {e.args[0]!r}") from None
-    return from_hf_dict(hf)
+    except (TypeError, ValueError, IndexError) as e:  # e.g. a count stored as a string, an empty array
+        raise UserError(f"{path} has GGUF metadata that cannot be read as a model config ({e})") from None
+    except UserError as e:
+        if str(path) in str(e):
+            raise
+        raise UserError(f"{path}: {e}", e.exit_code) from None
 
 
 def gguf_to_hf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:

@@ -108,7 +108,9 @@ class _Cursor:
         if vtype == _ARRAY:
             itype, count = self.scalar("I"), self.scalar("Q")
             if count > self.size:  # every element takes at least a byte: garbage length
-                raise ValueError(f"array of {count} elements in a {self.size}-byte file")
+                raise ValueError(
+                    f"a metadata array of {count:,} elements cannot fit in the {self.size:,}-byte file (truncated?)"
+                )
             if itype in _NUMPY:  # numeric arrays in one go
                 dt = np.dtype(_NUMPY[itype]).newbyteorder("<")
                 end = self.pos + count * dt.itemsize
@@ -136,11 +138,13 @@ _PLAIN_TYPES = {
 def _parse(path: str) -> GGUFFile:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ValueError("the file is empty (an interrupted download?)")
         if size < 24:
-            raise ValueError("too short to be one")
+            raise ValueError(f"the file is only {size} bytes, too short for a GGUF header")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if mm[:4] != b"GGUF":
-        raise ValueError("no GGUF magic")
+        raise ValueError(f"it does not start with the GGUF magic bytes (found {bytes(mm[:4])!r})")
     cur = _Cursor(mm, size)
     cur.pos = 4
     version = cur.scalar("I")

@@ -1,42 +1,208 @@
-"""Safetensors checkpoints: the weight files of a model directory, their tensors one at a time, a file's header."""
+"""Safetensors checkpoints: the weight files of a model directory, their tensors one at a time, a file's header.
+
+Every reader here checks the file first (read_header: the 8-byte header length, UTF-8 JSON, and each tensor's
+dtype, shape and byte range against the data that is really there), so that a corrupt or truncated file ends
+in one UserError naming the file and what is wrong with it, never in the safetensors library's own text.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from llmcli.errors import UserError
 
+INDEX = "model.safetensors.index.json"
+
+# Bits per element of every dtype the format defines (safetensors' Dtype enum).
+DTYPE_BITS = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
+
+
+class CorruptFile(UserError):
+    """A weight file or index that cannot be what it claims: the message names the file and the fault."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"{path}: {what}")
+        self.path = path
+
+
+def _corrupt(path: Path, what: str) -> CorruptFile:
+    return CorruptFile(path, f"not a valid safetensors file: {what}")
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON), checked against the file:
+    CorruptFile unless every tensor has a known dtype, a shape whose size is its byte range, and the byte ranges
+    tile the data after the header exactly (no overlap, gap or missing bytes), as safetensors requires."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise _corrupt(path, "the file is empty (an interrupted download?)")
+            if size < 8:
+                raise _corrupt(path, f"the file is only {size} bytes, too short for the 8-byte header length")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise _corrupt(
+                    path, f"the header length ({n:,} bytes) is larger than the rest of the file ({size - 8:,} bytes)"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CorruptFile(path, f"cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _corrupt(path, f"the header is not UTF-8 text (byte {e.start})") from None
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _corrupt(path, f"the header is not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, f"the header is a JSON {type(header).__name__}, not an object")
+    _check_tensors(path, header, size - 8 - n)
+    return header
+
+
+def _check_tensors(path: Path, header: dict, data_len: int) -> None:
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise _corrupt(path, "__metadata__ is not a map of strings")
+    spans = []
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(t, dict) or not {"dtype", "shape", "data_offsets"} <= t.keys():
+            raise _corrupt(path, f"tensor {name!r} lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+        if dtype not in DTYPE_BITS:
+            raise _corrupt(path, f"tensor {name!r} has an unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _corrupt(path, f"tensor {name!r} has a shape that is not a list of sizes: {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+            raise _corrupt(path, f"tensor {name!r} has data_offsets that are not [begin, end]: {offsets!r}")
+        begin, end = offsets
+        if end < begin:
+            raise _corrupt(path, f"tensor {name!r} ends (byte {end:,}) before it begins (byte {begin:,})")
+        bits = math.prod(shape) * DTYPE_BITS[dtype]
+        if bits % 8 or bits // 8 != end - begin:
+            raise _corrupt(
+                path,
+                f"tensor {name!r} of shape {shape} {dtype} needs {bits / 8:,g} bytes but its data_offsets "
+                f"span {end - begin:,}",
+            )
+        spans.append((begin, end, name))
+    spans.sort()
+    ends = [end for _, end, _ in spans]
+    tiled = all(b == e for (b, _, _), e in zip(spans[1:], ends)) and (not spans or spans[0][0] == 0)
+    if tiled and spans and ends[-1] > data_len:
+        raise _corrupt(
+            path,
+            f"the file is truncated: its tensors need {ends[-1]:,} bytes of data after the header, it has "
+            f"{data_len:,} (an interrupted download?)",
+        )
+    for begin, end, name in spans:
+        if end > data_len:
+            raise _corrupt(
+                path, f"tensor {name!r}'s data_offsets [{begin:,}, {end:,}] lie outside the {data_len:,} bytes of data"
+            )
+    pos, prev = 0, None
+    for begin, end, name in spans:
+        if begin < pos:
+            raise _corrupt(path, f"tensors {prev!r} and {name!r} overlap (bytes {begin:,} to {pos:,})")
+        if begin > pos:
+            raise _corrupt(path, f"{begin - pos:,} bytes before tensor {name!r} belong to no tensor")
+        pos, prev = end, name
+    if pos < data_len:
+        raise _corrupt(path, f"{data_len - pos:,} bytes after the last tensor belong to no tensor")
+
+
+@contextmanager
+def open_safetensors(path: Path):
+    """safe_open(path) on CPU in torch, after read_header's checks; the library's own errors name the file."""
+    read_header(path)
+    try:
+        st = safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise _corrupt(path, " ".join(str(e).split())) from None
+    try:
+        with st:
+            yield st
+    except SafetensorError as e:  # get_tensor: e.g. a dtype torch cannot hold (F4, F6)
+        raise _corrupt(path, " ".join(str(e).split())) from None
+
 
 def safetensors_files(directory: Path) -> list[Path]:
-    """The weight files, from model.safetensors.index.json when sharded, else every *.safetensors."""
-    index = directory / "model.safetensors.index.json"
+    """The weight files, from model.safetensors.index.json when sharded, else every *.safetensors.
+    CorruptFile for an index that is not JSON, lacks weight_map or names shard files that are not there."""
+    index = directory / INDEX
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / n for n in names]
+        return _index_files(index)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise UserError(f"no .safetensors weights in {directory}")
     return files
 
 
+def _index_files(index: Path) -> list[Path]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CorruptFile(index, f"cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise CorruptFile(index, "not a valid weight index: it is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise CorruptFile(index, f"not a valid weight index: not JSON ({e.msg} at character {e.pos})") from None
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise CorruptFile(index, "not a valid weight index: it has no weight_map (tensor name -> shard file)")
+    names = set(wmap.values())
+    if not all(isinstance(v, str) and v and Path(v).name == v for v in names):
+        raise CorruptFile(index, "not a valid weight index: its weight_map values are not shard file names")
+    missing = sorted(n for n in names if not (index.parent / n).is_file())
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CorruptFile(index, f"names shard file(s) that are not there: {', '.join(missing[:3])}{more}")
+    return [index.parent / n for n in sorted(names)]
+
+
 def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every weight of the directory, memory-mapped, one at a time."""
     for f in safetensors_files(directory):
-        if not f.is_file():
-            raise UserError(f"missing weight shard {f.name} in {directory}")
-        with safe_open(f, framework="pt", device="cpu") as st:
+        with open_safetensors(f) as st:
             for name in st.keys():
                 yield name, st.get_tensor(name)
 
 
 def safetensors_header(path: Path) -> dict:
-    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+    """The checked JSON header of a .safetensors file (read_header)."""
+    return read_header(path)

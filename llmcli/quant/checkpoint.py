@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llmcli.config import from_hf_dict
+from llmcli.config import from_hf_dict, load_config
 from llmcli.errors import UserError
 from llmcli.formats import is_gguf
 from llmcli.formats.gguf_config import load_gguf_config
@@ -94,7 +94,7 @@ def open_source(path: Path) -> tuple[dict, Callable[[], Iterator[tuple[str, torc
     if is_gguf(path):
         cfg = dict(load_gguf_config(path).raw)
         return cfg, lambda: iter_gguf_tensors(path, torch.float32)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = dict(load_config(path).raw)  # checked: a corrupt config.json is one error line naming it
     return cfg, lambda: iter_safetensors(path)
 
 

@@ -56,6 +56,22 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def id_limit(self) -> int:
+        """One past the largest token id the tokenizer can produce: the base vocabulary's ids are 0..n-1, added
+        tokens may sit anywhere past it (so not vocab_size, which counts them). Cheap: no vocabulary dict."""
+        added = self.backend.get_added_tokens_decoder()
+        return max(self.backend.get_vocab_size(with_added_tokens=False), max(added, default=-1) + 1)
+
+    def check_fits(self, model_vocab_size: int, source: str | Path) -> None:
+        """UserError when the tokenizer can produce ids the model has no embedding for (ids >= its vocab_size):
+        a tokenizer from another model, or added tokens the checkpoint never grew its embedding for."""
+        if self.id_limit > model_vocab_size:
+            raise UserError(
+                f"the tokenizer of {source} has token ids up to {self.id_limit - 1:,} but the model's vocabulary "
+                f"(vocab_size) has {model_vocab_size:,} entries: tokenizer and weights do not belong together"
+            )
+
     # ---- special tokens -------------------------------------------------------------------------------
     def _special_id(self, key: str) -> int | None:
         tok = self.special_tokens.get(key)
@@ -114,10 +130,15 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer of a model directory or a .gguf file: the one tokenizer loader."""
+def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of a model directory or a .gguf file: the one tokenizer loader.
+
+    vocab_size: the model's; a tokenizer producing ids past it is refused (Tokenizer.check_fits)."""
     p = Path(path)
-    return _from_gguf(p) if is_gguf(p) else _from_dir(p)
+    tok = _from_gguf(p) if is_gguf(p) else _from_dir(p)
+    if vocab_size is not None:
+        tok.check_fits(vocab_size, p)
+    return tok
 
 
 # ---- HF directories -----------------------------------------------------------------------------------

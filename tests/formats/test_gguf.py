@@ -606,3 +606,84 @@ def test_smollm2_linears_stay_q4_1(smollm2_gguf, hf_smollm2):
             name = module.format(layer)
             want = torch.cat([ref[f"{name.rsplit('.', 1)[0]}.{p}.weight"] for p in parts])
             assert torch.equal(model.get_submodule(name).dequantize(), want), name
+
+
+# ---- corrupt files: one line naming the file ---------------------------------------------------------------
+
+_HEAD = 2_500_000  # the real file's header ends at ~1.79 MB: this prefix holds it and the first tensors
+
+
+def _gguf_case(name: str, src, tmp_path):
+    import struct
+
+    with open(src, "rb") as f:
+        head = f.read(_HEAD)
+    klen = struct.unpack_from("<Q", head, 24)[0]  # the first key: its length, then its bytes, then its value type
+    vtype = 24 + 8 + klen
+    cases = {
+        "empty": b"",
+        "ten_bytes": head[:10],
+        "header_cut": head[:2000],
+        "data_truncated": head,
+        "bad_magic": b"GGUX" + head[4:],
+        "bad_version": head[:4] + struct.pack("<I", 7) + head[8:],
+        "unknown_value_type": head[:vtype] + struct.pack("<I", 99) + head[vtype + 4 :],
+        "huge_kv_count": head[:16] + struct.pack("<Q", 2**60) + head[24:],
+        "huge_key_length": head[:24] + struct.pack("<Q", 2**40) + head[32:],
+    }
+    p = tmp_path / f"{name}.gguf"
+    p.write_bytes(cases[name])
+    return p
+
+
+GGUF_CASES = {
+    "empty": "empty",
+    "ten_bytes": "too short",
+    "header_cut": "truncated",
+    "data_truncated": "runs past the end of the file",
+    "bad_magic": "GGUF magic",
+    "bad_version": "version 7",
+    "unknown_value_type": "value type 99",
+    "huge_kv_count": "corrupt header counts",
+    "huge_key_length": "runs past the end of the file",
+}
+
+
+@pytest.mark.parametrize("command", ["run", "show", "estimate", "quantize"])
+@pytest.mark.parametrize("name", list(GGUF_CASES))
+def test_corrupt_gguf_is_one_line_naming_the_file(name, command, smollm2_gguf, tmp_path, capsys):
+    from llmcli.cli import main
+
+    p = _gguf_case(name, smollm2_gguf, tmp_path)
+    args = {
+        "run": ["run", str(p), "hi", "-n", "2"],
+        "show": ["show", str(p)],
+        "estimate": ["estimate", str(p)],
+        "quantize": ["quantize", str(p), "-o", str(tmp_path / "out")],
+    }[command]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("error: ") and not line.startswith("error: error:"), line
+    assert str(p) in line and GGUF_CASES[name] in line, line
+    assert "--debug" not in line and "Traceback" not in line, line
+    assert sorted(x.name for x in tmp_path.iterdir()) == [p.name]  # quantize left nothing behind
+
+
+def test_corrupt_gguf_through_a_process(smollm2_gguf, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    p = _gguf_case("data_truncated", smollm2_gguf, tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "llmcli", "run", str(p), "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and str(p) in lines[0] and "truncated" in lines[0], r.stderr
