@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.engine.sampling_params import SETTING_NAMES, SamplingParams, SettingError
+from llmcli.engine.text import valid_text
 
 DEFAULT_MAX_TOKENS = 2048  # a reply's budget in `llm chat` unless --max-tokens or /set max_tokens says otherwise
 SAVE_FORMAT = "llmcli-chat"
@@ -67,21 +69,31 @@ def save_conversation(path: Path, conv: Conversation, settings: SamplingParams, 
         "messages": conv.messages,
     }
     path = Path(path).expanduser()
+    if not path.name or path.is_dir():
+        raise CommandError(f"cannot save to {path}: it is a directory (give a file name)")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CommandError(f"cannot save to {path}: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a path no system accepts (a NUL byte in it)
+        with contextlib.suppress(OSError, ValueError):
+            tmp.unlink(missing_ok=True)
+        raise CommandError(f"cannot save to {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def load_conversation(path: Path) -> tuple[Conversation, SamplingParams | None]:
     path = Path(path).expanduser()
     try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise CommandError(f"cannot read {path}: {e.strerror or e}") from None
+        raw = path.read_bytes()
+    except (OSError, ValueError) as e:  # ValueError: a path no system accepts (a NUL byte in it)
+        raise CommandError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = f"byte 0x{raw[e.start]:02x} at offset {e.start}"
+        raise CommandError(f"{path} is not a saved chat: not UTF-8 text ({bad})") from None
+    try:
+        data = json.loads(text)
     except ValueError as e:
         raise CommandError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
@@ -90,12 +102,14 @@ def load_conversation(path: Path) -> tuple[Conversation, SamplingParams | None]:
     for i, m in enumerate(data["messages"]):
         if not (isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)):
             raise CommandError(f"{path}: message {i} needs a role (user or assistant) and a text content")
-        messages.append({"role": m["role"], "content": m["content"]})
+        messages.append(
+            {"role": m["role"], "content": valid_text(m["content"])}
+        )  # a JSON escape may be a lone surrogate
     system = data.get("system")
     if system is not None and not isinstance(system, str):
         raise CommandError(f"{path}: 'system' must be text")
     settings = settings_from_dict(data["settings"]) if isinstance(data.get("settings"), dict) else None
-    return Conversation(system or None, messages), settings
+    return Conversation(valid_text(system) if system else None, messages), settings
 
 
 def fit_context(

@@ -20,6 +20,7 @@ from llmcli.chat.conversation import (
 from llmcli.chat.render import MarkdownRenderer, PlainRenderer
 from llmcli.chat.terminal import read_message, sigint_flag
 from llmcli.engine.sampling_params import SETTING_NAMES, SamplingParams, SettingError
+from llmcli.engine.text import valid_text
 from llmcli.errors import UserError
 
 HELP = [
@@ -53,7 +54,7 @@ class ChatSession:
         model_name: str = "",
     ):
         self.backend, self.settings = backend, settings or default_settings()
-        self.conv = Conversation(system or None)
+        self.conv = Conversation(valid_text(system) if system else None)
         self.interactive, self.markdown, self.model_name = interactive, markdown, model_name
         self.console = console or Console(highlight=False)
         self.err = err or self.console
@@ -83,16 +84,23 @@ class ChatSession:
 
     # ---- input dispatch ----
     def handle(self, text: str) -> bool:
-        """One message or slash command; False when the chat should end."""
+        """One message or slash command; False when the chat should end. Whatever the input, the chat goes on:
+        undecodable bytes become U+FFFD (valid_text) before anything sees them, and an error is one line that
+        leaves the conversation as it was."""
+        text = valid_text(text)
         if not text.strip():
             return True
-        if text.startswith("/"):
-            try:
+        kept = Conversation(self.conv.system, list(self.conv.messages))
+        try:
+            if text.startswith("/"):
                 return self.command(text)
-            except CommandError as e:
-                self.notice(str(e))
-                return True
-        self.send(text)
+            self.send(text)
+        except (CommandError, UserError) as e:
+            self.conv = kept
+            self.notice(str(e), style="red" if isinstance(e, UserError) else "yellow")
+        except Exception as e:  # a bug must not end the session and lose the conversation: one line, go on
+            self.conv = kept
+            self.notice(f"error: {type(e).__name__}: {e} (the conversation is kept)", style="red")
         return True
 
     def command(self, text: str) -> bool:
@@ -277,6 +285,9 @@ class ChatSession:
                 self.console.print()
                 self.notice("Use Ctrl-D or /bye to exit.", style="dim")
                 continue
+            except UnicodeDecodeError:  # a terminal whose input decoding is strict (the CLI makes it lenient)
+                self.notice("That input was not valid text (UTF-8); nothing was sent.")
+                continue
             try:
                 if not self.handle(text):
                     return
@@ -298,6 +309,9 @@ class ChatSession:
                 text = read_message(read)
             except EOFError:
                 return
+            except UnicodeDecodeError:  # a stream whose decoding is strict (the CLI makes it lenient)
+                self.notice("A line was not valid text (UTF-8); it was skipped.")
+                continue
             if not self.handle(text):
                 return
 

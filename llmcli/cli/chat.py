@@ -81,6 +81,11 @@ def chat(
     )
 
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):
+        # Bytes that are not UTF-8 (a stray keystroke, a binary pipe) arrive as surrogate escapes instead of raising
+        # in the middle of the session; the session turns them into U+FFFD (engine.text.valid_text). input() reads
+        # its decoding from sys.stdin too.
+        sys.stdin.reconfigure(errors="surrogateescape")
     engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
     spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
     backend = EngineBackend(engine, path.name, streamer=spec, path=path)

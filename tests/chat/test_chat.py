@@ -52,11 +52,11 @@ class EchoBackend:
         return {"model": "echo", "device": "cpu", "dtype": "float32"}
 
 
-def session(backend=None, **kw):
+def session(backend=None, width=120, **kw):
     from rich.console import Console
 
     buf = io.StringIO()
-    console = Console(file=buf, color_system=None, width=120, highlight=False)
+    console = Console(file=buf, color_system=None, width=width, highlight=False)
     s = ChatSession(backend or EchoBackend(), default_settings(), console=console, **kw)
     return s, buf
 
@@ -270,6 +270,96 @@ def test_piped_session_reads_one_message_per_line():
     assert out.getvalue().splitlines() == ["you said: hi", "Set temperature to 0.0.", "you said: how are you"]
 
 
+# ---- any input --------------------------------------------------------------------------------------------------
+
+
+class BrokenBackend(EchoBackend):
+    """Fails in the middle of a reply the way a bug would (not a UserError)."""
+
+    def stream(self, messages, settings):
+        yield "half a "
+        raise RuntimeError("something broke")
+
+
+def test_undecodable_text_is_replaced_everywhere_it_enters(tmp_path):
+    b = EchoBackend()
+    s, out = session(b, system="sys \udcff")  # argv decoded with surrogateescape
+    s.handle("a\udcffb \udce9t\udcc3\udca9")  # stdin: the bytes a, 0xff, b and 0xe9, then "é" escaped as bytes
+    assert b.seen[-1][-1]["content"] == "a\ufffdb \ufffdt\u00e9" and b.seen[-1][0]["content"] == "sys \ufffd"
+    s.handle("/system be \udcfe brief")
+    assert s.conv.system == "be \ufffd brief"
+    s.handle("lone \ud800 surrogate")
+    f = tmp_path / "chat.json"
+    s.handle(f"/save {f}")
+    data = json.loads(f.read_text(encoding="utf-8"))
+    assert [m["content"] for m in data["messages"]] == ["lone \ufffd surrogate", "you said: lone \ufffd surrogate"]
+    # a saved chat whose JSON escapes hold lone surrogates loads as valid text
+    f.write_text(json.dumps({"system": "\udcff", "messages": [{"role": "user", "content": "x\ud83d"}]}))
+    conv, _ = load_conversation(f)
+    assert conv == Conversation("\ufffd", [{"role": "user", "content": "x\ufffd"}])
+    for text in [m["content"] for m in b.seen[-1]] + [s.conv.system]:
+        text.encode("utf-8")  # everything the session holds is valid UTF-8
+
+
+def test_bad_files_and_paths_are_one_line_and_the_chat_goes_on(tmp_path):
+    s, out = session(width=1000)
+    s.handle("first")
+    before = list(s.conv.messages)
+    raw = b'{"messages": [{"role": "user", "content": "\xff"}]}'
+    (tmp_path / "bin.json").write_bytes(raw)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        for cmd in (
+            f"/load {tmp_path / 'bin.json'}",
+            f"/load {tmp_path}",
+            "/load a\0b",
+            f"/save {tmp_path}",
+            f"/save {tmp_path / 'missing' / 'x.json'}",
+            f"/save {tmp_path / 'ro' / 'x.json'}" if os.geteuid() != 0 else "/save /proc/x.json",
+            "/save a\0b",
+            "/save .",
+        ):
+            n = len(out.getvalue())
+            assert s.handle(cmd) is True
+            msg = out.getvalue()[n:].strip()
+            assert msg and "\n" not in msg and "Traceback" not in msg, (cmd, msg)
+            assert msg.startswith(("cannot read", "cannot save", f"{tmp_path / 'bin.json'} is not a saved chat"))
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    assert f"not UTF-8 text (byte 0xff at offset {raw.index(255)})" in out.getvalue()
+    assert s.conv.messages == before and not list(tmp_path.rglob("*.tmp"))
+    s.handle("second")
+    assert s.conv.messages[-1]["content"] == "you said: second"
+
+
+def test_a_failing_reply_keeps_the_conversation():
+    s, out = session(EchoBackend())
+    s.handle("first")
+    before = list(s.conv.messages)
+    s.backend = BrokenBackend()
+    assert s.handle("second") is True
+    assert "error: RuntimeError: something broke (the conversation is kept)" in out.getvalue()
+    assert s.conv.messages == before
+
+
+def test_undecodable_lines_from_a_strict_reader_are_skipped():
+    lines = iter([None, "hello"])  # None: a line that does not decode
+
+    def read(_prompt):
+        line = next(lines, "")
+        if line is None:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        if line == "":
+            raise EOFError
+        return line
+
+    b = EchoBackend()
+    s, out = session(b)
+    s.run_interactive(read)
+    assert "not valid text (UTF-8); nothing was sent" in out.getvalue() and b.seen[-1][-1]["content"] == "hello"
+
+
 # ---- markdown -------------------------------------------------------------------------------------------------------
 
 
@@ -293,11 +383,17 @@ def test_live_tail_never_taller_than_the_terminal():
 STATS = r"\d+ tokens · [\d.]+ tok/s · TTFT \d+ ms · \d+/\d+ prompt tokens reused"
 
 
-def spawn_chat(model: Path, home: Path, *args: str):
+def spawn_chat(model: Path, home: Path, *args: str, env: dict | None = None):
     pexpect = pytest.importorskip("pexpect")
-    env = dict(os.environ, LLMCLI_HOME=str(home), TERM="xterm-256color", COLUMNS="120", LINES="40")
+    env = dict(os.environ, LLMCLI_HOME=str(home), TERM="xterm-256color", COLUMNS="120", LINES="40", **(env or {}))
     child = pexpect.spawn(
-        LLM, ["chat", str(model), "--device", "cpu", *args], env=env, encoding="utf-8", timeout=90, dimensions=(40, 120)
+        LLM,
+        ["chat", str(model), "--device", "cpu", *args],
+        env=env,
+        encoding="utf-8",
+        codec_errors="replace",  # the terminal echoes undecodable keystrokes back
+        timeout=90,
+        dimensions=(40, 120),
     )
     child.expect(r"context \d+ tokens")
     child.expect_exact(">>> ")
@@ -482,3 +578,62 @@ def test_show_reports_the_parameters_llm_show_reports(smollm2_gguf, tmp_path):
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stdout.splitlines() if x.split()[:1] == ["parameters"])
     assert line.split()[1] == f"{params / 1e6:.1f}M" == "134.5M"
+
+
+# Undecodable bytes through the real program. PYTHONIOENCODING=utf-8:strict is what Python does under a UTF-8 locale
+# such as en_US.UTF-8 (a C or C.UTF-8 locale escapes bad bytes instead): both must work.
+BAD_INPUT_ENVS = [pytest.param({"PYTHONIOENCODING": "utf-8:strict"}, id="strict"), pytest.param({}, id="default")]
+
+
+@pytest.mark.parametrize("extra_env", BAD_INPUT_ENVS)
+def test_piped_undecodable_bytes(smollm2_gguf, tmp_path, extra_env):
+    saved = tmp_path / "chat.json"
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00\x01")
+    lines = [
+        b"a\xffb",
+        b"/system be \xfe brief",
+        b"/load " + str(tmp_path / "bin.json").encode(),
+        b"/save " + str(tmp_path / "no" / "such" / "dir.json").encode(),
+        b"caf\xc3\xa9 \xe9 What is the capital of France?",
+        b"/save " + str(saved).encode(),
+    ]
+    r = subprocess.run(
+        [LLM, "chat", str(smollm2_gguf), "--device", "cpu", "--temperature", "0", "--max-tokens", "12"],
+        input=b"\n".join(lines) + b"\n",
+        capture_output=True,
+        timeout=180,
+        env=dict(os.environ, LLMCLI_HOME=str(tmp_path), **extra_env),
+    )
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "Traceback" not in err and "Error" not in err
+    assert err.splitlines() == [
+        "Set the system prompt; started a new conversation.",
+        f"{tmp_path / 'bin.json'} is not a saved chat: not UTF-8 text (byte 0xff at offset 0)",
+        f"cannot save to {tmp_path / 'no' / 'such' / 'dir.json'}: No such file or directory",
+        f"Saved 2 messages to {saved}",
+    ]
+    assert "Paris" in r.stdout.decode()
+    data = json.loads(saved.read_text(encoding="utf-8"))
+    assert data["system"] == "be \ufffd brief"
+    assert data["messages"][0]["content"] == "caf\u00e9 \ufffd What is the capital of France?"  # valid bytes kept
+
+
+def test_terminal_undecodable_keystrokes(smollm2_gguf, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_chat(
+        smollm2_gguf, tmp_path, "--temperature", "0", "--max-tokens", "12", env={"PYTHONIOENCODING": "utf-8:strict"}
+    )
+    os.write(child.child_fd, b"a\xffb\r")  # a byte that is not UTF-8: replaced, and the model replies
+    child.expect(STATS)
+    child.expect_exact(">>> ")
+    os.write(child.child_fd, b"\xc3\r")  # half a character (readline gives an empty line): a new prompt
+    child.expect_exact(">>> ")
+    os.write(child.child_fd, b"/system be \xfe brief\r")
+    child.expect_exact("Set the system prompt; started a new conversation.")
+    child.expect_exact(">>> ")
+    assert "Paris" in ask(child, "What is the capital of France?")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
