@@ -61,7 +61,13 @@ def bench(
         _speculation(path, engine, spec, draft or speculate, gen_len, as_json)
         return
     engine = LLMEngine.load(
-        path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, tokenizer=False, dequantize=dequantize
+        path,
+        device=device,
+        dtype=dtype,
+        kv_cache_gib=kv_cache_gib,
+        tokenizer=False,
+        dequantize=dequantize,
+        max_batch=batch,
     )
     check_fits(engine, prompt_len, gen_len, batch)  # the KV cache, known once loaded; before any warm-up
     _throughput(path, engine, prompt_len, gen_len, batch, compare, rounds, quant_compare, as_json)

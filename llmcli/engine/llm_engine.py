@@ -43,7 +43,7 @@ from llmcli.formats import is_gguf
 from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.tokenizer import load_tokenizer
 
-DEFAULT_CPU_KV_GIB = 1.0
+DEFAULT_CPU_KV_GIB = 1.0  # CPU: the most the KV pool takes unless --kv-cache-gib says otherwise
 CUDA_KV_FRACTION = 0.85  # of the memory still free once the weights are loaded
 
 
@@ -136,12 +136,13 @@ class LLMEngine:
         block_size: int = 16,
         num_blocks: int | None = None,
         kv_cache_gib: float | None = None,
+        max_batch: int = 1,
     ):
         self.model, self.config, self.tokenizer = model, config, tokenizer
         p = model.model.norm.weight  # compute dtype even when the embedding table is quantized
         self.device, self.dtype = p.device, p.dtype
         if num_blocks is None:
-            num_blocks = self._pool_blocks(block_size, kv_cache_gib)
+            num_blocks = self._pool_blocks(block_size, kv_cache_gib, max_batch)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(model, config, num_blocks, block_size)
         eos = set(config.eos_token_ids)
@@ -161,6 +162,7 @@ class LLMEngine:
         block_size: int = 16,
         tokenizer: bool = True,
         dequantize: bool = False,
+        max_batch: int = 1,
     ) -> LLMEngine:
         """A resolved model: a model directory or a .gguf file (the CLI resolves names and specs first).
 
@@ -172,9 +174,13 @@ class LLMEngine:
             raise UserError("float16 is not supported on CPU; use float32 or bfloat16")
         net, config = load_model(path, dev, dt, dequantize=dequantize)
         tok = load_tokenizer(path, config.vocab_size) if tokenizer else None
-        return cls(net, config, tok, block_size=block_size, kv_cache_gib=kv_cache_gib)
+        return cls(net, config, tok, block_size=block_size, kv_cache_gib=kv_cache_gib, max_batch=max_batch)
 
-    def _pool_blocks(self, block_size: int, kv_cache_gib: float | None) -> int:
+    def _pool_blocks(self, block_size: int, kv_cache_gib: float | None, max_batch: int = 1) -> int:
+        """Blocks of the KV pool. --kv-cache-gib: that many GiB. CUDA: a share of the free memory. CPU (the pool is
+        host memory): what max_batch sequences of the model's whole context can use, ceil(context / block_size)
+        blocks each, and no more than DEFAULT_CPU_KV_GIB (a longer-context model then gets the pool's context).
+        generate() preempts when its batch outgrows the pool, so a smaller pool costs concurrency, not results."""
         per_block = kv_bytes_per_token(self.config, self.dtype.itemsize) * block_size
         if kv_cache_gib is not None:
             budget = kv_cache_gib * 2**30
@@ -182,11 +188,10 @@ class LLMEngine:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * CUDA_KV_FRACTION
         else:
-            # CPU: a fixed budget, but no more than a few full-length contexts need.
-            budget = min(
-                DEFAULT_CPU_KV_GIB * 2**30, 4 * max(self.config.max_position_embeddings, 4096) * per_block / block_size
-            )
+            budget = DEFAULT_CPU_KV_GIB * 2**30
         n = int(budget // per_block)
+        if kv_cache_gib is None and self.device.type == "cpu":
+            n = min(n, -(-self.config.max_position_embeddings // block_size) * max(1, max_batch))
         if n < 2:
             raise UserError(f"the KV-cache budget ({budget / 2**30:.2f} GiB) is too small for this model")
         return n

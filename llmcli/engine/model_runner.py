@@ -7,6 +7,9 @@ step with a few tensor ops and shared by every layer.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 from torch import nn
 
@@ -14,6 +17,17 @@ from llmcli.config import ModelConfig
 from llmcli.engine.sequence import Sequence
 from llmcli.errors import UserError
 from llmcli.layers.attention import AttentionMetadata, KVView
+
+
+def kv_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled cache tensor. On CPU it lives in an anonymous memory map: the kernel's zero pages, which
+    become resident only where K/V are written, so a pool sized for the whole context costs memory as the
+    context fills, not up front (torch.zeros would touch every page). Elsewhere torch.zeros."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    buf = mmap.mmap(-1, max(1, count * dtype.itemsize))  # the tensor keeps the map alive
+    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
 
 
 class ModelRunner:
@@ -28,16 +42,8 @@ class ModelRunner:
         self.caches = []
         for i in range(config.num_layers):
             g = config.kv_cache_groups(i)
-            self.caches.append(
-                torch.zeros(
-                    g,
-                    num_blocks + 1,
-                    block_size,
-                    config.kv_values_per_token(i) // g,
-                    dtype=self.dtype,
-                    device=self.device,
-                )
-            )
+            shape = (g, num_blocks + 1, block_size, config.kv_values_per_token(i) // g)
+            self.caches.append(kv_zeros(shape, self.dtype, self.device))
         self._bind()
         self.windows = sorted({config.layer_window(i) for i in range(config.num_layers)}, key=lambda w: w or 0)
 
