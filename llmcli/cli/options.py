@@ -70,7 +70,7 @@ KV_CACHE_GIB = typer.Option(
     "--kv-cache-gib",
     parser=positive_float("--kv-cache-gib"),
     metavar="GIB",
-    help="KV-cache size, > 0 (default: CPU 1 GiB, CUDA most free memory).",
+    help="KV-cache size, > 0 (default: CPU the model's whole context, at most 1 GiB; CUDA most free memory).",
 )
 
 # Sampling flags shared by `llm run` and `llm chat`: None = not given, so the model's generation_config.json or
