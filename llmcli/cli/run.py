@@ -34,13 +34,33 @@ DEFAULT_MAX_TOKENS = 512
 
 
 def _split_args(model_or_prompt: str, prompt: str | None) -> tuple[str | None, str]:
-    """`llm run PROMPT` uses the default model; `llm run MODEL PROMPT` names one. `-` reads the prompt from stdin."""
+    """`llm run PROMPT` uses the default model; `llm run MODEL PROMPT` names one. `-` reads the prompt from stdin.
+
+    Bytes that are not UTF-8 (in argv, which Python hands over as surrogate escapes, or on stdin, read as bytes
+    whatever the locale) are replaced with U+FFFD by valid_text, with a warning that says how many."""
+    from llmcli.engine.text import valid_text
+
     model, text = (None, model_or_prompt) if prompt is None else (model_or_prompt, prompt)
     if text == "-":
-        text = sys.stdin.read()
-    if not text.strip():
+        text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+    clean = valid_text(text)
+    if clean != text:
+        bad = clean.count("\ufffd") - text.count("\ufffd")
+        warn = f"warning: the prompt is not valid UTF-8; {bad} undecodable sequence(s) replaced with U+FFFD"
+        print(warn, file=sys.stderr)
+    if not clean.strip():
         raise UserError("the prompt is empty")
-    return model, text
+    return model, clean
+
+
+def _context_note(prompt_tokens: int, max_tokens: int, context: int) -> None:
+    """Say up front, with the numbers, when the reply will stop at the context before --max-tokens."""
+    if prompt_tokens + max_tokens > context:
+        print(
+            f"note: the prompt is {prompt_tokens:,} tokens and the context {context:,}: the reply stops at "
+            f"{context - prompt_tokens:,} tokens (finish_reason length), before --max-tokens {max_tokens:,}",
+            file=sys.stderr,
+        )
 
 
 def _prompt_ids(tokenizer, text: str, system: str | None, raw: bool) -> list[int]:
@@ -55,6 +75,14 @@ def _prompt_ids(tokenizer, text: str, system: str | None, raw: bool) -> list[int
         return text_ids(tokenizer, text)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     return prompt_ids(tokenizer, messages)
+
+
+def _exit_if_interrupted(interrupted: bool, generated: int) -> None:
+    """After Ctrl-C: say so on stderr and exit 130 (typer turns a KeyboardInterrupt inside a command into a silent
+    exit 130, so the command says it itself)."""
+    if interrupted:
+        print(f"interrupted after {generated} generated token(s)", file=sys.stderr)
+        raise typer.Exit(130)
 
 
 EXAMPLES = (
@@ -92,7 +120,7 @@ def run(
 ) -> None:
     """Generate a reply to one prompt, streamed to stdout (stats go to stderr)."""
     from llmcli.cli.resolve import resolve_model_spec
-    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.engine.llm_engine import GenerationStats, LLMEngine
     from llmcli.engine.sampling_params import SamplingParams
     from llmcli.engine.speculative import run_summary
     from llmcli.engine.text import TextStream
@@ -114,26 +142,36 @@ def run(
     )
     engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
     ids = _prompt_ids(engine.tokenizer, text, system, raw)
+    engine.check_prompt(ids, params)  # a prompt past the context is refused before any draft model or prefill
+    _context_note(len(ids), params.max_tokens, engine.context_len)
     reset_expert_usage(engine.model)  # MoE router statistics cover this generation only
     spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
     reply = TextStream(engine.tokenizer, engine.eos_token_ids, keep_eos=ignore_eos)
-    for piece in reply.pieces((spec or engine).stream(ids, params)):
-        if not as_json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    stats = reply.stats
-    s = stats.to_dict() if stats else {"prompt_tokens": len(ids), "generated_tokens": 0}
-    if spec and stats:  # acceptance, mean accepted per step, speed-up vs a short plain decode
+    interrupted = False
+    try:
+        for piece in reply.pieces((spec or engine).stream(ids, params)):
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:  # Ctrl-C: what was generated is kept (printed, or in the JSON below), exit 130
+        interrupted = True
+    stats = reply.stats or GenerationStats(prompt_tokens=len(ids))
+    s = stats.to_dict()
+    if interrupted:
+        s["finish_reason"] = "interrupted"
+    elif spec and reply.stats:  # acceptance, mean accepted per step, speed-up vs a short plain decode
         s["speculative"] = run_summary(spec, ids, stats.decode_tok_s)
     if as_json:
         out = {"text": engine.tokenizer.decode(reply.token_ids), **s}
         usage = expert_usage(engine.model)
         if usage:  # MoE: tokens routed to each expert, per sparse layer index
             out["expert_usage"] = {str(i): counts for i, counts in usage.items()}
-        print(json.dumps(out))
+        print(json.dumps(out), flush=True)
+        _exit_if_interrupted(interrupted, stats.generated_tokens)
         return
     sys.stdout.write("\n")
     sys.stdout.flush()
+    _exit_if_interrupted(interrupted, stats.generated_tokens)
     if stats:
         cached = f" ({stats.cached_prompt_tokens} cached)" if stats.cached_prompt_tokens else ""
         print(

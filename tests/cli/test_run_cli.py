@@ -132,3 +132,110 @@ def test_bench_table(tiny_model):
     r = llm("bench", str(tiny_model("qwen3")), "--prompt-len", "8", "--gen-len", "4")
     assert r.returncode == 0, r.stderr
     assert "prefill tok/s" in r.stdout and "decode tok/s" in r.stdout and "llmcli" in r.stdout
+
+
+# ---- undecodable input, the context, Ctrl-C (issue 14) --------------------------------------------------------------
+
+
+def llm_bytes(*args, input: bytes | None = None, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "llmcli", *args], capture_output=True, input=input, timeout=600, env=env, **kw
+    )
+
+
+BAD = b"Say: a\xffb \xed\xa0\x80 caf\xc3 \xe2\x82 ok " + bytes(range(1, 256))  # stray, surrogate, cut-off bytes
+
+
+def _json_run(r: subprocess.CompletedProcess) -> dict:
+    assert r.returncode == 0, r.stderr
+    assert b"Traceback" not in r.stderr
+    return json.loads(r.stdout)
+
+
+def test_run_undecodable_bytes_through_stdin_and_argv(smollm2_gguf):
+    """Invalid UTF-8 on stdin (a binary file) and in argv is replaced with U+FFFD, with one warning line: the same
+    prompt and reply as the text Python's own decode(errors="replace") gives."""
+    args = ("run", str(smollm2_gguf), "--temperature", "0", "-n", "4", "--json")
+    ref = _json_run(llm_bytes(*args[:2], "-", *args[2:], input=BAD.decode("utf-8", errors="replace").encode()))
+    piped = llm_bytes(*args[:2], "-", *args[2:], input=BAD)
+    argv = llm_bytes(*args[:2], BAD, *args[2:])  # bytes in argv: Python hands them over as surrogate escapes
+    for r in (piped, argv):
+        out = _json_run(r)
+        assert (out["prompt_tokens"], out["text"]) == (ref["prompt_tokens"], ref["text"])
+        (line,) = r.stderr.decode().strip().splitlines()[:1]
+        assert line.startswith("warning: the prompt is not valid UTF-8")
+
+
+def test_run_prompt_past_the_context_is_refused_with_the_numbers(smollm2_gguf):
+    import gguf
+
+    field = gguf.GGUFReader(str(smollm2_gguf)).fields["llama.context_length"]
+    context = int(field.parts[field.data[0]][0])  # 8192, read by gguf's own reader
+    r = llm("run", str(smollm2_gguf), "-", "-n", "4", input="hello " * 20_000)
+    assert r.returncode == 1 and r.stdout == ""
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: the prompt is ") and f"the context holds {context:,} tokens" in line
+    assert int(line.split("the prompt is ")[1].split(" ")[0].replace(",", "")) > 20_000
+
+
+def test_run_stops_at_a_small_kv_cache_with_finish_reason_length(smollm2_gguf):
+    """--kv-cache-gib smaller than the model's context: the reply stops where the cache ends (said up front)."""
+    from llmcli.engine.llm_engine import read_config
+    from llmcli.estimate import kv_bytes_per_token
+
+    gib = 0.004
+    per_block = kv_bytes_per_token(read_config(smollm2_gguf), 4) * 16  # float32 on CPU, 16-token blocks
+    pool = int(gib * 2**30 // per_block) * 16
+    r = llm("run", str(smollm2_gguf), "Count to 500.", "--kv-cache-gib", str(gib), "-n", "1000", "--ignore-eos",
+            "--temperature", "0", "--json")  # fmt: skip
+    out = json.loads(r.stdout)
+    assert out["prompt_tokens"] + out["generated_tokens"] == pool and out["finish_reason"] == "length"
+    assert f"the reply stops at {pool - out['prompt_tokens']} tokens" in r.stderr
+
+
+def _interrupt(args: tuple[str, ...], wait_for) -> tuple[int, str, str, float]:
+    """Start `llm ARGS`, call wait_for(proc) (it returns once generation runs), SIGINT, collect. Also returns how
+    long wait_for took after the context note appeared on stderr."""
+    import signal
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "-m", "llmcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env)  # fmt: skip
+    try:
+        note = p.stderr.readline().decode()  # printed after loading, right before the prompt is processed
+        assert note.startswith("note: "), note
+        t0 = time.monotonic()
+        head = wait_for(p)
+        waited = time.monotonic() - t0
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    return p.returncode, head + out.decode(), err.decode(), waited
+
+
+LONG = ("Tell me a very long story.", "-n", "9000", "--ignore-eos", "--temperature", "0")  # past the context
+
+
+def test_ctrl_c_keeps_the_reply_and_prints_json_of_it(smollm2_gguf):
+    """Plain: what was printed stays, "interrupted" on stderr, exit 130. --json: the JSON of the tokens generated
+    so far, finish_reason "interrupted", exit 130. A real SIGINT once tokens come out."""
+    code, out, err, first = _interrupt(("run", str(smollm2_gguf), *LONG), lambda p: p.stdout.read(8).decode())
+    assert code == 130 and "Traceback" not in err
+    n = int(err.strip().splitlines()[-1].split("interrupted after ")[1].split()[0])
+    assert len(out) >= 8 and out.endswith("\n") and n >= 1
+
+    def wait(p) -> str:  # --json prints nothing until the end: wait well past when the plain run's tokens began
+        import time
+
+        time.sleep(3 * first + 5)
+        return ""
+
+    code, out, err, _ = _interrupt(("run", str(smollm2_gguf), *LONG, "--json"), wait)
+    assert code == 130 and "Traceback" not in err
+    j = json.loads(out)
+    assert j["finish_reason"] == "interrupted" and 0 < j["generated_tokens"] < 9000
+    assert err.strip().splitlines()[-1] == f"interrupted after {j['generated_tokens']} generated token(s)"
+    assert j["text"] and out.count("\n") == 1
