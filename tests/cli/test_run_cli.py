@@ -239,3 +239,28 @@ def test_ctrl_c_keeps_the_reply_and_prints_json_of_it(smollm2_gguf):
     assert j["finish_reason"] == "interrupted" and 0 < j["generated_tokens"] < 9000
     assert err.strip().splitlines()[-1] == f"interrupted after {j['generated_tokens']} generated token(s)"
     assert j["text"] and out.count("\n") == 1
+
+
+def test_sampling_edge_values_through_the_cli(smollm2_gguf):
+    """What the help allows does what it says: --top-p 1e-9 and a tiny temperature are greedy, the largest seed
+    reproduces; one past each edge is refused by the parser (exit 2, one line)."""
+    from llmcli.engine.sampling_params import MAX_SEED
+
+    base = ("run", str(smollm2_gguf), "Tell me a story.", "-n", "8", "--ignore-eos", "--json")
+
+    def text(*extra: str) -> str:
+        r = llm(*base, *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["text"]
+
+    greedy = text("--temperature", "0")
+    assert text("--temperature", "1", "--top-p", "1e-9", "--seed", "3") == greedy
+    assert text("--temperature", "1e-40", "--seed", "3") == greedy
+    top = ("--temperature", "1.5", "--seed", str(MAX_SEED))
+    assert text(*top) == text(*top)
+    for flag, value in [("--top-p", "0"), ("--repeat-penalty", "0"), ("--seed", str(MAX_SEED + 1)),
+                        ("--min-p", "1.5"), ("--temperature", "nan"), ("--top-k", "-1")]:  # fmt: skip
+        r = llm(*base, flag, value)
+        assert r.returncode == 2 and r.stdout == "", (flag, r.stderr)
+        (line,) = r.stderr.strip().splitlines()
+        assert line.startswith("error: Invalid value for") and flag in line and f"'{value}' is not" in line
