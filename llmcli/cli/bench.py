@@ -54,7 +54,8 @@ def bench(
     path = resolve_model_spec(model)
     speculating = draft is not None or speculate is not None or num_draft is not None
     if not speculating:  # the context, from the config alone: before the weights load
-        check_context(read_config(path), prompt_len + gen_len, f"--prompt-len {prompt_len:,} + --gen-len {gen_len:,}")
+        need = prompt_len + gen_len
+        check_context(read_config(path), need, f"--prompt-len {prompt_len:,} + --gen-len {gen_len:,} = {need:,} tokens")
     if speculating:
         engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
         spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)

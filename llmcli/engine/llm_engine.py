@@ -91,9 +91,9 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def check_context(config: ModelConfig, tokens: int, what: str) -> None:
-    """UserError when `what` (e.g. "--window 9000") needs more tokens than the model's context."""
+    """UserError when `what` (e.g. "--window 9,000", the flags that ask for `tokens`) is past the model's context."""
     if tokens > config.max_position_embeddings:
-        raise UserError(f"{what} is {tokens:,} tokens, past the model's context of {config.max_position_embeddings:,}")
+        raise UserError(f"{what} is past the model's context of {config.max_position_embeddings:,} tokens")
 
 
 def resolve_device(device: str | None) -> torch.device:

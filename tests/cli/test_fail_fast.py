@@ -49,14 +49,14 @@ def test_perplexity_window_and_max_tokens_refused_by_the_parser(no_weights, caps
 
 def test_perplexity_window_past_the_context(no_weights, capsys):
     code, _, err = _run(capsys, "perplexity", str(no_weights), "--window", "513")
-    assert code == 1 and err.strip() == "error: --window 513 is 513 tokens, past the model's context of 512"
+    assert code == 1 and err.strip() == "error: --window 513 is past the model's context of 512 tokens"
     assert _run(capsys, "perplexity", str(no_weights), "--window", "512")[0] == 1  # allowed: then the load fails
     assert "context" not in capsys.readouterr().err
 
 
 def test_bench_prompt_and_gen_past_the_context(no_weights, capsys):
     code, _, err = _run(capsys, "bench", str(no_weights), "--prompt-len", "500", "--gen-len", "13")
-    assert code == 1 and "500 + --gen-len 13 is 513 tokens, past the model's context of 512" in err
+    assert code == 1 and "500 + --gen-len 13 = 513 tokens is past the model's context of 512 tokens" in err
     assert len(err.strip().splitlines()) == 1
 
 
