@@ -14,11 +14,14 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from llmcli.errors import UserError
+
+if TYPE_CHECKING:  # only for annotations: `llm list/show/estimate` read headers and must not pay torch's import
+    import torch
 
 INDEX = "model.safetensors.index.json"
 
