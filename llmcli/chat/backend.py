@@ -48,16 +48,6 @@ class ChatBackend(Protocol):
 
     def count_tokens(self, messages: list[dict]) -> int: ...
 
-    def parameters(self) -> int:
-        """The model's parameter count as `llm show` reports it: the checkpoint's tensors where they are not packed,
-        else the architecture's count. Never the loaded modules' elements: a quantized linear packs two 4-bit
-        weights in a byte and keeps its scales apart, so its numel() is neither."""
-        if self.path is not None:
-            total, _ = model_params(self.path, self.engine.config)
-            if total:
-                return total
-        return int(count_params(self.engine.config).total)
-
     def info(self) -> dict[str, str]: ...
 
 
