@@ -180,9 +180,3 @@ def resolve_config_source(spec: str | None) -> tuple[ModelConfig, str, Path | No
     if _REPO_ID.match(spec) and not (spec.endswith(".json") or is_gguf(spec)) and not spec.startswith((".", "~")):
         return load_config(fetch_config(spec)), spec, None
     raise UserError(f"{spec}: no such file or directory, nor a name from `llm list` (and not a Hub repo id)")
-
-
-def resolve_config(spec: str | None) -> tuple[ModelConfig, str]:
-    """(ModelConfig, where it came from): resolve_config_source without the local path."""
-    cfg, source, _ = resolve_config_source(spec)
-    return cfg, source
