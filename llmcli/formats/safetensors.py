@@ -1,8 +1,8 @@
 """Safetensors checkpoints: the weight files of a model directory, their tensors one at a time, a file's header.
 
-Every reader here checks the file first (read_header: the 8-byte header length, UTF-8 JSON, and each tensor's
-dtype, shape and byte range against the data that is really there), so that a corrupt or truncated file ends
-in one UserError naming the file and what is wrong with it, never in the safetensors library's own text.
+Every reader here checks the file first (safetensors_header: the 8-byte header length, UTF-8 JSON, and each
+tensor's dtype, shape and byte range against the data that is really there), so that a corrupt or truncated file
+ends in one UserError naming the file and what is wrong with it, never in the safetensors library's own text.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _corrupt(path: Path, what: str) -> CorruptFile:
     return CorruptFile(path, f"not a valid safetensors file: {what}")
 
 
-def read_header(path: Path) -> dict:
+def safetensors_header(path: Path) -> dict:
     """The JSON header of a .safetensors file (8-byte little-endian length, then JSON), checked against the file:
     CorruptFile unless every tensor has a known dtype, a shape whose size is its byte range, and the byte ranges
     tile the data after the header exactly (no overlap, gap or missing bytes), as safetensors requires."""
@@ -151,8 +151,8 @@ def _check_tensors(path: Path, header: dict, data_len: int) -> None:
 
 @contextmanager
 def open_safetensors(path: Path):
-    """safe_open(path) on CPU in torch, after read_header's checks; the library's own errors name the file."""
-    read_header(path)
+    """safe_open(path) on CPU in torch, after safetensors_header's checks; the library's errors name the file."""
+    safetensors_header(path)
     try:
         st = safe_open(path, framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:
@@ -204,8 +204,3 @@ def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
         with open_safetensors(f) as st:
             for name in st.keys():
                 yield name, st.get_tensor(name)
-
-
-def safetensors_header(path: Path) -> dict:
-    """The checked JSON header of a .safetensors file (read_header)."""
-    return read_header(path)

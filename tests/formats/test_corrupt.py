@@ -20,7 +20,7 @@ import pytest
 from safetensors import safe_open
 
 from llmcli.cli import main
-from llmcli.formats.safetensors import read_header
+from llmcli.formats.safetensors import safetensors_header
 
 
 def _byte_tokenizer(directory: Path, extra: list[str] = ()) -> None:
@@ -203,10 +203,10 @@ ALL = [*SAFETENSORS, *INDEXES, *CONFIGS]
 
 
 def test_good_model_runs_and_header_matches_safetensors(good):
-    """The control: the uncorrupted copy runs, and read_header agrees with the safetensors library's parse."""
+    """The control: the uncorrupted copy runs, and safetensors_header agrees with the library's own parse."""
     r = _llm("run", str(good), "hi", "--raw", "-n", "2", "--temperature", "0")
     assert r.returncode == 0, r.stderr
-    h = read_header(good / "model.safetensors")
+    h = safetensors_header(good / "model.safetensors")
     with safe_open(good / "model.safetensors", framework="pt") as st:
         assert sorted(k for k in h if k != "__metadata__") == sorted(st.keys())
         for k in st.keys():
