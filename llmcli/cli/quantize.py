@@ -10,8 +10,6 @@ import re
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from llmcli.cli import app
 from llmcli.cli.resolve import resolve_model_spec
@@ -146,6 +144,9 @@ def _render(s, ppl: dict, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(data))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     t = Table(title=f"quantized -> {s.output}", show_header=False)
     t.add_row("method", f"{s.spec.method}, {s.spec.bits}-bit")
     t.add_row("layers quantized", str(len(s.layers)))
