@@ -371,7 +371,7 @@ FAMILIES: dict[str, FamilyTraits] = {
 }
 # Other names a family goes by: transformers calls gemma3's text tower gemma3_text.
 ALIASES = {"gemma3_text": "gemma3"}
-SUPPORTED_FAMILIES = tuple(n for f in FAMILIES for n in (f, *(a for a, to in ALIASES.items() if to == f)))
+SUPPORTED_FAMILIES = (*FAMILIES, *ALIASES)
 
 
 def from_hf_dict(cfg: dict) -> ModelConfig:
