@@ -19,7 +19,6 @@ class PlainReporter:
         self.got = 0
 
     def start(self, plan, todo):
-
         print(
             f"pulling {plan.repo_id} @ {plan.commit[:12]} ({len(plan.files)} files, {format_bytes(todo)} to download)",
             file=sys.stderr,
@@ -35,7 +34,6 @@ class PlainReporter:
         self.got += n
 
     def file_done(self, f, skipped):
-
         if skipped:
             print(f"{f.path}  {format_bytes(f.size)}  already present", file=sys.stderr, flush=True)
             return
@@ -49,6 +47,11 @@ class PlainReporter:
 
     def close(self):
         pass
+
+
+def _label(path: str) -> str:
+    """A file's name as its progress bar shows it: at most 38 characters, the start elided."""
+    return path if len(path) <= 38 else "…" + path[-37:]
 
 
 class RichReporter:
@@ -82,8 +85,7 @@ class RichReporter:
         self.total = self.progress.add_task(f"pulling {plan.repo_id}", total=todo)
 
     def file_start(self, f, have):
-        name = f.path if len(f.path) <= 38 else "…" + f.path[-37:]
-        self.task = self.progress.add_task(name, total=f.size, completed=have)
+        self.task = self.progress.add_task(_label(f.path), total=f.size, completed=have)
 
     def advance(self, n):
         self.progress.advance(self.task, n)
@@ -91,8 +93,7 @@ class RichReporter:
 
     def file_done(self, f, skipped):
         if skipped:
-            name = f.path if len(f.path) <= 38 else "…" + f.path[-37:]
-            self.progress.add_task(name, total=f.size, completed=f.size)
+            self.progress.add_task(_label(f.path), total=f.size, completed=f.size)
         elif self.task is not None:
             self.progress.update(self.task, completed=f.size)
 
@@ -105,7 +106,6 @@ class RichReporter:
 
 def _choose(ggufs):
     """Interactive: list the GGUF files with sizes and ask for one."""
-
     for i, f in enumerate(ggufs, 1):
         typer.echo(f"  {i:>2}. {f.path}  ({format_bytes(f.size)})", err=True)
     while True:
@@ -128,7 +128,7 @@ def pull_model(
     """Plan and download with the right progress display; returns the local path."""
     from llmcli.hub import download as hub
 
-    repo_id, _ = hub.parse_spec(spec)
+    hub.parse_spec(spec)  # a malformed spec is said as such, offline too
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
@@ -144,8 +144,8 @@ def pull_model(
         spec,
         revision=revision,
         filename=filename,
-        include=list(include),
-        exclude=list(exclude),
+        include=include,
+        exclude=exclude,
         token=token,
         choose=_choose if sys.stdin.isatty() else None,
     )
