@@ -61,9 +61,7 @@ class EngineBackend:
             raise UserError("this model has no tokenizer, so it cannot chat")
         self.engine, self.model_name, self.path = engine, model_name, path
         self.streamer = streamer if streamer is not None else engine
-        bm = engine.block_manager
-        self.pool_tokens = len(bm.blocks) * bm.block_size
-        self.context_length = min(engine.config.max_position_embeddings, self.pool_tokens)
+        self.context_length = engine.context_len  # a benchmark may lower it (never raise it: the engine refuses)
         self.last_stats = TurnStats()
         self.last_prompt_ids: list[int] = []
 
@@ -124,7 +122,7 @@ class EngineBackend:
             {
                 "vocabulary": str(c.vocab_size),
                 "context length": f"{self.context_length} tokens (model {c.max_position_embeddings}, "
-                f"KV pool {self.pool_tokens})",
+                f"KV pool {e.pool_tokens})",
                 "device": str(e.device),
                 "dtype": str(e.dtype).replace("torch.", ""),
             }
