@@ -29,7 +29,7 @@ from llmcli.quant import QuantSpec, quantizable_linears
 from llmcli.quant.embedding import Int8Embedding, tie_quantized_head
 from llmcli.quant.gguf_kept import KEEP_INT4, KEEP_INT8, KEPT_GROUP_SIZE, iter_gguf_kept
 from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
-from llmcli.quant.prepare import prepare_model
+from llmcli.quant.prepare import prepare_model, set_module
 
 
 def load_weights(
@@ -217,15 +217,11 @@ def gguf_keep_plan(config: ModelConfig, types: dict[str, object]) -> dict[str, t
 def _swap_kept(model: nn.Module, plan: dict[str, tuple[str, list[str]]]) -> None:
     """Replace the planned nn.Linear modules of the meta-device model by quantized ones (before allocation)."""
     for module, (kind, _) in plan.items():
-        lin = model.get_submodule(module)
-        if isinstance(lin, nn.Embedding):
-            model.model.embed_tokens = Int8Embedding(lin.num_embeddings, lin.embedding_dim)
-            continue
-        bias = lin.bias is not None
-        new = (
-            Int4OffsetLinear(lin.in_features, lin.out_features, KEPT_GROUP_SIZE, bias)
-            if kind == "int4"
-            else Int8Linear(lin.in_features, lin.out_features, bias)
-        )
-        parent, _, leaf = module.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, new)
+        m = model.get_submodule(module)
+        if isinstance(m, nn.Embedding):
+            new = Int8Embedding(m.num_embeddings, m.embedding_dim)
+        elif kind == "int4":
+            new = Int4OffsetLinear(m.in_features, m.out_features, KEPT_GROUP_SIZE, m.bias is not None)
+        else:
+            new = Int8Linear(m.in_features, m.out_features, m.bias is not None)
+        set_module(model, module, new)
