@@ -18,8 +18,6 @@ import torch
 # One group-size rule for the quantizer and `llm estimate` (it lives in torch-free estimate, so that stays light).
 from llmcli.estimate import effective_group_size
 
-GROUP_SIZES = (32, 64, 128)
-
 
 def minmax_params(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """wg [..., G, g] fp32 -> (scale, zero) [..., G] of the min/max affine grid on [0, 15]."""
