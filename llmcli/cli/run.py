@@ -172,17 +172,16 @@ def run(
     sys.stdout.write("\n")
     sys.stdout.flush()
     _exit_if_interrupted(interrupted, stats.generated_tokens)
-    if stats:
-        cached = f" ({stats.cached_prompt_tokens} cached)" if stats.cached_prompt_tokens else ""
+    cached = f" ({stats.cached_prompt_tokens} cached)" if stats.cached_prompt_tokens else ""
+    print(
+        f"prompt {stats.prompt_tokens} tokens{cached}, TTFT {stats.ttft_s * 1000:.0f} ms, "
+        f"{stats.generated_tokens} tokens at {stats.decode_tok_s:.1f} tok/s",
+        file=sys.stderr,
+    )
+    sp = s.get("speculative")  # absent when nothing was generated (--max-tokens 0)
+    if sp:
         print(
-            f"prompt {stats.prompt_tokens} tokens{cached}, TTFT {stats.ttft_s * 1000:.0f} ms, "
-            f"{stats.generated_tokens} tokens at {stats.decode_tok_s:.1f} tok/s",
+            f"speculative: {sp['acceptance_rate']:.0%} of {sp['drafted']} drafts accepted, "
+            f"{sp['mean_accepted']:.2f} per step, speed-up ~{sp['speedup_est']}x",
             file=sys.stderr,
         )
-        if spec:
-            sp = s["speculative"]
-            print(
-                f"speculative: {sp['acceptance_rate']:.0%} of {sp['drafted']} drafts accepted, "
-                f"{sp['mean_accepted']:.2f} per step, speed-up ~{sp['speedup_est']}x",
-                file=sys.stderr,
-            )

@@ -58,6 +58,12 @@ def test_run_seed_reproducible_and_max_tokens(smollm2_gguf):
     assert ja["generated_tokens"] == 12 and ja["finish_reason"] == "length"
 
 
+def test_run_max_tokens_0_with_speculation_prints_the_stats_line(smollm2_gguf):
+    r = llm("run", str(smollm2_gguf), "Hi", "-n", "0", "--speculate", "ngram")  # nothing generated: no summary
+    assert r.returncode == 0, r.stderr
+    assert "0 tokens at" in r.stderr and "speculative:" not in r.stderr and "error" not in r.stderr
+
+
 def test_run_takes_sampling_defaults_from_generation_config(smollm2_gguf, tmp_path):
     """A model directory's generation_config.json sets the defaults (as in `llm chat`); flags still win."""
     from transformers import GenerationConfig
