@@ -48,19 +48,17 @@ def bench(
     """Measure prefill and decode speed (tok/s), time to first token and peak memory."""
     from llmcli.cli.resolve import resolve_model_spec
     from llmcli.engine.llm_engine import LLMEngine, check_context, read_config
-    from llmcli.tools.bench import check_fits, parse_compare
+    from llmcli.tools.bench import parse_compare
 
     quant_compare = isinstance(parse_compare(compare), list)  # validated before any model is loaded
     path = resolve_model_spec(model)
-    speculating = draft is not None or speculate is not None or num_draft is not None
-    if not speculating:  # the context, from the config alone: before the weights load
-        need = prompt_len + gen_len
-        check_context(read_config(path), need, f"--prompt-len {prompt_len:,} + --gen-len {gen_len:,} = {need:,} tokens")
-    if speculating:
+    if draft is not None or speculate is not None or num_draft is not None:
         engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
         spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
         _speculation(path, engine, spec, draft or speculate, gen_len, as_json)
         return
+    need = prompt_len + gen_len  # the context, from the config alone: before the weights load
+    check_context(read_config(path), need, f"--prompt-len {prompt_len:,} + --gen-len {gen_len:,} = {need:,} tokens")
     engine = LLMEngine.load(
         path,
         device=device,
@@ -70,7 +68,6 @@ def bench(
         dequantize=dequantize,
         max_batch=batch,
     )
-    check_fits(engine, prompt_len, gen_len, batch)  # the KV cache, known once loaded; before any warm-up
     _throughput(path, engine, prompt_len, gen_len, batch, compare, rounds, quant_compare, as_json)
 
 
