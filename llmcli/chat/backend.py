@@ -64,12 +64,21 @@ class EngineBackend:
         self.context_length = engine.context_len  # a benchmark may lower it (never raise it: the engine refuses)
         self.last_stats = TurnStats()
         self.last_prompt_ids: list[int] = []
+        # the last messages prompt_ids ran on (copied), and their ids
+        self._counted: tuple[list[dict] | None, list[int]] = (None, [])
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        """prompt_ids, kept for the last messages: the session counts a turn's whole prompt (fitting the context)
+        right before it streams it, and that prompt is the whole conversation."""
+        if messages != self._counted[0]:
+            self._counted = ([dict(m) for m in messages], prompt_ids(self.engine.tokenizer, messages))
+        return self._counted[1]
 
     def count_tokens(self, messages: list[dict]) -> int:
-        return len(prompt_ids(self.engine.tokenizer, messages))
+        return len(self._prompt_ids(messages))
 
     def stream(self, messages: list[dict], settings: SamplingParams) -> Iterator[str]:
-        ids = self.last_prompt_ids = prompt_ids(self.engine.tokenizer, messages)
+        ids = self.last_prompt_ids = self._prompt_ids(messages)
         room = self.context_length - len(ids)
         if room < 1:
             raise UserError(f"the prompt ({len(ids)} tokens) does not fit the context ({self.context_length})")
