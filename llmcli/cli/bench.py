@@ -47,7 +47,8 @@ def bench(
 ) -> None:
     """Measure prefill and decode speed (tok/s), time to first token and peak memory."""
     from llmcli.cli.resolve import resolve_model_spec
-    from llmcli.engine.llm_engine import LLMEngine, check_context, read_config
+    from llmcli.engine.llm_engine import LLMEngine, check_context
+    from llmcli.hub.inspect import model_config
     from llmcli.tools.bench import parse_compare
 
     quant_compare = isinstance(parse_compare(compare), list)  # validated before any model is loaded
@@ -58,7 +59,7 @@ def bench(
         _speculation(path, engine, spec, draft or speculate, gen_len, as_json)
         return
     need = prompt_len + gen_len  # the context, from the config alone: before the weights load
-    check_context(read_config(path), need, f"--prompt-len {prompt_len:,} + --gen-len {gen_len:,} = {need:,} tokens")
+    check_context(model_config(path), need, f"--prompt-len {prompt_len:,} + --gen-len {gen_len:,} = {need:,} tokens")
     engine = LLMEngine.load(
         path,
         device=device,

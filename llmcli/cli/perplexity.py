@@ -47,12 +47,13 @@ def perplexity_cmd(
     as_json: bool = typer.Option(False, "--json", help='Print {"perplexity": ..., "tokens": ...}.'),
 ) -> None:
     """Measure a model's perplexity on a text file."""
-    from llmcli.engine.llm_engine import check_context, read_config
+    from llmcli.engine.llm_engine import check_context
+    from llmcli.hub.inspect import model_config
     from llmcli.tools.perplexity import DEFAULT_TEXT, measure_perplexity, read_text
 
     text = read_text(file or DEFAULT_TEXT)
     path = resolve_model_spec(model)
-    check_context(read_config(path), window, f"--window {window:,}")  # before the tokenizer and weights load
+    check_context(model_config(path), window, f"--window {window:,}")  # before the tokenizer and weights load
     r = measure_perplexity(path, text, window, max_tokens, device, dtype, dequantize)
     if as_json:
         typer.echo(json.dumps({"perplexity": r.perplexity, "tokens": r.tokens}))

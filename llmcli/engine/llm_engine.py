@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmcli.config import ModelConfig, load_config
+from llmcli.config import ModelConfig
 from llmcli.engine.block_manager import BlockManager, OutOfBlocks
 from llmcli.engine.loader import load_model
 from llmcli.engine.model_runner import ModelRunner
@@ -39,8 +39,6 @@ from llmcli.engine.sampling_params import SamplingParams
 from llmcli.engine.sequence import Sequence
 from llmcli.errors import UserError
 from llmcli.estimate import kv_bytes_per_token
-from llmcli.formats import is_gguf
-from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.tokenizer import load_tokenizer
 
 DEFAULT_CPU_KV_GIB = 1.0  # CPU: the most the KV pool takes unless --kv-cache-gib says otherwise
@@ -82,12 +80,6 @@ class GenerationStats:
 class StreamEvent:
     token_id: int
     stats: GenerationStats
-
-
-def read_config(path: str | Path) -> ModelConfig:
-    """A resolved model's config without its weights (a .gguf's metadata or config.json): what a command checks
-    its arguments against (the context) before the expensive load."""
-    return load_gguf_config(path) if is_gguf(path) else load_config(path)
 
 
 def check_context(config: ModelConfig, tokens: int, what: str) -> None:

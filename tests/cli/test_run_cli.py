@@ -187,11 +187,11 @@ def test_run_prompt_past_the_context_is_refused_with_the_numbers(smollm2_gguf):
 
 def test_run_stops_at_a_small_kv_cache_with_finish_reason_length(smollm2_gguf):
     """--kv-cache-gib smaller than the model's context: the reply stops where the cache ends (said up front)."""
-    from llmcli.engine.llm_engine import read_config
     from llmcli.estimate import kv_bytes_per_token
+    from llmcli.hub.inspect import model_config
 
     gib = 0.004
-    per_block = kv_bytes_per_token(read_config(smollm2_gguf), 4) * 16  # float32 on CPU, 16-token blocks
+    per_block = kv_bytes_per_token(model_config(smollm2_gguf), 4) * 16  # float32 on CPU, 16-token blocks
     pool = int(gib * 2**30 // per_block) * 16
     r = llm("run", str(smollm2_gguf), "Count to 500.", "--kv-cache-gib", str(gib), "-n", "1000", "--ignore-eos",
             "--temperature", "0", "--json")  # fmt: skip
