@@ -16,6 +16,7 @@ Per turn and policy: prompt tokens, tokens reused from the prefix cache, TTFT, a
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from dataclasses import replace
@@ -57,8 +58,6 @@ def ttft_of(backend, messages, settings) -> tuple[int, int, float]:
 
 def overflow_turns(backend, settings, keep_after_drop: float, turns: int) -> list[dict]:
     """The session's turns of a conversation past its context; the cache is emptied first."""
-    import io
-
     from rich.console import Console
 
     from llmcli.chat.session import ChatSession
@@ -115,7 +114,8 @@ def overflow(args, engine, backend, settings, path) -> None:
         ]
         print(f"{a['turn']:>4}{cells[0]}|{cells[1]}")
     for name, rows in runs.items():
-        past = [r for r in rows if r["turn"] >= next((r["turn"] for r in rows if r["dropped"]), len(rows) + 1)]
+        first_drop = next((r["turn"] for r in rows if r["dropped"]), len(rows) + 1)
+        past = [r for r in rows if r["turn"] >= first_drop]
         if past:
             reused = sum(r["reused_tokens"] for r in past) / sum(r["prompt_tokens"] for r in past)
             ttft = sum(r["ttft_ms"] for r in past) / len(past)
