@@ -23,10 +23,10 @@ def collect_hessians(
 ) -> dict[str, torch.Tensor]:
     """Engine module name -> H = 2/n X^T X over the calibration tokens, for every Linear the spec quantizes."""
     ids = encode_text(src, text)[:max_tokens]
+    if len(ids) < 16:  # before the weights load
+        raise UserError("the calibration text is too short (fewer than 16 tokens)")
     # dequantize: a GGUF source keeps its linears quantized by default, and only nn.Linear gets hooks
     engine = LLMEngine.load(src, device="cpu", dtype=torch.float32, tokenizer=False, dequantize=True)
-    if len(ids) < 16:
-        raise UserError("the calibration text is too short (fewer than 16 tokens)")
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
