@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from llmcli.cli import app
-from llmcli.cli.options import DEQUANTIZE_HELP, positive_int
+from llmcli.cli.options import DEQUANTIZE, positive_int
 from llmcli.cli.resolve import resolve_model_spec
 
 EXAMPLES = (
@@ -43,7 +43,7 @@ def perplexity_cmd(
     ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
-    dequantize: bool = typer.Option(False, "--dequantize", help=DEQUANTIZE_HELP),
+    dequantize: bool = DEQUANTIZE,
     as_json: bool = typer.Option(False, "--json", help='Print {"perplexity": ..., "tokens": ...}.'),
 ) -> None:
     """Measure a model's perplexity on a text file."""
