@@ -153,6 +153,20 @@ def build_tiny_model(family: str, directory: Path, seed: int = 0, **overrides) -
     return directory
 
 
+def write_byte_tokenizer(directory: Path, extra: list[str] = ()) -> None:
+    """tokenizer.json for the tiny models: a byte-level BPE with no merges, exactly their 256 ids (plus `extra` added
+    tokens, for tests of a tokenizer larger than the model's vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if extra:
+        tok.add_tokens(list(extra))
+    tok.save(str(Path(directory) / "tokenizer.json"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(family, **overrides) -> directory with config.json + model.safetensors (cached per session)."""

@@ -9,6 +9,7 @@ import json
 import shutil
 
 import pytest
+from conftest import write_byte_tokenizer
 from rich.console import Console
 
 from llmcli.chat.backend import EngineBackend
@@ -25,14 +26,8 @@ CHATML = (
 
 
 def byte_tokenizer(directory) -> None:
-    """A byte-level BPE with no merges (the tiny models' 256 ids) and a small chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(directory / "tokenizer.json"))
+    """The tiny models' byte tokenizer and a small chat template."""
+    write_byte_tokenizer(directory)
     (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
 
 

@@ -17,30 +17,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_byte_tokenizer
 from safetensors import safe_open
 
 from llmcli.cli import main
 from llmcli.formats.safetensors import safetensors_header
 
 
-def _byte_tokenizer(directory: Path, extra: list[str] = ()) -> None:
-    """A byte-level BPE with no merges: the 256 ids of the tiny models' vocabulary (plus `extra` added tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    if extra:
-        tok.add_tokens(list(extra))
-    tok.save(str(directory / "tokenizer.json"))
-
-
 @pytest.fixture(scope="module")
 def good(tiny_model, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("good") / "model"
     shutil.copytree(tiny_model("llama"), d)
-    _byte_tokenizer(d)
+    write_byte_tokenizer(d)
     return d
 
 
@@ -246,7 +234,7 @@ def test_quantize_reports_the_file_and_the_fault_and_writes_nothing(name, good, 
 def test_tokenizer_larger_than_the_vocabulary_is_refused_at_load(good, tmp_path):
     d = tmp_path / "mismatch"
     shutil.copytree(good, d)
-    _byte_tokenizer(d, extra=["<extra_a>", "<extra_b>"])  # ids 256 and 257 in a 256-entry model
+    write_byte_tokenizer(d, extra=["<extra_a>", "<extra_b>"])  # ids 256 and 257 in a 256-entry model
     r = _llm("run", str(d), "hi", "--raw", "-n", "2")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from conftest import write_byte_tokenizer
 
 from llmcli.engine.loader import build_model, load_model, load_weights
 from llmcli.layers import moe as moe_mod
@@ -299,18 +300,6 @@ def test_active_params_per_token_match_the_loaded_model(hf_models, family):
     assert pc.active == total - skipped
 
 
-def _byte_tokenizer(directory) -> None:
-    """A byte-level BPE with no merges: exactly the 256 ids of the tiny models' vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(directory / "tokenizer.json"))
-
-
 def test_run_json_reports_expert_usage(tiny_model, tmp_path):
     import json
     import shutil
@@ -321,7 +310,7 @@ def test_run_json_reports_expert_usage(tiny_model, tmp_path):
 
     d = tmp_path / "m"
     shutil.copytree(tiny_model("qwen2_moe"), d)
-    _byte_tokenizer(d)
+    write_byte_tokenizer(d)
     res = CliRunner().invoke(
         app, ["run", str(d), "hello world", "--raw", "--json", "-n", "5", "--ignore-eos", "-t", "0", "--device", "cpu"]
     )

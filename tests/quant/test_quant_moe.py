@@ -246,11 +246,11 @@ def test_stacked_source_quantizes_like_per_expert(tiny_model, tmp_path, args):
 def test_run_cli_on_quantized_moe_reports_expert_usage(tiny_model, tmp_path):
     import shutil
 
-    from test_moe import _byte_tokenizer
+    from conftest import write_byte_tokenizer
 
     d = tmp_path / "m"
     shutil.copytree(tiny_model("qwen2_moe"), d)
-    _byte_tokenizer(d)
+    write_byte_tokenizer(d)
     out = tmp_path / "int4"
     _llm("quantize", str(d), "--bits", "4", "--group-size", "32", "-o", str(out))
     res = _llm(
@@ -287,11 +287,11 @@ def test_gptq_falls_back_for_experts_with_a_note(tiny_model, tmp_path):
     """GPTQ has Hessians for Linear inputs only: experts get the calibration-free method and the summary says so."""
     import shutil
 
-    from test_moe import _byte_tokenizer
+    from conftest import write_byte_tokenizer
 
     d = tmp_path / "m"
     shutil.copytree(tiny_model("qwen3_moe"), d)
-    _byte_tokenizer(d)
+    write_byte_tokenizer(d)
     cal = tmp_path / "cal.txt"
     cal.write_text("The quick brown fox jumps over the lazy dog. " * 4)
     out = tmp_path / "g8"
