@@ -212,11 +212,25 @@ class LLMEngine:
         (a prompt alone, max_tokens 0, may fill it)."""
         if not prompt_ids:
             raise UserError("the prompt is empty")
+        self.check_ids(prompt_ids)
         most = self.context_len - (1 if params.max_tokens > 0 else 0)
         if len(prompt_ids) > most:
             raise UserError(
                 f"the prompt is {len(prompt_ids):,} tokens but the context holds {self._context_words()}, "
                 f"prompt and reply together: shorten the prompt to at most {most:,} tokens"
+            )
+
+    def check_ids(self, token_ids: list[int]) -> None:
+        """UserError for a token id the embedding has no row for (a tokenizer of another model, a hand-made id
+        list), instead of the IndexError deep inside the embedding lookup. Checked where ids enter (prompts,
+        extend), not per decode step: sampled ids come from this model's own logits."""
+        vocab = self.config.vocab_size
+        top, low = max(token_ids, default=0), min(token_ids, default=0)
+        if top >= vocab or low < 0:
+            bad = top if top >= vocab else low
+            raise UserError(
+                f"token id {bad:,} is outside the model's vocabulary of {vocab:,} ids "
+                "(a tokenizer that does not belong to these weights?)"
             )
 
     # ---- low-level API -----------------------------------------------------------------------
@@ -275,6 +289,7 @@ class LLMEngine:
 
     def extend(self, seq: Sequence, token_ids: list[int]) -> torch.Tensor:
         """Append token_ids and compute them over the cache: logits [n, V] for all n pending tokens."""
+        self.check_ids(token_ids)
         seq.token_ids.extend(token_ids)
         return self.forward_logits([seq], all_positions=True)[0]
 

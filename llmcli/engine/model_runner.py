@@ -15,7 +15,6 @@ from torch import nn
 
 from llmcli.config import ModelConfig
 from llmcli.engine.sequence import Sequence
-from llmcli.errors import UserError
 from llmcli.layers.attention import AttentionMetadata, KVView
 
 
@@ -96,18 +95,6 @@ class ModelRunner:
                 views[w] = KVView(tables[:, : self._nblocks(kmax)], 0, kmax, mask[:, None])
         return views
 
-    def _check_ids(self, batch: list[tuple[Sequence, int, int]]) -> None:
-        """UserError for a token id the embedding has no row for (a tokenizer of another model, a hand-made id
-        list), instead of the IndexError deep inside the embedding lookup."""
-        top = max(max(seq.token_ids[s:e], default=0) for seq, s, e in batch)
-        low = min(min(seq.token_ids[s:e], default=0) for seq, s, e in batch)
-        if top >= self.config.vocab_size or low < 0:
-            bad = top if top >= self.config.vocab_size else low
-            raise UserError(
-                f"token id {bad:,} is outside the model's vocabulary of {self.config.vocab_size:,} ids "
-                "(a tokenizer that does not belong to these weights?)"
-            )
-
     def _nblocks(self, n: int) -> int:
         return -(-n // self.block_size)
 
@@ -119,7 +106,6 @@ class ModelRunner:
         qmax = max(e - s for _, s, e in batch)
         starts = [s for _, s, _ in batch]
         ends = [e for _, _, e in batch]
-        self._check_ids(batch)
         if b == 1:
             seq, s, e = batch[0]
             ids = torch.tensor([seq.token_ids[s:e]], device=dev)
