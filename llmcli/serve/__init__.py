@@ -1,0 +1,1 @@
+"""`llm serve`: the OpenAI- and Ollama-compatible HTTP server (routes, protocol conversion, metrics, grammars)."""
