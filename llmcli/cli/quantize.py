@@ -36,7 +36,8 @@ def _output_dir(src: Path, bits: int, group_size: int, method: str, fmt: str, gg
         return store_dir() / f"{name}.{tag}.gguf"
     if method == "nf4":
         return store_dir() / f"{name}-nf4"
-    return store_dir() / (f"{name}-int8" if bits == 8 else f"{name}-int4-g{group_size}")
+    base = f"{name}-int8" if bits == 8 else f"{name}-int4-g{group_size}"
+    return store_dir() / (base + {"compressed-tensors": "-ct", "gptq": "-gptq"}.get(fmt, ""))
 
 
 EXAMPLES = (
@@ -45,8 +46,11 @@ EXAMPLES = (
     "  llm quantize Qwen/Qwen2.5-0.5B-Instruct --bits 4 --group-size 64 --method hqq\n"
     "  llm quantize ./model --bits 4 --method gptq --calibration text.txt\n"
     "  llm quantize ./model --method nf4 --output ./model-nf4\n"
-    "  llm quantize --bits 4 --format gguf --gguf-type q4_1"
+    "  llm quantize --bits 4 --format gguf --gguf-type q4_1\n"
+    "  llm quantize ./model --bits 4 --format compressed-tensors   (vLLM, SGLang, transformers)\n"
+    "  llm quantize ./model --bits 4 --format gptq --method gptq --calibration text.txt"
 )
+FORMATS = ("llmcli", "gguf", "compressed-tensors", "gptq")
 
 
 @app.command("quantize", epilog=EXAMPLES)
@@ -57,7 +61,10 @@ def quantize(
     bits: int = typer.Option(8, "--bits", "-b", help="8 or 4."),
     group_size: int = typer.Option(128, "--group-size", "-g", help="INT4 group size: 32, 64 or 128."),
     method: str | None = typer.Option(
-        None, "--method", "-m", help="rtn | hqq | gptq | nf4 (default: rtn for 8 bits, hqq for 4)."
+        None,
+        "--method",
+        "-m",
+        help="rtn | hqq | gptq | nf4 (default: rtn for 8 bits and --format gptq, hqq for other 4-bit).",
     ),
     output: Path | None = typer.Option(
         None,
@@ -65,7 +72,12 @@ def quantize(
         "-o",
         help="Output directory, or .gguf file with --format gguf (default: in the llmcli store, shown by `llm list`).",
     ),
-    fmt: str = typer.Option("llmcli", "--format", help="llmcli (safetensors directory) or gguf."),
+    fmt: str = typer.Option(
+        "llmcli",
+        "--format",
+        help="llmcli (safetensors directory), gguf, or for vLLM/SGLang: compressed-tensors (INT4 asymmetric, "
+        "INT8 per channel) or gptq (INT4 symmetric).",
+    ),
     gguf_type: str | None = typer.Option(
         None, "--gguf-type", help="GGUF weight type: q8_0, q4_0, q4_1 or f16 (default: q8_0 for 8 bits, q4_1 for 4)."
     ),
@@ -83,18 +95,20 @@ def quantize(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Write an INT8/INT4/NF4 weight-only checkpoint, or a GGUF (Q8_0/Q4_0/Q4_1) with --format gguf."""
+    """Write an INT8/INT4/NF4 weight-only checkpoint, a GGUF (Q8_0/Q4_0/Q4_1) with --format gguf, or one vLLM and
+    SGLang load with --format compressed-tensors / gptq."""
     from llmcli.quant import QuantSpec
-    from llmcli.quant.checkpoint import check_output, quantize_checkpoint
+    from llmcli.quant.checkpoint import check_output, quantize_checkpoint, resolve_source_spec
     from llmcli.quant.gguf_writer import check_gguf_type, write_gguf
     from llmcli.tools.calibration import collect_hessians
     from llmcli.tools.perplexity import measure_perplexity, read_text
 
-    if fmt not in ("llmcli", "gguf"):
-        raise UserError(f"--format must be llmcli or gguf, not {fmt!r}")
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, not {fmt!r}")
     if method is None:
-        method = "rtn" if bits == 8 else "hqq"
-    spec = QuantSpec(bits=bits, group_size=group_size, method=method, quantize_embeddings=quantize_embeddings)
+        method = "rtn" if bits == 8 or fmt == "gptq" else "hqq"
+    layout = fmt if fmt in ("compressed-tensors", "gptq") else "llmcli"
+    spec = QuantSpec(bits, group_size, method, quantize_embeddings, format=layout)
     spec.validate()
     if fmt == "gguf":
         gguf_type = check_gguf_type(gguf_type, spec)
@@ -109,6 +123,7 @@ def quantize(
     src = resolve_model_spec(model)
     out = output or _output_dir(src, spec.bits, spec.group_size, method, fmt, gguf_type or "")
     check_output(src, out, force=force)  # exists, is/holds/inside the source, cannot be written: before any work
+    resolve_source_spec(src, spec)  # what the export formats cannot hold (MoE): before calibration
     if fmt == "gguf":
         summary = write_gguf(src, out, spec, force=force, gguf_type=gguf_type)
     else:

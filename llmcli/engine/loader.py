@@ -25,7 +25,7 @@ from llmcli.formats.gguf_tensors import gguf_tensor_types
 from llmcli.formats.safetensors import iter_safetensors
 from llmcli.models.transformer import Transformer
 from llmcli.models.weights import FUSED, fused_shards, rename, target_module
-from llmcli.quant import QuantSpec, quantizable_linears
+from llmcli.quant import QuantSpec, compressed_tensors, gptq_format, quantizable_linears
 from llmcli.quant.embedding import Int8Embedding, tie_quantized_head
 from llmcli.quant.gguf_kept import KEEP_INT4, KEEP_INT8, KEPT_GROUP_SIZE, iter_gguf_kept
 from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
@@ -156,6 +156,8 @@ def load_model(
 ) -> tuple[nn.Module, ModelConfig]:
     """A model directory (config.json + safetensors) or a .gguf file -> (model on device, ModelConfig).
 
+    compressed-tensors (pack-quantized) and GPTQ checkpoints load into the same int4/int8 modules as ours where
+    the math is the same (llmcli.quant.compressed_tensors, llmcli.quant.gptq_format), else dequantized.
     A GGUF's Q4_0/Q4_1/Q8_0 linears stay quantized in our kernels (as llama.cpp runs them) unless
     dequantize=True, which expands every tensor to dtype (for exact comparisons against a float reference).
     """
@@ -169,9 +171,12 @@ def load_model(
         load_weights(model, config, iter_gguf_kept(path, dtype, keep), path)
     else:
         config = load_config(path)
-        qcfg = config.raw.get("quantization_config")
+        qcfg, tensors = config.raw.get("quantization_config"), iter_safetensors(path)
+        for fmt in (compressed_tensors, gptq_format):  # other engines' layouts, re-laid into ours as they stream
+            if fmt.handles(qcfg):
+                qcfg, tensors = fmt.as_llmcli(qcfg, tensors)
         model = build_model(config, device, dtype, qcfg)
-        load_weights(model, config, iter_safetensors(path), path)
+        load_weights(model, config, tensors, path)
     return model, config
 
 

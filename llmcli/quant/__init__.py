@@ -29,6 +29,9 @@ from llmcli.layers.moe import Experts
 from llmcli.quant.experts import experts_quantizable
 
 METHODS = ("rtn", "hqq", "gptq", "nf4")
+# Checkpoint layouts the safetensors writer produces: ours, and two that other engines (vLLM, SGLang, transformers)
+# load: compressed-tensors pack-quantized (INT4 asymmetric group-wise, INT8 per channel) and GPTQ (INT4 symmetric).
+FORMATS = ("llmcli", "compressed-tensors", "gptq")
 
 
 @dataclass
@@ -37,6 +40,7 @@ class QuantSpec:
     group_size: int = 128  # int4 only
     method: str = "rtn"
     quantize_embeddings: bool = False  # also quantize the token embedding and lm_head
+    format: str = "llmcli"  # one of FORMATS; not part of the stored llmcli config
 
     def validate(self) -> QuantSpec:
         if self.method == "nf4":
@@ -49,10 +53,27 @@ class QuantSpec:
             raise UserError(f"method {self.method} is for 4 bits; INT8 uses rtn (or gptq)")
         if self.bits == 4 and self.group_size not in (32, 64, 128):
             raise UserError(f"--group-size must be 32, 64 or 128, not {self.group_size}")
+        if self.format != "llmcli":
+            self._validate_export()
         return self
+
+    def _validate_export(self) -> None:
+        """The combinations the other engines' formats can express (checked before any work)."""
+        fmt = self.format
+        if fmt not in FORMATS:
+            raise UserError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        if self.method == "nf4":
+            raise UserError(f"--method nf4 writes a bitsandbytes checkpoint; --format {fmt} takes rtn or gptq")
+        if fmt == "gptq" and self.bits != 4:
+            raise UserError("--format gptq is symmetric INT4: use --bits 4 (INT8: --format compressed-tensors)")
+        if fmt == "gptq" and self.method == "hqq":
+            raise UserError("--format gptq has a fixed zero point (8): use --method rtn or gptq, not hqq")
+        if self.quantize_embeddings:
+            raise UserError(f"--quantize-embeddings is for --format llmcli; {fmt} keeps embeddings 16-bit")
 
     def to_config(self) -> dict:
         d = {"quant_method": "llmcli", **asdict(self)}
+        d.pop("format")
         if self.bits == 8:
             d.pop("group_size")
         return d

@@ -10,6 +10,10 @@ renamed onto the destination only once complete. check_output refuses, before an
 Which tensors are quantized is decided by building the engine's model on the meta device and running
 prepare_model on it: a checkpoint tensor is quantized iff the module it loads into (after q/k/v and
 gate/up fusing) became a quantized module, so writer and loader cannot disagree.
+
+spec.format picks the layout of the quantized tensors and the config: ours (llmcli.quant.int4/int8), or the
+compressed-tensors and GPTQ layouts other engines load (llmcli.quant.compressed_tensors, llmcli.quant.gptq_format);
+those store one group size for the whole model (resolve_export_spec) and quantize the decoder's dense linears only.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from safetensors.torch import save_file
 
 from llmcli.config import from_hf_dict, load_config
 from llmcli.errors import UserError
+from llmcli.estimate import effective_group_size
 from llmcli.formats import is_gguf
 from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.formats.gguf_tensors import dense_tensor, iter_gguf_raw, iter_gguf_tensors
@@ -34,7 +39,14 @@ from llmcli.formats.safetensors import iter_safetensors, open_safetensors, safet
 from llmcli.models.transformer import Transformer
 from llmcli.models.weights import rename, target_module
 from llmcli.paths import aside_path, give_umask_modes, remove_path, remove_stale_temps, temp_path
-from llmcli.quant import QuantSpec, quantizable_embeddings, quantizable_experts, quantizable_linears
+from llmcli.quant import (
+    QuantSpec,
+    compressed_tensors,
+    gptq_format,
+    quantizable_embeddings,
+    quantizable_experts,
+    quantizable_linears,
+)
 from llmcli.quant.experts import QuantExpertProj, make_quant_experts
 from llmcli.quant.gptq import gptq_quantize
 from llmcli.quant.hqq import quantize_int4_hqq
@@ -247,10 +259,49 @@ def input_gains(src: Path, config, targets: dict, spec: QuantSpec) -> dict[str, 
     return {m: (config.norm_offset + norms[n]).pow(2) for m, n in fed.items() if n in norms}
 
 
+def resolve_export_spec(config, spec: QuantSpec) -> QuantSpec:
+    """For --format compressed-tensors / gptq: the spec with the one group size every quantized layer uses (the
+    formats store one per model: the largest power of two up to the requested size dividing every input size).
+    Raises UserError for what the formats cannot hold here (MoE experts), before any work."""
+    if spec.format == "llmcli":
+        return spec
+    if config.is_moe:
+        raise UserError(f"--format {spec.format} writes dense models only; MoE experts need --format llmcli")
+    if spec.bits == 8:
+        return spec
+    ins = [m.in_features for m in quantized_targets(config, spec).values()]
+    group = min(effective_group_size(k, spec.group_size) for k in ins)
+    if group < 16 or any(k % group for k in ins):
+        raise UserError(f"--format {spec.format}: no group size of 16 or more divides every layer's input size")
+    return replace(spec, group_size=group)
+
+
+def resolve_source_spec(src: Path, spec: QuantSpec) -> QuantSpec:
+    """resolve_export_spec for the model at src (reads its config only): the CLI's check before calibration."""
+    cfg, _ = open_source(src)
+    return resolve_export_spec(from_hf_dict(cfg), spec)
+
+
+def _export_parts(
+    w: torch.Tensor, qmod, spec: QuantSpec, dtype16: torch.dtype, hessian: torch.Tensor | None, importance
+) -> dict[str, torch.Tensor]:
+    group = getattr(qmod, "group_size", 0)
+    if spec.format == "gptq":
+        return gptq_format.quantize_parts(w, group, spec.method, dtype16, hessian)
+    return compressed_tensors.quantize_parts(w, spec.bits, group, spec.method, dtype16, hessian, importance)
+
+
 def _quantize_parts(
-    w: torch.Tensor, qmod, spec: QuantSpec, hessian: torch.Tensor | None, importance: torch.Tensor | None
+    w: torch.Tensor,
+    qmod,
+    spec: QuantSpec,
+    hessian: torch.Tensor | None,
+    importance: torch.Tensor | None,
+    dtype16: torch.dtype = torch.bfloat16,
 ) -> dict[str, torch.Tensor]:
     """One source tensor -> its stored parts ({suffix: tensor}) for the target module qmod."""
+    if spec.format != "llmcli":
+        return _export_parts(w, qmod, spec, dtype16, hessian, importance)
     if spec.method == "nf4":
         return quantize_nf4_tensor(w, hessian)
     if spec.method == "gptq" and isinstance(qmod, QuantExpertProj):
@@ -294,7 +345,7 @@ def _write_tensors(
         h = (hessians or {}).get(module)  # keyed by engine module: q/k/v share qkv_proj's inputs
         if spec.method == "gptq" and isinstance(qmod, QuantExpertProj):
             expert_fallbacks += 1
-        for suffix, t in _quantize_parts(w, qmod, spec, h, importance.get(module)).items():
+        for suffix, t in _quantize_parts(w, qmod, spec, h, importance.get(module), dtype16).items():
             writer.add(f"{prefix}.{suffix}", t)
         summary.layers.append(LayerRecord(prefix, tuple(w.shape), getattr(qmod, "group_size", None)))
     return expert_fallbacks
@@ -303,7 +354,11 @@ def _write_tensors(
 def _write_config(directory: Path, cfg: dict, spec: QuantSpec, dtype16: torch.dtype) -> None:
     """config.json: the source's, plus the quantization_config the loader reads (and a 16-bit torch_dtype)."""
     cfg = dict(cfg)
-    if spec.method == "nf4":
+    if spec.format == "compressed-tensors":  # the head (tied or not) is the one Linear left 16-bit
+        cfg["quantization_config"] = compressed_tensors.quantization_config(spec.bits, spec.group_size, ["lm_head"])
+    elif spec.format == "gptq":
+        cfg["quantization_config"] = gptq_format.quantization_config(spec.group_size)
+    elif spec.method == "nf4":
         cfg["quantization_config"] = bnb_quantization_config()
     else:
         cfg["quantization_config"] = spec.to_config()
@@ -384,6 +439,7 @@ def quantize_checkpoint(
     check_output(src, out, force=force)
     cfg, tensors = open_source(src)
     config = from_hf_dict(cfg)
+    requested, spec = spec.group_size, resolve_export_spec(config, spec)
     targets = checkpoint_targets(config, spec)
     summary = Summary(spec=spec, output=out)
     dtype16 = keep_dtype(cfg)
@@ -415,5 +471,10 @@ def quantize_checkpoint(
         remove_path(tmp)
         raise
     summary.notes.extend(_summary_notes(summary, expert_fallbacks))
+    if spec.format != "llmcli" and spec.bits == 4 and spec.group_size != requested:
+        summary.notes.append(
+            f"every layer uses group size {spec.group_size}: {spec.format} stores one, and some input sizes "
+            f"are not a multiple of {requested}"
+        )
     summary.seconds = time.perf_counter() - t0
     return summary
