@@ -64,7 +64,7 @@ def quantize(
         None,
         "--method",
         "-m",
-        help="rtn | hqq | gptq | nf4 (default: rtn for 8 bits and --format gptq, hqq for other 4-bit).",
+        help="rtn | hqq | gptq | nf4 (default: hqq for 4 bits in the llmcli and gguf formats, else rtn).",
     ),
     output: Path | None = typer.Option(
         None,
@@ -106,7 +106,8 @@ def quantize(
     if fmt not in FORMATS:
         raise UserError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, not {fmt!r}")
     if method is None:
-        method = "rtn" if bits == 8 or fmt == "gptq" else "hqq"
+        # compressed-tensors/gptq: hqq's zeros rounded to integers lost SmolLM2's Paris answer (rtn kept it)
+        method = "rtn" if bits == 8 or fmt in ("compressed-tensors", "gptq") else "hqq"
     layout = fmt if fmt in ("compressed-tensors", "gptq") else "llmcli"
     spec = QuantSpec(bits, group_size, method, quantize_embeddings, format=layout)
     spec.validate()
@@ -121,9 +122,11 @@ def quantize(
     if eval_file is not None and not eval_file.is_file():
         raise UserError(f"eval file {eval_file} not found")
     src = resolve_model_spec(model)
-    out = output or _output_dir(src, spec.bits, spec.group_size, method, fmt, gguf_type or "")
+    # compressed-tensors/gptq: refuses what the format cannot hold (MoE) before calibration, and names the
+    # default output after the one group size every layer gets
+    group = resolve_source_spec(src, spec).group_size
+    out = output or _output_dir(src, spec.bits, group, method, fmt, gguf_type or "")
     check_output(src, out, force=force)  # exists, is/holds/inside the source, cannot be written: before any work
-    resolve_source_spec(src, spec)  # what the export formats cannot hold (MoE): before calibration
     if fmt == "gguf":
         summary = write_gguf(src, out, spec, force=force, gguf_type=gguf_type)
     else:
@@ -145,6 +148,7 @@ def _render(s, ppl: dict, as_json: bool) -> None:
         "output": str(s.output),
         "bits": s.spec.bits,
         "method": s.spec.method,
+        "format": s.spec.format,
         "layers_quantized": len(s.layers),
         "tensors_kept_16bit": s.kept,
         "group_sizes": {str(k): v for k, v in s.group_sizes().items()},

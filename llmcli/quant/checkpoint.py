@@ -278,6 +278,8 @@ def resolve_export_spec(config, spec: QuantSpec) -> QuantSpec:
 
 def resolve_source_spec(src: Path, spec: QuantSpec) -> QuantSpec:
     """resolve_export_spec for the model at src (reads its config only): the CLI's check before calibration."""
+    if spec.format == "llmcli":
+        return spec
     cfg, _ = open_source(src)
     return resolve_export_spec(from_hf_dict(cfg), spec)
 

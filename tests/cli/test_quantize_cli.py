@@ -176,3 +176,62 @@ def test_gguf_output_in_store_is_listed_run_and_removed(tiny_model, smollm2_gguf
     assert code == 0 and not out.exists()
     code, stdout, _ = _run(capsys, "list", "--json")
     assert [m for m in json.loads(stdout) if m["source"] == "store"] == []
+
+
+@pytest.mark.parametrize(
+    "fmt,bits,dirname,label",
+    [("compressed-tensors", 4, "-int4-g64-ct", "compressed-tensors"), ("gptq", 4, "-int4-g64-gptq", "gptq")],
+)
+def test_export_formats_of_smollm2_are_listed_shown_and_answer_paris(
+    smollm2_gguf, tmp_path, capsys, monkeypatch, fmt, bits, dirname, label
+):
+    """`llm quantize --format compressed-tensors|gptq` of the built-in GGUF (expanded to float first) writes into
+    the store; `llm list` and `llm show` see it and `llm run` on it still answers Paris."""
+    monkeypatch.setenv("LLMCLI_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLMCLI_DEFAULT_MODEL", str(smollm2_gguf))
+    code, stdout, err = _run(capsys, "quantize", "--bits", str(bits), "--format", fmt, "--json")
+    assert code == 0, err
+    s = json.loads(stdout)
+    out = Path(s["output"])
+    # SmolLM2's 576-wide inputs are not a multiple of 128: one group size (64) for the whole checkpoint
+    assert out.name == f"smollm2-135m-instruct{dirname}" and s["group_sizes"] == {"64": 210} and s["method"] == "rtn"
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == fmt
+    code, stdout, _ = _run(capsys, "list", "--json")
+    assert [(m["name"], m["format"]) for m in json.loads(stdout) if m["source"] == "store"] == [(out.name, label)]
+    code, stdout, _ = _run(capsys, "show", out.name, "--json")
+    assert code == 0 and json.loads(stdout)["path"] == str(out)
+    q = "What is the capital of France?"
+    code, stdout, err = _run(capsys, "run", out.name, q, "--temperature", "0", "--max-tokens", "10")
+    assert code == 0 and "Paris" in stdout, stdout + err
+    if fmt == "compressed-tensors":  # and transformers, decompressing with the compressed-tensors package, agrees
+        import torch
+        import transformers
+
+        ct = transformers.CompressedTensorsConfig(dequantize=True)  # see test_export_formats: its packed zero points
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, quantization_config=ct)
+        tok = transformers.AutoTokenizer.from_pretrained(out)
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+        reply = model.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1] :]
+        assert "Paris" in tok.decode(reply, skip_special_tokens=True)
+
+
+def test_export_format_errors_come_before_any_work(tiny_model, tmp_path, capsys):
+    src, moe = str(tiny_model("llama")), str(tiny_model("mixtral"))
+    capsys.readouterr()  # building the fixtures prints transformers' progress
+    for extra, msg in (
+        (["--format", "gptq", "--bits", "8"], "--format gptq is symmetric INT4"),
+        (["--format", "gptq", "--bits", "4", "--method", "hqq"], "not hqq"),
+        (["--format", "compressed-tensors", "--quantize-embeddings"], "--quantize-embeddings"),
+        (["--format", "compressed-tensors", "--method", "nf4"], "bitsandbytes"),
+    ):
+        code, _, err = _run(capsys, "quantize", src, "-o", str(tmp_path / "x"), *extra)
+        assert code == 1 and msg in err and len(err.strip().splitlines()) == 1, err
+    text = tmp_path / "calib.txt"
+    text.write_text("calibration text " * 50)
+    code, _, err = _run(
+        capsys, "quantize", moe, "-o", str(tmp_path / "x"), "--format", "gptq", "--bits", "4",
+        "--method", "gptq", "--calibration", str(text),
+    )  # fmt: skip
+    assert code == 1 and "dense models only" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
