@@ -478,5 +478,7 @@ def quantize_checkpoint(
             f"every layer uses group size {spec.group_size}: {spec.format} stores one, and some input sizes "
             f"are not a multiple of {requested}"
         )
+    if spec.format == "compressed-tensors" and spec.bits == 4 and spec.method == "hqq":
+        summary.notes.append("hqq's zero points are rounded to integers: the format stores integer zero points")
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -119,6 +119,30 @@ def test_gptq_dequantizes_to_exactly_our_weights(tiny_model, tmp_path, one_threa
     assert bool(((reference[:64] - w).abs() <= step * (0.5 + 2**-5)).all())
 
 
+def test_gptq_act_order_checkpoint_loads_dequantized(tiny_model, tmp_path, one_thread):
+    """A GPTQ checkpoint with desc_act (columns in a permuted group order) has no Int4Linear form: it loads into
+    dense Linears holding the published dequantization of each weight."""
+    from safetensors.torch import load_file, save_file
+
+    from llmcli.engine.loader import load_model
+    from llmcli.quant.checkpoint import quantize_checkpoint
+
+    out = tmp_path / "gptq"
+    quantize_checkpoint(tiny_model("llama"), out, QuantSpec(4, 32, "rtn", format="gptq"))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["desc_act"] = True
+    (out / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(out / "model.safetensors")
+    p = "model.layers.0.mlp.down_proj"
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(0))
+    sd[f"{p}.g_idx"] = sd[f"{p}.g_idx"][perm].contiguous()  # act-order: input k belongs to group g_idx[k]
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_model(out, "cpu", torch.float32)
+    down = model.model.layers[0].mlp.down_proj
+    assert type(down) is torch.nn.Linear
+    assert torch.equal(down.weight.double(), _gptq_reference_weight(sd, p))
+
+
 def test_gptq_calibrated_beats_rtn_in_the_gptq_layout(tiny_model, tmp_path, one_thread):
     """--method gptq fills the same symmetric grid with error feedback: lower layer-output error than rounding."""
     from llmcli.quant.compressed_tensors import grid_codes
