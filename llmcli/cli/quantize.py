@@ -106,7 +106,7 @@ def quantize(
     if fmt not in FORMATS:
         raise UserError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, not {fmt!r}")
     if method is None:
-        # compressed-tensors/gptq: hqq's zeros rounded to integers lost SmolLM2's Paris answer (rtn kept it)
+        # compressed-tensors: hqq on integer zero points scored about rtn's perplexity on SmolLM2 at 7x the time
         method = "rtn" if bits == 8 or fmt in ("compressed-tensors", "gptq") else "hqq"
     layout = fmt if fmt in ("compressed-tensors", "gptq") else "llmcli"
     spec = QuantSpec(bits, group_size, method, quantize_embeddings, format=layout)

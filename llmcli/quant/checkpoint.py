@@ -479,6 +479,6 @@ def quantize_checkpoint(
             f"are not a multiple of {requested}"
         )
     if spec.format == "compressed-tensors" and spec.bits == 4 and spec.method == "hqq":
-        summary.notes.append("hqq's zero points are rounded to integers: the format stores integer zero points")
+        summary.notes.append("hqq's zero points rounded to integers (the format's), min/max where that is closer")
     summary.seconds = time.perf_counter() - t0
     return summary

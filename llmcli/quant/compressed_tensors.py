@@ -28,7 +28,7 @@ import torch
 
 from llmcli.errors import UserError
 from llmcli.quant.gptq import gptq_core
-from llmcli.quant.hqq import quantize_int4_hqq
+from llmcli.quant.hqq import column_importance, quantize_int4_hqq, weighted_sq_error
 from llmcli.quant.int4 import pack_int4
 
 log = logging.getLogger(__name__)
@@ -42,21 +42,22 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     """Unsigned codes (< 2**bits) -> int32 words, 32 // bits per word along dim (zero-padded), code i of a word in
     bits [i * bits, (i + 1) * bits)."""
     per = 32 // bits
-    v = codes.to(torch.int64).movedim(dim, -1)
+    v = codes.to(torch.int32).movedim(dim, -1)
     pad = (-v.shape[-1]) % per
     if pad:
         v = torch.nn.functional.pad(v, (0, pad))
     v = v.reshape(*v.shape[:-1], -1, per)
-    words = (v << (torch.arange(per) * bits)).sum(-1)  # disjoint bit fields: the sum is the OR
-    words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as a signed int32
-    return words.to(torch.int32).movedim(-1, dim).contiguous()
+    words = v[..., 0].clone()
+    for i in range(1, per):  # int32 shifts wrap into the sign bit: the word's bits are exactly the codes'
+        words |= v[..., i] << (i * bits)
+    return words.movedim(-1, dim).contiguous()
 
 
 def unpack_int32(words: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
     """Inverse of pack_int32: int32 words -> uint8 codes, n of them along dim."""
     per = 32 // bits
-    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
-    v = (w.unsqueeze(-1) >> (torch.arange(per) * bits)) & ((1 << bits) - 1)
+    w = words.movedim(dim, -1)
+    v = torch.stack([(w >> (i * bits)) & ((1 << bits) - 1) for i in range(per)], dim=-1)  # the mask drops sign bits
     v = v.reshape(*w.shape[:-1], -1)[..., :n]
     return v.to(torch.uint8).movedim(-1, dim).contiguous()
 
@@ -100,18 +101,22 @@ def int8_codes(w: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor | Non
 def integer_zero_grid(
     w: torch.Tensor, group: int, method: str, dtype16: torch.dtype, importance: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale in dtype16, integer zero 0..15 as float) [out, in // group] of an asymmetric INT4 grid.
-    rtn/gptq: the min/max grid widened to hold 0 (so the zero point is on the grid); hqq: HQQ's searched scale
-    and zero with the zero rounded to the nearest integer."""
+    """(scale in dtype16, integer zero 0..15 as float) [out, in // group] of an asymmetric INT4 grid: the min/max
+    grid widened to hold 0 (so the zero point is on the grid). hqq: per group, HQQ's searched scale with its zero
+    rounded to an integer where that has the lower importance-weighted error (llmcli.quant.hqq), else min/max."""
     rows, k = w.shape
-    if method == "hqq":
-        _, s, z = quantize_int4_hqq(w, group, importance=importance)
-        scale = s.float().to(dtype16).float().clamp(min=SCALE_FLOOR)
-        return scale.to(dtype16), torch.round(z.float()).clamp(0, 15)
     wg = w.float().reshape(rows, k // group, group)
     lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
     scale = ((hi - lo) / 15).to(dtype16).float().clamp(min=SCALE_FLOOR)
-    return scale.to(dtype16), torch.round(-lo / scale).clamp(0, 15)
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    if method != "hqq":
+        return scale.to(dtype16), zero
+    _, s, z = quantize_int4_hqq(w, group, importance=importance)
+    s, z = s.float().to(dtype16).float().clamp(min=SCALE_FLOOR), torch.round(z.float()).clamp(0, 15)
+    weight = column_importance(w) * (1.0 if importance is None else importance.float())
+    weight = weight.reshape(k // group, group)
+    better = weighted_sq_error(wg, s, z, weight) < weighted_sq_error(wg, scale, zero, weight)
+    return torch.where(better, s, scale).to(dtype16), torch.where(better, z, zero)
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------

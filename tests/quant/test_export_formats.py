@@ -160,6 +160,26 @@ def test_gptq_calibrated_beats_rtn_in_the_gptq_layout(tiny_model, tmp_path, one_
     assert errs[1] < 0.8 * errs[0]
 
 
+def test_integer_zero_grids():
+    """rtn: the min/max grid widened to hold 0, integer zeros; hqq: per group never a larger importance-weighted
+    error than that grid (and smaller overall on heavy-tailed weights)."""
+    from llmcli.quant.compressed_tensors import integer_zero_grid
+    from llmcli.quant.hqq import column_importance, weighted_sq_error
+
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 256)) * 0.02
+    w[:4] = w[:4].abs()  # rows of positive weights only: the grid must still hold 0
+    wg = w.reshape(64, 4, 64)
+    s0, z0 = integer_zero_grid(w, 64, "rtn", torch.bfloat16)
+    assert s0.dtype == torch.bfloat16 and torch.equal(z0, z0.round()) and bool(((z0 >= 0) & (z0 <= 15)).all())
+    assert bool((z0[:4] == 0).all())
+    s1, z1 = integer_zero_grid(w, 64, "hqq", torch.bfloat16)
+    assert torch.equal(z1, z1.round())
+    weight = column_importance(w).reshape(4, 64)
+    e0, e1 = (weighted_sq_error(wg, s.float(), z, weight) for s, z in ((s0, z0), (s1, z1)))
+    assert bool((e1 <= e0).all()) and float(e1.sum()) < float(e0.sum())
+
+
 @pytest.mark.parametrize(
     "spec,msg",
     [
