@@ -42,10 +42,16 @@ def test_packing_matches_compressed_tensors(bits):
         assert torch.equal(unpack_int32(ours, bits, codes.shape[dim], dim=dim), codes)
 
 
-@pytest.mark.parametrize("bits,method", [(4, "rtn"), (4, "hqq"), (8, "rtn")])
-def test_compressed_tensors_loads_in_transformers_with_our_logits(tiny_model, tmp_path, one_thread, bits, method):
+@pytest.mark.parametrize(
+    "family,bits,method",
+    [("llama", 4, "rtn"), ("llama", 4, "hqq"), ("llama", 8, "rtn"), ("qwen2", 4, "rtn"), ("phi3", 4, "rtn")],
+)
+def test_compressed_tensors_loads_in_transformers_with_our_logits(
+    tiny_model, tmp_path, one_thread, family, bits, method
+):
     """transformers + compressed-tensors load the directory (the package's own decompression, config validated
-    by its QuantizationConfig) and compute the logits our engine computes from its int4/int8 modules."""
+    by its QuantizationConfig) and compute the logits our engine computes from its int4/int8 modules. qwen2: q/k/v
+    biases kept 16-bit beside the packed weights; phi3: q/k/v and gate/up already fused in the checkpoint."""
     import transformers
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
@@ -55,7 +61,7 @@ def test_compressed_tensors_loads_in_transformers_with_our_logits(tiny_model, tm
     from llmcli.quant.linear import Int4Linear, Int8Linear
 
     out = tmp_path / "ct"
-    summary = quantize_checkpoint(tiny_model("llama"), out, QuantSpec(bits, 128, method, format="compressed-tensors"))
+    summary = quantize_checkpoint(tiny_model(family), out, QuantSpec(bits, 128, method, format="compressed-tensors"))
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     QuantizationConfig.model_validate(qc)
     sd = load_file(out / "model.safetensors")
@@ -64,6 +70,10 @@ def test_compressed_tensors_loads_in_transformers_with_our_logits(tiny_model, tm
     if bits == 4:  # one group size for the model: q/k/v/o/gate/up have 64 inputs, so down (128) uses 64 too
         assert summary.spec.group_size == 64 and sd[f"{name}.weight_scale"].shape == (64, 2)
         assert sd[f"{name}.weight_zero_point"].shape == (8, 2)  # packed along the output dim
+    if family == "qwen2":
+        assert sd["model.layers.0.self_attn.q_proj.bias"].dtype == torch.bfloat16
+    if family == "phi3":
+        assert "model.layers.0.self_attn.qkv_proj.weight_packed" in sd
     model, ours = _ours(out)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear if bits == 4 else Int8Linear)
     # transformers 5 + compressed-tensors 0.20 mis-shape a packed zero point when the model stays compressed (its
