@@ -60,7 +60,13 @@ _LAYER_NAMES = {
 }
 _EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _MIXTRAL_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "position_embd": "model.embed_positions",  # gpt2's learned positions
+    "token_embd_norm": "model.embed_layernorm",  # bloom's norm after the embedding
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
 _BLK = re.compile(r"blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 # Tensors that only carry config data (read by load_gguf_config), not weights.
 _CONFIG_ONLY = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")

@@ -38,11 +38,17 @@ _TEKKEN = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_BLOOM = r" ?[^(\s|.,!?…。，、।۔،)]+"  # bloom: words with their leading space, punctuation apart
 # pre name -> (split regex or None for GPT-2's built-in one, split digits individually first, ignore_merges)
 PRE_TOKENIZERS: dict[str, tuple[str | None, bool, bool]] = {
     "default": (None, False, False),
     "gpt2": (None, False, False),
     "gpt-2": (None, False, False),
+    "phi-2": (None, False, False),
+    "mpt": (None, False, False),
+    "olmo": (None, False, False),
+    "bloom": (_BLOOM, False, False),
+    "poro-chat": (_BLOOM, False, False),
     "smollm": (None, True, False),
     "starcoder": (None, True, False),
     "refact": (None, True, False),
