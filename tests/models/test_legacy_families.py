@@ -4,14 +4,26 @@ cache with prompts longer than two blocks, batched and prefix-cached runs."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import write_byte_tokenizer
+from tokenizers import Tokenizer as Backend
 
 from llmcli.config import load_config
 from llmcli.engine.llm_engine import LLMEngine
 from llmcli.engine.loader import load_model
 from llmcli.engine.sampling_params import SamplingParams
+from llmcli.engine.speculative import SpeculativeDecoder
 from llmcli.estimate import count_params
+from llmcli.quant import QuantSpec
+from llmcli.quant.checkpoint import quantize_checkpoint
+from llmcli.quant.linear import Int4Linear, Int8Linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,3 +99,81 @@ def test_batched_and_prefix_cached_equal_single(loaded, family):
 def test_parameter_count_is_transformers(loaded, family):
     path, ref, _, _ = loaded(family)
     assert count_params(load_config(path)).total == sum(p.numel() for p in ref.parameters())
+
+
+# ---- `llm quantize` checkpoints and speculative decoding --------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi", "bloom"])
+def test_quantized_checkpoints_and_speculation(loaded, family, tmp_path):
+    """INT8 and INT4 checkpoints of the family load quantized and stay close to the fp32 model (gpt2's
+    transposed Conv1D weights quantized in the wrong orientation would not); an INT4 draft and n-gram lookup
+    leave the greedy output exactly the target's."""
+    path, _, model, config = loaded(family)
+    target = LLMEngine(model, config, block_size=BLOCK, num_blocks=64)
+    ids = _prompt(PROMPT_LEN, seed=6)
+    want = target.extend(target.add(ids[:1]), ids[1:])
+    engines = {}
+    for bits, tol in ((8, 0.04), (4, 0.3)):  # measured: at most 0.011 and 0.14 (int4 rtn on random weights)
+        out = tmp_path / f"int{bits}"
+        quantize_checkpoint(path, out, QuantSpec(bits=bits, group_size=32))
+        engine = LLMEngine.load(out, device="cpu", tokenizer=False, kv_cache_gib=0.01)
+        layer = engine.model.model.layers[0]
+        kind = Int8Linear if bits == 8 else Int4Linear
+        assert isinstance(layer.self_attn.qkv_proj, kind) and isinstance(layer.mlp.down_proj, kind)
+        got = engine.extend(engine.add(ids[:1]), ids[1:])
+        assert (got - want).abs().max().item() < tol * want.abs().max().item()
+        engines[bits] = engine
+    plain = target.generate([ids], GREEDY)[0]
+    for draft, method in ((engines[4], "draft"), (None, "ngram")):
+        dec = SpeculativeDecoder(target, draft, method=method, num_draft=4)
+        assert dec.generate(ids, GREEDY) == plain
+        assert dec.stats.drafted > 0
+
+
+# ---- `llm run` and `llm chat`, as a user runs them --------------------------------------------------------------
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _llm(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "llmcli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("family", ["bloom"])
+def test_llm_run_and_chat(loaded, family, tmp_path):
+    """`llm run --raw` replies with transformers' greedy continuation; a random model has no chat template, so
+    `llm run` without --raw refuses in one line, and with a template in tokenizer_config.json `llm chat` answers
+    with transformers' greedy reply to the rendered conversation."""
+    src, ref, _, _ = loaded(family)
+    d = tmp_path / family
+    shutil.copytree(src, d)
+    write_byte_tokenizer(d)
+    tok = Backend.from_file(str(d / "tokenizer.json"))
+    text = "The quick brown fox jumps over the lazy dog, again and again and again."
+    r = _llm("run", str(d), text, "--raw", "--temperature", "0", "--max-tokens", "16", "--ignore-eos", "--json")
+    assert r.returncode == 0, r.stderr
+    ids = tok.encode(text).ids
+    with torch.no_grad():
+        expect = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16, min_new_tokens=16)
+    assert json.loads(r.stdout)["text"] == tok.decode(expect[0, len(ids) :].tolist())
+
+    r = _llm("run", str(d), text, "--temperature", "0")
+    assert (
+        r.returncode != 0
+        and r.stderr.strip() == "error: this model has no chat template; use plain completion or pass a template"
+    )
+
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    prompt = tok.encode(f"<|user|>{text}\n<|assistant|>").ids
+    with torch.no_grad():  # transformers stops at the config's eos as chat does; the reply shows no eos
+        reply = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12)[0, len(prompt) :].tolist()
+    reply = [t for t in reply if t != ref.config.eos_token_id]
+    r = _llm("chat", str(d), "--temperature", "0", "--max-tokens", "12", "--no-history", input=text + "\n")
+    assert r.returncode == 0, r.stderr
+    assert tok.decode(reply) in r.stdout
