@@ -348,6 +348,8 @@ def _legacy(cfg: dict, family: str, hidden: int, layers: int, heads: int, **fiel
 
 def _from_gpt2_dict(cfg: dict) -> ModelConfig:
     """gpt2 spells every key differently (n_embd, n_layer, ...) and has learned positions."""
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("reorder_and_upcast_attn"):
+        raise UserError("gpt2 models with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn are not supported")
     d = cfg.get("n_embd", 768)
     return _legacy(
         cfg,
@@ -362,11 +364,14 @@ def _from_gpt2_dict(cfg: dict) -> ModelConfig:
         o_bias=True,
         mlp_bias=True,
         position_embedding="learned",
+        attn_scale=None if cfg.get("scale_attn_weights", True) else 1.0,
     )
 
 
 def _from_bloom_dict(cfg: dict) -> ModelConfig:
     """bloom: ALiBi, a LayerNorm after the embedding, tanh-GELU MLP of 4x width, biases everywhere."""
+    if cfg.get("apply_residual_connection_post_layernorm"):
+        raise UserError("bloom models with apply_residual_connection_post_layernorm are not supported")
     d = _first(cfg, "hidden_size", "n_embed", default=64)
     return _legacy(
         cfg,

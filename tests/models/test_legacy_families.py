@@ -30,6 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = ["gpt2", "gpt_neox", "phi", "bloom", "mpt"]
 BLOCK = 16
 PROMPT_LEN = 40  # > 2 blocks
+# variants the tiny defaults leave out: gpt_neox with attention then MLP in sequence, gpt2 without 1/sqrt(d)
+VARIANTS = {
+    "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}),
+    "gpt2-unscaled": ("gpt2", {"scale_attn_weights": False}),
+}
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 
@@ -55,7 +60,8 @@ def loaded(tiny_model):
 
     def get(family):
         if family not in cache:
-            path = tiny_model(family)
+            base, overrides = VARIANTS.get(family, (family, {}))
+            path = tiny_model(base, **overrides)
             model, config = load_model(path)
             cache[family] = (path, _reference(path), model, config)
         return cache[family]
@@ -63,9 +69,9 @@ def loaded(tiny_model):
     return get
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_neox-sequential", "gpt2-unscaled"])
 def test_logits_and_greedy_match_transformers(loaded, family):
-    path, ref, model, config = loaded(family)
+    _, ref, model, config = loaded(family)
     engine = LLMEngine(model, config, block_size=BLOCK, num_blocks=32)
     ids = _prompt(PROMPT_LEN)
     with torch.no_grad():
