@@ -416,6 +416,41 @@ def _from_mpt_dict(cfg: dict) -> ModelConfig:
     )
 
 
+def _from_falcon_dict(cfg: dict) -> ModelConfig:
+    """falcon (rotary): multi-query (7B) or grouped (new_decoder_architecture: 40B/180B) attention, attention and
+    MLP in parallel from one LayerNorm (7B) or two (ln_attn, ln_mlp), no projection biases unless `bias`."""
+    new_arch = bool(cfg.get("new_decoder_architecture"))
+    if cfg.get("alibi") or (new_arch and not cfg.get("parallel_attn", True)):
+        raise UserError(
+            "falcon models with alibi, or the new decoder architecture without parallel_attn, are not supported"
+        )
+    heads, d = cfg["num_attention_heads"], cfg["hidden_size"]
+    kv = (cfg.get("num_kv_heads") or heads) if new_arch else (1 if cfg.get("multi_query", True) else heads)
+    parallel = bool(cfg.get("parallel_attn", True))
+    two_norms = not parallel or (new_arch and (cfg.get("num_ln_in_parallel_attn") or 2) == 2)
+    theta, scaling, _, _ = _rope(cfg)
+    bias = bool(cfg.get("bias", False))
+    mc = _legacy(
+        cfg,
+        "falcon",
+        d,
+        cfg["num_hidden_layers"],
+        heads,
+        intermediate_size=cfg.get("ffn_hidden_size") or 4 * d,
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        hidden_act=_act(cfg.get("activation", "gelu")),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        parallel_residual=parallel,
+        shared_norm=parallel and not two_norms,
+        rope_theta=theta,
+        rope_scaling=scaling,
+    )
+    mc.num_kv_heads = kv
+    return mc
+
+
 # ---- the family table ------------------------------------------------------------------------------------------
 
 
@@ -469,6 +504,7 @@ FAMILIES: dict[str, FamilyTraits] = {
     ),
     "bloom": FamilyTraits(build=_from_bloom_dict),
     "mpt": FamilyTraits(build=_from_mpt_dict),
+    "falcon": FamilyTraits(build=_from_falcon_dict),
     "deepseek_v2": FamilyTraits(readers=(_deepseek_mla, _deepseek_experts, _deepseek_yarn_scale)),
     "deepseek_v3": FamilyTraits(readers=(_deepseek_mla, _deepseek_experts, _deepseek_yarn_scale)),
 }

@@ -91,6 +91,20 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
             attn_config={"alibi": True, "clip_qkv": 0.3},  # transformers ignores alibi_bias_max (always 8)
         ),
     ),
+    # falcon's new decoder architecture (40b/180b) with a key/value head per query head: attention and MLP in
+    # parallel, a LayerNorm each (falcon-7b's multi-query layout: tests/models/test_legacy_families.py)
+    "falcon": (
+        "FalconConfig",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_kv_heads=4,
+            new_decoder_architecture=True,
+            max_position_embeddings=512,
+        ),
+    ),
     "mixtral": ("MixtralConfig", dict(TINY, num_local_experts=4, num_experts_per_tok=2)),
     "qwen2_moe": (
         "Qwen2MoeConfig",

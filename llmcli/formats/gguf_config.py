@@ -35,9 +35,10 @@ ARCH_TO_FAMILY = {
     "phi2": "phi",
     "bloom": "bloom",
     "mpt": "mpt",
+    "falcon": "falcon",
 }
 # LayerNorm families: partial rotary (rope.dimension_count is the rotary width, not the head) or no rope at all.
-LAYER_NORM_FAMILIES = ("gpt2", "gpt_neox", "phi", "bloom", "mpt")
+LAYER_NORM_FAMILIES = ("gpt2", "gpt_neox", "phi", "bloom", "mpt", "falcon")
 
 
 def load_gguf_config(path: str | Path) -> ModelConfig:
@@ -132,6 +133,10 @@ def _add_layer_norm_keys(hf: dict[str, Any], family: str, tensors: dict[str, Any
         hf["use_parallel_residual"] = bool(get("use_parallel_residual", True))
     elif family == "phi":
         hf.update(layer_norm_eps=eps, hidden_act="gelu_new")
+    elif family == "falcon":  # llama.cpp's falcon: parallel attention, q/k/v grouped by key/value head
+        hf.update(layer_norm_epsilon=eps, new_decoder_architecture=True, num_kv_heads=hf["num_key_value_heads"])
+        hf.update(ffn_hidden_size=hf["intermediate_size"], bias="blk.0.attn_qkv.bias" in tensors)
+        hf["num_ln_in_parallel_attn"] = 2 if "blk.0.attn_norm_2.weight" in tensors else 1
     elif family == "gpt2":
         hf.update(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=hf["intermediate_size"])
         hf.update(n_positions=hf["max_position_embeddings"], layer_norm_epsilon=eps)

@@ -1,10 +1,11 @@
 """Safetensors checkpoints: the weight files of a model directory, their tensors one at a time, a file's header.
 
 iter_safetensors yields every checkpoint under the llama-style names the engine's modules have: the families
-whose checkpoints name and lay out tensors their own way (gpt2, gpt_neox, phi, bloom, mpt) are renamed as they are
-read, by LEGACY_LAYOUTS, and their fused projections put in the engine's layout (gpt2's Conv1D weights are stored
-[in, out]; gpt_neox and bloom interleave q/k/v per head). So the loader and the quantizing writer, which both read
-through iter_safetensors, see one naming; a checkpoint already in these names (`llm quantize` output) passes as is.
+whose checkpoints name and lay out tensors their own way (gpt2, gpt_neox, phi, bloom, mpt, falcon) are renamed as
+they are read, by LEGACY_LAYOUTS, and their fused projections put in the engine's layout (gpt2's Conv1D weights are
+stored [in, out]; gpt_neox, bloom and falcon interleave q/k/v per head or per key/value group). So the loader and
+the quantizing writer, which both read through iter_safetensors, see one naming; a checkpoint already in these
+names (`llm quantize` output) passes as is.
 
 Every reader here checks the file first (safetensors_header: the 8-byte header length, UTF-8 JSON, and each
 tensor's dtype, shape and byte range against the data that is really there), so that a corrupt or truncated file
@@ -208,9 +209,10 @@ def _index_files(index: Path) -> list[Path]:
 
 # ---- checkpoints named their own way ---------------------------------------------------------------------------
 
-# How a tensor is changed on the way: None as is, CONV1D transposed ([in, out] -> [out, in]), PER_HEAD q/k/v rows
-# regrouped from [head][q, k, v] to [q heads; k heads; v heads]; DROP: not a weight (cached masks, rope tables).
-CONV1D, PER_HEAD, DROP = "conv1d", "per_head", "drop"
+# How a tensor is changed on the way: None as is, CONV1D transposed ([in, out] -> [out, in]), GROUPED q/k/v rows
+# regrouped from [kv head][its q heads, k, v] to [q heads; k heads; v heads] (gpt_neox and bloom: one q head per
+# group, i.e. [head][q, k, v]); DROP: not a weight (cached masks, rope tables).
+CONV1D, GROUPED, DROP = "conv1d", "grouped", "drop"
 _L = r"(?:transformer\.|gpt_neox\.)?"  # the model's wrapper, absent in some hub checkpoints (the original gpt2)
 _LAYER = "model.layers.\\1."
 # model_type -> (pattern, replacement, transform), first match wins
@@ -231,7 +233,7 @@ LEGACY_LAYOUTS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
         (_L + r"embed_in\.", "model.embed_tokens.", None),
         (_L + r"final_layer_norm\.", "model.norm.", None),
         (r"embed_out\.", "lm_head.", None),
-        (_L + r"layers\.(\d+)\.attention\.query_key_value\.", _LAYER + "self_attn.qkv_proj.", PER_HEAD),
+        (_L + r"layers\.(\d+)\.attention\.query_key_value\.", _LAYER + "self_attn.qkv_proj.", GROUPED),
         (_L + r"layers\.(\d+)\.attention\.dense\.", _LAYER + "self_attn.o_proj.", None),
         (_L + r"layers\.(\d+)\.attention\.(masked_bias|bias|rotary_emb\.inv_freq)$", "", DROP),
         (_L + r"layers\.(\d+)\.mlp\.dense_h_to_4h\.", _LAYER + "mlp.up_proj.", None),
@@ -248,10 +250,21 @@ LEGACY_LAYOUTS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
         (_L + r"word_embeddings\.", "model.embed_tokens.", None),
         (_L + r"word_embeddings_layernorm\.", "model.embed_layernorm.", None),
         (_L + r"ln_f\.", "model.norm.", None),
-        (_L + r"h\.(\d+)\.self_attention\.query_key_value\.", _LAYER + "self_attn.qkv_proj.", PER_HEAD),
+        (_L + r"h\.(\d+)\.self_attention\.query_key_value\.", _LAYER + "self_attn.qkv_proj.", GROUPED),
         (_L + r"h\.(\d+)\.self_attention\.dense\.", _LAYER + "self_attn.o_proj.", None),
         (_L + r"h\.(\d+)\.mlp\.dense_h_to_4h\.", _LAYER + "mlp.up_proj.", None),
         (_L + r"h\.(\d+)\.mlp\.dense_4h_to_h\.", _LAYER + "mlp.down_proj.", None),
+        (_L + r"h\.(\d+)\.", _LAYER, None),  # input_layernorm, post_attention_layernorm
+    ),
+    "falcon": (
+        (_L + r"word_embeddings\.", "model.embed_tokens.", None),
+        (_L + r"ln_f\.", "model.norm.", None),
+        (_L + r"h\.(\d+)\.self_attention\.query_key_value\.", _LAYER + "self_attn.qkv_proj.", GROUPED),
+        (_L + r"h\.(\d+)\.self_attention\.dense\.", _LAYER + "self_attn.o_proj.", None),
+        (_L + r"h\.(\d+)\.mlp\.dense_h_to_4h\.", _LAYER + "mlp.up_proj.", None),
+        (_L + r"h\.(\d+)\.mlp\.dense_4h_to_h\.", _LAYER + "mlp.down_proj.", None),
+        (_L + r"h\.(\d+)\.ln_attn\.", _LAYER + "input_layernorm.", None),
+        (_L + r"h\.(\d+)\.ln_mlp\.", _LAYER + "post_attention_layernorm.", None),
         (_L + r"h\.(\d+)\.", _LAYER, None),  # input_layernorm, post_attention_layernorm
     ),
     "mpt": (
@@ -271,14 +284,15 @@ class _Layout:
     """One directory's renaming (from its config.json's model_type; a plain pass-through for other families)."""
 
     def __init__(self, directory: Path):
-        self.rules, self.heads = (), 0
+        self.rules, self.heads, self.kv_heads = (), 0, 0
         try:
             cfg = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return  # no readable config: the loader reports it; nothing to rename
         if isinstance(cfg, dict) and cfg.get("model_type") in _COMPILED:
             self.rules = _COMPILED[cfg["model_type"]]
-            self.heads = from_hf_dict(cfg).num_heads
+            config = from_hf_dict(cfg)
+            self.heads, self.kv_heads = config.num_heads, config.num_kv_heads
 
     def convert(self, name: str, get) -> tuple[str, torch.Tensor] | None:
         """(engine-style name, tensor in the engine's layout), or None for a tensor that is not a weight."""
@@ -292,10 +306,17 @@ class _Layout:
             t = get(name)
             if transform == CONV1D and t.dim() == 2:
                 t = t.t()
-            elif transform == PER_HEAD:  # rows [h][3][d] -> [3][h][d]
-                t = t.reshape(self.heads, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+            elif transform == GROUPED:
+                t = self.ungroup(t)
             return new, t.contiguous()
         return name, get(name)
+
+    def ungroup(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows [kv][g + 2][d] (g query heads, then k and v, per key/value head) -> [q (kv * g); k (kv); v (kv)]."""
+        kv, g = self.kv_heads, self.heads // self.kv_heads
+        d = t.shape[0] // (kv * (g + 2))
+        heads = [(k, j) for k in range(kv) for j in range(g)] + [(k, j) for j in (g, g + 1) for k in range(kv)]
+        return t[[(k * (g + 2) + j) * d + r for k, j in heads for r in range(d)]]
 
 
 def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:

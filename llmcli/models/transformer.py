@@ -1,7 +1,7 @@
 """ONE configurable decoder-only transformer for every family, driven by ModelConfig.
 
 Module tree (state-dict names follow transformers' llama names, so checkpoints load by name; gpt2/gpt_neox/phi/
-bloom/mpt checkpoints are renamed onto them as they are read, llmcli.formats.safetensors.LEGACY_LAYOUTS):
+bloom/mpt/falcon checkpoints are renamed onto them as they are read, llmcli.formats.safetensors.LEGACY_LAYOUTS):
   model.embed_tokens                       nn.Embedding
   model.embed_positions                    nn.Embedding (learned absolute positions, gpt2 only)
   model.embed_layernorm                    LayerNorm (bloom only)

@@ -267,6 +267,20 @@ REAL: dict[str, tuple[dict, int | None]] = {
         ),
         6_649_286_656,
     ),
+    "Falcon-7B": (
+        dict(
+            model_type="falcon",
+            vocab_size=65024,
+            hidden_size=4544,
+            num_hidden_layers=32,
+            num_attention_heads=71,
+            multi_query=True,
+            parallel_attn=True,
+            bias=False,
+            new_decoder_architecture=False,
+        ),
+        6_921_720_704,
+    ),
     "Qwen1.5-MoE-A2.7B": (
         dict(
             model_type="qwen2_moe",

@@ -10,10 +10,12 @@ import json
 import gguf
 import numpy as np
 import pytest
+import regex
 import torch
 from conftest import write_byte_tokenizer
 from safetensors.torch import load_file
 from tokenizers import Tokenizer as Backend
+from tokenizers import pre_tokenizers
 
 from llmcli.config import load_config
 from llmcli.engine.llm_engine import LLMEngine
@@ -22,6 +24,7 @@ from llmcli.engine.sampling_params import SamplingParams
 from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.quant.linear import Int8Linear
 from llmcli.tokenizer import load_tokenizer
+from llmcli.tokenizer.gguf_vocab import PRE_TOKENIZERS, gguf_bpe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,8 +36,21 @@ ARCHS = {
     "phi": ("phi2", "phi-2"),
     "bloom": ("bloom", "bloom"),
     "mpt": ("mpt", "mpt"),
+    "falcon": ("falcon", "falcon"),
+}
+# falcon-7b (multi-query, one LayerNorm: no attn_norm_2) and grouped-query attention with biases
+VARIANTS = {
+    "falcon-7b": ("falcon", {"new_decoder_architecture": False}),
+    "falcon-gqa": ("falcon", {"num_kv_heads": 2, "bias": True}),
 }
 CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+
+
+def _kv_heads(family: str, cfg: dict) -> int:
+    heads = cfg.get("n_head") or cfg.get("n_heads") or cfg["num_attention_heads"]
+    if family == "falcon":  # multi-query: one key/value head (the converter's default without num_kv_heads)
+        return cfg["num_kv_heads"] if cfg["new_decoder_architecture"] else 1
+    return cfg.get("num_key_value_heads") or heads
 
 
 def _metadata(w: gguf.GGUFWriter, family: str, cfg: dict) -> None:
@@ -44,8 +60,10 @@ def _metadata(w: gguf.GGUFWriter, family: str, cfg: dict) -> None:
     w.add_embedding_length(hidden)
     w.add_block_count(cfg.get("n_layer") or cfg.get("n_layers") or cfg["num_hidden_layers"])
     w.add_head_count(heads)
-    w.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
-    w.add_feed_forward_length(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden)
+    w.add_head_count_kv(_kv_heads(family, cfg))
+    w.add_feed_forward_length(
+        cfg.get("intermediate_size") or cfg.get("ffn_hidden_size") or cfg.get("n_inner") or 4 * hidden
+    )
     w.add_context_length(cfg.get("n_positions") or cfg.get("max_seq_len") or cfg.get("max_position_embeddings", 2048))
     w.add_layer_norm_eps(cfg.get("layer_norm_epsilon") or cfg.get("layer_norm_eps"))
     rope = cfg.get("rope_parameters") or {}
@@ -89,6 +107,11 @@ def write_family_gguf(src, path, family: str, qtype=Q.F32) -> None:
             t = t.T
         if family in ("gpt_neox", "bloom") and "query_key_value" in name:  # per head [q, k, v] -> [q; k; v]
             t = t.reshape(heads, 3, -1, *t.shape[1:]).swapaxes(0, 1).reshape(t.shape)
+        if family == "falcon" and "query_key_value" in name:  # per kv group [q.., k, v] -> [q; k; v]
+            kv = _kv_heads(family, cfg)
+            g = t.reshape(kv, heads // kv + 2, -1, *t.shape[1:])
+            parts = (g[:, :-2], g[:, -2], g[:, -1])
+            t = np.concatenate([p.reshape(-1, *t.shape[1:]) for p in parts])
         gname = names.get_name(base)
         assert gname is not None, name
         q = qtype if t.ndim == 2 and t.shape[-1] % 32 == 0 else Q.F32
@@ -109,20 +132,21 @@ def _prompt(n: int = 40) -> list[int]:
 def family_gguf(tiny_model, tmp_path_factory):
     cache = {}
 
-    def make(family: str, qtype=Q.F32):
-        if (family, qtype) not in cache:
-            src = tiny_model(family)
+    def make(variant: str, qtype=Q.F32):
+        family, overrides = VARIANTS.get(variant, (variant, {}))
+        if (variant, qtype) not in cache:
+            src = tiny_model(family, **overrides)
             if not (src / "tokenizer.json").is_file():
                 write_byte_tokenizer(src)
-            path = tmp_path_factory.mktemp(f"gguf-{family}") / f"{family}-{qtype.name}.gguf"
+            path = tmp_path_factory.mktemp(f"gguf-{variant}") / f"{variant}-{qtype.name}.gguf"
             write_family_gguf(src, path, family, qtype)
-            cache[family, qtype] = (src, path)
-        return cache[family, qtype]
+            cache[variant, qtype] = (src, path)
+        return cache[variant, qtype]
 
     return make
 
 
-@pytest.mark.parametrize("family", list(ARCHS))
+@pytest.mark.parametrize("family", [*ARCHS, *VARIANTS])
 def test_gguf_runs_like_transformers(family_gguf, family):
     import transformers  # noqa: PLC0415 (the reference, only in tests)
 
@@ -172,3 +196,36 @@ def test_q8_0_gguf_stays_quantized_and_close(family_gguf, family):
         logits.append(engine.extend(engine.add(ids[:1]), ids[1:]))
     want, got = logits
     assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
+
+
+def _llama_cpp_split(text: str, regexes: tuple[str, ...]) -> list[str]:
+    """llama.cpp's unicode_regex_split: each regex in turn cuts every fragment into its matches and the text
+    between them (both kept), written with the `regex` module as an independent statement of the rule."""
+    pieces = [text]
+    for r in regexes:
+        out = []
+        for p in pieces:
+            pos = 0
+            for m in regex.finditer(r, p):
+                out += [x for x in (p[pos : m.start()], m.group()) if x]
+                pos = m.end()
+            out += [p[pos:]] if pos < len(p) else []
+        pieces = out
+    return pieces
+
+
+@pytest.mark.parametrize("pre", ["falcon", "bloom"])
+def test_regex_pre_tokenizers_split_as_llama_cpp(pre):
+    """The tokenizer.ggml.pre names whose split is a regex list: the rebuilt pre-tokenizer cuts text where
+    llama.cpp's rule does (then spells each piece in GPT-2's byte alphabet)."""
+    rule = PRE_TOKENIZERS[pre][0]
+    text = "Hello, world!! It's 1234567 -- naïve (café) 日本語。 a+b<=c `x`  $5\n\tend"
+    got = [
+        p
+        for p, _ in gguf_bpe(
+            {"tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.pre": pre}
+        ).pre_tokenizer.pre_tokenize_str(text)
+    ]
+    spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    want = [spell.pre_tokenize_str(p)[0][0] for p in _llama_cpp_split(text, (rule,) if isinstance(rule, str) else rule)]
+    assert got == want

@@ -27,13 +27,19 @@ from llmcli.quant.linear import Int4Linear, Int8Linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["gpt2", "gpt_neox", "phi", "bloom", "mpt"]
+FAMILIES = ["gpt2", "gpt_neox", "phi", "bloom", "mpt", "falcon"]
 BLOCK = 16
 PROMPT_LEN = 40  # > 2 blocks
 # variants the tiny defaults leave out: gpt_neox with attention then MLP in sequence, gpt2 without 1/sqrt(d)
 VARIANTS = {
     "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}),
     "gpt2-unscaled": ("gpt2", {"scale_attn_weights": False}),
+    # falcon-7b: multi-query attention, attention and MLP in parallel from one LayerNorm
+    "falcon-7b": ("falcon", {"new_decoder_architecture": False}),
+    # grouped-query attention (2 key/value heads), with biases
+    "falcon-gqa": ("falcon", {"num_kv_heads": 2, "bias": True}),
+    # the old layout without multi-query: q/k/v per head, attention then MLP in sequence
+    "falcon-mha": ("falcon", {"new_decoder_architecture": False, "multi_query": False, "parallel_attn": False}),
 }
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
@@ -69,7 +75,7 @@ def loaded(tiny_model):
     return get
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "gpt_neox-sequential", "gpt2-unscaled"])
+@pytest.mark.parametrize("family", [*FAMILIES, *VARIANTS])
 def test_logits_and_greedy_match_transformers(loaded, family):
     _, ref, model, config = loaded(family)
     engine = LLMEngine(model, config, block_size=BLOCK, num_blocks=32)
@@ -101,7 +107,7 @@ def test_batched_and_prefix_cached_equal_single(loaded, family):
     assert engine.generate([prompts[2]], GREEDY)[0] == single[2]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, *VARIANTS])
 def test_parameter_count_is_transformers(loaded, family):
     path, ref, _, _ = loaded(family)
     assert count_params(load_config(path)).total == sum(p.numel() for p in ref.parameters())
