@@ -116,7 +116,7 @@ def test_parameter_count_is_transformers(loaded, family):
 # ---- `llm quantize` checkpoints and speculative decoding --------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["gpt2", "phi", "bloom"])
+@pytest.mark.parametrize("family", ["gpt2", "phi", "bloom", "falcon-gqa"])
 def test_quantized_checkpoints_and_speculation(loaded, family, tmp_path):
     """INT8 and INT4 checkpoints of the family load quantized and stay close to the fp32 model (gpt2's
     transposed Conv1D weights quantized in the wrong orientation would not); an INT4 draft and n-gram lookup
@@ -126,7 +126,7 @@ def test_quantized_checkpoints_and_speculation(loaded, family, tmp_path):
     ids = _prompt(PROMPT_LEN, seed=6)
     want = target.extend(target.add(ids[:1]), ids[1:])
     engines = {}
-    for bits, tol in ((8, 0.04), (4, 0.3)):  # measured: at most 0.011 and 0.14 (int4 rtn on random weights)
+    for bits, tol in ((8, 0.04), (4, 0.3)):  # measured: at most 0.012 and 0.14 (int4 rtn on random weights)
         out = tmp_path / f"int{bits}"
         quantize_checkpoint(path, out, QuantSpec(bits=bits, group_size=32))
         engine = LLMEngine.load(out, device="cpu", tokenizer=False, kv_cache_gib=0.01)
