@@ -113,8 +113,9 @@ class Transformer(nn.Module):
         for key, rot in self.rotary.items():
             meta.rope[key] = rot(meta.positions, meta.pos_start)
         if self.alibi is not None:
-            slopes = self.alibi.to(x.device)
-            meta.bias = {w: alibi_bias(slopes, view, meta.positions, x.dtype) for w, view in meta.views.items()}
+            if self.alibi.device != x.device:  # moved once, not copied every step
+                self.alibi = self.alibi.to(x.device)
+            meta.bias = {w: alibi_bias(self.alibi, view, meta.positions, x.dtype) for w, view in meta.views.items()}
         for layer in self.model.layers:
             x = layer(x, meta)
         return self.model.norm(x)
