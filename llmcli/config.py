@@ -38,7 +38,7 @@ class ModelConfig:
     intermediate_size: int
     max_position_embeddings: int = 2048
     # norms and MLP
-    norm_type: str = "rms"  # "rms" | "layer" (LayerNorm: gpt2, gpt_neox, phi, bloom, mpt)
+    norm_type: str = "rms"  # "rms" | "layer" (LayerNorm: gpt2, gpt_neox, phi, bloom, mpt, falcon)
     norm_bias: bool = True  # LayerNorm has a bias (mpt's has none)
     norm_eps: float = 1e-6
     norm_offset: float = 0.0  # gemma stores w-1 and scales by (1 + w)
@@ -49,8 +49,8 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3, gemma3)
     sandwich_norm: bool = False  # gemma2/3: extra norm after attention and around the MLP
-    parallel_residual: bool = False  # gpt_neox: x + attn(ln1 x) + mlp(ln2 x)
-    shared_norm: bool = False  # phi: one norm per layer, its output feeds attention and MLP (parallel)
+    parallel_residual: bool = False  # gpt_neox, falcon-40b: x + attn(ln1 x) + mlp(ln2 x)
+    shared_norm: bool = False  # phi, falcon-7b: one norm per layer, its output feeds attention and MLP (parallel)
     embedding_norm: bool = False  # bloom: a LayerNorm right after the token embedding
     lm_head_bias: bool = False  # phi's output projection has a bias
     qkv_clip: float | None = None  # mpt clip_qkv: q/k/v clamped to [-clip, clip]
