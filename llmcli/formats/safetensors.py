@@ -3,9 +3,9 @@
 iter_safetensors yields every checkpoint under the llama-style names the engine's modules have: the families
 whose checkpoints name and lay out tensors their own way (gpt2, gpt_neox, phi, bloom, mpt, falcon) are renamed as
 they are read, by LEGACY_LAYOUTS, and their fused projections put in the engine's layout (gpt2's Conv1D weights are
-stored [in, out]; gpt_neox, bloom and falcon interleave q/k/v per head or per key/value group). So the loader and
-the quantizing writer, which both read through iter_safetensors, see one naming; a checkpoint already in these
-names (`llm quantize` output) passes as is.
+stored [in, out]; gpt_neox, bloom and falcon interleave q/k/v per head or per key/value group; a fused q/k/v is
+split into llama's q_proj/k_proj/v_proj). So the loader and the quantizing writers, which all read through
+iter_safetensors, see one naming; a checkpoint already in these names (`llm quantize` output) passes as is.
 
 Every reader here checks the file first (safetensors_header: the 8-byte header length, UTF-8 JSON, and each
 tensor's dtype, shape and byte range against the data that is really there), so that a corrupt or truncated file
@@ -294,22 +294,28 @@ class _Layout:
             config = from_hf_dict(cfg)
             self.heads, self.kv_heads = config.num_heads, config.num_kv_heads
 
-    def convert(self, name: str, get) -> tuple[str, torch.Tensor] | None:
-        """(engine-style name, tensor in the engine's layout), or None for a tensor that is not a weight."""
+    def convert(self, name: str, get) -> list[tuple[str, torch.Tensor]]:
+        """[(engine-style name, tensor in the engine's layout)]: a fused q/k/v comes out as q_proj, k_proj and
+        v_proj, as llama checkpoints have them (so every quantizer's fused-shard handling applies); [] for a
+        tensor that is not a weight."""
         for pattern, replacement, transform in self.rules:
             m = pattern.match(name)
             if m is None:
                 continue
             if transform == DROP:
-                return None
+                return []
             new = m.expand(replacement) + name[m.end() :]
             t = get(name)
             if transform == CONV1D and t.dim() == 2:
                 t = t.t()
             elif transform == GROUPED:
                 t = self.ungroup(t)
-            return new, t.contiguous()
-        return name, get(name)
+            if ".self_attn.qkv_proj." not in new:
+                return [(new, t.contiguous())]
+            d = t.shape[0] // (self.heads + 2 * self.kv_heads)
+            parts = t.split([self.heads * d, self.kv_heads * d, self.kv_heads * d])
+            return [(new.replace(".qkv_proj.", f".{p}_proj."), x.contiguous()) for p, x in zip("qkv", parts)]
+        return [(name, get(name))]
 
     def ungroup(self, t: torch.Tensor) -> torch.Tensor:
         """Rows [kv][g + 2][d] (g query heads, then k and v, per key/value head) -> [q (kv * g); k (kv); v (kv)]."""
@@ -326,6 +332,4 @@ def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for f in safetensors_files(directory):
         with open_safetensors(f) as st:
             for name in st.keys():
-                item = layout.convert(name, st.get_tensor)
-                if item is not None:
-                    yield item
+                yield from layout.convert(name, st.get_tensor)
