@@ -38,7 +38,8 @@ class ModelConfig:
     intermediate_size: int
     max_position_embeddings: int = 2048
     # norms and MLP
-    norm_type: str = "rms"  # "rms" | "layer" (LayerNorm with bias: gpt2, gpt_neox)
+    norm_type: str = "rms"  # "rms" | "layer" (LayerNorm: gpt2, gpt_neox, phi, bloom, mpt, falcon)
+    norm_bias: bool = True  # LayerNorm has a bias (mpt's has none)
     norm_eps: float = 1e-6
     norm_offset: float = 0.0  # gemma stores w-1 and scales by (1 + w)
     hidden_act: str = "silu"  # silu | gelu_tanh | gelu
@@ -48,11 +49,16 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3, gemma3)
     sandwich_norm: bool = False  # gemma2/3: extra norm after attention and around the MLP
-    parallel_residual: bool = False  # gpt_neox: x + attn(ln1 x) + mlp(ln2 x)
+    parallel_residual: bool = False  # gpt_neox, falcon-40b: x + attn(ln1 x) + mlp(ln2 x)
+    shared_norm: bool = False  # phi, falcon-7b: one norm per layer, its output feeds attention and MLP (parallel)
+    embedding_norm: bool = False  # bloom: a LayerNorm right after the token embedding
+    lm_head_bias: bool = False  # phi's output projection has a bias
+    qkv_clip: float | None = None  # mpt clip_qkv: q/k/v clamped to [-clip, clip]
     tie_word_embeddings: bool = False
     embedding_scale: float | None = None  # gemma multiplies embeddings by sqrt(hidden)
     # positions
-    position_embedding: str = "rope"  # "rope" | "learned" (gpt2)
+    position_embedding: str = "rope"  # "rope" | "learned" (gpt2) | "alibi" (bloom, mpt: linear score biases)
+    alibi_max_bias: float = 8.0  # ALiBi slopes are 2^(-max_bias * i / n) (mpt's alibi_bias_max)
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear"|"yarn"|"longrope"|..., ...}
     rope_local_theta: float | None = None  # gemma3: sliding layers use another base
@@ -123,6 +129,17 @@ class ModelConfig:
             return self.attn_scale
         return self.qk_head_dim**-0.5
 
+    def alibi_slopes(self) -> list[float]:
+        """Per-head ALiBi slopes (Press et al.): a geometric sequence for the nearest power of two of heads,
+        then every other slope of the next power's sequence for the remaining heads (bloom and mpt agree)."""
+        n = self.num_heads
+        p = 2 ** math.floor(math.log2(n))
+
+        def geometric(k: int) -> list[float]:
+            return [2.0 ** (-self.alibi_max_bias * (i + 1) / k) for i in range(k)]
+
+        return (geometric(p) + geometric(2 * p)[0::2])[:n]
+
     def kv_values_per_token(self, i: int) -> int:
         """Values layer i caches per token: K and V for each KV head, or MLA's latent + rope key."""
         if self.is_mla:
@@ -163,7 +180,7 @@ def _rope(cfg: dict) -> tuple[float, dict | None, float | None, float]:
         scaling.setdefault("rope_type", scaling.get("type", "default"))
         if scaling["rope_type"] == "default":
             scaling = None
-    theta = float(_first(cfg, "rope_theta", default=params.get("rope_theta", 10000.0)))
+    theta = float(_first(cfg, "rope_theta", "rotary_emb_base", default=params.get("rope_theta", 10000.0)))
     partial = float(
         _first(cfg, "partial_rotary_factor", "rotary_pct", default=params.get("partial_rotary_factor", 1.0))
     )
@@ -219,9 +236,13 @@ def _qwen2_bias(cfg: dict) -> tuple[bool, bool, bool]:  # q/k/v biased by defaul
     return bool(cfg.get("qkv_bias", True)), False, bool(cfg.get("mlp_bias", False))
 
 
-def _neox_bias(cfg: dict) -> tuple[bool, bool, bool]:  # one flag for every projection, on by default
+def _neox_bias(cfg: dict) -> tuple[bool, bool, bool]:  # attention_bias (on by default); the MLP always has one
     bias = bool(cfg.get("attention_bias", True))
-    return bias, bias, bias
+    return bias, bias, True
+
+
+def _all_bias(cfg: dict) -> tuple[bool, bool, bool]:  # phi: every projection
+    return True, True, True
 
 
 # ---- readers for what is computed, not flagged: experts and latent attention ----------------------------------
@@ -281,6 +302,11 @@ def _deepseek_experts(mc: ModelConfig, cfg: dict) -> None:
     mc.moe_layers = tuple(mc.num_experts > 0 and i >= first_dense and i % freq == 0 for i in range(mc.num_layers))
 
 
+def _phi_plain_attention(mc: ModelConfig, cfg: dict) -> None:
+    if cfg.get("qk_layernorm"):
+        raise UserError("phi models with qk_layernorm are not supported")
+
+
 def _deepseek_yarn_scale(mc: ModelConfig, cfg: dict) -> None:
     """DeepSeek folds yarn's attention temperature into the softmax scale."""
     scaling = mc.rope_scaling
@@ -290,34 +316,139 @@ def _deepseek_yarn_scale(mc: ModelConfig, cfg: dict) -> None:
         mc.attn_scale = mc.qk_head_dim**-0.5 * m * m
 
 
-def _from_gpt2_dict(cfg: dict) -> ModelConfig:
-    """gpt2 spells every key differently (n_embd, n_layer, ...) and has learned positions."""
-    d = cfg.get("n_embd", 768)
+_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+def _act(name: str) -> str:
+    return _ACTIVATIONS.get(name, name)
+
+
+def _legacy(cfg: dict, family: str, hidden: int, layers: int, heads: int, **fields: Any) -> ModelConfig:
+    """A LayerNorm/ungated-MLP family whose config.json spells sizes its own way (gpt2, bloom, mpt)."""
     return ModelConfig(
-        family="gpt2",
-        vocab_size=cfg.get("vocab_size", 50257),
-        hidden_size=d,
-        num_layers=cfg.get("n_layer", 12),
-        num_heads=cfg.get("n_head", 12),
-        num_kv_heads=cfg.get("n_head", 12),
-        head_dim=d // cfg.get("n_head", 12),
-        intermediate_size=cfg.get("n_inner") or 4 * d,
-        max_position_embeddings=cfg.get("n_positions", 1024),
+        family=family,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
         norm_type="layer",
         norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-        hidden_act="gelu_tanh",
         gated_mlp=False,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        layer_types=(FULL,) * layers,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg),
+        torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        raw=cfg,
+        **fields,
+    )
+
+
+def _from_gpt2_dict(cfg: dict) -> ModelConfig:
+    """gpt2 spells every key differently (n_embd, n_layer, ...) and has learned positions."""
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("reorder_and_upcast_attn"):
+        raise UserError("gpt2 models with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn are not supported")
+    d = cfg.get("n_embd", 768)
+    return _legacy(
+        cfg,
+        "gpt2",
+        d,
+        cfg.get("n_layer", 12),
+        cfg.get("n_head", 12),
+        intermediate_size=cfg.get("n_inner") or 4 * d,
+        max_position_embeddings=cfg.get("n_positions", 1024),
+        hidden_act=_act(cfg.get("activation_function", "gelu_new")),
         qkv_bias=True,
         o_bias=True,
         mlp_bias=True,
-        tie_word_embeddings=cfg.get("tie_word_embeddings", True),
         position_embedding="learned",
-        layer_types=(FULL,) * cfg.get("n_layer", 12),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos_ids(cfg),
-        torch_dtype=cfg.get("torch_dtype"),
-        raw=cfg,
+        attn_scale=None if cfg.get("scale_attn_weights", True) else 1.0,
     )
+
+
+def _from_bloom_dict(cfg: dict) -> ModelConfig:
+    """bloom: ALiBi, a LayerNorm after the embedding, tanh-GELU MLP of 4x width, biases everywhere."""
+    if cfg.get("apply_residual_connection_post_layernorm"):
+        raise UserError("bloom models with apply_residual_connection_post_layernorm are not supported")
+    d = _first(cfg, "hidden_size", "n_embed", default=64)
+    return _legacy(
+        cfg,
+        "bloom",
+        d,
+        _first(cfg, "n_layer", "num_hidden_layers", default=2),
+        _first(cfg, "n_head", "num_attention_heads", default=8),
+        intermediate_size=4 * d,
+        max_position_embeddings=_first(cfg, "seq_length", "max_position_embeddings", default=2048),
+        hidden_act="gelu_tanh",
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        embedding_norm=True,
+        position_embedding="alibi",
+    )
+
+
+def _from_mpt_dict(cfg: dict) -> ModelConfig:
+    """mpt: ALiBi (alibi_bias_max), bias-free LayerNorms and projections (no_bias), exact-GELU MLP."""
+    attn = cfg.get("attn_config") or {}
+    if not attn.get("alibi", True) or attn.get("qk_ln") or attn.get("softmax_scale"):
+        raise UserError("mpt models without ALiBi, or with qk_ln or softmax_scale set, are not supported")
+    d = cfg["d_model"]
+    bias = not cfg.get("no_bias", True)
+    return _legacy(
+        cfg,
+        "mpt",
+        d,
+        cfg["n_layers"],
+        cfg["n_heads"],
+        intermediate_size=cfg.get("expansion_ratio", 4) * d,
+        max_position_embeddings=cfg.get("max_seq_len", 2048),
+        hidden_act="gelu",
+        norm_bias=bias,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        qkv_clip=attn.get("clip_qkv"),
+        position_embedding="alibi",
+        alibi_max_bias=float(attn.get("alibi_bias_max", 8)),
+    )
+
+
+def _from_falcon_dict(cfg: dict) -> ModelConfig:
+    """falcon (rotary): multi-query (7B) or grouped (new_decoder_architecture: 40B/180B) attention, attention and
+    MLP in parallel from one LayerNorm (7B) or two (ln_attn, ln_mlp), no projection biases unless `bias`."""
+    new_arch = bool(cfg.get("new_decoder_architecture"))
+    if cfg.get("alibi") or (new_arch and not cfg.get("parallel_attn", True)):
+        raise UserError(
+            "falcon models with alibi, or the new decoder architecture without parallel_attn, are not supported"
+        )
+    heads, d = cfg["num_attention_heads"], cfg["hidden_size"]
+    kv = (cfg.get("num_kv_heads") or heads) if new_arch else (1 if cfg.get("multi_query", True) else heads)
+    parallel = bool(cfg.get("parallel_attn", True))
+    two_norms = not parallel or (new_arch and (cfg.get("num_ln_in_parallel_attn") or 2) == 2)
+    theta, scaling, _, _ = _rope(cfg)
+    bias = bool(cfg.get("bias", False))
+    mc = _legacy(
+        cfg,
+        "falcon",
+        d,
+        cfg["num_hidden_layers"],
+        heads,
+        intermediate_size=cfg.get("ffn_hidden_size") or 4 * d,
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        hidden_act=_act(cfg.get("activation", "gelu")),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        parallel_residual=parallel,
+        shared_norm=parallel and not two_norms,
+        rope_theta=theta,
+        rope_scaling=scaling,
+    )
+    mc.num_kv_heads = kv
+    return mc
 
 
 # ---- the family table ------------------------------------------------------------------------------------------
@@ -333,6 +464,8 @@ class FamilyTraits:
     gemma2_attention: bool = False  # softmax scale from query_pre_attn_scalar, attention and final logit softcaps
     local_rope: bool = False  # sliding layers use rope_local_base_freq
     layer_norm: bool = False  # LayerNorm with bias, ungated MLP, parallel residual (use_parallel_residual)
+    shared_norm: bool = False  # one LayerNorm per layer feeds attention and MLP (phi)
+    lm_head_bias: bool = False
     biases: Callable[[dict], tuple[bool, bool, bool]] = _attention_bias
     window: str = "config"  # "config": sliding_window as given; "opt_in": only with use_sliding_window; "never"
     window_layers: WindowRule = _all_sliding
@@ -366,6 +499,12 @@ FAMILIES: dict[str, FamilyTraits] = {
     "phi3": FamilyTraits(),
     "gpt2": FamilyTraits(build=_from_gpt2_dict),
     "gpt_neox": FamilyTraits(layer_norm=True, biases=_neox_bias),
+    "phi": FamilyTraits(
+        layer_norm=True, shared_norm=True, lm_head_bias=True, biases=_all_bias, readers=(_phi_plain_attention,)
+    ),
+    "bloom": FamilyTraits(build=_from_bloom_dict),
+    "mpt": FamilyTraits(build=_from_mpt_dict),
+    "falcon": FamilyTraits(build=_from_falcon_dict),
     "deepseek_v2": FamilyTraits(readers=(_deepseek_mla, _deepseek_experts, _deepseek_yarn_scale)),
     "deepseek_v3": FamilyTraits(readers=(_deepseek_mla, _deepseek_experts, _deepseek_yarn_scale)),
 }
@@ -404,8 +543,7 @@ def _dense_config(cfg: dict, family: str, traits: FamilyTraits) -> ModelConfig:
     n = cfg["num_hidden_layers"]
     head_dim = cfg.get("head_dim") or hidden // heads
     theta, scaling, local_theta, partial = _rope(cfg)
-    act = _first(cfg, "hidden_activation", "hidden_act", default="silu")
-    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}.get(act, act)
+    act = _act(_first(cfg, "hidden_activation", "hidden_act", default="silu"))
     window = cfg.get("sliding_window") or None
     if traits.window == "never" or (traits.window == "opt_in" and not cfg.get("use_sliding_window", False)):
         window = None
@@ -431,6 +569,8 @@ def _dense_config(cfg: dict, family: str, traits: FamilyTraits) -> ModelConfig:
         qk_norm=traits.qk_norm,
         sandwich_norm=traits.sandwich_norm,
         parallel_residual=traits.layer_norm and bool(cfg.get("use_parallel_residual", True)),
+        shared_norm=traits.shared_norm,
+        lm_head_bias=traits.lm_head_bias,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", traits.gemma_norms)),
         embedding_scale=math.sqrt(hidden) if traits.gemma_norms else None,
         rope_theta=theta,

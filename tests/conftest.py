@@ -77,6 +77,34 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
             max_position_embeddings=512,
         ),
     ),
+    "phi": ("PhiConfig", dict(TINY, partial_rotary_factor=0.5, hidden_act="gelu_new")),
+    # 6 heads: ALiBi slopes for a head count that is not a power of two
+    "bloom": ("BloomConfig", dict(vocab_size=256, hidden_size=96, n_layer=3, n_head=6)),
+    "mpt": (
+        "MptConfig",
+        dict(
+            vocab_size=256,
+            d_model=64,
+            n_layers=3,
+            n_heads=4,
+            max_seq_len=512,
+            attn_config={"alibi": True, "clip_qkv": 0.3},  # transformers ignores alibi_bias_max (always 8)
+        ),
+    ),
+    # falcon's new decoder architecture (40b/180b) with a key/value head per query head: attention and MLP in
+    # parallel, a LayerNorm each (falcon-7b's multi-query layout: tests/models/test_legacy_families.py)
+    "falcon": (
+        "FalconConfig",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_kv_heads=4,
+            new_decoder_architecture=True,
+            max_position_embeddings=512,
+        ),
+    ),
     "mixtral": ("MixtralConfig", dict(TINY, num_local_experts=4, num_experts_per_tok=2)),
     "qwen2_moe": (
         "Qwen2MoeConfig",

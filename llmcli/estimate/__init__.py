@@ -72,7 +72,7 @@ def _linear(
 
 def _norm(cfg: ModelConfig, out: list[Weights], name: str, n: int) -> None:
     out.append(Weights(name, (n,), 1, "vector"))
-    if cfg.norm_type == "layer":  # LayerNorm carries a bias too
+    if cfg.norm_type == "layer" and cfg.norm_bias:  # LayerNorm carries a bias too (not mpt's)
         out.append(Weights(name + ".bias", (n,), 1, "vector"))
 
 
@@ -116,7 +116,7 @@ def _mlp(
 def _layer(cfg: ModelConfig, i: int) -> list[Weights]:
     out: list[Weights] = []
     d = cfg.hidden_size
-    norms = ["input_layernorm", "post_attention_layernorm"]
+    norms = ["input_layernorm"] if cfg.shared_norm else ["input_layernorm", "post_attention_layernorm"]
     if cfg.sandwich_norm:
         norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for n in norms:
@@ -141,6 +141,8 @@ def param_groups(cfg: ModelConfig) -> list[Weights]:
     groups: list[Weights] = [Weights("embed_tokens", (cfg.vocab_size, d), 1, "embedding")]
     if cfg.position_embedding == "learned":
         groups.append(Weights("embed_positions", (cfg.max_position_embeddings, d), 1, "embedding"))
+    if cfg.embedding_norm:
+        _norm(cfg, groups, "embed_layernorm", d)
     merged: dict[tuple, int] = {}
     for i in range(cfg.num_layers):
         for w in _layer(cfg, i):
@@ -153,6 +155,8 @@ def param_groups(cfg: ModelConfig) -> list[Weights]:
     groups += norm
     if not cfg.tie_word_embeddings:
         groups.append(Weights("lm_head", (cfg.vocab_size, d), 1, "lm_head"))
+    if cfg.lm_head_bias:
+        groups.append(Weights("lm_head.bias", (cfg.vocab_size,), 1, "vector"))
     return groups
 
 

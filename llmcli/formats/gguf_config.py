@@ -30,7 +30,15 @@ ARCH_TO_FAMILY = {
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
     "phi3": "phi3",
+    "gpt2": "gpt2",
+    "gptneox": "gpt_neox",
+    "phi2": "phi",
+    "bloom": "bloom",
+    "mpt": "mpt",
+    "falcon": "falcon",
 }
+# LayerNorm families: partial rotary (rope.dimension_count is the rotary width, not the head) or no rope at all.
+LAYER_NORM_FAMILIES = ("gpt2", "gpt_neox", "phi", "bloom", "mpt", "falcon")
 
 
 def load_gguf_config(path: str | Path) -> ModelConfig:
@@ -62,6 +70,8 @@ def gguf_to_hf_config(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str
         return meta.get(f"{arch}.{key}", default)
 
     hf = _common_keys(meta, arch, family, tensors, get)
+    if family in LAYER_NORM_FAMILIES:
+        _add_layer_norm_keys(hf, family, tensors, get)
     _add_attention_keys(hf, family, tensors, get)
     _add_moe_keys(hf, family, tensors, get)
     return hf
@@ -77,7 +87,7 @@ def _common_keys(meta: dict[str, Any], arch: str, family: str, tensors: dict[str
     kv_heads = get("attention.head_count_kv", heads)
     n_layers = int(meta[f"{arch}.block_count"])
     head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
-    if family == "phi3":  # phi3's rope.dimension_count is the rotary dim; the head is always hidden/heads
+    if family in ("phi3", *LAYER_NORM_FAMILIES):  # rope.dimension_count is the rotary dim; the head is hidden/heads
         head_dim = get("attention.key_length") or hidden // heads
 
     embd = tensors.get("token_embd.weight")
@@ -110,6 +120,34 @@ def _common_keys(meta: dict[str, Any], arch: str, family: str, tensors: dict[str
         if scaling.get("original_max_position_embeddings"):
             hf["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
     return hf
+
+
+def _add_layer_norm_keys(hf: dict[str, Any], family: str, tensors: dict[str, Any], get: _Get) -> None:
+    """gpt2/gpt_neox/phi/bloom/mpt: LayerNorm epsilon, biases from the tensor table, and the keys in the spelling
+    each family's config.json uses (gpt2's n_embd, bloom's n_layer, mpt's d_model and attn_config)."""
+    hf.pop("rms_norm_eps")
+    eps = float(get("attention.layer_norm_epsilon", 1e-5))
+    hidden, layers, heads = hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"]
+    if family == "gpt_neox":
+        hf.update(layer_norm_eps=eps, hidden_act="gelu", attention_bias="blk.0.attn_qkv.bias" in tensors)
+        hf["use_parallel_residual"] = bool(get("use_parallel_residual", True))
+    elif family == "phi":
+        hf.update(layer_norm_eps=eps, hidden_act="gelu_new")
+    elif family == "falcon":  # llama.cpp's falcon: parallel attention, q/k/v grouped by key/value head
+        hf.update(layer_norm_epsilon=eps, new_decoder_architecture=True, num_kv_heads=hf["num_key_value_heads"])
+        hf.update(ffn_hidden_size=hf["intermediate_size"], bias="blk.0.attn_qkv.bias" in tensors)
+        hf["num_ln_in_parallel_attn"] = 2 if "blk.0.attn_norm_2.weight" in tensors else 1
+    elif family == "gpt2":
+        hf.update(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=hf["intermediate_size"])
+        hf.update(n_positions=hf["max_position_embeddings"], layer_norm_epsilon=eps)
+    elif family == "bloom":
+        hf.update(n_layer=layers, n_head=heads, seq_length=hf["max_position_embeddings"], layer_norm_epsilon=eps)
+    else:  # mpt
+        alibi = float(get("attention.max_alibi_bias", 0.0))
+        hf.update(d_model=hidden, n_layers=layers, n_heads=heads, max_seq_len=hf["max_position_embeddings"])
+        hf.update(expansion_ratio=hf["intermediate_size"] // hidden, layer_norm_epsilon=eps)
+        hf["no_bias"] = "blk.0.attn_qkv.bias" not in tensors
+        hf["attn_config"] = {"alibi": alibi > 0, "alibi_bias_max": alibi, "clip_qkv": get("attention.clamp_kqv")}
 
 
 def _add_attention_keys(hf: dict[str, Any], family: str, tensors: dict[str, Any], get: _Get) -> None:

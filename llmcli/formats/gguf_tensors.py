@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ PERMUTED_QK = ("llama",)
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
+    "attn_norm_2": "input_layernorm",  # falcon-40b's attention norm (ln_attn); its attn_norm is ln_mlp
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -60,14 +61,22 @@ _LAYER_NAMES = {
 }
 _EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _MIXTRAL_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "position_embd": "model.embed_positions",  # gpt2's learned positions
+    "token_embd_norm": "model.embed_layernorm",  # bloom's norm after the embedding
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
 _BLK = re.compile(r"blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 # Tensors that only carry config data (read by load_gguf_config), not weights.
 _CONFIG_ONLY = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def hf_tensor_name(gguf_name: str, family: str, *, has_ffn_gate: bool = True) -> str | None:
-    """The HF name of a (non-expert) GGUF tensor; None for tensors we do not map."""
+def hf_tensor_name(gguf_name: str, family: str, names: Container[str] = ()) -> str | None:
+    """The HF name of a (non-expert) GGUF tensor; None for tensors we do not map. names: every tensor name of the
+    file (phi3 without ffn_gate keeps gate and up fused; falcon with attn_norm_2 has a norm each for attention and
+    MLP, and attn_norm is the MLP's)."""
     if gguf_name in _CONFIG_ONLY:
         return None
     base, _, suffix = gguf_name.rpartition(".")
@@ -82,7 +91,9 @@ def hf_tensor_name(gguf_name: str, family: str, *, has_ffn_gate: bool = True) ->
         return None
     if family in ("gemma2", "gemma3_text") and part == "ffn_norm":
         name = "pre_feedforward_layernorm"  # gemma2/3 norm before the MLP; post_attention_norm is the other one
-    if family == "phi3" and part == "ffn_up" and not has_ffn_gate:
+    if family == "falcon" and part == "attn_norm" and "blk.0.attn_norm_2.weight" in names:
+        name = "post_attention_layernorm"
+    if family == "phi3" and part == "ffn_up" and "blk.0.ffn_gate.weight" not in names:
         name = "mlp.gate_up_proj"  # phi3 keeps gate and up fused in one tensor
     if family == "mixtral" and part == "ffn_gate_inp":
         name = "block_sparse_moe.gate"
@@ -150,7 +161,6 @@ def iter_gguf_raw(path: str | Path) -> Iterator[RawTensor]:
     hf = gguf_to_hf_config(meta, tensors)
     family = hf["model_type"]
     arch = meta["general.architecture"]
-    has_ffn_gate = "blk.0.ffn_gate.weight" in tensors
     heads, kv_heads = hf["num_attention_heads"], hf["num_key_value_heads"]
 
     for t in infos:
@@ -161,7 +171,7 @@ def iter_gguf_raw(path: str | Path) -> Iterator[RawTensor]:
         if part in _EXPERTS:
             yield from _split_experts(t, shape, family, int(t.name.split(".")[1]))
             continue
-        name = hf_tensor_name(t.name, family, has_ffn_gate=has_ffn_gate)
+        name = hf_tensor_name(t.name, family, tensors)
         if name is None:
             continue
         gtype = t.tensor_type
@@ -205,10 +215,9 @@ def gguf_tensor_types(path: str | Path) -> dict[str, Any]:
     meta, infos = open_gguf_model(path)
     tensors = {t.name: t for t in infos}
     family = gguf_to_hf_config(meta, tensors)["model_type"]
-    has_ffn_gate = "blk.0.ffn_gate.weight" in tensors
     out = {}
     for t in infos:
-        name = hf_tensor_name(t.name, family, has_ffn_gate=has_ffn_gate)
+        name = hf_tensor_name(t.name, family, tensors)
         if name is not None:
             out[name] = t.tensor_type
     return out

@@ -1,5 +1,12 @@
 """Safetensors checkpoints: the weight files of a model directory, their tensors one at a time, a file's header.
 
+iter_safetensors yields every checkpoint under the llama-style names the engine's modules have: the families
+whose checkpoints name and lay out tensors their own way (gpt2, gpt_neox, phi, bloom, mpt, falcon) are renamed as
+they are read, by LEGACY_LAYOUTS, and their fused projections put in the engine's layout (gpt2's Conv1D weights are
+stored [in, out]; gpt_neox, bloom and falcon interleave q/k/v per head or per key/value group; a fused q/k/v is
+split into llama's q_proj/k_proj/v_proj). So the loader and the quantizing writers, which all read through
+iter_safetensors, see one naming; a checkpoint already in these names (`llm quantize` output) passes as is.
+
 Every reader here checks the file first (safetensors_header: the 8-byte header length, UTF-8 JSON, and each
 tensor's dtype, shape and byte range against the data that is really there), so that a corrupt or truncated file
 ends in one UserError naming the file and what is wrong with it, never in the safetensors library's own text.
@@ -10,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
+from llmcli.config import from_hf_dict
 from llmcli.errors import UserError
 
 if TYPE_CHECKING:  # only for annotations: `llm list/show/estimate` read headers and must not pay torch's import
@@ -198,9 +207,129 @@ def _index_files(index: Path) -> list[Path]:
     return [index.parent / n for n in sorted(names)]
 
 
+# ---- checkpoints named their own way ---------------------------------------------------------------------------
+
+# How a tensor is changed on the way: None as is, CONV1D transposed ([in, out] -> [out, in]), GROUPED q/k/v rows
+# regrouped from [kv head][its q heads, k, v] to [q heads; k heads; v heads] (gpt_neox and bloom: one q head per
+# group, i.e. [head][q, k, v]); DROP: not a weight (cached masks, rope tables).
+CONV1D, GROUPED, DROP = "conv1d", "grouped", "drop"
+_L = r"(?:transformer\.|gpt_neox\.)?"  # the model's wrapper, absent in some hub checkpoints (the original gpt2)
+_LAYER = "model.layers.\\1."
+# model_type -> (pattern, replacement, transform), first match wins
+LEGACY_LAYOUTS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
+    "gpt2": (
+        (_L + r"wte\.", "model.embed_tokens.", None),
+        (_L + r"wpe\.", "model.embed_positions.", None),
+        (_L + r"ln_f\.", "model.norm.", None),
+        (_L + r"h\.(\d+)\.ln_1\.", _LAYER + "input_layernorm.", None),
+        (_L + r"h\.(\d+)\.ln_2\.", _LAYER + "post_attention_layernorm.", None),
+        (_L + r"h\.(\d+)\.attn\.c_attn\.", _LAYER + "self_attn.qkv_proj.", CONV1D),
+        (_L + r"h\.(\d+)\.attn\.c_proj\.", _LAYER + "self_attn.o_proj.", CONV1D),
+        (_L + r"h\.(\d+)\.mlp\.c_fc\.", _LAYER + "mlp.up_proj.", CONV1D),
+        (_L + r"h\.(\d+)\.mlp\.c_proj\.", _LAYER + "mlp.down_proj.", CONV1D),
+        (_L + r"h\.(\d+)\.attn\.(masked_)?bias$", "", DROP),
+    ),
+    "gpt_neox": (
+        (_L + r"embed_in\.", "model.embed_tokens.", None),
+        (_L + r"final_layer_norm\.", "model.norm.", None),
+        (r"embed_out\.", "lm_head.", None),
+        (_L + r"layers\.(\d+)\.attention\.query_key_value\.", _LAYER + "self_attn.qkv_proj.", GROUPED),
+        (_L + r"layers\.(\d+)\.attention\.dense\.", _LAYER + "self_attn.o_proj.", None),
+        (_L + r"layers\.(\d+)\.attention\.(masked_bias|bias|rotary_emb\.inv_freq)$", "", DROP),
+        (_L + r"layers\.(\d+)\.mlp\.dense_h_to_4h\.", _LAYER + "mlp.up_proj.", None),
+        (_L + r"layers\.(\d+)\.mlp\.dense_4h_to_h\.", _LAYER + "mlp.down_proj.", None),
+        (_L + r"layers\.(\d+)\.", _LAYER, None),  # input_layernorm, post_attention_layernorm: same names
+    ),
+    "phi": (
+        (r"model\.final_layernorm\.", "model.norm.", None),
+        (r"model\.layers\.(\d+)\.self_attn\.dense\.", _LAYER + "self_attn.o_proj.", None),
+        (r"model\.layers\.(\d+)\.mlp\.fc1\.", _LAYER + "mlp.up_proj.", None),
+        (r"model\.layers\.(\d+)\.mlp\.fc2\.", _LAYER + "mlp.down_proj.", None),
+    ),
+    "bloom": (
+        (_L + r"word_embeddings\.", "model.embed_tokens.", None),
+        (_L + r"word_embeddings_layernorm\.", "model.embed_layernorm.", None),
+        (_L + r"ln_f\.", "model.norm.", None),
+        (_L + r"h\.(\d+)\.self_attention\.query_key_value\.", _LAYER + "self_attn.qkv_proj.", GROUPED),
+        (_L + r"h\.(\d+)\.self_attention\.dense\.", _LAYER + "self_attn.o_proj.", None),
+        (_L + r"h\.(\d+)\.mlp\.dense_h_to_4h\.", _LAYER + "mlp.up_proj.", None),
+        (_L + r"h\.(\d+)\.mlp\.dense_4h_to_h\.", _LAYER + "mlp.down_proj.", None),
+        (_L + r"h\.(\d+)\.", _LAYER, None),  # input_layernorm, post_attention_layernorm
+    ),
+    "falcon": (
+        (_L + r"word_embeddings\.", "model.embed_tokens.", None),
+        (_L + r"ln_f\.", "model.norm.", None),
+        (_L + r"h\.(\d+)\.self_attention\.query_key_value\.", _LAYER + "self_attn.qkv_proj.", GROUPED),
+        (_L + r"h\.(\d+)\.self_attention\.dense\.", _LAYER + "self_attn.o_proj.", None),
+        (_L + r"h\.(\d+)\.mlp\.dense_h_to_4h\.", _LAYER + "mlp.up_proj.", None),
+        (_L + r"h\.(\d+)\.mlp\.dense_4h_to_h\.", _LAYER + "mlp.down_proj.", None),
+        (_L + r"h\.(\d+)\.ln_attn\.", _LAYER + "input_layernorm.", None),
+        (_L + r"h\.(\d+)\.ln_mlp\.", _LAYER + "post_attention_layernorm.", None),
+        (_L + r"h\.(\d+)\.", _LAYER, None),  # input_layernorm, post_attention_layernorm
+    ),
+    "mpt": (
+        (_L + r"wte\.", "model.embed_tokens.", None),
+        (_L + r"norm_f\.", "model.norm.", None),
+        (_L + r"blocks\.(\d+)\.norm_1\.", _LAYER + "input_layernorm.", None),
+        (_L + r"blocks\.(\d+)\.norm_2\.", _LAYER + "post_attention_layernorm.", None),
+        (_L + r"blocks\.(\d+)\.attn\.Wqkv\.", _LAYER + "self_attn.qkv_proj.", None),
+        (_L + r"blocks\.(\d+)\.attn\.out_proj\.", _LAYER + "self_attn.o_proj.", None),
+        (_L + r"blocks\.(\d+)\.ffn\.", _LAYER + "mlp.", None),  # up_proj, down_proj: same names
+    ),
+}
+_COMPILED = {f: tuple((re.compile("^" + p), r, t) for p, r, t in rules) for f, rules in LEGACY_LAYOUTS.items()}
+
+
+class _Layout:
+    """One directory's renaming (from its config.json's model_type; a plain pass-through for other families)."""
+
+    def __init__(self, directory: Path):
+        self.rules, self.heads, self.kv_heads = (), 0, 0
+        try:
+            cfg = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # no readable config: the loader reports it; nothing to rename
+        if isinstance(cfg, dict) and cfg.get("model_type") in _COMPILED:
+            self.rules = _COMPILED[cfg["model_type"]]
+            config = from_hf_dict(cfg)
+            self.heads, self.kv_heads = config.num_heads, config.num_kv_heads
+
+    def convert(self, name: str, get) -> list[tuple[str, torch.Tensor]]:
+        """[(engine-style name, tensor in the engine's layout)]: a fused q/k/v comes out as q_proj, k_proj and
+        v_proj, as llama checkpoints have them (so every quantizer's fused-shard handling applies); [] for a
+        tensor that is not a weight."""
+        for pattern, replacement, transform in self.rules:
+            m = pattern.match(name)
+            if m is None:
+                continue
+            if transform == DROP:
+                return []
+            new = m.expand(replacement) + name[m.end() :]
+            t = get(name)
+            if transform == CONV1D and t.dim() == 2:
+                t = t.t()
+            elif transform == GROUPED:
+                t = self.ungroup(t)
+            if ".self_attn.qkv_proj." not in new:
+                return [(new, t.contiguous())]
+            d = t.shape[0] // (self.heads + 2 * self.kv_heads)
+            parts = t.split([self.heads * d, self.kv_heads * d, self.kv_heads * d])
+            return [(new.replace(".qkv_proj.", f".{p}_proj."), x.contiguous()) for p, x in zip("qkv", parts)]
+        return [(name, get(name))]
+
+    def ungroup(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows [kv][g + 2][d] (g query heads, then k and v, per key/value head) -> [q (kv * g); k (kv); v (kv)]."""
+        kv, g = self.kv_heads, self.heads // self.kv_heads
+        d = t.shape[0] // (kv * (g + 2))
+        heads = [(k, j) for k in range(kv) for j in range(g)] + [(k, j) for j in (g, g + 1) for k in range(kv)]
+        return t[[(k * (g + 2) + j) * d + r for k, j in heads for r in range(d)]]
+
+
 def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every weight of the directory, memory-mapped, one at a time."""
+    """(name, tensor) for every weight of the directory, memory-mapped, one at a time, under the engine's
+    llama-style names (LEGACY_LAYOUTS)."""
+    layout = _Layout(Path(directory))
     for f in safetensors_files(directory):
         with open_safetensors(f) as st:
             for name in st.keys():
-                yield name, st.get_tensor(name)
+                yield from layout.convert(name, st.get_tensor)

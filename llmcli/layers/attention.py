@@ -44,7 +44,19 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [B * Q] cache slot each new token is written to (padding -> a scratch slot)
     views: dict  # window (None = full attention) -> KVView
     rope: dict = field(default_factory=dict)  # rope key -> (cos, sin), filled by the model
+    bias: dict = field(default_factory=dict)  # window -> additive score bias [B, H, Q, K] (ALiBi), filled by the model
     pos_start: int | None = None  # batch 1: positions are pos_start + arange(Q), so rope rows are a slice
+
+
+def alibi_bias(slopes: torch.Tensor, view: KVView, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi's score bias slope_h * (key position - query position) over the keys view reads, with the view's
+    mask (or causality) folded in as -inf: one float mask SDPA takes as is. Keys [start, end) of a full-attention
+    view are positions start..end-1 (its gather begins at the sequence's first block)."""
+    kpos = torch.arange(view.start, view.end, device=positions.device)
+    dist = (kpos[None, None, :] - positions[:, :, None]).to(slopes.dtype)  # [B, Q, K]
+    bias = slopes[None, :, None, None] * dist[:, None]  # [B, H, Q, K]
+    allowed = view.mask if view.mask is not None else (dist <= 0)[:, None]
+    return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
 
 def sdpa_softcap(
@@ -78,6 +90,8 @@ class Attention(nn.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps, c.norm_offset)
+        self.rotary = c.position_embedding == "rope"
+        self.clip = c.qkv_clip
         self.window = c.layer_window(layer_idx)
         self.rope_key = "local" if (self.window and c.rope_local_theta) else "global"
         self.scale = c.softmax_scale
@@ -88,11 +102,16 @@ class Attention(nn.Module):
         b, ql, _ = x.shape
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x).view(b, ql, h + 2 * kvh, d)
-        cos, sin = meta.rope[self.rope_key]
-        if self.qk_norm:
+        if self.clip:
+            qkv = qkv.clamp(-self.clip, self.clip)
+        if not self.rotary:  # learned or ALiBi positions: q and k as projected
+            q, k = qkv[:, :, :h], qkv[:, :, h : h + kvh]
+        elif self.qk_norm:
+            cos, sin = meta.rope[self.rope_key]
             q = apply_rotary(self.q_norm(qkv[:, :, :h]), cos, sin)
             k = apply_rotary(self.k_norm(qkv[:, :, h : h + kvh]), cos, sin)
         else:
+            cos, sin = meta.rope[self.rope_key]
             qk = apply_rotary(qkv[:, :, : h + kvh], cos, sin)  # q and k rotated in one pass
             q, k = qk[:, :, :h], qk[:, :, h:]
         v = qkv[:, :, h + kvh :]
@@ -110,7 +129,10 @@ class Attention(nn.Module):
             ctx = ctx.view(2, kvh, b, -1, d).transpose(1, 2)[:, :, :, view.start : view.end]
             kc, vc = ctx  # [B, kvh, K, d]
         qt = q.transpose(1, 2)
-        if self.softcap:
+        bias = meta.bias.get(self.window)
+        if bias is not None:  # ALiBi: the bias carries the mask
+            out = F.scaled_dot_product_attention(qt, kc, vc, attn_mask=bias, scale=self.scale, enable_gqa=kvh != h)
+        elif self.softcap:
             out = sdpa_softcap(qt, kc, vc, view.mask, self.scale, self.softcap)
         else:
             out = F.scaled_dot_product_attention(

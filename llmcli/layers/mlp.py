@@ -1,4 +1,5 @@
-"""The dense gated MLP: down_proj(act(gate) * up) with gate and up fused into one projection's rows."""
+"""The dense MLPs: gated (down_proj(act(gate) * up), gate and up fused into one projection's rows) and plain
+(down_proj(act(up x)): gpt2, gpt_neox, phi, bloom, mpt)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,16 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gated(self.act, self.gate_up_proj(x)))
+
+
+class FeedForward(nn.Module):
+    """The ungated MLP: up_proj [I, H] then down_proj [H, I], a plain nn.Linear each."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))

@@ -28,4 +28,21 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm with bias (gpt2, gpt_neox)."""
+    """LayerNorm (gpt2, gpt_neox, phi, bloom; mpt's has no bias), computed in fp32 and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__(dim, eps=eps, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        w = self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return torch.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def make_norm(config, dim: int) -> nn.Module:
+    """The family's norm over `dim` features: RMSNorm (with gemma's offset) or LayerNorm."""
+    if config.norm_type == "layer":
+        return LayerNorm(dim, config.norm_eps, config.norm_bias)
+    return RMSNorm(dim, config.norm_eps, config.norm_offset)

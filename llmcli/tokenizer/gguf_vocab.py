@@ -38,11 +38,25 @@ _TEKKEN = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# pre name -> (split regex or None for GPT-2's built-in one, split digits individually first, ignore_merges)
-PRE_TOKENIZERS: dict[str, tuple[str | None, bool, bool]] = {
+_BLOOM = r" ?[^(\s|.,!?…。，、।۔،)]+"  # bloom: words with their leading space, punctuation apart
+# falcon: three splits in turn, as llama.cpp applies them: punctuation runs, GPT-2's split, digits by threes
+_FALCON = (
+    r"[\p{P}\$\+<=>\^~\|`]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"[0-9][0-9][0-9]",
+)
+# pre name -> (split regex (or several, applied in turn) or None for GPT-2's built-in one, split digits
+# individually first, ignore_merges)
+PRE_TOKENIZERS: dict[str, tuple[str | tuple[str, ...] | None, bool, bool]] = {
     "default": (None, False, False),
     "gpt2": (None, False, False),
     "gpt-2": (None, False, False),
+    "phi-2": (None, False, False),
+    "mpt": (None, False, False),
+    "olmo": (None, False, False),
+    "bloom": (_BLOOM, False, False),
+    "poro-chat": (_BLOOM, False, False),
+    "falcon": (_FALCON, False, False),
     "smollm": (None, True, False),
     "starcoder": (None, True, False),
     "refact": (None, True, False),
@@ -137,10 +151,9 @@ def gguf_bpe(meta: dict[str, Any]) -> Backend:
     if regex is None:
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
     else:
-        steps += [
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
+        regexes = (regex,) if isinstance(regex, str) else regex
+        steps += [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
     backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
 

@@ -235,6 +235,52 @@ REAL: dict[str, tuple[dict, int | None]] = {
         ),
         162_322_944,
     ),
+    "Phi-2": (
+        dict(
+            model_type="phi",
+            vocab_size=51200,
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            partial_rotary_factor=0.4,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        ),
+        2_779_683_840,
+    ),
+    "BLOOM-560m": (
+        dict(model_type="bloom", vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16),
+        559_214_592,
+    ),
+    "MPT-7B": (
+        dict(
+            model_type="mpt",
+            vocab_size=50432,
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            max_seq_len=2048,
+            expansion_ratio=4,
+            no_bias=True,
+            attn_config={"alibi": True, "alibi_bias_max": 8},
+        ),
+        6_649_286_656,
+    ),
+    "Falcon-7B": (
+        dict(
+            model_type="falcon",
+            vocab_size=65024,
+            hidden_size=4544,
+            num_hidden_layers=32,
+            num_attention_heads=71,
+            multi_query=True,
+            parallel_attn=True,
+            bias=False,
+            new_decoder_architecture=False,
+        ),
+        6_921_720_704,
+    ),
     "Qwen1.5-MoE-A2.7B": (
         dict(
             model_type="qwen2_moe",
