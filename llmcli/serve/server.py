@@ -1,0 +1,53 @@
+"""run_server: `llm serve`'s uvicorn server on the app, ending cleanly on SIGINT or SIGTERM.
+
+On a signal it stops accepting connections, gives in-flight requests GRACE_S seconds to finish (then the engine
+aborts what is left) and returns, so the command exits 0. uvicorn itself would re-raise the signal after its
+graceful shutdown (exit 130 / killed by SIGTERM); Server's capture_signals keeps the handlers without that.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+from llmcli.serve.app import create_app
+from llmcli.serve.model import ServedModel
+
+GRACE_S = 3  # seconds uvicorn waits for open connections (streams) before cancelling them
+DEFAULT_HOST = "127.0.0.1"  # local only unless --host says otherwise
+# llama.cpp's llama-server default: editors and OpenAI-client presets for a local server point at
+# http://localhost:8080/v1; Ollama's 11434 is left to Ollama, which may run beside it.
+DEFAULT_PORT = 8080
+
+
+class Server(uvicorn.Server):
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_server(model: ServedModel, host: str, port: int, api_key: str | None = None) -> None:
+    """Serve until SIGINT / SIGTERM (blocks); the model loads in the background once the socket is bound."""
+    config = uvicorn.Config(
+        create_app(model, api_key),
+        host=host,
+        port=port,
+        access_log=False,  # RequestLog writes one line per request, with its token count
+        timeout_graceful_shutdown=GRACE_S,
+        log_level="info",
+        lifespan="on",
+    )
+    Server(config).run()
