@@ -20,7 +20,7 @@ class StopText:
         if self.stopped:
             return ""
         self.pending += piece
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = self._cut()
         if cut >= 0:
             out, self.pending, self.stopped = self.pending[:cut], "", True
             return out
@@ -33,6 +33,15 @@ class StopText:
         """At the reply's end: what was held back is not a stop string after all."""
         out, self.pending = ("" if self.stopped else self.pending), ""
         return out
+
+    def _cut(self) -> int:
+        """Where the text ends when a stop string has completed, else -1: at the first point where one has, the
+        earliest start among those complete by then (as if the text had arrived one character at a time)."""
+        ends = [i + len(s) for s, i in ((s, self.pending.find(s)) for s in self.stops) if i >= 0]
+        if not ends:
+            return -1
+        seen = self.pending[: min(ends)]
+        return min(i for i in (seen.find(s) for s in self.stops) if i >= 0)
 
     def _held_back(self) -> int:
         """Length of the longest tail of pending that is a proper prefix of some stop string."""
