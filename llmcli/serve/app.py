@@ -20,7 +20,7 @@ from llmcli.serve import openai_protocol as openai
 from llmcli.serve.errors import APIError
 from llmcli.serve.generation import Generation
 from llmcli.serve.metrics import Metrics
-from llmcli.serve.middleware import RequestLog
+from llmcli.serve.middleware import BodyLimit, RequestLog
 from llmcli.serve.model import ServedModel
 
 log = logging.getLogger("uvicorn.error")
@@ -72,7 +72,7 @@ def _install_handlers(app: FastAPI) -> None:
         return _error_response(request, APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
 
-def create_app(model: ServedModel, api_key: str | None = None) -> RequestLog:
+def create_app(model: ServedModel, api_key: str | None = None) -> RequestLog:  # an ASGI app
     """The ASGI app serving `model`; with api_key every inference route needs `Authorization: Bearer KEY`."""
     metrics = Metrics(lambda: model.engine.stats() if model.engine is not None else None)
 
@@ -119,7 +119,7 @@ def create_app(model: ServedModel, api_key: str | None = None) -> RequestLog:
 
     _openai_routes(app, model, metrics, guarded)
     _ollama_routes(app, model, metrics, guarded)
-    return RequestLog(app)
+    return RequestLog(BodyLimit(app, MAX_BODY_BYTES))
 
 
 def _run(request: Request, model: ServedModel, metrics: Metrics, job) -> Generation:

@@ -122,8 +122,10 @@ class Generation:
             self.metrics.itl.observe(now - s.last_t)
         s.last_t = now
         s.tokens += 1
-        s.events.append(ev)
-        text = "" if ev.token_id in self.eos else s.stop.push(s.decoder.push(ev.token_id))
+        eos = ev.token_id in self.eos
+        if not eos:  # the end-of-turn token is no part of the reply: neither its text nor its logprobs
+            s.events.append(ev)
+        text = "" if eos else s.stop.push(s.decoder.push(ev.token_id))
         finish = "stop" if s.stop.stopped else None
         if finish is None and ev.finish_reason is not None:
             text += s.stop.push(s.decoder.flush())

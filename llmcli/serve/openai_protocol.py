@@ -70,6 +70,7 @@ class _Sampling(_Loose):
     top_k: int | None = Field(None, ge=-1)  # extra fields as vLLM and llama.cpp's server take them; -1 = off
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False  # vLLM's extra field: generate to max_tokens (benchmarks)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -87,6 +88,7 @@ class _Sampling(_Loose):
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
+            ignore_eos=self.ignore_eos or None,
         )
 
     @property
