@@ -25,7 +25,7 @@ from llmcli.serve.model import ServedModel
 
 log = logging.getLogger("uvicorn.error")
 MAX_BODY_BYTES = 8 * 2**20  # far past any prompt a context holds; a larger body is refused (413), not buffered
-SHUTDOWN_GRACE_S = 2.0  # what in-flight requests still get once uvicorn stops waiting for their connections
+SHUTDOWN_GRACE_S = 2.0  # in-flight requests' time to finish when the app shuts down (server.py starts it on a signal)
 
 
 def _invalid(errors) -> APIError:

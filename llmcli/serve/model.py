@@ -6,6 +6,7 @@ with its one-line reason, and logged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -53,6 +54,7 @@ class ServedModel:
     load_s: float = 0.0
     loaded_at: float = 0.0
     _thread: threading.Thread | None = None
+    _shutdown: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
@@ -105,6 +107,14 @@ class ServedModel:
                 404, f"model {requested!r} not found (this server serves {self.name!r})", "model", "model_not_found"
             )
 
+    def begin_shutdown(self, grace_s: float) -> asyncio.Task | None:
+        """Start the engine's shutdown (no new requests; in-flight ones get grace_s, then are aborted, which ends
+        their streams) on the running loop; the same task on every call. None while nothing is loaded."""
+        if self._shutdown is None and self.engine is not None:
+            self._shutdown = asyncio.ensure_future(self.engine.shutdown(grace_s=grace_s))
+        return self._shutdown
+
     async def shutdown(self, grace_s: float) -> None:
-        if self.engine is not None:
-            await self.engine.shutdown(grace_s=grace_s)
+        task = self.begin_shutdown(grace_s)
+        if task is not None:
+            await task

@@ -1,8 +1,9 @@
 """run_server: `llm serve`'s uvicorn server on the app, ending cleanly on SIGINT or SIGTERM.
 
-On a signal it stops accepting connections, gives in-flight requests GRACE_S seconds to finish (then the engine
-aborts what is left) and returns, so the command exits 0. uvicorn itself would re-raise the signal after its
-graceful shutdown (exit 130 / killed by SIGTERM); Server's capture_signals keeps the handlers without that.
+On a signal it stops accepting connections, gives in-flight requests ENGINE_GRACE_S seconds to finish (then the
+engine aborts what is left, which ends their streams) and returns, so the command exits 0. uvicorn itself would
+re-raise the signal after its graceful shutdown (exit 130 / killed by SIGTERM); Server's capture_signals keeps the
+handlers without that.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import uvicorn
 from llmcli.serve.app import create_app
 from llmcli.serve.model import ServedModel
 
-GRACE_S = 3  # seconds uvicorn waits for open connections (streams) before cancelling them
+ENGINE_GRACE_S = 2.0  # seconds in-flight requests get to finish after SIGINT / SIGTERM; then they are aborted
+GRACE_S = 5  # seconds uvicorn waits for open connections before cancelling them (a last resort)
 DEFAULT_HOST = "127.0.0.1"  # local only unless --host says otherwise
 # llama.cpp's llama-server default: editors and OpenAI-client presets for a local server point at
 # http://localhost:8080/v1; Ollama's 11434 is left to Ollama, which may run beside it.
@@ -25,6 +27,17 @@ DEFAULT_PORT = 8080
 
 
 class Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, model: ServedModel):
+        super().__init__(config)
+        self.model = model
+
+    def handle_exit(self, sig, frame) -> None:
+        """The first signal also starts the engine's shutdown: in-flight streams end within ENGINE_GRACE_S (the
+        engine aborts what is left), so uvicorn's wait for open connections ends before its own timeout."""
+        if not self.should_exit:
+            self.model.begin_shutdown(ENGINE_GRACE_S)  # signal handlers run on the main thread, the loop's own
+        super().handle_exit(sig, frame)
+
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
@@ -50,4 +63,4 @@ def run_server(model: ServedModel, host: str, port: int, api_key: str | None = N
         log_level="info",
         lifespan="on",
     )
-    Server(config).run()
+    Server(config, model).run()
