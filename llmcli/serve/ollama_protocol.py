@@ -34,6 +34,8 @@ class Options(_Loose):
     top_p: float | None = Field(None, gt=0, le=1)
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
     stop: list[str] | None = None
     num_ctx: int | None = Field(None, ge=1)
@@ -80,6 +82,8 @@ def _job(req: _Request, model: ServedModel, ids: list[int], prompt_param: str) -
         min_p=o.min_p,
         repetition_penalty=o.repeat_penalty,
         seed=None if o.seed is None or o.seed < 0 else o.seed,
+        frequency_penalty=o.frequency_penalty,
+        presence_penalty=o.presence_penalty,
     )
     constraint = None
     if req.format == "json":

@@ -65,7 +65,7 @@ class _Sampling(_Loose):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)  # accepted; the engine has no additive penalties yet
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     top_k: int | None = Field(None, ge=-1)  # extra fields as vLLM and llama.cpp's server take them; -1 = off
     min_p: float | None = Field(None, ge=0, le=1)
@@ -89,6 +89,8 @@ class _Sampling(_Loose):
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             ignore_eos=self.ignore_eos or None,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
         )
 
     @property
