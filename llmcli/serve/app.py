@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from llmcli.errors import UserError
 from llmcli.hub.inspect import show_model
 from llmcli.serve import ollama_protocol as ollama
 from llmcli.serve import openai_protocol as openai
@@ -53,6 +54,10 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return _error_response(request, exc)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError):  # e.g. a model without a chat template
+        return _error_response(request, APIError(400, str(exc)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
