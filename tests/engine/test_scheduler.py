@@ -216,7 +216,8 @@ def test_constraint_masks_and_finishes(loaded):
         made.append(EvenTokens())
         return made[-1]
 
-    req = Request(_prompt(7, 11), SamplingParams(temperature=1.0, seed=5, max_tokens=20), n=2, constraint_factory=factory)
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=20)
+    req = Request(_prompt(7, 11), params, n=2, constraint_factory=factory)
     sched.add(req)
     out = _drain(sched, [req])
     assert len(made) == 2
