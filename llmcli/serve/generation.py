@@ -4,8 +4,8 @@ Both APIs describe a request as a Job (prompt ids, SamplingParams, n, logprobs, 
 Generation submits it (refusals surface before any response starts: 400 for a prompt past the context, 503 for a
 full queue), then turns the engine's token events into each sample's text: end-of-sequence tokens dropped,
 multi-token characters held until complete (StreamDecoder), stop strings cut (StopText). A sample whose stop
-string appeared takes no further events; when every sample is done, or the consumer goes away (a client that
-disconnects), the request is aborted so its KV blocks return to the pool.
+string appeared is aborted alone (the others go on); when every sample is done, or the consumer goes away (a client
+that disconnects), the request is aborted so its KV blocks return to the pool.
 """
 
 from __future__ import annotations
@@ -109,11 +109,8 @@ class Generation:
             if not all(s.engine_done for s in self.samples):
                 self.handle.abort()  # a consumer that left (client disconnect), or stop strings: free the blocks
 
-    def _take(self, ev: TokenEvent) -> Delta | None:
-        s = self.samples[ev.index]
-        s.engine_done = ev.finish_reason is not None
-        if s.done:
-            return None
+    def _timed(self, s: _Sample) -> None:
+        """A token arrived for sample s: TTFT (the request's first) and inter-token latency (s's previous)."""
         now = time.perf_counter()
         if self.first_t is None:
             self.first_t = now
@@ -121,8 +118,17 @@ class Generation:
         if s.last_t is not None:
             self.metrics.itl.observe(now - s.last_t)
         s.last_t = now
-        s.tokens += 1
-        eos = ev.token_id in self.eos
+
+    def _take(self, ev: TokenEvent) -> Delta | None:
+        s = self.samples[ev.index]
+        s.engine_done = ev.finish_reason is not None
+        if s.done:
+            return None
+        real = ev.token_id >= 0  # -1: an "abort" event (the sample left without a new token; server shutdown)
+        if real:
+            self._timed(s)
+        s.tokens += real
+        eos = ev.token_id in self.eos or not real
         if not eos:  # the end-of-turn token is no part of the reply: neither its text nor its logprobs
             s.events.append(ev)
         text = "" if eos else s.stop.push(s.decoder.push(ev.token_id))
@@ -134,6 +140,8 @@ class Generation:
         if not text and finish is None:
             return None
         s.done = finish is not None
+        if s.stop.stopped and not s.engine_done and not all(x.done for x in self.samples):
+            self.handle.abort(ev.index)  # this sample's stop string appeared: only it leaves the batch
         events, s.events = s.events, []
         return Delta(ev.index, text, events, finish)
 

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 from conftest import start_server
+from prometheus_client.parser import text_string_to_metric_families
 
 LONG = {
     "messages": [{"role": "user", "content": "Tell a story."}],
@@ -39,6 +40,20 @@ def _first_token(client: httpx.Client, url: str, body: dict):
     return r, lines
 
 
+def _wait_idle(served, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = {
+            s.name: s.value
+            for f in text_string_to_metric_families(httpx.get(served.url + "/metrics").text)
+            for s in f.samples
+        }
+        if m["llmcli_num_requests_running"] == 0 and m["llmcli_num_requests_waiting"] == 0:
+            return
+        time.sleep(0.1)
+    pytest.fail("requests still running or waiting 20 s after their clients disconnected")
+
+
 def test_a_full_queue_is_503_and_the_server_goes_on(small):
     url = small.url + "/v1/chat/completions"
     body = {"model": small.name, **LONG}
@@ -51,6 +66,7 @@ def test_a_full_queue_is_503_and_the_server_goes_on(small):
         assert err["code"] == "queue_full" and err["type"] == "server_error" and err["message"]
         running.close()
         waiting.close()
+    _wait_idle(small)  # the disconnects reach the engine (both requests aborted, their slots free)
     r = httpx.post(url, json={"model": small.name, "messages": LONG["messages"], "max_tokens": 2}, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
 
