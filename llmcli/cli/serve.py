@@ -13,6 +13,7 @@ import typer
 
 from llmcli.cli import app
 from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, KV_CACHE_GIB, positive_int
+from llmcli.errors import UserError
 
 EXAMPLES = (
     "[bold]Examples[/bold]\n\n  llm serve\n"
@@ -27,11 +28,11 @@ def _model_name(path) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def _banner(url: str, name: str, path, device: str | None, limits, api_key: str | None) -> None:
+def _banner(url: str, name: str, path, device: str, limits, api_key: str | None) -> None:
     lines = [
         f"llm serve: {url}  (OpenAI: {url}/v1, Ollama: OLLAMA_HOST={url.removeprefix('http://')})",
         f"  model   {name}  ({path})",
-        f"  device  {device or 'auto (cuda when available)'}",
+        f"  device  {device}",
         f"  limits  {limits.max_num_seqs} running sequences, {limits.max_num_batched_tokens} batched tokens "
         f"per step, {limits.max_queue} waiting requests",
         f"  auth    {'API key required (Authorization: Bearer ...)' if api_key else 'none'}",
@@ -74,13 +75,17 @@ def serve(
 ) -> None:
     """Serve a model over HTTP: the OpenAI API (/v1) and Ollama's (/api), /health and /metrics."""
     from llmcli.cli.resolve import resolve_model_spec
+    from llmcli.engine.llm_engine import resolve_device
     from llmcli.serve.model import EngineLimits, LoadOptions, ServedModel
     from llmcli.serve.server import run_server
 
     path = resolve_model_spec(model)
+    where = str(resolve_device(device))  # a bad --device is refused here, before the server starts
     limits = EngineLimits(max_num_seqs, max_num_batched_tokens, max_queue)
     served = ServedModel(path, _model_name(path), LoadOptions(device, dtype, kv_cache_gib, dequantize), limits)
     api_key = api_key or os.environ.get("LLM_API_KEY") or None
     url_host = f"[{host}]" if ":" in host else host
-    _banner(f"http://{url_host}:{port}", served.name, path, device, limits, api_key)
+    _banner(f"http://{url_host}:{port}", served.name, path, where, limits, api_key)
     run_server(served, host, port, api_key)
+    if served.error:
+        raise UserError(f"loading {path} failed: {served.error}")

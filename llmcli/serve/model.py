@@ -1,7 +1,7 @@
 """ServedModel: the one model `llm serve` serves, loaded in a background thread while HTTP already answers.
 
-Until it is ready every inference route answers 503 (and /health too); a failed load is reported the same way,
-with its one-line reason, and logged.
+Until it is ready every inference route answers 503 (and /health too). A failed load is logged with its one-line
+reason and stops the server (on_failure); `llm serve` then exits with that error.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class ServedModel:
     loaded_at: float = 0.0
     _thread: threading.Thread | None = None
     _shutdown: asyncio.Task | None = None
+    on_failure: Callable[[], None] | None = None  # called from the load thread when loading failed (the server stops)
 
     @property
     def ready(self) -> bool:
@@ -92,6 +94,8 @@ class ServedModel:
         except Exception as e:  # noqa: BLE001 - any load failure is reported by /health and the routes, not raised
             self.error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             log.error("loading %s failed: %s", self.path, self.error)
+            if self.on_failure is not None:
+                self.on_failure()
 
     def require(self) -> tuple[LLMEngine, async_engine.AsyncEngine]:
         """The engine, or a 503 while it loads (or when loading failed)."""

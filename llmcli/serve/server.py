@@ -63,4 +63,6 @@ def run_server(model: ServedModel, host: str, port: int, api_key: str | None = N
         log_level="info",
         lifespan="on",
     )
-    Server(config, model).run()
+    server = Server(config, model)
+    model.on_failure = lambda: setattr(server, "should_exit", True)  # uvicorn's loop polls the flag
+    server.run()
