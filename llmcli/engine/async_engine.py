@@ -172,16 +172,17 @@ class AsyncEngine:
                     break
             emitted, stop = self._apply(cmds)
             if stop:
-                self._deliver(emitted + sched.abort_all())
-                self._update_stats()
+                emitted += sched.abort_all()
+                self._update_stats()  # before delivering: a reader that saw its last event sees these stats
+                self._deliver(emitted)
                 return
             try:
                 if sched.has_work():
                     emitted += sched.step()
             except Exception as e:  # noqa: BLE001 - a failed step ends every request with the error, not the thread
                 self._fail_all(e)
-            self._deliver(emitted)
             self._update_stats()
+            self._deliver(emitted)
 
     def _apply(self, cmds: list[tuple]) -> tuple[Emitted, bool]:
         emitted, stop = [], False

@@ -14,15 +14,17 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from llmcli.engine.llm_engine import LLMEngine
 from llmcli.engine.sampler import sample
 from llmcli.engine.sampling_params import SamplingParams
 from llmcli.engine.sequence import Sequence
 from llmcli.errors import UserError
+
+if TYPE_CHECKING:  # the engine runs generate() on a Scheduler: a runtime import would be circular
+    from llmcli.engine.llm_engine import LLMEngine
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 

@@ -29,9 +29,14 @@ def loaded(tiny_model):
     return load_model(tiny_model("llama"))
 
 
-def _engine(loaded, num_blocks=512) -> LLMEngine:
+def _engine(loaded, num_blocks=512, block_size=4) -> LLMEngine:
     model, config = loaded
-    return LLMEngine(model, config, block_size=4, num_blocks=num_blocks)
+    return LLMEngine(model, config, block_size=block_size, num_blocks=num_blocks)
+
+
+def _alone(loaded, prompt) -> list[int]:
+    """The reference: the request by itself through LLMEngine.stream (batch-1 steps, no scheduler)."""
+    return [ev.token_id for ev in _engine(loaded).stream(prompt, GREEDY)]
 
 
 async def _collect(handle) -> tuple[list[int], list[str | None]]:
@@ -45,7 +50,7 @@ async def _collect(handle) -> tuple[list[int], list[str | None]]:
 
 def test_sixteen_concurrent_requests(loaded):
     prompts = [_prompt(3 + 5 * i, i) for i in range(16)]
-    alone = [_engine(loaded).generate([p], GREEDY)[0] for p in prompts]
+    alone = [_alone(loaded, p) for p in prompts]
     llm = _engine(loaded)
 
     async def main():
@@ -66,16 +71,16 @@ def test_sixteen_concurrent_requests(loaded):
 
 
 def test_abort_refusals_and_shutdown(loaded):
-    llm = _engine(loaded, num_blocks=32)  # context 128 tokens
+    llm = _engine(loaded, num_blocks=32, block_size=16)  # the model's context: 512 tokens
 
     async def main():
         eng = AsyncEngine(llm, max_num_seqs=1, max_num_batched_tokens=64, max_queue=1)
         with pytest.raises(QueueFull):  # not started
             eng.submit(_prompt(4, 0), GREEDY)
         eng.start()
-        with pytest.raises(UserError, match="130 tokens"):
-            eng.submit(_prompt(130, 0), GREEDY)
-        long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+        with pytest.raises(UserError, match="600 tokens"):
+            eng.submit(_prompt(600, 0), GREEDY)
+        long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
         a = eng.submit(_prompt(6, 1), long, n=2)
         first = await anext(a)
         assert first.finish_reason is None and a.num_cached_tokens == 0 and a.num_prompt_tokens == 6
@@ -86,7 +91,7 @@ def test_abort_refusals_and_shutdown(loaded):
         a.abort()
         toks, reasons = await _collect(a)
         assert reasons.count("abort") == 2
-        await eng.shutdown(grace_s=0.05)  # b cannot finish 100 tokens in time: aborted
+        await eng.shutdown(grace_s=0.01)  # b cannot finish 500 tokens in time (~1 ms each): aborted
         toks_b, reasons_b = await _collect(b)
         with pytest.raises(QueueFull):
             eng.submit(_prompt(4, 0), GREEDY)
@@ -121,4 +126,4 @@ def test_error_in_a_step_reaches_the_reader(loaded):
         return ok
 
     toks, _ = asyncio.run(main())
-    assert toks == _engine(loaded).generate([_prompt(5, 0)], GREEDY)[0]
+    assert toks == _alone(loaded, _prompt(5, 0))

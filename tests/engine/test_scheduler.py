@@ -33,8 +33,8 @@ def _engine(loaded, block_size=4, num_blocks=512) -> LLMEngine:
 
 
 def _alone(loaded, prompt, params=GREEDY) -> list[int]:
-    """The reference: a fresh engine, the request by itself (LLMEngine's batch-1 path)."""
-    return _engine(loaded).generate([prompt], params)[0]
+    """The reference: a fresh engine, the request by itself through LLMEngine.stream (batch-1 steps, no scheduler)."""
+    return [ev.token_id for ev in _engine(loaded).stream(prompt, params)]
 
 
 def _drain(sched: Scheduler, reqs: list[Request], max_steps: int = 10_000) -> dict:
@@ -245,5 +245,5 @@ def test_smollm2_batched_equals_alone(smollm2_gguf):
     sched = Scheduler(eng, max_num_seqs=4, max_num_batched_tokens=32)
     _, out = _run(sched, prompts, params)
     for i, p in enumerate(prompts):
-        alone = LLMEngine(model, config, num_blocks=64).generate([p], params)[0]
+        alone = [ev.token_id for ev in LLMEngine(model, config, num_blocks=64).stream(p, params)]
         assert out[(i, 0)][0] == alone
