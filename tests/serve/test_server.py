@@ -177,7 +177,7 @@ def test_16_concurrent_streams_give_the_alone_text(aclient, name):
 
     async def one(p):
         s = await aclient.chat.completions.create(
-            model=name, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=12, stream=True
+            model=name, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=8, stream=True
         )
         return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
 
@@ -241,7 +241,7 @@ def test_ollama_chat_and_generate(oclient, name, greedy, smollm2_gguf):
 
 def test_ollama_stop_and_format(oclient, name):
     r = oclient.generate(
-        model=name, prompt="Describe a cat as JSON.", format="json", options={"temperature": 0, "num_predict": 60}
+        model=name, prompt="Describe a cat as JSON.", format="json", options={"temperature": 0, "num_predict": 24}
     )
     if r.done_reason == "stop":
         assert isinstance(json.loads(r.response), dict)
