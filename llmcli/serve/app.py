@@ -5,6 +5,7 @@ that keep every failure a JSON error (never a traceback)."""
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from contextlib import asynccontextmanager
 
@@ -145,7 +146,7 @@ def _openai_routes(app: FastAPI, model: ServedModel, metrics: Metrics, guarded: 
         job = openai.chat_job(body, model) if chat else openai.completion_job(body, model)
         reply = openai.Reply(_run(request, model, metrics, job), model.name, chat, body.include_usage)
         if body.stream:
-            return StreamingResponse(_counted(request, reply.sse()), media_type="text/event-stream")
+            return StreamingResponse(_counted(request, reply.sse(), sse=True), media_type="text/event-stream")
         out = await reply.collect()
         request.state.tokens = out["usage"]["completion_tokens"]
         return out
@@ -159,11 +160,21 @@ def _openai_routes(app: FastAPI, model: ServedModel, metrics: Metrics, guarded: 
         return await respond(request, await _parse(request, openai.CompletionRequest), False)
 
 
-async def _counted(request: Request, chunks):
-    """The stream as it is, noting the generated token count for the request's log line as it goes."""
-    async for chunk in chunks:
-        request.state.tokens = request.state.gen.completion_tokens
-        yield chunk
+async def _counted(request: Request, chunks, sse: bool):
+    """The stream as it is, noting the generated token count for the request's log line as it goes. A failure
+    once the response has started (an engine step that raised) ends the stream with an error object, in the
+    stream's own format, instead of cutting the connection; the log gets one line."""
+    try:
+        async for chunk in chunks:
+            request.state.tokens = request.state.gen.completion_tokens
+            yield chunk
+    except Exception as e:  # noqa: BLE001 - the status line is sent already: say it in the stream
+        log.error("%s %s failed mid-stream: %s: %s", request.method, request.url.path, type(e).__name__, e)
+        err = APIError(500, f"generation failed: {type(e).__name__}: {e}")
+        if sse:
+            yield f"data: {json.dumps(err.openai_body())}\n\ndata: [DONE]\n\n"
+        else:
+            yield json.dumps(err.ollama_body()) + "\n"
     request.state.tokens = request.state.gen.completion_tokens
 
 
@@ -189,7 +200,7 @@ def _ollama_routes(app: FastAPI, model: ServedModel, metrics: Metrics, guarded: 
         job = ollama.chat_job(body, model) if chat else ollama.generate_job(body, model)
         reply = ollama.Reply(_run(request, model, metrics, job), model.name, chat)
         if body.stream:
-            return StreamingResponse(_counted(request, reply.lines()), media_type="application/x-ndjson")
+            return StreamingResponse(_counted(request, reply.lines(), sse=False), media_type="application/x-ndjson")
         out = await reply.collect()
         request.state.tokens = out["eval_count"]
         return out
