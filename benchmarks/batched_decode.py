@@ -2,6 +2,7 @@
 
 usage: python benchmarks/batched_decode.py [MODEL] [--streams 1,4,16,64] [--contexts 128,1000] [--steps 8]
                                            [--profile 16,64] [--dtype float32] [--threads N] [--fresh-gather]
+                                           [--mixed STREAMS,CHUNK]
 MODEL is anything `llm` resolves (default: the built-in SmolLM2 GGUF, kept quantized). Each stream starts with
 `context` tokens in the KV cache (random K/V, see _scheduler); --steps scheduler steps (one decode token per
 stream, sampling included) are timed and the median is reported. --profile lists where a step's time goes
@@ -55,6 +56,30 @@ def measure(engine, streams: int, context: int, steps: int) -> float:
     return statistics.median(times)
 
 
+def mixed(engine, streams: int, context: int, chunk: int, rounds: int = 3) -> tuple[float, float]:
+    """Seconds of a step with `streams` decode rows and one `chunk`-token prompt chunk: (decode rows as one [B, 1]
+    forward + the chunk as its own, what the scheduler does; everything as one batch padded to the chunk)."""
+    from llmcli.engine.sequence import Sequence
+
+    sched = _scheduler(engine, streams, context, 4)
+    rows = [(s, len(s) - 1, len(s)) for s in sched.running]
+    prompt = Sequence(torch.randint(3, engine.config.vocab_size, (chunk,)).tolist())
+    engine.block_manager.ensure_capacity(prompt, chunk)
+    split, padded = float("inf"), float("inf")
+    with torch.inference_mode():
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            engine.runner.forward(rows)
+            engine.runner.forward([(prompt, 0, chunk)])
+            t1 = time.perf_counter()
+            engine.runner.forward([*rows, (prompt, 0, chunk)])
+            t2 = time.perf_counter()
+            split, padded = min(split, t1 - t0), min(padded, t2 - t1)
+    engine.block_manager.free_sequence(prompt)
+    sched.abort_all()
+    return split, padded
+
+
 def profile(engine, streams: int, context: int) -> None:
     sched = _scheduler(engine, streams, context, 4)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -81,6 +106,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--mixed", default="", help="STREAMS,CHUNK: time decodes + a prompt chunk, split vs padded")
     ap.add_argument("--fresh-gather", action="store_true", help="the old path: a new gather tensor every layer")
     a = ap.parse_args()
     if a.threads:
@@ -100,6 +126,13 @@ def main() -> None:
         for n in streams:
             s = measure(engine, n, context, a.steps)
             print(f"{context:>8} {n:>8} {s * 1e3:>9.1f} {n / s:>8.1f}", flush=True)
+    if a.mixed:
+        n, chunk = (int(x) for x in a.mixed.split(","))
+        split, padded = mixed(engine, n, min(contexts), chunk)
+        print(
+            f"{n} decodes + a {chunk}-token chunk: separate forwards {split * 1e3:.1f} ms, one padded batch "
+            f"{padded * 1e3:.1f} ms"
+        )
     for n in [int(s) for s in a.profile.split(",") if s]:
         profile(engine, n, max(contexts))
 

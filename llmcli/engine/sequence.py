@@ -12,7 +12,7 @@ from llmcli.engine.sampling_params import SamplingParams
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler finds and removes sequences in its queues
 class Sequence:
     """Token ids (prompt + generated) and where its keys/values live in the paged cache.
 
