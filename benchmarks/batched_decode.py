@@ -2,7 +2,7 @@
 
 usage: python benchmarks/batched_decode.py [MODEL] [--streams 1,4,16,64] [--contexts 128,1000] [--steps 8]
                                            [--profile 16,64] [--dtype float32] [--threads N] [--fresh-gather]
-                                           [--mixed STREAMS,CHUNK]
+                                           [--mixed STREAMS,CHUNK] [--long-short N,SHORT,LONG]
 MODEL is anything `llm` resolves (default: the built-in SmolLM2 GGUF, kept quantized). Each stream starts with
 `context` tokens in the KV cache (random K/V, see _scheduler); --steps scheduler steps (one decode token per
 stream, sampling included) are timed and the median is reported. --profile lists where a step's time goes
@@ -80,6 +80,27 @@ def mixed(engine, streams: int, context: int, chunk: int, rounds: int = 3) -> tu
     return split, padded
 
 
+def long_short(engine, short: int, short_len: int, long_len: int) -> dict[str, float]:
+    """Step seconds with `short` streams of short_len tokens and one of long_len: rows padded to the longest in one
+    forward vs split by length (the scheduler's pad_split_tokens)."""
+    from llmcli.engine.scheduler import PAD_SPLIT_TOKENS
+
+    sched = _scheduler(engine, short, short_len, 12)
+    sched.running += _scheduler(engine, 1, long_len, 12).running
+    out = {}
+    for name, split in (("one padded forward", 10**12), ("split by length", PAD_SPLIT_TOKENS)):
+        sched.pad_split_tokens = split
+        sched.step()
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            sched.step()
+            times.append(time.perf_counter() - t0)
+        out[name] = min(times)
+    sched.abort_all()
+    return out
+
+
 def profile(engine, streams: int, context: int) -> None:
     sched = _scheduler(engine, streams, context, 4)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -107,6 +128,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--mixed", default="", help="STREAMS,CHUNK: time decodes + a prompt chunk, split vs padded")
+    ap.add_argument("--long-short", default="", help="N,SHORT,LONG: N short streams and one long, padded vs split")
     ap.add_argument("--fresh-gather", action="store_true", help="the old path: a new gather tensor every layer")
     a = ap.parse_args()
     if a.threads:
@@ -116,7 +138,11 @@ def main() -> None:
     path = resolve_model(a.model) if a.model else default_model_path(fetch=True)
     itemsize = resolve_dtype(a.dtype, torch.device(a.device)).itemsize
     per_token = kv_bytes_per_token(model_config(path), itemsize)
-    kv_gib = 1.1 * max(streams) * (max(contexts) + a.steps + 16) * per_token / 2**30  # every stream at once
+    tokens = max(streams) * (max(contexts) + a.steps + 16)  # every stream at once
+    if a.long_short:
+        short, short_len, long_len = (int(x) for x in a.long_short.split(","))
+        tokens = max(tokens, short * (short_len + 32) + long_len + 32)
+    kv_gib = 1.1 * tokens * per_token / 2**30
     engine = LLMEngine.load(path, device=a.device, dtype=a.dtype, tokenizer=False, kv_cache_gib=max(kv_gib, 0.25))
     if a.fresh_gather:
         engine.runner.gather = None
@@ -133,6 +159,10 @@ def main() -> None:
             f"{n} decodes + a {chunk}-token chunk: separate forwards {split * 1e3:.1f} ms, one padded batch "
             f"{padded * 1e3:.1f} ms"
         )
+    if a.long_short:
+        short, short_len, long_len = (int(x) for x in a.long_short.split(","))
+        for name, secs in long_short(engine, short, short_len, long_len).items():
+            print(f"{short} x {short_len} + 1 x {long_len} tokens, {name}: {secs * 1e3:.1f} ms/step")
     for n in [int(s) for s in a.profile.split(",") if s]:
         profile(engine, n, max(contexts))
 

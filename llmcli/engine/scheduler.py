@@ -27,6 +27,10 @@ if TYPE_CHECKING:  # the engine runs generate() on a Scheduler: a runtime import
     from llmcli.engine.llm_engine import LLMEngine
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+# A decode batch pads every row's keys to the longest row's. Rows are split into another forward when that saves
+# more padded key rows than this: one more forward costs a pass over the weights, ~12 ms for SmolLM2 on CPU, about
+# what 1,400 padded key rows cost in the gather and attention (8.7 us each, benchmarks/batched_decode.py).
+PAD_SPLIT_TOKENS = 2048
 
 
 class TokenConstraint(Protocol):
@@ -102,6 +106,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.counters = SchedulerCounters()
+        self.pad_split_tokens = PAD_SPLIT_TOKENS
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -171,12 +176,12 @@ class Scheduler:
                 self._preempt(self.running[-1])
             return []
         model, rows, logits = self.engine.model, [], []
-        if decode:
-            hidden = self.runner.forward([(s, len(s) - 1, len(s)) for s in decode])
-            for s in decode:
+        for group in self._decode_groups(decode):
+            hidden = self.runner.forward([(s, len(s) - 1, len(s)) for s in group])
+            for s in group:
                 self.bm.commit(s, len(s))
             logits.append(model.compute_logits(hidden[:, -1]))
-            rows += decode
+            rows += group
         for s, start, end in chunks:
             hidden = self.runner.forward([(s, start, end)])
             self.bm.commit(s, end)
@@ -187,6 +192,18 @@ class Scheduler:
             return []
         rows, logits = self._fork(rows, torch.cat(logits))
         return self._sample(rows, logits) if rows else []
+
+    def _decode_groups(self, decode: list[Sequence]) -> list[list[Sequence]]:
+        """Decode rows in forwards of similar lengths: longest first, a new group where the rows left would
+        otherwise pad more than pad_split_tokens key rows up to the current group's longest."""
+        rows = sorted(decode, key=len, reverse=True)
+        groups: list[list[Sequence]] = []
+        for i, s in enumerate(rows):
+            if groups and (len(groups[-1][0]) - len(s)) * (len(rows) - i) <= self.pad_split_tokens:
+                groups[-1].append(s)
+            else:
+                groups.append([s])
+        return groups
 
     def _schedule_decodes(self) -> list[Sequence]:
         """Running sequences with one pending token, each given room for it; preempts the newest running

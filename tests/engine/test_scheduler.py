@@ -71,6 +71,20 @@ def test_batched_chunked_equals_alone(loaded):
     assert sched.counters.generation_tokens == 12 * len(prompts)
 
 
+def test_decode_split_by_length_equals_alone(loaded):
+    """Rows of very different lengths decode in separate forwards (a low split threshold): same tokens."""
+    prompts = [_prompt(n, 20 + n) for n in (70, 4, 66, 9, 3)]
+    sched = Scheduler(_engine(loaded))
+    sched.pad_split_tokens = 8
+    forwards = []
+    real = sched.runner.forward
+    sched.runner.forward = lambda batch: forwards.append(len(batch)) or real(batch)
+    _, out = _run(sched, prompts)
+    assert max(forwards) < len(prompts) and forwards.count(2) + forwards.count(3) > 0
+    for i, p in enumerate(prompts):
+        assert out[(i, 0)] == (_alone(loaded, p), "length")
+
+
 def test_prefix_cache_across_requests(loaded):
     eng = _engine(loaded)
     sched = Scheduler(eng)
