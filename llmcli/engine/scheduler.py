@@ -182,6 +182,8 @@ class Scheduler:
                 self.bm.commit(s, len(s))
             logits.append(model.compute_logits(hidden[:, -1]))
             rows += group
+        # Each chunk its own forward: grouping 16 prompts of 16-31 tokens into padded forwards measured slower on
+        # CPU (1.6-1.9 s vs 1.0-1.4 s for the step), their matmuls are compute-bound already.
         for s, start, end in chunks:
             hidden = self.runner.forward([(s, start, end)])
             self.bm.commit(s, end)
