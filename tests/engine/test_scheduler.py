@@ -250,9 +250,14 @@ def test_refusals(loaded):
         sched.add(Request(_prompt(4, 0), GREEDY, logprobs=21))
 
 
-def test_smollm2_batched_equals_alone(smollm2_gguf):
+@pytest.fixture(scope="module")
+def smollm2_fp32(smollm2_gguf):
+    return load_model(smollm2_gguf, dequantize=True)
+
+
+def test_smollm2_batched_equals_alone(smollm2_fp32):
     """The real model, dequantized to fp32: four mixed-length prompts batched with chunked prefill."""
-    model, config = load_model(smollm2_gguf, dequantize=True)
+    model, config = smollm2_fp32
     prompts = [_prompt(n, n) for n in (3, 40, 17, 70)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     eng = LLMEngine(model, config, num_blocks=64)
@@ -261,3 +266,30 @@ def test_smollm2_batched_equals_alone(smollm2_gguf):
     for i, p in enumerate(prompts):
         alone = [ev.token_id for ev in LLMEngine(model, config, num_blocks=64).stream(p, params)]
         assert out[(i, 0)][0] == alone
+
+
+def test_smollm2_preemption_fork_abort(smollm2_fp32):
+    """The real model: a pool too small for four streams (preemptions), n=3 over shared prompt blocks, an abort
+    that returns the pool to its baseline."""
+    model, config = smollm2_fp32
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [_prompt(n, 30 + n) for n in (20, 45, 9, 33)]
+    eng = LLMEngine(model, config, num_blocks=8)  # 128 slots of 16; the requests end at ~250 tokens (16 blocks)
+    sched = Scheduler(eng, max_num_seqs=6, max_num_batched_tokens=64)
+    reqs = [Request(p, params) for p in prompts[:3]] + [Request(prompts[3], params, n=3)]
+    for r in reqs:
+        sched.add(r)
+    out = _drain(sched, reqs)
+    assert sched.counters.preemptions > 0
+    for i, p in enumerate(prompts):
+        alone = [ev.token_id for ev in LLMEngine(model, config, num_blocks=64).stream(p, params)]
+        for j in range(reqs[i].n):
+            assert out[(i, j)] == (alone, "length")
+    assert eng.block_manager.num_free == 8
+    victim = Request(prompts[1], params, n=2)
+    sched.add(victim)
+    sched.step()
+    sched.step()
+    assert eng.block_manager.num_free < 8
+    sched.abort(victim)
+    assert eng.block_manager.num_free == 8 and not sched.has_work()
