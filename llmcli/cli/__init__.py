@@ -54,6 +54,7 @@ from llmcli.cli import estimate as _estimate  # noqa: E402,F401
 from llmcli.cli import pull as _pull  # noqa: E402,F401
 from llmcli.cli import quantize as _quantize  # noqa: E402,F401
 from llmcli.cli import perplexity as _perplexity  # noqa: E402,F401
+from llmcli.cli import serve as _serve  # noqa: E402,F401
 from llmcli.cli import store as _store  # noqa: E402,F401
 # isort: on
 

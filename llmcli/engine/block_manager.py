@@ -110,6 +110,34 @@ class BlockManager:
             self.hash_to_block.setdefault(b.hash, b.block_id)
         seq.num_computed = num_computed
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let child share every block of parent (n samples of one prompt): reference counts, no copies. The
+        shared partial last block is copied when either side first writes into it (prepare_append)."""
+        for bid in parent.block_table:
+            self._acquire(bid)
+        child.block_table = list(parent.block_table)
+        child.num_computed = parent.num_computed
+
+    def append_blocks_needed(self, seq: Sequence) -> int:
+        """Free blocks seq takes to compute its pending tokens: new blocks, plus a private copy of a shared
+        partial block it would write into."""
+        n = self.blocks_needed(len(seq)) - len(seq.block_table)
+        i = seq.num_computed // self.block_size
+        partial = seq.num_computed % self.block_size and i < len(seq.block_table)
+        if partial and self.blocks[seq.block_table[i]].ref_count > 1:
+            n += 1
+        return max(n, 0)
+
+    def prepare_append(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Make room for seq's pending tokens: copy-on-write of a shared block they land in, then new blocks.
+        Returns the (src, dst) copies the caller must do before the forward."""
+        copies = []
+        i = seq.num_computed // self.block_size
+        if seq.num_computed % self.block_size and i < len(seq.block_table):
+            copies = self._private(seq, i)
+        self.ensure_capacity(seq, len(seq))
+        return copies
+
     # ---- release ----------------------------------------------------------------------------
     def _release(self, bid: int) -> None:
         b = self.blocks[bid]

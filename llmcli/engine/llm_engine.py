@@ -31,11 +31,12 @@ import torch
 from torch import nn
 
 from llmcli.config import ModelConfig
-from llmcli.engine.block_manager import BlockManager, OutOfBlocks
+from llmcli.engine.block_manager import BlockManager
 from llmcli.engine.loader import load_model
 from llmcli.engine.model_runner import ModelRunner
 from llmcli.engine.sampler import sample
 from llmcli.engine.sampling_params import SamplingParams
+from llmcli.engine.scheduler import Request, Scheduler
 from llmcli.engine.sequence import Sequence
 from llmcli.errors import UserError
 from llmcli.estimate import kv_bytes_per_token
@@ -324,44 +325,21 @@ class LLMEngine:
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[list[int]]:
-        """Generate for several prompts at once (batched decode); returns the new token ids of each."""
+        """Generate for several prompts at once (batched decode); returns the new token ids of each.
+
+        The serving scheduler's batching (llm serve's): every prompt prefilled in the first step, one decode row
+        per sequence after that, preemption by recompute when the batch outgrows the KV pool."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         for p, sp in zip(prompts, plist):
             self.check_prompt(p, sp)  # every prompt, before any of them runs
-        waiting = [Sequence(list(p), sp) for p, sp in zip(prompts, plist)]
-        for seq in waiting:
-            if seq.params.seed is not None:
-                seq.generator = torch.Generator(self.device).manual_seed(seq.params.seed)
-        order = list(waiting)
-        running: list[Sequence] = []
-        bm = self.block_manager
-        while waiting or running:
-            # admit as many waiting sequences as fit, and run their prompts as one batch
-            admitted = []
-            while waiting:
-                seq = waiting[0]
-                bm.match_prefix(seq)
-                if not bm.can_fit(seq, len(seq) + 1):
-                    bm.free_sequence(seq)
-                    break
-                bm.ensure_capacity(seq, len(seq))
-                admitted.append(waiting.pop(0))
-            if not admitted and not running:
-                raise UserError("the KV cache is too small for this prompt; raise --kv-cache-gib")
-            batch = admitted or running
-            try:
-                self.step(batch)
-            except OutOfBlocks:
-                # preempt the newest running sequence; its cached blocks make the recompute cheap
-                victim = running.pop()
-                bm.free_sequence(victim)
-                waiting.insert(0, victim)
-                continue
-            running = [s for s in running + admitted if not s.finished]
-            for s in batch:
-                if s.finished:
-                    bm.free_sequence(s)
-        return [s.output_ids for s in order]
+        budget = sum(len(p) for p in prompts) + len(prompts)
+        sched = Scheduler(self, max_num_seqs=max(1, len(prompts)), max_num_batched_tokens=max(1, budget))
+        reqs = [Request(list(p), sp) for p, sp in zip(prompts, plist)]
+        for r in reqs:
+            sched.add(r)
+        while sched.has_work():
+            sched.step()
+        return [r.samples[0].output_ids if r.samples else [] for r in reqs]
 
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         """Generate for one prompt, yielding each token as soon as it is known (with live stats)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from llmcli.config import ModelConfig
 from llmcli.engine.sequence import Sequence
-from llmcli.layers.attention import AttentionMetadata, KVView
+from llmcli.layers.attention import AttentionMetadata, GatherBuffer, KVView
 
 
 def kv_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -44,6 +44,7 @@ class ModelRunner:
             shape = (g, num_blocks + 1, block_size, config.kv_values_per_token(i) // g)
             self.caches.append(kv_zeros(shape, self.dtype, self.device))
         self._bind()
+        self.gather = GatherBuffer()  # the batched path's per-layer block gather reuses one output
         self.windows = sorted({config.layer_window(i) for i in range(config.num_layers)}, key=lambda w: w or 0)
 
     def _bind(self) -> None:
@@ -137,5 +138,6 @@ class ModelRunner:
             slot_mapping=slots,
             views=self._views(tables, positions, starts, ends, batch[0][0].block_table),
             pos_start=starts[0] if b == 1 else None,
+            gather=self.gather,
         )
         return self.model(ids, meta)

@@ -1,4 +1,5 @@
-"""Batched sampling on device: repetition penalty, temperature, top-k, top-p, min-p, per-sequence seeds.
+"""Batched sampling on device: repetition / frequency / presence penalties, temperature, top-k, top-p, min-p,
+per-sequence seeds.
 
 The chosen ids stay on device; the caller reads them once per step. Rows with temperature 0 take the argmax.
 Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)), which draws from p exactly and lets every
@@ -54,12 +55,46 @@ def filter_logits(
     return logits
 
 
-def penalized(logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]] | None) -> torch.Tensor:
-    """The logits with each row's repetition penalty applied to its history (a copy), or as they are when no row
-    has a penalty (or there is no history)."""
-    if history is None or all(p.repetition_penalty == 1.0 for p in params):
+def apply_additive_penalties(
+    logits: torch.Tensor, outputs: list[list[int]], frequency: list[float], presence: list[float]
+) -> torch.Tensor:
+    """OpenAI's frequency / presence penalties, in place: counts of each row's generated tokens [B, V] come from one
+    scatter_add over the rows padded to the longest (padding adds 0), then one fused subtract."""
+    dev, b = logits.device, logits.shape[0]
+    width = max((len(o) for o in outputs), default=0)
+    if width == 0:
         return logits
-    return apply_repetition_penalty(logits.clone(), history, [p.repetition_penalty for p in params])
+    ids = torch.zeros(b, width, dtype=torch.long, device=dev)
+    ones = torch.zeros(b, width, dtype=logits.dtype, device=dev)
+    for row, out in enumerate(outputs):  # one list copy per row, not per token
+        if out:
+            ids[row, : len(out)] = torch.tensor(out, device=dev)
+            ones[row, : len(out)] = 1
+    counts = torch.zeros_like(logits).scatter_add_(1, ids, ones)
+    freq = torch.tensor(frequency, dtype=logits.dtype, device=dev)[:, None]
+    pres = torch.tensor(presence, dtype=logits.dtype, device=dev)[:, None]
+    return logits.sub_(counts * freq + (counts > 0).to(logits.dtype) * pres)
+
+
+def penalized(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    history: list[list[int]] | None,
+    outputs: list[list[int]] | None = None,
+) -> torch.Tensor:
+    """The logits with each row's repetition penalty applied to its history and its frequency / presence penalties
+    to its generated tokens `outputs` (a copy), or as they are when no row has a penalty to apply."""
+    rep = history is not None and any(p.repetition_penalty != 1.0 for p in params)
+    add = outputs is not None and any(p.frequency_penalty or p.presence_penalty for p in params)
+    if not (rep or add):
+        return logits
+    logits = logits.clone()
+    if rep:
+        logits = apply_repetition_penalty(logits, history, [p.repetition_penalty for p in params])
+    if add:
+        fp, pp = [p.frequency_penalty for p in params], [p.presence_penalty for p in params]
+        logits = apply_additive_penalties(logits, outputs, fp, pp)
+    return logits
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -89,9 +124,11 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     history: list[list[int]] | None = None,
+    outputs: list[list[int]] | None = None,
 ) -> torch.Tensor:
-    """logits [B, V] (fp32) -> token ids [B] on device."""
-    logits = penalized(logits, params, history)
+    """logits [B, V] (fp32) -> token ids [B] on device. history: every token of each row (repetition penalty);
+    outputs: its generated tokens (frequency / presence penalties)."""
+    logits = penalized(logits, params, history, outputs)
     greedy = logits.argmax(-1)
     if all(p.greedy for p in params):
         return greedy

@@ -49,6 +49,10 @@ class SamplingParams:
     max_tokens: int = 256
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    # OpenAI's additive penalties over the tokens generated so far (0 = off): the logit of a token generated c
+    # times drops by c * frequency_penalty + (c > 0) * presence_penalty. Server-only, so not chat settings.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         """The rules of parse_setting (what `llm run`'s flags and chat's /set accept), so no other value gets in."""
@@ -63,6 +67,10 @@ class SamplingParams:
                 ok = (not isinstance(value, float) or math.isfinite(value)) and rule(value)
             if not ok:
                 raise SettingError(f"invalid value for {name}: {value!r} (expected {expected})")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+                raise SettingError(f"invalid value for {name}: {value!r} (expected a number in [-2, 2], 0 = off)")
 
     @property
     def greedy(self) -> bool:

@@ -12,7 +12,7 @@ from llmcli.engine.sampling_params import SamplingParams
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler finds and removes sequences in its queues
 class Sequence:
     """Token ids (prompt + generated) and where its keys/values live in the paged cache.
 
@@ -28,8 +28,13 @@ class Sequence:
     num_cached_prompt: int = 0
     block_table: list[int] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (eos / stop token) | "length"
+    finish_reason: str | None = None  # "stop" (eos / stop token / grammar done) | "length" | "abort"
     generator: torch.Generator | None = field(default=None, repr=False)
+    # Served requests (llmcli.engine.scheduler): which of the request's n samples this is, the request it belongs
+    # to, and its grammar constraint (a TokenConstraint) when the request has one.
+    index: int = 0
+    request: object = field(default=None, repr=False)
+    constraint: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

@@ -9,6 +9,7 @@ reads ~1.7x faster than keys strided between values and other heads (batch-1 dec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,23 @@ class KVView:
     causal: bool = False  # mask is the square causal mask (a fresh batch-1 prompt): SDPA's is_causal may replace it
 
 
+class GatherBuffer:
+    """One reusable output for the batched path's block gather, shared by every layer of a step (layers run one
+    after another): a fresh [2, kvh, B * n, block, d] tensor per layer costs page faults on every allocation, ~4x
+    the copy itself on CPU (38 ms vs 8 ms for 50 MB, 32 streams x 1000 tokens)."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        n = math.prod(shape)
+        b = self.buf
+        if b is None or b.numel() < n or b.dtype != like.dtype or b.device != like.device:
+            # headroom: contexts grow a block at a time, so the buffer is not reallocated every few steps
+            self.buf = b = torch.empty(n + n // 4, dtype=like.dtype, device=like.device)
+        return b[:n].view(shape)
+
+
 @dataclass
 class AttentionMetadata:
     """Built once per step by the model runner and shared by every layer."""
@@ -46,6 +64,7 @@ class AttentionMetadata:
     rope: dict = field(default_factory=dict)  # rope key -> (cos, sin), filled by the model
     bias: dict = field(default_factory=dict)  # window -> additive score bias [B, H, Q, K] (ALiBi), filled by the model
     pos_start: int | None = None  # batch 1: positions are pos_start + arange(Q), so rope rows are a slice
+    gather: GatherBuffer | None = None  # where the batched path gathers blocks (None: a fresh tensor)
 
 
 def alibi_bias(slopes: torch.Tensor, view: KVView, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -125,7 +144,10 @@ class Attention(nn.Module):
         if view.first_slot is not None:  # consecutive blocks: a zero-copy slice of the pool
             kc, vc = pool[:, None, :, view.first_slot + view.start : view.first_slot + view.end]  # [1, kvh, K, d]
         else:
-            ctx = cache.view(2, kvh, nb, bs, d).index_select(2, view.block_tables.view(-1))  # [2, kvh, B*n, bs, d]
+            idx = view.block_tables.view(-1)
+            shape = (2, kvh, idx.numel(), bs, d)
+            out = meta.gather.take(shape, cache) if meta.gather is not None else None
+            ctx = torch.index_select(cache.view(2, kvh, nb, bs, d), 2, idx, out=out)  # [2, kvh, B*n, bs, d]
             ctx = ctx.view(2, kvh, b, -1, d).transpose(1, 2)[:, :, :, view.start : view.end]
             kc, vc = ctx  # [B, kvh, K, d]
         qt = q.transpose(1, 2)

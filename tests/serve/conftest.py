@@ -1,0 +1,77 @@
+"""A real `llm serve` subprocess on a free 127.0.0.1 port, always stopped (SIGTERM, then SIGKILL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+    health: list[int] = field(default_factory=list)  # the /health statuses seen while waiting for it
+
+    def text_log(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(model: Path, log: Path, *flags: str, timeout: float = 240) -> Served:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llmcli", "serve", str(model), "--port", str(port), *flags]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LLM_API_KEY": ""}
+    out = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    served = Served(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llm serve exited with {proc.returncode}:\n{served.text_log()[-3000:]}")
+        try:
+            status = httpx.get(served.url + "/health", timeout=5).status_code
+        except httpx.TransportError:
+            time.sleep(0.1)
+            continue
+        served.health.append(status)
+        if status == 200:
+            return served
+        time.sleep(0.1)
+    served.stop()
+    raise RuntimeError(f"llm serve did not become healthy:\n{served.text_log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf, tmp_path_factory):
+    """The module's server: the default SmolLM2 GGUF, an API key, room for 16 concurrent streams."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    served = start_server(smollm2_gguf, log, "--api-key", API_KEY, "--max-num-seqs", "16", "--max-queue", "32")
+    yield served
+    served.stop()
