@@ -12,7 +12,7 @@ from llmcli import __version__
 from llmcli.cli import completion
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["pull", "list", "show", "rm", "estimate", "quantize", "run", "chat", "perplexity", "bench"]
+COMMANDS = ["pull", "list", "show", "rm", "estimate", "quantize", "run", "chat", "perplexity", "bench", "serve"]
 
 
 def llm(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
