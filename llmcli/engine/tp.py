@@ -229,6 +229,11 @@ class _OffsetIds:
         return self.ids[s.start - self.start : s.stop - self.start]
 
 
+def cache_bytes(runner: ModelRunner) -> int:
+    """Bytes of a runner's KV pool (every layer, the scratch block included)."""
+    return sum(c.numel() * c.element_size() for c in runner.caches)
+
+
 def follow(group: TPGroup) -> None:
     """A follower's loop: load shares and run rank 0's steps until told to stop."""
     runner: ModelRunner | None = None
@@ -248,6 +253,8 @@ def follow(group: TPGroup) -> None:
             runner.forward([(_StepSequence(ids, s, table), s, e) for ids, s, e, table in command[1]])
         elif kind == "copy_blocks":
             runner.copy_blocks(command[1])
+        elif kind == "kv_bytes":
+            group.all_gather(cache_bytes(runner))
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -296,6 +303,11 @@ class TPRunner:
             self.group.send("copy_blocks", list(copies))
         self.inner.copy_blocks(copies)
 
+    def kv_bytes_per_rank(self) -> list[int]:
+        """The KV pool each rank allocated, rank 0 first (what `llm estimate --tensor-parallel` predicts)."""
+        self.group.send("kv_bytes")
+        return self.group.all_gather(cache_bytes(self.inner))
+
 
 _GROUP: TPGroup | None = None
 
@@ -335,8 +347,9 @@ def load_engine(
     dequantize: bool = False,
     max_batch: int = 1,
 ) -> LLMEngine:
-    """LLMEngine.load, split over `tensor_parallel` ranks (1: exactly LLMEngine.load). engine.config is rank 0's
-    share (its heads and MLP widths); the KV budget (--kv-cache-gib, CUDA's free memory) is per device."""
+    """LLMEngine.load, split over `tensor_parallel` ranks (1: exactly LLMEngine.load). engine.config is the whole
+    model's, engine.runner.config rank 0's share (its heads and MLP widths); the KV budget (--kv-cache-gib, CUDA's
+    free memory) is per device."""
     kw = dict(kv_cache_gib=kv_cache_gib, block_size=block_size, dequantize=dequantize, max_batch=max_batch)
     if tensor_parallel == 1:
         return LLMEngine.load(path, device, dtype, tokenizer=tokenizer, **kw)
@@ -350,5 +363,6 @@ def load_engine(
     model, cfg, blocks = _load_share(group, spec)
     tok = load_tokenizer(path, cfg.vocab_size) if tokenizer else None
     engine = LLMEngine(model, cfg, tok, block_size=block_size, num_blocks=blocks)
+    engine.config = model.config  # the whole model's (parameter counts, context); the runner keeps rank 0's share
     engine.runner = TPRunner(engine.runner, group)
     return engine
