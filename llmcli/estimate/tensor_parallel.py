@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
+from llmcli.estimate import Options, activation_bytes, kv_bytes, kv_bytes_per_token, option_weight_bytes, weight_bytes
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,27 @@ def rank_config(config: ModelConfig, share: RankShare) -> ModelConfig:
 def largest_rank_config(config: ModelConfig, world: int) -> ModelConfig:
     """The config of the rank holding the most KV heads and weights (rank 0: the splits give it the extra)."""
     return rank_config(config, plan(config, world)[0])
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """Memory of the busiest device (rank 0) when the model runs on `world` ranks."""
+
+    world: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    kv_bytes: int
+    total_bytes: int  # weights + KV + activations (activations are per device, as without tensor parallelism)
+
+
+def per_device(cfg: ModelConfig, opts: Options, world: int) -> DeviceShare:
+    """Weights and KV cache of rank 0's share. A checkpoint's stored size (a GGUF's tensors) is scaled by the share
+    its parameters are of the whole (16-bit formula), which is exact when every matrix has one type."""
+    share = largest_rank_config(cfg, world)
+    if opts.stored_weight_bytes is not None:
+        w = opts.stored_weight_bytes * weight_bytes(share, "bf16") // weight_bytes(cfg, "bf16")
+    else:
+        w = option_weight_bytes(share, opts)
+    kv = kv_bytes(share, opts.context, opts.batch, opts.kv_dtype)
+    act = activation_bytes(cfg, opts.context, opts.batch, opts.act_bytes)
+    return DeviceShare(world, w, kv_bytes_per_token(share, opts.kv_dtype), kv, w + kv + act)
