@@ -33,12 +33,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from llmcli.config import ModelConfig
+from llmcli.config import ModelConfig, load_config
 from llmcli.engine.llm_engine import LLMEngine, resolve_device, resolve_dtype
 from llmcli.engine.loader import load_model
 from llmcli.engine.model_runner import ModelRunner
 from llmcli.engine.tp_shard import shard_model
 from llmcli.errors import UserError
+from llmcli.estimate.tensor_parallel import plan
+from llmcli.formats import is_gguf
+from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.tokenizer import load_tokenizer
 
 COMMAND_TIMEOUT = timedelta(days=365)  # a follower waits for rank 0's next step as long as a session lasts
@@ -124,13 +127,17 @@ class TPGroup:
         return out
 
     def close(self) -> None:
-        """Rank 0: tell the followers to stop, wait for the processes it started, leave the group."""
+        """Leave the group together: rank 0 tells the followers to stop, all meet at a barrier, rank 0 waits for the
+        processes it started."""
         if self.closed:
             return
         self.closed = True
         try:
-            if self.rank == 0 and all(p.is_alive() for p in self.procs):
-                dist.broadcast_object_list([("stop",)], src=0, group=self.commands)
+            if self.rank != 0 or all(p.is_alive() for p in self.procs):
+                if self.rank == 0:
+                    dist.broadcast_object_list([("stop",)], src=0, group=self.commands)
+                # no rank tears its connections down while another still uses them (gloo aborts on that)
+                dist.barrier(group=self.commands)
         except RuntimeError:
             pass  # a follower already gone: nothing to tell it
         for p in self.procs:
@@ -276,7 +283,7 @@ def worker_main(rank: int, world: int, init: str, device_type: str, threads: int
         follow(group)
     except (RuntimeError, ConnectionError):  # rank 0's connection broke: nothing left to follow
         os._exit(1)
-    dist.destroy_process_group()
+    group.close()
 
 
 # ---- rank 0 ------------------------------------------------------------------------------------------------------
@@ -357,6 +364,8 @@ def load_engine(
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cpu" and dt == torch.float16:
         raise UserError("float16 is not supported on CPU; use float32 or bfloat16")
+    config = load_gguf_config(path) if is_gguf(path) else load_config(path)
+    plan(config, tensor_parallel)  # heads that cannot be split: said before any process starts
     group = _group(tensor_parallel, dev.type)
     spec = LoadSpec(str(path), dt, dequantize, block_size, kv_cache_gib, max_batch)
     group.send("load", spec)

@@ -55,7 +55,7 @@ def _heads(config: ModelConfig, world: int) -> list[tuple[tuple[int, int], tuple
     if world % kvh or group % (world // kvh):
         raise UserError(
             f"--tensor-parallel {world}: the model's {kvh} KV heads (with {h} query heads) cannot be shared by "
-            f"{world} ranks; use a count that divides {kvh}, or a multiple of {kvh} that divides {h}"
+            f"{world} ranks; use at most {kvh} ranks, or a multiple of {kvh} that divides {h}"
         )
     rep = world // kvh
     out = []
