@@ -28,6 +28,7 @@ from llmcli.estimate import kv_bytes_per_token
 from llmcli.estimate.tensor_parallel import plan, rank_config
 from llmcli.quant import QuantSpec
 from llmcli.quant.checkpoint import quantize_checkpoint
+from llmcli.quant.experts import QuantExperts
 from llmcli.quant.linear import Int4Linear, Int8Linear
 from llmcli.quant.nf4 import NF4Linear
 
@@ -101,13 +102,13 @@ def forced_logits(engine, ids: list[int]) -> torch.Tensor:
         engine.release(seq)
 
 
-@pytest.mark.parametrize("bits, group", [(8, 128), (4, 32)])
-def test_quantized_checkpoint(bits, group, tiny_model, tmp_path, two_ranks, one_thread):
+@pytest.mark.parametrize("family, bits, group", [("llama", 8, 128), ("llama", 4, 32), ("mixtral", 4, 32)])
+def test_quantized_checkpoint(family, bits, group, tiny_model, tmp_path, two_ranks, one_thread):
     """The INT8/INT4 CPU kernels round each rank's partial o/down sum to bf16 before the all-reduce adds them, so
     a random model's near-ties may flip: check the logits along one process's greedy path instead, and every
-    greedy choice whose margin exceeds that difference."""
+    greedy choice whose margin exceeds that difference. mixtral: the stacked quantized experts are split too."""
     out = tmp_path / f"int{bits}"
-    quantize_checkpoint(tiny_model("llama"), out, QuantSpec(bits=bits, group_size=group))
+    quantize_checkpoint(tiny_model(family), out, QuantSpec(bits=bits, group_size=group))
     one = LLMEngine.load(out, "cpu", torch.float32, tokenizer=False)
     path = PROMPTS[1] + one.generate([PROMPTS[1]], GREEDY)[0]
     ref = forced_logits(one, path)
@@ -119,6 +120,12 @@ def test_quantized_checkpoint(bits, group, tiny_model, tmp_path, two_ranks, one_
     clear = (top2[:, 0] - top2[:, 1]) > 2 * diff
     assert clear.sum() >= len(path) // 2  # most steps are decided by more than the difference
     assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+    if family == "mixtral":
+        experts = engine.model.model.layers[0].mlp.experts
+        assert (
+            isinstance(experts, QuantExperts)
+            and experts.down_proj.in_features == engine.runner.config.moe_intermediate_size
+        )
     qkv = engine.model.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, Int8Linear if bits == 8 else Int4Linear)
     share = engine.runner.config
