@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import socket
 import sys
 import threading
@@ -105,6 +106,9 @@ class TPGroup:
         self.procs = procs or []
         self.commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
         self.closed = False
+        # rank 0 is inside an exchange (a step, a load): if it stops there (Ctrl-C, an error) the followers wait in a
+        # collective and can hear no command, so close() kills them instead
+        self.busy = False
 
     def send(self, *command) -> None:
         """Rank 0: broadcast a command to every follower (a worker that died turns into a one-line error)."""
@@ -132,8 +136,11 @@ class TPGroup:
         if self.closed:
             return
         self.closed = True
+        if self.busy:  # interrupted mid-step: the followers cannot hear a command any more
+            for p in self.procs:
+                p.kill()
         try:
-            if self.rank != 0 or all(p.is_alive() for p in self.procs):
+            if not self.busy and (self.rank != 0 or all(p.is_alive() for p in self.procs)):
                 if self.rank == 0:
                     dist.broadcast_object_list([("stop",)], src=0, group=self.commands)
                 # no rank tears its connections down while another still uses them (gloo aborts on that)
@@ -156,8 +163,17 @@ def _torchrun_world() -> tuple[int, int, int] | None:
 
 
 def start_group(world: int, device_type: str) -> TPGroup:
-    """This process's TPGroup: torchrun's ranks if it launched us, else rank 0 of `world` local processes (it
-    spawns the other world - 1)."""
+    """This process's TPGroup, with SIGINT blocked in the communication threads it starts (they inherit the mask;
+    Ctrl-C then reaches the main thread only, between steps)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return _start_group(world, device_type)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _start_group(world: int, device_type: str) -> TPGroup:
+    """torchrun's ranks if it launched us, else rank 0 of `world` local processes (it spawns the other world - 1)."""
     backend = _backend(device_type)
     launched = _torchrun_world()
     if launched is not None:
@@ -202,6 +218,7 @@ def _load_share(group: TPGroup, spec: LoadSpec):
     except UserError as e:
         error = str(e)
     results = group.all_gather((error, blocks))
+    group.busy = False  # every rank is past the exchange
     errors = [e for e, _ in results if e]
     if errors:
         raise UserError(errors[0])
@@ -274,6 +291,7 @@ def _watch_parent(parent_pid: int) -> None:
 def worker_main(rank: int, world: int, init: str, device_type: str, threads: int, parent_pid: int) -> None:
     """Entry point of a spawned follower."""
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops the workers
     if device_type == "cpu":
         torch.set_num_threads(threads)
     device = _rank_device(device_type, rank)
@@ -302,8 +320,16 @@ class TPRunner:
     def forward(self, batch: list) -> torch.Tensor:
         bs = self.inner.block_size
         step = [(seq.token_ids[s:e], s, e, seq.block_table[: -(-e // bs)]) for seq, s, e in batch]
-        self.group.send("forward", step)
-        return self.inner.forward(batch)
+        # Ctrl-C waits for the step's end: a rank leaving mid-step would strand the others in an all-reduce
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.group.busy = True
+            self.group.send("forward", step)
+            hidden = self.inner.forward(batch)
+            self.group.busy = False
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        return hidden
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -312,8 +338,11 @@ class TPRunner:
 
     def kv_bytes_per_rank(self) -> list[int]:
         """The KV pool each rank allocated, rank 0 first (what `llm estimate --tensor-parallel` predicts)."""
+        self.group.busy = True
         self.group.send("kv_bytes")
-        return self.group.all_gather(cache_bytes(self.inner))
+        sizes = self.group.all_gather(cache_bytes(self.inner))
+        self.group.busy = False
+        return sizes
 
 
 _GROUP: TPGroup | None = None
@@ -368,6 +397,7 @@ def load_engine(
     plan(config, tensor_parallel)  # heads that cannot be split: said before any process starts
     group = _group(tensor_parallel, dev.type)
     spec = LoadSpec(str(path), dt, dequantize, block_size, kv_cache_gib, max_batch)
+    group.busy = True  # interrupted while loading: the followers are in a collective, close() kills them
     group.send("load", spec)
     model, cfg, blocks = _load_share(group, spec)
     tok = load_tokenizer(path, cfg.vocab_size) if tokenizer else None
