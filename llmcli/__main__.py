@@ -1,3 +1,4 @@
 from llmcli.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned tensor-parallel worker re-imports the main module
+    main()

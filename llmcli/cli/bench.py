@@ -14,7 +14,8 @@ import sys
 import typer
 
 from llmcli.cli import app
-from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, KV_CACHE_GIB, make_decoder
+from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, KV_CACHE_GIB, TENSOR_PARALLEL, make_decoder
+from llmcli.errors import UserError
 
 EXAMPLES = (
     "[bold]Examples[/bold]\n\n  llm bench\n  llm bench --compare transformers --json\n"
@@ -40,6 +41,7 @@ def bench(
     dtype: str | None = DTYPE,
     dequantize: bool = DEQUANTIZE,
     kv_cache_gib: float | None = KV_CACHE_GIB,
+    tp: int = TENSOR_PARALLEL,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     draft: str | None = typer.Option(None, "--draft", help="Compare plain vs speculative decoding with this draft."),
     speculate: str | None = typer.Option(None, "--speculate", help="`ngram`: compare plain vs n-gram speculation."),
@@ -47,23 +49,27 @@ def bench(
 ) -> None:
     """Measure prefill and decode speed (tok/s), time to first token and peak memory."""
     from llmcli.cli.resolve import resolve_model_spec
-    from llmcli.engine.llm_engine import LLMEngine, check_context
+    from llmcli.engine.llm_engine import check_context
+    from llmcli.engine.tp import load_engine
     from llmcli.hub.inspect import model_config
     from llmcli.tools.bench import parse_compare
 
     quant_compare = isinstance(parse_compare(compare), list)  # validated before any model is loaded
     path = resolve_model_spec(model)
     if draft is not None or speculate is not None or num_draft is not None:
-        engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
+        engine = load_engine(path, tp, device, dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
         spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
         _speculation(path, engine, spec, draft or speculate, gen_len, as_json)
         return
     need = prompt_len + gen_len  # the context, from the config alone: before the weights load
     check_context(model_config(path), need, f"--prompt-len {prompt_len:,} + --gen-len {gen_len:,} = {need:,} tokens")
-    engine = LLMEngine.load(
+    if tp > 1 and compare is not None:
+        raise UserError("--compare loads more models beside this one; run it without --tensor-parallel")
+    engine = load_engine(
         path,
-        device=device,
-        dtype=dtype,
+        tp,
+        device,
+        dtype,
         kv_cache_gib=kv_cache_gib,
         tokenizer=False,
         dequantize=dequantize,

@@ -24,6 +24,7 @@ from llmcli.cli.options import (
     SEED,
     SPECULATE,
     TEMPERATURE,
+    TENSOR_PARALLEL,
     TOP_K,
     TOP_P,
     make_decoder,
@@ -50,6 +51,7 @@ def chat(
     dtype: str | None = DTYPE,
     dequantize: bool = DEQUANTIZE,
     kv_cache_gib: float | None = KV_CACHE_GIB,
+    tp: int = TENSOR_PARALLEL,
     markdown: bool = typer.Option(False, "--markdown", help="Render replies as Markdown (in a terminal)."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
     draft: str | None = DRAFT,
@@ -64,8 +66,8 @@ def chat(
     from llmcli.chat.session import ChatSession
     from llmcli.chat.terminal import history_path, setup_readline
     from llmcli.cli.resolve import resolve_model_spec
-    from llmcli.engine.llm_engine import LLMEngine
     from llmcli.engine.sampling_params import SamplingParams
+    from llmcli.engine.tp import load_engine
 
     path = resolve_model_spec(model)
     settings = SamplingParams.settle(
@@ -86,7 +88,7 @@ def chat(
         # in the middle of the session; the session turns them into U+FFFD (engine.text.valid_text). input() reads
         # its decoding from sys.stdin too.
         sys.stdin.reconfigure(errors="surrogateescape")
-    engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
+    engine = load_engine(path, tp, device, dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
     spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
     backend = EngineBackend(engine, path.name, streamer=spec, path=path)
     if interactive:

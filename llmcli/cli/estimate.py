@@ -10,6 +10,7 @@ is imported inside the command body so `llm --help` and completion stay fast.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import typer
 
@@ -52,7 +53,7 @@ def _gpu(gpu: str | None, gpu_memory: float | None) -> tuple[int | None, str | N
     return None, None
 
 
-def _render(est, cfg, source: str, gpu_label: str | None, notes: list[str]) -> None:
+def _render(est, cfg, source: str, gpu_label: str | None, notes: list[str], share=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -79,6 +80,12 @@ def _render(est, cfg, source: str, gpu_label: str | None, notes: list[str]) -> N
     t.add_row("activations / workspace", fmt_bytes(est.activation_bytes), n(est.activation_bytes) + " B")
     t.add_row("[bold]total[/bold]", f"[bold]{fmt_bytes(est.total_bytes)}[/bold]", n(est.total_bytes) + " B")
     t.add_row(f"FLOPs per token (at {est.context})", f"{est.flops_per_token / 1e9:.2f} G", n(est.flops_per_token))
+    if share:
+        t.add_row(
+            f"per device on {share.world} ranks: weights", fmt_bytes(share.weight_bytes), n(share.weight_bytes) + " B"
+        )
+        t.add_row("per device: KV cache", fmt_bytes(share.kv_bytes), n(share.kv_bytes) + " B")
+        t.add_row("per device: total", fmt_bytes(share.total_bytes), n(share.total_bytes) + " B")
     if est.gpu_bytes is not None:
         verdict = "[green]fits[/green]" if est.fits else "[red]does not fit[/red]"
         t.add_row(f"{gpu_label} ({fmt_bytes(est.usable_bytes)} usable)", verdict, "")
@@ -125,10 +132,12 @@ def estimate(
     gpu_memory: float | None = typer.Option(None, "--gpu-memory", help="GPU memory in GiB instead of --gpu."),
     explain: bool = typer.Option(False, "--explain", help="Show every formula with the numbers plugged in."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    tp: int = typer.Option(1, "--tensor-parallel", "--tp", min=1, metavar="N", help="Per device on N ranks."),
 ) -> None:
     """Exact parameters, weight memory, KV cache, FLOPs and GPU fit, from the config alone (no weights read)."""
     from llmcli import estimate as E
     from llmcli.estimate.explain import explain as explain_lines
+    from llmcli.estimate.tensor_parallel import per_device
     from llmcli.formats import is_gguf
     from llmcli.hub.inspect import gguf_stored_weights
     from llmcli.hub.resolve import resolve_config_source
@@ -167,6 +176,7 @@ def estimate(
         stored_weight_bytes=stored,
     )
     est = E.estimate(cfg, opts)
+    share = per_device(cfg, opts, tp) if tp > 1 else None
     if context > cfg.max_position_embeddings:
         notes.append(f"context {context} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
     if as_json:
@@ -175,10 +185,12 @@ def estimate(
             d["gpu"] = gpu_label
         if kinds:
             d["stored_tensor_types"] = kinds
+        if share:
+            d["per_device"] = asdict(share)
         if explain:
             d["explain"] = explain_lines(cfg, opts, est)
         typer.echo(json.dumps(d, indent=2))
         return
-    _render(est, cfg, source, gpu_label, notes)
+    _render(est, cfg, source, gpu_label, notes, share)
     if explain:
         typer.echo("\n".join(explain_lines(cfg, opts, est)))

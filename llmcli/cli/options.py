@@ -73,6 +73,15 @@ KV_CACHE_GIB = typer.Option(
     help="KV-cache size, > 0 (default: CPU the model's whole context, at most 1 GiB; CUDA most free memory).",
 )
 
+TENSOR_PARALLEL = typer.Option(
+    1,
+    "--tensor-parallel",
+    "--tp",
+    parser=positive_int("--tensor-parallel"),
+    metavar="N",
+    help="Split the model over N processes (one per GPU; on CPU they share the cores). Under torchrun: its ranks.",
+)
+
 # Sampling flags shared by `llm run` and `llm chat`: None = not given, so the model's generation_config.json or
 # llama.cpp's defaults apply (SamplingParams.settle). Their ranges are SamplingParams' (parse_setting).
 TEMPERATURE = typer.Option(

@@ -24,6 +24,7 @@ from llmcli.cli.options import (
     SEED,
     SPECULATE,
     TEMPERATURE,
+    TENSOR_PARALLEL,
     TOP_K,
     TOP_P,
     make_decoder,
@@ -113,6 +114,7 @@ def run(
     dtype: str | None = DTYPE,
     dequantize: bool = DEQUANTIZE,
     kv_cache_gib: float | None = KV_CACHE_GIB,
+    tp: int = TENSOR_PARALLEL,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings)."),
     draft: str | None = DRAFT,
     speculate: str | None = SPECULATE,
@@ -120,10 +122,11 @@ def run(
 ) -> None:
     """Generate a reply to one prompt, streamed to stdout (stats go to stderr)."""
     from llmcli.cli.resolve import resolve_model_spec
-    from llmcli.engine.llm_engine import GenerationStats, LLMEngine
+    from llmcli.engine.llm_engine import GenerationStats
     from llmcli.engine.sampling_params import SamplingParams
     from llmcli.engine.speculative import run_summary
     from llmcli.engine.text import TextStream
+    from llmcli.engine.tp import load_engine
     from llmcli.layers.moe import expert_usage, reset_expert_usage
 
     model, text = _split_args(model_or_prompt, prompt)
@@ -140,7 +143,7 @@ def run(
         max_tokens=max_tokens,
         ignore_eos=ignore_eos,
     )
-    engine = LLMEngine.load(path, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
+    engine = load_engine(path, tp, device, dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
     ids = _prompt_ids(engine.tokenizer, text, system, raw)
     engine.check_prompt(ids, params)  # a prompt past the context is refused before any draft model or prefill
     _context_note(len(ids), params.max_tokens, engine.context_len)

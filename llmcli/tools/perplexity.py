@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmcli.engine.llm_engine import LLMEngine
+from llmcli.engine.tp import load_engine
 from llmcli.errors import UserError
 from llmcli.tokenizer import load_tokenizer
 
@@ -87,8 +87,9 @@ def measure_perplexity(
     device: str | None,
     dtype: str | None,
     dequantize: bool = False,
+    tensor_parallel: int = 1,
 ) -> PerplexityResult:
     """Perplexity of the model at path (resolved: a directory or a .gguf file) on text."""
     ids = encode_text(path, text)
-    engine = LLMEngine.load(path, device=device, dtype=dtype, tokenizer=False, dequantize=dequantize)
+    engine = load_engine(path, tensor_parallel, device, dtype, tokenizer=False, dequantize=dequantize)
     return perplexity(engine, ids, window=window, max_tokens=max_tokens)
