@@ -12,7 +12,9 @@ import pytest
 TORCH = re.compile(r"\|\s+torch$", re.M)  # `python -X importtime` prints one line per module, its name last
 
 
-@pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["list", "--json"], ["show", "--json"], ["estimate", "--json"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["serve", "--help"], ["list", "--json"], ["show", "--json"], ["estimate", "--json"]]
+)
 def test_reading_commands_do_not_import_torch(args, tmp_path, smollm2_gguf):
     env = {
         **os.environ,
