@@ -9,8 +9,8 @@ import time
 
 import httpx
 import pytest
-from conftest import start_server
 from prometheus_client.parser import text_string_to_metric_families
+from serve_server import start_server
 
 LONG = {
     "messages": [{"role": "user", "content": "Tell a story."}],

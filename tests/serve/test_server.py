@@ -11,8 +11,8 @@ import httpx
 import ollama
 import openai
 import pytest
-from conftest import API_KEY
 from prometheus_client.parser import text_string_to_metric_families
+from serve_server import API_KEY, start_server
 
 from llmcli.engine.text import prompt_ids
 from llmcli.formats.gguf_config import load_gguf_config
@@ -20,6 +20,15 @@ from llmcli.tokenizer import load_tokenizer
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf, tmp_path_factory):
+    """The module's server: the default SmolLM2 GGUF, an API key, room for 16 concurrent streams."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    served = start_server(smollm2_gguf, log, "--api-key", API_KEY, "--max-num-seqs", "16", "--max-queue", "32")
+    yield served
+    served.stop()
 
 
 @pytest.fixture(scope="module")

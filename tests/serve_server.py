@@ -1,4 +1,6 @@
-"""A real `llm serve` subprocess on a free 127.0.0.1 port, always stopped (SIGTERM, then SIGKILL)."""
+"""A real `llm serve` subprocess on a free 127.0.0.1 port, always stopped (SIGTERM, then SIGKILL).
+
+tests/serve start it from here: a conftest.py there would shadow tests/conftest.py (both import as `conftest`)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
 
 API_KEY = "test-key"
 
@@ -66,12 +67,3 @@ def start_server(model: Path, log: Path, *flags: str, timeout: float = 240) -> S
         time.sleep(0.1)
     served.stop()
     raise RuntimeError(f"llm serve did not become healthy:\n{served.text_log()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def server(smollm2_gguf, tmp_path_factory):
-    """The module's server: the default SmolLM2 GGUF, an API key, room for 16 concurrent streams."""
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    served = start_server(smollm2_gguf, log, "--api-key", API_KEY, "--max-num-seqs", "16", "--max-queue", "32")
-    yield served
-    served.stop()
