@@ -31,6 +31,11 @@ MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 # more padded key rows than this: one more forward costs a pass over the weights, ~12 ms for SmolLM2 on CPU, about
 # what 1,400 padded key rows cost in the gather and attention (8.7 us each, benchmarks/batched_decode.py).
 PAD_SPLIT_TOKENS = 2048
+# While streams decode, a step computes at most this many prompt tokens per decoding stream (and at least the
+# minimum): a prompt chunk's forward then costs about as much as the decode rows' (benchmarks/serve_load.py
+# --long-prompt measures the running streams' gaps while a long prompt is admitted).
+CHUNK_TOKENS_PER_DECODE_ROW = 4
+MIN_DECODE_CHUNK = 16
 
 
 class TokenConstraint(Protocol):
@@ -170,7 +175,7 @@ class Scheduler:
     def step(self) -> Emitted:
         """Schedule, run the forwards, sample one token for every sequence whose pending tokens are all computed."""
         decode = self._schedule_decodes()
-        chunks = self._schedule_prefills(self.max_num_batched_tokens - len(decode))
+        chunks = self._schedule_prefills(self._prefill_budget(len(decode)))
         if not decode and not chunks:
             if self.running:  # every running prompt is stuck for blocks: make room by preempting the newest
                 self._preempt(self.running[-1])
@@ -194,6 +199,15 @@ class Scheduler:
             return []
         rows, logits = self._fork(rows, torch.cat(logits))
         return self._sample(rows, logits) if rows else []
+
+    def _prefill_budget(self, num_decode: int) -> int:
+        """Prompt tokens this step may compute. Alone, a prompt takes the whole budget (fastest prefill); while
+        streams decode, a slice in proportion to them, so the step their next token waits for stays within a small
+        multiple of a decode step (a 2,000-token prompt among 8 streams: their p99 gap 1.1 s -> ~0.1 s)."""
+        budget = self.max_num_batched_tokens - num_decode
+        if num_decode:
+            budget = min(budget, max(MIN_DECODE_CHUNK, CHUNK_TOKENS_PER_DECODE_ROW * num_decode))
+        return budget
 
     def _decode_groups(self, decode: list[Sequence]) -> list[list[Sequence]]:
         """Decode rows in forwards of similar lengths: longest first, a new group where the rows left would
