@@ -16,7 +16,7 @@ default 2*C, at least 8), Poisson arrivals at --rate requests/s (N requests), an
 send to its first token) and before, so a prefill that stalls decoding shows up as a large p99/median.
 
 --target ours starts `llm serve MODEL` on a free port, llama-cpp starts
-`/work/lcpp-venv/bin/python -m llama_cpp.server --model MODEL --n_threads 2 --n_ctx 4096 --interrupt_requests False`
+`$LLAMA_CPP_PYTHON -m llama_cpp.server --model MODEL --n_threads 2 --n_ctx 4096 --interrupt_requests False`
 (a new request must not cancel the running one), both one after the other (never at once: they would share the
 cores); --url measures an already running OpenAI-compatible server instead. Prints a markdown table.
 """
@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -38,7 +39,8 @@ from pathlib import Path
 
 import httpx
 
-LCPP_PYTHON = "/work/lcpp-venv/bin/python"
+# the Python of a side venv with llama-cpp-python[server] (its own fastapi/uvicorn pins stay out of ours)
+LCPP_PYTHON = os.environ.get("LLAMA_CPP_PYTHON", "python3")
 HEADER = "| target | load | completed | req/s | out tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms |"
 WORDS = (
     "river mountain quiet table green window music paper garden silver morning letter bridge candle forest "
@@ -270,8 +272,8 @@ def main() -> None:
 
     eos = sorted(load_tokenizer(model).eos_token_ids)
     kinds = ["ours", "llama-cpp"] if args.target == "both" else [args.target]
-    if "llama-cpp" in kinds and not args.url and not os.path.exists(LCPP_PYTHON):
-        raise SystemExit(f"--target llama-cpp needs {LCPP_PYTHON} (llama-cpp-python[server] in a side venv)")
+    if "llama-cpp" in kinds and not args.url and not shutil.which(LCPP_PYTHON):
+        raise SystemExit("--target llama-cpp needs LLAMA_CPP_PYTHON: a venv's python with llama-cpp-python[server]")
     print(
         f"model {model.name}, max_tokens {args.max_tokens}, prompts of {args.prompt_words} words, {os.cpu_count()} "
         f"CPUs\n"
