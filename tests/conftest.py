@@ -227,3 +227,18 @@ def smollm2_gguf() -> Path:
     from llmcli.hub.default_model import default_model_path
 
     return default_model_path(fetch=True)
+
+
+def random_ids(n: int, seed: int) -> list[int]:
+    """n token ids of a seeded random prompt (ids 3..255: the tiny models' byte vocabulary, no specials)."""
+    import torch
+
+    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def tiny_engine(loaded, block_size: int = 4, num_blocks: int = 512):
+    """An LLMEngine over a loaded (model, config) with small blocks, so short prompts span several."""
+    from llmcli.engine.llm_engine import LLMEngine
+
+    model, config = loaded
+    return LLMEngine(model, config, block_size=block_size, num_blocks=num_blocks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_ids, tiny_engine
 
 from llmcli.engine.block_manager import BlockManager
 from llmcli.engine.llm_engine import LLMEngine
@@ -17,63 +18,54 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 
-def _prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @pytest.fixture(scope="module", params=["llama", "mistral"])  # mistral: sliding window 16
 def loaded(request, tiny_model):
     return load_model(tiny_model(request.param))
-
-
-def _engine(loaded, block_size=4, num_blocks=512) -> LLMEngine:
-    model, config = loaded
-    return LLMEngine(model, config, block_size=block_size, num_blocks=num_blocks)
 
 
 def _full_recompute(loaded, ids: list[int], n: int) -> list[int]:
     """Greedy decoding without any cache reuse: recompute the whole sequence for every token."""
     out = []
     for _ in range(n):
-        eng = _engine(loaded, block_size=1024, num_blocks=1)  # one contiguous block, fresh each time
+        eng = tiny_engine(loaded, block_size=1024, num_blocks=1)  # one contiguous block, fresh each time
         seq = eng.add(ids + out)
         out.append(int(eng.forward_logits([seq])[0].argmax()))
     return out
 
 
 def test_paged_cache_matches_full_recompute(loaded):
-    ids = _prompt(21, 0)
-    paged = _engine(loaded, block_size=4).generate([ids], GREEDY)[0]  # 60 tokens: 15 block boundaries
+    ids = random_ids(21, 0)
+    paged = tiny_engine(loaded, block_size=4).generate([ids], GREEDY)[0]  # 60 tokens: 15 block boundaries
     assert paged == _full_recompute(loaded, ids, 40)
-    assert paged == _engine(loaded, block_size=128, num_blocks=4).generate([ids], GREEDY)[0]
+    assert paged == tiny_engine(loaded, block_size=128, num_blocks=4).generate([ids], GREEDY)[0]
 
 
 def test_batch_matches_single(loaded):
-    prompts = [_prompt(n, n) for n in (5, 23, 11, 34)]
-    eng = _engine(loaded)
+    prompts = [random_ids(n, n) for n in (5, 23, 11, 34)]
+    eng = tiny_engine(loaded)
     batched = eng.generate(prompts, GREEDY)
-    alone = [_engine(loaded).generate([p], GREEDY)[0] for p in prompts]
+    alone = [tiny_engine(loaded).generate([p], GREEDY)[0] for p in prompts]
     assert batched == alone
     assert eng.block_manager.num_free == 512  # everything returned to the pool
 
 
 def test_batched_step_logits(loaded):
     """One step over 3 sequences of different lengths gives each the logits it gets alone."""
-    prompts = [_prompt(n, 10 + n) for n in (3, 17, 9)]
-    eng = _engine(loaded)
+    prompts = [random_ids(n, 10 + n) for n in (3, 17, 9)]
+    eng = tiny_engine(loaded)
     seqs = [eng.add(p) for p in prompts]
     got = eng.forward_logits(seqs)
     for p, row in zip(prompts, got):
-        solo = _engine(loaded)
+        solo = tiny_engine(loaded)
         assert torch.allclose(row, solo.forward_logits([solo.add(p)])[0], atol=1e-5)
 
 
 def test_prefix_reuse(loaded):
-    eng = _engine(loaded)
-    first = _prompt(30, 3)
+    eng = tiny_engine(loaded)
+    first = random_ids(30, 3)
     out1 = eng.generate([first], GREEDY)[0]
     # a follow-up turn: the previous prompt and reply, then more tokens
-    follow = first + out1 + _prompt(7, 4)
+    follow = first + out1 + random_ids(7, 4)
     seq = eng.add(follow, GREEDY)
     # every full block of prompt + reply was cached except the one holding the never-computed last token
     computed_before = len(first) + len(out1) - 1
@@ -83,7 +75,7 @@ def test_prefix_reuse(loaded):
     while not seq.finished:
         stats_out.append(eng.step([seq])[0])
     eng.release(seq)
-    assert stats_out == _engine(loaded).generate([follow], GREEDY)[0]
+    assert stats_out == tiny_engine(loaded).generate([follow], GREEDY)[0]
 
     # stream() reports the reuse too
     events = list(eng.stream(follow, SamplingParams(temperature=0, max_tokens=3)))
@@ -92,8 +84,8 @@ def test_prefix_reuse(loaded):
 
 
 def test_rollback_then_regenerate(loaded):
-    eng = _engine(loaded)
-    ids = _prompt(13, 5)
+    eng = tiny_engine(loaded)
+    ids = random_ids(13, 5)
     seq = eng.add(ids, GREEDY)
     for _ in range(20):
         eng.step([seq])
@@ -107,8 +99,8 @@ def test_rollback_then_regenerate(loaded):
 
 
 def test_rollback_into_shared_block_copies_it(loaded):
-    eng = _engine(loaded)
-    ids = _prompt(26, 6)
+    eng = tiny_engine(loaded)
+    ids = random_ids(26, 6)
     a = eng.add(ids, GREEDY)
     for _ in range(10):
         eng.step([a])
@@ -120,24 +112,24 @@ def test_rollback_into_shared_block_copies_it(loaded):
     b_out = [eng.step([b])[0] for _ in range(5)]
     for _ in range(5):
         eng.step([a])
-    ref = _engine(loaded)
+    ref = tiny_engine(loaded)
     ra = ref.add(ids, GREEDY)
     for _ in range(15):
         ref.step([ra])
     assert a.output_ids == ra.output_ids  # a's cache untouched by b
-    assert b_out == _engine(loaded).generate([ids[:10]], SamplingParams(temperature=0, max_tokens=5))[0]
+    assert b_out == tiny_engine(loaded).generate([ids[:10]], SamplingParams(temperature=0, max_tokens=5))[0]
 
 
 def test_k_token_forward_equals_single_steps(loaded):
-    eng = _engine(loaded)
-    ids = _prompt(19, 7)
-    extra = _prompt(6, 8)
+    eng = tiny_engine(loaded)
+    ids = random_ids(19, 7)
+    extra = random_ids(6, 8)
     seq = eng.add(ids)
     eng.forward_logits([seq])
     k_logits = eng.extend(seq, extra)  # 6 tokens over an 19-token cache
     assert k_logits.shape == (6, loaded[1].vocab_size)
 
-    one = _engine(loaded)
+    one = tiny_engine(loaded)
     s1 = one.add(ids)
     one.forward_logits([s1])
     singles = []
@@ -148,17 +140,17 @@ def test_k_token_forward_equals_single_steps(loaded):
 
 
 def test_preemption_when_the_pool_is_small(loaded):
-    prompts = [_prompt(n, 20 + n) for n in (9, 14, 6)]
-    small = _engine(loaded, block_size=4, num_blocks=24)  # 96 slots for 3 x ~50 tokens: must preempt
-    assert small.generate(prompts, GREEDY) == _engine(loaded).generate(prompts, GREEDY)
+    prompts = [random_ids(n, 20 + n) for n in (9, 14, 6)]
+    small = tiny_engine(loaded, block_size=4, num_blocks=24)  # 96 slots for 3 x ~50 tokens: must preempt
+    assert small.generate(prompts, GREEDY) == tiny_engine(loaded).generate(prompts, GREEDY)
 
 
 def test_scattered_blocks_match_full_recompute(loaded):
     """Batch-1 decode over non-consecutive blocks reads the cache through a gather, not a slice."""
     from collections import OrderedDict
 
-    ids = _prompt(21, 3)
-    eng = _engine(loaded, block_size=4, num_blocks=64)
+    ids = random_ids(21, 3)
+    eng = tiny_engine(loaded, block_size=4, num_blocks=64)
     bm = eng.block_manager
     bm.free = OrderedDict((i, None) for i in reversed(range(64)))  # every next block is already taken
     seq = eng.add(ids, GREEDY)
@@ -278,13 +270,13 @@ def test_sampler_distribution_and_seeds():
 
 
 def test_seeded_sampling_batch_equals_alone(loaded):
-    prompts = [_prompt(n, 30 + n) for n in (4, 12)]
+    prompts = [random_ids(n, 30 + n) for n in (4, 12)]
     params = [
         SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=12, ignore_eos=True),
         SamplingParams(temperature=1.2, top_k=20, seed=12, max_tokens=12, ignore_eos=True),
     ]
-    batched = _engine(loaded).generate(prompts, params)
-    alone = [_engine(loaded).generate([p], [sp])[0] for p, sp in zip(prompts, params)]
+    batched = tiny_engine(loaded).generate(prompts, params)
+    alone = [tiny_engine(loaded).generate([p], [sp])[0] for p, sp in zip(prompts, params)]
     assert batched == alone
 
 
@@ -292,7 +284,7 @@ def test_seeded_sampling_batch_equals_alone(loaded):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(tiny_model):
     path = tiny_model("mistral")
-    prompts = [_prompt(n, 40 + n) for n in (9, 30)]
+    prompts = [random_ids(n, 40 + n) for n in (9, 30)]
     cpu = LLMEngine(*load_model(path), block_size=4, num_blocks=256).generate(prompts, GREEDY)
     model, config = load_model(path, "cuda", torch.float32)
     gpu = LLMEngine(model, config, block_size=4, num_blocks=256).generate(prompts, GREEDY)

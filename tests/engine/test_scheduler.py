@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_ids, tiny_engine
 
 from llmcli.engine.llm_engine import LLMEngine
 from llmcli.engine.loader import load_model
@@ -18,23 +19,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-def _prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @pytest.fixture(scope="module", params=["llama", "mistral"])  # mistral: sliding window 16
 def loaded(request, tiny_model):
     return load_model(tiny_model(request.param))
 
 
-def _engine(loaded, block_size=4, num_blocks=512) -> LLMEngine:
-    model, config = loaded
-    return LLMEngine(model, config, block_size=block_size, num_blocks=num_blocks)
-
-
 def _alone(loaded, prompt, params=GREEDY) -> list[int]:
     """The reference: a fresh engine, the request by itself through LLMEngine.stream (batch-1 steps, no scheduler)."""
-    return [ev.token_id for ev in _engine(loaded).stream(prompt, params)]
+    return [ev.token_id for ev in tiny_engine(loaded).stream(prompt, params)]
 
 
 def _drain(sched: Scheduler, reqs: list[Request], max_steps: int = 10_000) -> dict:
@@ -60,8 +52,8 @@ def _run(sched: Scheduler, prompts, params=GREEDY, n=1) -> tuple[list[Request], 
 
 
 def test_batched_chunked_equals_alone(loaded):
-    prompts = [_prompt(n, n) for n in (5, 37, 11, 60, 2)]
-    eng = _engine(loaded)
+    prompts = [random_ids(n, n) for n in (5, 37, 11, 60, 2)]
+    eng = tiny_engine(loaded)
     sched = Scheduler(eng, max_num_seqs=3, max_num_batched_tokens=16)  # 60 tokens: 4 chunks, cap 3 running
     reqs, out = _run(sched, prompts)
     for i, p in enumerate(prompts):
@@ -73,8 +65,8 @@ def test_batched_chunked_equals_alone(loaded):
 
 def test_decode_split_by_length_equals_alone(loaded):
     """Rows of very different lengths decode in separate forwards (a low split threshold): same tokens."""
-    prompts = [_prompt(n, 20 + n) for n in (70, 4, 66, 9, 3)]
-    sched = Scheduler(_engine(loaded))
+    prompts = [random_ids(n, 20 + n) for n in (70, 4, 66, 9, 3)]
+    sched = Scheduler(tiny_engine(loaded))
     sched.pad_split_tokens = 8
     forwards = []
     real = sched.runner.forward
@@ -86,9 +78,9 @@ def test_decode_split_by_length_equals_alone(loaded):
 
 
 def test_prefix_cache_across_requests(loaded):
-    eng = _engine(loaded)
+    eng = tiny_engine(loaded)
     sched = Scheduler(eng)
-    shared = _prompt(24, 1)
+    shared = random_ids(24, 1)
     (first,), _ = _run(sched, [shared + [7]])
     (second,), out = _run(sched, [shared + [9, 9]])
     assert first.num_cached_tokens == 0
@@ -98,8 +90,8 @@ def test_prefix_cache_across_requests(loaded):
 
 
 def test_preemption_recomputes_without_loss(loaded):
-    prompts = [_prompt(n, 10 + n) for n in (9, 14, 6, 20)]
-    eng = _engine(loaded, num_blocks=16)  # 64 slots; the four need 4 * ~8 blocks at their ends
+    prompts = [random_ids(n, 10 + n) for n in (9, 14, 6, 20)]
+    eng = tiny_engine(loaded, num_blocks=16)  # 64 slots; the four need 4 * ~8 blocks at their ends
     sched = Scheduler(eng, max_num_seqs=4, max_num_batched_tokens=64)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     _, out = _run(sched, prompts, params)
@@ -110,9 +102,9 @@ def test_preemption_recomputes_without_loss(loaded):
 
 
 def test_n_samples_share_prompt_blocks(loaded):
-    eng = _engine(loaded)
+    eng = tiny_engine(loaded)
     sched = Scheduler(eng)
-    prompt = _prompt(18, 3)  # 4 full blocks and a shared partial one (copy-on-write on first decode)
+    prompt = random_ids(18, 3)  # 4 full blocks and a shared partial one (copy-on-write on first decode)
     req = Request(prompt, GREEDY, n=3)
     sched.add(req)
     first = {ev.index: ev.token_id for _, ev in sched.step()}  # prompt done, forked, first tokens sampled
@@ -126,9 +118,9 @@ def test_n_samples_share_prompt_blocks(loaded):
 
 
 def test_n_seeded_samples_match_seeded_runs(loaded):
-    prompt = _prompt(13, 4)
+    prompt = random_ids(13, 4)
     params = SamplingParams(temperature=1.0, top_k=50, seed=1234, max_tokens=10, ignore_eos=True)
-    sched = Scheduler(_engine(loaded))
+    sched = Scheduler(tiny_engine(loaded))
     _, out = _run(sched, [prompt], params, n=3)
     for i in range(3):
         seeded = SamplingParams(temperature=1.0, top_k=50, seed=1234 + i, max_tokens=10, ignore_eos=True)
@@ -137,10 +129,10 @@ def test_n_seeded_samples_match_seeded_runs(loaded):
 
 
 def test_abort_frees_blocks(loaded):
-    eng = _engine(loaded)
+    eng = tiny_engine(loaded)
     sched = Scheduler(eng)
     baseline = eng.block_manager.num_free
-    reqs = [Request(_prompt(30, 5), GREEDY, n=2), Request(_prompt(9, 6), GREEDY)]
+    reqs = [Request(random_ids(30, 5), GREEDY, n=2), Request(random_ids(9, 6), GREEDY)]
     for r in reqs:
         sched.add(r)
     for _ in range(3):
@@ -153,8 +145,8 @@ def test_abort_frees_blocks(loaded):
 
 
 def test_abort_sample_before_fork(loaded):
-    sched = Scheduler(_engine(loaded), max_num_batched_tokens=8)
-    prompt = _prompt(30, 7)
+    sched = Scheduler(tiny_engine(loaded), max_num_batched_tokens=8)
+    prompt = random_ids(30, 7)
     req = Request(prompt, GREEDY, n=3)
     sched.add(req)
     sched.step()  # a first chunk only
@@ -166,9 +158,9 @@ def test_abort_sample_before_fork(loaded):
 
 
 def test_logprobs_are_log_softmax_of_raw_logits(loaded):
-    eng = _engine(loaded)
-    prompt = _prompt(10, 8)
-    ref = _engine(loaded)
+    eng = tiny_engine(loaded)
+    prompt = random_ids(10, 8)
+    ref = tiny_engine(loaded)
     seq = ref.add(prompt)
     want = ref.forward_logits([seq])[0].float().log_softmax(-1)
     sched = Scheduler(eng)
@@ -197,8 +189,8 @@ def test_additive_penalties_closed_form():
 def test_presence_penalty_changes_greedy_choice(loaded):
     """Presence penalty in the batched path: the first token (nothing generated yet) is the plain one, the reply
     then differs from the unpenalized one (a repeat costs 2 logits)."""
-    prompt = _prompt(8, 9)
-    sched = Scheduler(_engine(loaded))
+    prompt = random_ids(8, 9)
+    sched = Scheduler(tiny_engine(loaded))
     _, out = _run(sched, [prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, presence_penalty=2))
     plain = _alone(loaded, prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
     toks = out[(0, 0)][0]
@@ -223,7 +215,7 @@ class EvenTokens:
 
 
 def test_constraint_masks_and_finishes(loaded):
-    sched = Scheduler(_engine(loaded))
+    sched = Scheduler(tiny_engine(loaded))
     made: list[EvenTokens] = []
 
     def factory() -> EvenTokens:
@@ -231,7 +223,7 @@ def test_constraint_masks_and_finishes(loaded):
         return made[-1]
 
     params = SamplingParams(temperature=1.0, seed=5, max_tokens=20)
-    req = Request(_prompt(7, 11), params, n=2, constraint_factory=factory)
+    req = Request(random_ids(7, 11), params, n=2, constraint_factory=factory)
     sched.add(req)
     out = _drain(sched, [req])
     assert len(made) == 2
@@ -242,12 +234,12 @@ def test_constraint_masks_and_finishes(loaded):
 
 
 def test_refusals(loaded):
-    eng = _engine(loaded, num_blocks=8)  # context: 32 tokens
+    eng = tiny_engine(loaded, num_blocks=8)  # context: 32 tokens
     sched = Scheduler(eng)
     with pytest.raises(UserError, match="32"):
-        sched.add(Request(_prompt(40, 0), GREEDY))
+        sched.add(Request(random_ids(40, 0), GREEDY))
     with pytest.raises(UserError, match="logprobs"):
-        sched.add(Request(_prompt(4, 0), GREEDY, logprobs=21))
+        sched.add(Request(random_ids(4, 0), GREEDY, logprobs=21))
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +250,7 @@ def smollm2_fp32(smollm2_gguf):
 def test_smollm2_batched_equals_alone(smollm2_fp32):
     """The real model, dequantized to fp32: four mixed-length prompts batched with chunked prefill."""
     model, config = smollm2_fp32
-    prompts = [_prompt(n, n) for n in (3, 40, 17, 70)]
+    prompts = [random_ids(n, n) for n in (3, 40, 17, 70)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     eng = LLMEngine(model, config, num_blocks=64)
     sched = Scheduler(eng, max_num_seqs=4, max_num_batched_tokens=32)
@@ -273,7 +265,7 @@ def test_smollm2_preemption_fork_abort(smollm2_fp32):
     that returns the pool to its baseline."""
     model, config = smollm2_fp32
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    prompts = [_prompt(n, 30 + n) for n in (20, 45, 9, 33)]
+    prompts = [random_ids(n, 30 + n) for n in (20, 45, 9, 33)]
     eng = LLMEngine(model, config, num_blocks=8)  # 128 slots of 16; the requests end at ~250 tokens (16 blocks)
     sched = Scheduler(eng, max_num_seqs=6, max_num_batched_tokens=64)
     reqs = [Request(p, params) for p in prompts[:3]] + [Request(prompts[3], params, n=3)]
