@@ -14,7 +14,7 @@ import sys
 import typer
 
 from llmcli.cli import app
-from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, KV_CACHE_GIB, TENSOR_PARALLEL, make_decoder
+from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, KV_CACHE_GIB, KV_DTYPE, TENSOR_PARALLEL, make_decoder
 from llmcli.errors import UserError
 
 EXAMPLES = (
@@ -41,6 +41,7 @@ def bench(
     dtype: str | None = DTYPE,
     dequantize: bool = DEQUANTIZE,
     kv_cache_gib: float | None = KV_CACHE_GIB,
+    kv_dtype: str = KV_DTYPE,
     tp: int = TENSOR_PARALLEL,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     draft: str | None = typer.Option(None, "--draft", help="Compare plain vs speculative decoding with this draft."),
@@ -57,8 +58,19 @@ def bench(
     quant_compare = isinstance(parse_compare(compare), list)  # validated before any model is loaded
     path = resolve_model_spec(model)
     if draft is not None or speculate is not None or num_draft is not None:
-        engine = load_engine(path, tp, device, dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
-        spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+        engine = load_engine(
+            path, tp, device, dtype, kv_cache_gib=kv_cache_gib, kv_dtype=kv_dtype, dequantize=dequantize
+        )
+        spec = make_decoder(
+            engine,
+            draft,
+            speculate,
+            num_draft,
+            device=device,
+            dtype=dtype,
+            kv_cache_gib=kv_cache_gib,
+            kv_dtype=kv_dtype,
+        )
         _speculation(path, engine, spec, draft or speculate, gen_len, as_json)
         return
     need = prompt_len + gen_len  # the context, from the config alone: before the weights load
@@ -71,6 +83,7 @@ def bench(
         device,
         dtype,
         kv_cache_gib=kv_cache_gib,
+        kv_dtype=kv_dtype,
         tokenizer=False,
         dequantize=dequantize,
         max_batch=batch,

@@ -18,6 +18,7 @@ from llmcli.cli.options import (
     DRAFT,
     DTYPE,
     KV_CACHE_GIB,
+    KV_DTYPE,
     MIN_P,
     NUM_DRAFT,
     REPEAT_PENALTY,
@@ -51,6 +52,7 @@ def chat(
     dtype: str | None = DTYPE,
     dequantize: bool = DEQUANTIZE,
     kv_cache_gib: float | None = KV_CACHE_GIB,
+    kv_dtype: str = KV_DTYPE,
     tp: int = TENSOR_PARALLEL,
     markdown: bool = typer.Option(False, "--markdown", help="Render replies as Markdown (in a terminal)."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
@@ -88,8 +90,10 @@ def chat(
         # in the middle of the session; the session turns them into U+FFFD (engine.text.valid_text). input() reads
         # its decoding from sys.stdin too.
         sys.stdin.reconfigure(errors="surrogateescape")
-    engine = load_engine(path, tp, device, dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
-    spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+    engine = load_engine(path, tp, device, dtype, kv_cache_gib=kv_cache_gib, kv_dtype=kv_dtype, dequantize=dequantize)
+    spec = make_decoder(
+        engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, kv_dtype=kv_dtype
+    )
     backend = EngineBackend(engine, path.name, streamer=spec, path=path)
     if interactive:
         console = Console(highlight=False)

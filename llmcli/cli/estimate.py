@@ -127,7 +127,12 @@ def estimate(
         help=f"Tokens per sequence. Default: {DEFAULT_CONTEXT}, or the model's maximum if smaller.",
     ),
     batch: int = typer.Option(1, "--batch", "-b", help="Sequences held at once."),
-    kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache: fp32, bf16, fp16, fp8."),
+    kv_dtype: str = typer.Option(
+        "bf16",
+        "--kv-dtype",
+        help="KV cache: fp32, bf16, fp16, int8, fp8 (int8/fp8: a float16 scale per token and KV head, as `llm run` "
+        "--kv-dtype caches them).",
+    ),
     gpu: str | None = typer.Option(None, "--gpu", help="GPU from the built-in table (e.g. H100-80GB, RTX-4090)."),
     gpu_memory: float | None = typer.Option(None, "--gpu-memory", help="GPU memory in GiB instead of --gpu."),
     explain: bool = typer.Option(False, "--explain", help="Show every formula with the numbers plugged in."),

@@ -73,6 +73,24 @@ KV_CACHE_GIB = typer.Option(
     help="KV-cache size, > 0 (default: CPU the model's whole context, at most 1 GiB; CUDA most free memory).",
 )
 
+KV_DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32", "int8", "fp8")  # llmcli.layers.kv_cache's (not imported: torch)
+
+
+def _kv_dtype(text: str) -> str:
+    if text not in KV_DTYPE_NAMES:
+        raise typer.BadParameter(f"{text!r} is not one of {', '.join(KV_DTYPE_NAMES)}")
+    return text
+
+
+KV_DTYPE = typer.Option(
+    "auto",
+    "--kv-dtype",
+    parser=_kv_dtype,
+    metavar="DTYPE",
+    help="KV-cache format: auto (the compute dtype), bf16, fp16, fp32, int8 or fp8 (e4m3); int8/fp8 keep a scale "
+    "per token and KV head, about half a 16-bit cache (MLA models: auto only).",
+)
+
 TENSOR_PARALLEL = typer.Option(
     1,
     "--tensor-parallel",

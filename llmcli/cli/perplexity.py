@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from llmcli.cli import app
-from llmcli.cli.options import DEQUANTIZE, TENSOR_PARALLEL, positive_int
+from llmcli.cli.options import DEQUANTIZE, KV_DTYPE, TENSOR_PARALLEL, positive_int
 from llmcli.cli.resolve import resolve_model_spec
 
 EXAMPLES = (
@@ -44,6 +44,7 @@ def perplexity_cmd(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16."),
     dequantize: bool = DEQUANTIZE,
+    kv_dtype: str = KV_DTYPE,
     tp: int = TENSOR_PARALLEL,
     as_json: bool = typer.Option(False, "--json", help='Print {"perplexity": ..., "tokens": ...}.'),
 ) -> None:
@@ -55,7 +56,7 @@ def perplexity_cmd(
     text = read_text(file or DEFAULT_TEXT)
     path = resolve_model_spec(model)
     check_context(model_config(path), window, f"--window {window:,}")  # before the tokenizer and weights load
-    r = measure_perplexity(path, text, window, max_tokens, device, dtype, dequantize, tp)
+    r = measure_perplexity(path, text, window, max_tokens, device, dtype, dequantize, tp, kv_dtype)
     if as_json:
         typer.echo(json.dumps({"perplexity": r.perplexity, "tokens": r.tokens}))
     else:

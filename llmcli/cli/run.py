@@ -18,6 +18,7 @@ from llmcli.cli.options import (
     DRAFT,
     DTYPE,
     KV_CACHE_GIB,
+    KV_DTYPE,
     MIN_P,
     NUM_DRAFT,
     REPEAT_PENALTY,
@@ -114,6 +115,7 @@ def run(
     dtype: str | None = DTYPE,
     dequantize: bool = DEQUANTIZE,
     kv_cache_gib: float | None = KV_CACHE_GIB,
+    kv_dtype: str = KV_DTYPE,
     tp: int = TENSOR_PARALLEL,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings)."),
     draft: str | None = DRAFT,
@@ -143,12 +145,14 @@ def run(
         max_tokens=max_tokens,
         ignore_eos=ignore_eos,
     )
-    engine = load_engine(path, tp, device, dtype, kv_cache_gib=kv_cache_gib, dequantize=dequantize)
+    engine = load_engine(path, tp, device, dtype, kv_cache_gib=kv_cache_gib, kv_dtype=kv_dtype, dequantize=dequantize)
     ids = _prompt_ids(engine.tokenizer, text, system, raw)
     engine.check_prompt(ids, params)  # a prompt past the context is refused before any draft model or prefill
     _context_note(len(ids), params.max_tokens, engine.context_len)
     reset_expert_usage(engine.model)  # MoE router statistics cover this generation only
-    spec = make_decoder(engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+    spec = make_decoder(
+        engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, kv_dtype=kv_dtype
+    )
     reply = TextStream(engine.tokenizer, engine.eos_token_ids, keep_eos=ignore_eos)
     interrupted = False
     try:

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from llmcli.cli import app
-from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, KV_CACHE_GIB, positive_int
+from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, KV_CACHE_GIB, KV_DTYPE, positive_int
 from llmcli.errors import UserError
 
 EXAMPLES = (
@@ -72,6 +72,7 @@ def serve(
     dtype: str | None = DTYPE,
     dequantize: bool = DEQUANTIZE,
     kv_cache_gib: float | None = KV_CACHE_GIB,
+    kv_dtype: str = KV_DTYPE,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API (/v1) and Ollama's (/api), /health and /metrics."""
     from llmcli.cli.resolve import resolve_model_spec
@@ -82,7 +83,9 @@ def serve(
     path = resolve_model_spec(model)
     where = str(resolve_device(device))  # a bad --device is refused here, before the server starts
     limits = EngineLimits(max_num_seqs, max_num_batched_tokens, max_queue)
-    served = ServedModel(path, _model_name(path), LoadOptions(device, dtype, kv_cache_gib, dequantize), limits)
+    served = ServedModel(
+        path, _model_name(path), LoadOptions(device, dtype, kv_cache_gib, dequantize, kv_dtype), limits
+    )
     api_key = api_key or os.environ.get("LLM_API_KEY") or None
     url_host = f"[{host}]" if ":" in host else host
     _banner(f"http://{url_host}:{port}", served.name, path, where, limits, api_key)

@@ -130,14 +130,16 @@ class LLMEngine:
         num_blocks: int | None = None,
         kv_cache_gib: float | None = None,
         max_batch: int = 1,
+        kv_dtype: str | None = None,
     ):
         self.model, self.config, self.tokenizer = model, config, tokenizer
         p = model.model.norm.weight  # compute dtype even when the embedding table is quantized
         self.device, self.dtype = p.device, p.dtype
+        self.kv_dtype = None if kv_dtype == "auto" else kv_dtype  # None: the compute dtype
         if num_blocks is None:
             num_blocks = self._pool_blocks(block_size, kv_cache_gib, max_batch)
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.runner = ModelRunner(model, config, num_blocks, block_size)
+        self.runner = ModelRunner(model, config, num_blocks, block_size, self.kv_dtype)
         eos = set(config.eos_token_ids)
         if tokenizer is not None:
             eos |= set(getattr(tokenizer, "eos_token_ids", ()) or ())
@@ -156,10 +158,12 @@ class LLMEngine:
         tokenizer: bool = True,
         dequantize: bool = False,
         max_batch: int = 1,
+        kv_dtype: str | None = None,
     ) -> LLMEngine:
         """A resolved model: a model directory or a .gguf file (the CLI resolves names and specs first).
 
-        dequantize: expand a GGUF's Q4_0/Q4_1/Q8_0 linears to dtype instead of keeping them quantized."""
+        dequantize: expand a GGUF's Q4_0/Q4_1/Q8_0 linears to dtype instead of keeping them quantized.
+        kv_dtype: the KV cache's format, a name of kv_cache.KV_DTYPE_NAMES (None or auto: the compute dtype)."""
         path = Path(path)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -167,14 +171,16 @@ class LLMEngine:
             raise UserError("float16 is not supported on CPU; use float32 or bfloat16")
         net, config = load_model(path, dev, dt, dequantize=dequantize)
         tok = load_tokenizer(path, config.vocab_size) if tokenizer else None
-        return cls(net, config, tok, block_size=block_size, kv_cache_gib=kv_cache_gib, max_batch=max_batch)
+        kw = dict(block_size=block_size, kv_cache_gib=kv_cache_gib, max_batch=max_batch, kv_dtype=kv_dtype)
+        return cls(net, config, tok, **kw)
 
     def _pool_blocks(self, block_size: int, kv_cache_gib: float | None, max_batch: int = 1) -> int:
         """Blocks of the KV pool. --kv-cache-gib: that many GiB. CUDA: a share of the free memory. CPU (the pool is
         host memory): what max_batch sequences of the model's whole context can use, ceil(context / block_size)
         blocks each, and no more than DEFAULT_CPU_KV_GIB (a longer-context model then gets the pool's context).
         generate() preempts when its batch outgrows the pool, so a smaller pool costs concurrency, not results."""
-        per_block = kv_bytes_per_token(self.config, self.dtype.itemsize) * block_size
+        kv = getattr(self, "kv_dtype", None) or self.dtype.itemsize  # a --kv-dtype name, or the compute dtype's width
+        per_block = kv_bytes_per_token(self.config, kv) * block_size
         if kv_cache_gib is not None:
             budget = kv_cache_gib * 2**30
         elif self.device.type == "cuda":

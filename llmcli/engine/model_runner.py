@@ -15,6 +15,8 @@ from torch import nn
 
 from llmcli.config import ModelConfig
 from llmcli.engine.sequence import Sequence
+from llmcli.errors import UserError
+from llmcli.layers import kv_cache
 from llmcli.layers.attention import AttentionMetadata, GatherBuffer, KVView
 
 
@@ -30,33 +32,44 @@ def kv_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int = 16):
+    def __init__(
+        self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int = 16, kv_dtype: str | None = None
+    ):
         self.model, self.config = model, config
         p = model.model.norm.weight  # compute dtype even when the embedding table is quantized
         self.device, self.dtype = p.device, p.dtype
+        self.kv_storage = kv_cache.storage_dtype(kv_dtype, self.dtype, self.device)
+        if config.is_mla and self.kv_storage != self.dtype:
+            raise UserError(f"--kv-dtype {kv_dtype} is not supported for MLA models (their latent cache); use auto")
         self.block_size, self.num_blocks = block_size, num_blocks
         self.scratch_block = num_blocks  # one extra block takes the writes of padding tokens
-        # Per layer [groups, num_blocks + 1, block_size, values / groups] (see ModelConfig.kv_cache_groups).
-        # zeros, not empty: masked-out keys must still be finite or they turn softmax into NaN
-        self.caches = []
+        # Per layer [groups, num_blocks + 1, block_size, values / groups] (see ModelConfig.kv_cache_groups), and
+        # for int8/fp8 a float32 scale per slot of each group. zeros, not empty: masked-out keys must still be
+        # finite or they turn softmax into NaN
+        self.caches, self.scales = [], []
         for i in range(config.num_layers):
             g = config.kv_cache_groups(i)
             shape = (g, num_blocks + 1, block_size, config.kv_values_per_token(i) // g)
-            self.caches.append(kv_zeros(shape, self.dtype, self.device))
+            self.caches.append(kv_zeros(shape, self.kv_storage, self.device))
+            scaled = kv_cache.is_scaled(self.kv_storage)
+            self.scales.append(kv_zeros(shape[:3], kv_cache.SCALE_DTYPE, self.device) if scaled else None)
         self._bind()
         self.gather = GatherBuffer()  # the batched path's per-layer block gather reuses one output
         self.windows = sorted({config.layer_window(i) for i in range(config.num_layers)}, key=lambda w: w or 0)
 
     def _bind(self) -> None:
         """Point each attention module at this runner's cache (several engines may share one model)."""
-        for layer, cache in zip(self.model.model.layers, self.caches):
+        for layer, cache, scales in zip(self.model.model.layers, self.caches, self.scales):
             layer.self_attn.kv_cache = cache
+            layer.self_attn.kv_scales = scales
         self.model._cache_owner = self
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for src, dst in copies:
-            for cache in self.caches:
+            for cache, scales in zip(self.caches, self.scales):
                 cache[:, dst].copy_(cache[:, src])
+                if scales is not None:
+                    scales[:, dst].copy_(scales[:, src])
 
     def _views(
         self, tables: torch.Tensor, positions: torch.Tensor, starts: list[int], ends: list[int], batch_tables: list[int]

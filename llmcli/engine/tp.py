@@ -62,6 +62,7 @@ class LoadSpec:
     block_size: int
     kv_cache_gib: float | None
     max_batch: int
+    kv_dtype: str | None = None
 
 
 # ---- the process group -------------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def _pool_blocks(model, cfg: ModelConfig, spec: LoadSpec) -> int:
     """The KV pool this rank could afford, by the engine's own rule (budget per device, this rank's KV heads)."""
     probe = LLMEngine.__new__(LLMEngine)
     p = model.model.norm.weight
-    probe.config, probe.device, probe.dtype = cfg, p.device, p.dtype
+    probe.config, probe.device, probe.dtype, probe.kv_dtype = cfg, p.device, p.dtype, spec.kv_dtype
     return probe._pool_blocks(spec.block_size, spec.kv_cache_gib, spec.max_batch)
 
 
@@ -272,7 +273,7 @@ def follow(group: TPGroup) -> None:
                 model, cfg, blocks = _load_share(group, command[1])
             except UserError:
                 continue  # rank 0 raises it for everyone
-            runner = ModelRunner(model, cfg, blocks, command[1].block_size)
+            runner = ModelRunner(model, cfg, blocks, command[1].block_size, command[1].kv_dtype)
         elif kind == "forward":
             runner.forward([(_StepSequence(ids, s, table), s, e) for ids, s, e, table in command[1]])
         elif kind == "copy_blocks":
@@ -382,11 +383,15 @@ def load_engine(
     tokenizer: bool = True,
     dequantize: bool = False,
     max_batch: int = 1,
+    kv_dtype: str | None = None,
 ) -> LLMEngine:
     """LLMEngine.load, split over `tensor_parallel` ranks (1: exactly LLMEngine.load). engine.config is the whole
     model's, engine.runner.config rank 0's share (its heads and MLP widths); the KV budget (--kv-cache-gib, CUDA's
     free memory) is per device."""
-    kw = dict(kv_cache_gib=kv_cache_gib, block_size=block_size, dequantize=dequantize, max_batch=max_batch)
+    kv_dtype = None if kv_dtype == "auto" else kv_dtype
+    kw = dict(
+        kv_cache_gib=kv_cache_gib, block_size=block_size, dequantize=dequantize, max_batch=max_batch, kv_dtype=kv_dtype
+    )
     if tensor_parallel == 1:
         return LLMEngine.load(path, device, dtype, tokenizer=tokenizer, **kw)
     dev = resolve_device(device)
@@ -396,12 +401,12 @@ def load_engine(
     config = load_gguf_config(path) if is_gguf(path) else load_config(path)
     plan(config, tensor_parallel)  # heads that cannot be split: said before any process starts
     group = _group(tensor_parallel, dev.type)
-    spec = LoadSpec(str(path), dt, dequantize, block_size, kv_cache_gib, max_batch)
+    spec = LoadSpec(str(path), dt, dequantize, block_size, kv_cache_gib, max_batch, kv_dtype)
     group.busy = True  # interrupted while loading: the followers are in a collective, close() kills them
     group.send("load", spec)
     model, cfg, blocks = _load_share(group, spec)
     tok = load_tokenizer(path, cfg.vocab_size) if tokenizer else None
-    engine = LLMEngine(model, cfg, tok, block_size=block_size, num_blocks=blocks)
+    engine = LLMEngine(model, cfg, tok, block_size=block_size, num_blocks=blocks, kv_dtype=kv_dtype)
     engine.config = model.config  # the whole model's (parameter counts, context); the runner keeps rank 0's share
     engine.runner = TPRunner(engine.runner, group)
     return engine

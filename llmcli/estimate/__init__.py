@@ -16,8 +16,12 @@ from llmcli.config import ModelConfig
 from llmcli.estimate.gpus import GIB
 
 WEIGHT_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "nf4")
-KV_DTYPES = ("fp32", "bf16", "fp16", "fp8")
+KV_DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# int8/fp8 KV as the engine caches it (llmcli/layers/kv_cache.py): 1-byte codes plus a float16 scale per token
+# and (K or V, KV head)
+KV_SCALED = ("int8", "fp8")
+KV_SCALE_BYTES = 2
 
 # Activation/workspace model (see activation_bytes): prompts are prefilled in chunks of at most this many
 # tokens (summed over the batch), so prefill buffers stop growing with the context past it.
@@ -254,22 +258,29 @@ def checkpoint_quantization(cfg: ModelConfig) -> tuple[str | None, int | None, b
 # ---- KV cache -----------------------------------------------------------------------------------------------
 
 
-def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str | int = "bf16") -> int:
-    """Cache bytes one token adds to every layer (context shorter than any window).
+def kv_layer_bytes(cfg: ModelConfig, i: int, kv_dtype: str | int = "bf16") -> int:
+    """Cache bytes one token adds to layer i: its values at the dtype's width, plus int8/fp8's scales.
 
-    kv_dtype: a name from KV_DTYPES, or the bytes of one cached value (the engine passes its dtype's itemsize).
-    """
-    size = kv_dtype if isinstance(kv_dtype, int) else BYTES[kv_dtype]
-    return sum(cfg.kv_values_per_token(i) for i in range(cfg.num_layers)) * size
+    kv_dtype: a name from KV_DTYPES, or the bytes of one cached value of an unscaled float cache."""
+    if isinstance(kv_dtype, int):
+        return cfg.kv_values_per_token(i) * kv_dtype
+    if kv_dtype in KV_SCALED:
+        return cfg.kv_values_per_token(i) + cfg.kv_cache_groups(i) * KV_SCALE_BYTES
+    return cfg.kv_values_per_token(i) * BYTES[kv_dtype]
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str | int = "bf16") -> int:
+    """Cache bytes one token adds to every layer (context shorter than any window)."""
+    return sum(kv_layer_bytes(cfg, i, kv_dtype) for i in range(cfg.num_layers))
 
 
 def kv_bytes(cfg: ModelConfig, context: int, batch: int = 1, kv_dtype: str = "bf16") -> int:
     """Cache for `batch` sequences of `context` tokens; a sliding-window layer keeps at most its window."""
-    values = 0
+    total = 0
     for i in range(cfg.num_layers):
         w = cfg.layer_window(i)
-        values += cfg.kv_values_per_token(i) * (min(context, w) if w else context)
-    return values * batch * BYTES[kv_dtype]
+        total += kv_layer_bytes(cfg, i, kv_dtype) * (min(context, w) if w else context)
+    return total * batch
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def _weights(c: ModelConfig, opts: Options, est: Estimate) -> list[str]:
 
 def _kv_cache(c: ModelConfig, opts: Options, est: Estimate) -> list[str]:
     L, d = c.num_layers, c.hidden_size
-    kvb = BYTES[opts.kv_dtype]
+    kvb = BYTES.get(opts.kv_dtype, 1)  # int8: 1 byte a value (its scales are in the per-token total)
     lines = ["KV CACHE"]
     if c.is_mla:
         lines.append(

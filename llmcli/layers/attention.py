@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.config import ModelConfig
+from llmcli.layers import kv_cache
 from llmcli.layers.norm import RMSNorm
 from llmcli.layers.rotary import apply_rotary
 
@@ -116,6 +117,7 @@ class Attention(nn.Module):
         self.scale = c.softmax_scale
         self.softcap = c.attn_logit_softcap
         self.kv_cache: torch.Tensor | None = None  # set by the model runner
+        self.kv_scales: torch.Tensor | None = None  # int8/fp8 caches: a scale per slot and plane (kv_cache.py)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         b, ql, _ = x.shape
@@ -136,11 +138,14 @@ class Attention(nn.Module):
         v = qkv[:, :, h + kvh :]
 
         cache = self.kv_cache
+        view = meta.views[self.window]
+        if cache.dtype != v.dtype:  # --kv-dtype other than the compute dtype: converted on write and read
+            kc, vc = self._converted_kv(k, v, meta, view)
+            return self._attend(q, kc, vc, meta, view)
         nb, bs = cache.shape[1], cache.shape[2]
         pool = cache.view(2, kvh, nb * bs, d)
         pool.index_copy_(2, meta.slot_mapping, torch.stack((k, v)).view(2, b * ql, kvh, d).transpose(1, 2))
 
-        view = meta.views[self.window]
         if view.first_slot is not None:  # consecutive blocks: a zero-copy slice of the pool
             kc, vc = pool[:, None, :, view.first_slot + view.start : view.first_slot + view.end]  # [1, kvh, K, d]
         else:
@@ -150,6 +155,27 @@ class Attention(nn.Module):
             ctx = torch.index_select(cache.view(2, kvh, nb, bs, d), 2, idx, out=out)  # [2, kvh, B*n, bs, d]
             ctx = ctx.view(2, kvh, b, -1, d).transpose(1, 2)[:, :, :, view.start : view.end]
             kc, vc = ctx  # [B, kvh, K, d]
+        return self._attend(q, kc, vc, meta, view)
+
+    def _converted_kv(
+        self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, view: KVView
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, Q, kvh, d] into a cache of another format and read this layer's keys/values back in the
+        compute dtype (only the slots the view reads)."""
+        b, ql, kvh, d = k.shape
+        kv = torch.stack((k, v)).view(2, b * ql, kvh, d).transpose(1, 2)
+        kv_cache.write(self.kv_cache, self.kv_scales, meta.slot_mapping, kv)
+        if view.first_slot is not None:
+            lo = view.first_slot + view.start
+            kc, vc = kv_cache.read_slice(self.kv_cache, self.kv_scales, lo, lo + view.end - view.start, kvh, v.dtype)
+        else:
+            ctx = kv_cache.read_gather(self.kv_cache, self.kv_scales, view.block_tables.view(-1), b, kvh, v.dtype)
+            kc, vc = ctx[:, :, :, view.start : view.end]
+        return kc, vc
+
+    def _attend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata, view: KVView):
+        b, ql, h, d = q.shape
+        kvh = kc.shape[1]
         qt = q.transpose(1, 2)
         bias = meta.bias.get(self.window)
         if bias is not None:  # ALiBi: the bias carries the mask

@@ -40,6 +40,7 @@ class LoadOptions:
     dtype: str | None = None
     kv_cache_gib: float | None = None
     dequantize: bool = False
+    kv_dtype: str | None = None
 
 
 @dataclass
@@ -76,6 +77,7 @@ class ServedModel:
                 dtype=o.dtype,
                 kv_cache_gib=o.kv_cache_gib,
                 dequantize=o.dequantize,
+                kv_dtype=o.kv_dtype,
                 max_batch=lim.max_num_seqs,
             )
             if llm.tokenizer is None:

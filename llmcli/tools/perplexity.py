@@ -88,8 +88,10 @@ def measure_perplexity(
     dtype: str | None,
     dequantize: bool = False,
     tensor_parallel: int = 1,
+    kv_dtype: str | None = None,
 ) -> PerplexityResult:
-    """Perplexity of the model at path (resolved: a directory or a .gguf file) on text."""
+    """Perplexity of the model at path (resolved: a directory or a .gguf file) on text, its KV cache in kv_dtype."""
     ids = encode_text(path, text)
-    engine = load_engine(path, tensor_parallel, device, dtype, tokenizer=False, dequantize=dequantize)
+    kw = dict(tokenizer=False, dequantize=dequantize, kv_dtype=kv_dtype)
+    engine = load_engine(path, tensor_parallel, device, dtype, **kw)
     return perplexity(engine, ids, window=window, max_tokens=max_tokens)

@@ -546,7 +546,8 @@ def test_weight_bytes_match_llm_quantize_checkpoint(tmp_path, tiny_model, bits, 
 def test_kv_closed_forms():
     l3 = from_hf_dict(REAL["Llama-3-8B"][0])
     assert E.kv_bytes_per_token(l3) == 2 * 32 * 8 * 128 * 2  # 128 KiB: GQA, 8 of 32 heads
-    assert E.kv_bytes(l3, 8192, 4, "fp8") == 2 * 32 * 8 * 128 * 8192 * 4
+    # fp8 as the engine caches it: a byte a value and a float16 scale per (K or V, KV head) of a token
+    assert E.kv_bytes(l3, 8192, 4, "fp8") == 2 * 32 * 8 * (128 + 2) * 8192 * 4
     assert E.kv_bytes_per_token(l3, "fp32") == 2 * E.kv_bytes_per_token(l3, "fp16")
     # MHA: phi3 caches all 32 heads (its 2047 window caps long contexts)
     phi = from_hf_dict(REAL["Phi-3-mini-4k"][0])
