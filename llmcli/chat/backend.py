@@ -43,6 +43,9 @@ class TurnStats:
 class ChatBackend(Protocol):
     context_length: int
     last_stats: TurnStats
+    # what sets context_length when it is not the model's own context (e.g. "the KV cache"); "" otherwise. Read with
+    # getattr: a scripted backend may leave it out
+    context_limit: str
 
     def stream(self, messages: list[dict], settings: SamplingParams) -> Iterator[str]: ...
 
@@ -62,6 +65,7 @@ class EngineBackend:
         self.engine, self.model_name, self.path = engine, model_name, path
         self.streamer = streamer if streamer is not None else engine
         self.context_length = engine.context_len  # a benchmark may lower it (never raise it: the engine refuses)
+        self.context_limit = kv_limit_words(engine)
         self.last_stats = TurnStats()
         self.last_prompt_ids: list[int] = []
         # the last messages prompt_ids ran on (copied), and their ids
@@ -134,11 +138,25 @@ class EngineBackend:
                 f"KV pool {e.pool_tokens})",
                 "device": str(e.device),
                 "dtype": str(e.dtype).replace("torch.", ""),
+                "kv cache": f"{e.kv_dtype or 'auto'} ({e.runner.kv_storage})".replace("torch.", ""),
             }
         )
         if self.streamer is not e:
             out["speculative"] = getattr(self.streamer, "method", type(self.streamer).__name__)
         return out
+
+
+def kv_limit_words(engine: LLMEngine) -> str:
+    """Why the engine's context is shorter than the model's, or "" when it is not: the KV budget (--kv-cache-gib)
+    at the cache's format (--kv-dtype) is the limit, so the user knows which flag buys a longer conversation."""
+    model = engine.config.max_position_embeddings
+    if engine.context_len >= model:
+        return ""
+    kv = engine.kv_dtype or "auto"
+    return (
+        f"the KV cache ({engine.pool_tokens:,} tokens at --kv-dtype {kv}; the model's context is {model:,}: raise "
+        "--kv-cache-gib or use --kv-dtype int8)"
+    )
 
 
 def _take_stats(stats: TurnStats, text: TextStream) -> None:

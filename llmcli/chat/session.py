@@ -72,7 +72,7 @@ class ChatSession:
         info = self.backend.info()
         self.console.print(
             f"[bold]{info.get('model', self.model_name)}[/bold]  device {info.get('device', '?')}  "
-            f"dtype {info.get('dtype', '?')}  context {self.backend.context_length} tokens",
+            f"dtype {info.get('dtype', '?')}  context {self.backend.context_length} tokens{self._limit_note()}",
             highlight=False,
         )
         self.console.print(
@@ -260,7 +260,9 @@ class ChatSession:
         n = self.backend.count_tokens(self.conv.for_template(self.conv.messages[-1:]))
         if n >= limit:  # hopeless on its own: keep the history rather than drop it for nothing
             self.notice(
-                f"This message is too long: {n} tokens with the system prompt, the context holds {limit}.", style="red"
+                f"This message is too long: {n} tokens with the system prompt, the context holds {limit}"
+                f"{self._limit_note()}.",
+                style="red",
             )
             return False
         reserve = min(self.settings.max_tokens, max(1, limit // 4))
@@ -268,10 +270,15 @@ class ChatSession:
         dropped = fit_context(self.conv, self.backend.count_tokens, limit - reserve, target=keep)
         if dropped:
             self.notice(
-                f"(the conversation outgrew the {limit}-token context: dropped the {dropped} oldest "
-                f"message{'s' if dropped > 1 else ''})"
+                f"(the conversation outgrew the {limit}-token context{self._limit_note()}: dropped the {dropped} "
+                f"oldest message{'s' if dropped > 1 else ''})"
             )
         return True
+
+    def _limit_note(self) -> str:
+        """ ", limited by the KV cache (...)" when the KV budget, not the model, sets the context."""
+        why = getattr(self.backend, "context_limit", "")
+        return f", limited by {why}" if why else ""
 
     # ---- loops ----
     def run_interactive(self, read: Callable[[str], str] = input) -> None:

@@ -556,7 +556,8 @@ def test_piped_stdin(smollm2_gguf, tmp_path):
     assert "Paris" in r.stdout and "Berlin" in r.stdout and "Rome" in r.stdout
     assert "\x1b" not in r.stdout and "context" not in r.stdout  # no colour, no banner
     assert "invalid value for temperature: 'hot'" in r.stderr
-    assert f"outgrew the {pool}-token context: dropped the" in r.stderr
+    # the 0.01 GiB pool, not the model's 8,192 tokens, is the limit: chat says so
+    assert f"outgrew the {pool}-token context, limited by the KV cache ({pool:,} tokens at --kv-dtype auto" in r.stderr
 
 
 def test_show_reports_the_parameters_llm_show_reports(smollm2_gguf, tmp_path):
