@@ -78,3 +78,11 @@ def test_bench_batch_past_the_kv_cache(tiny_model, capsys, one_thread):
                           "--gen-len", "4", "--batch", "2", "--rounds", "1", "--json")  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["results"][0]["decode_tok_s"] > 0
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "chat", "perplexity", "serve"])
+def test_kv_dtype_is_checked_by_the_parser(no_weights, capsys, command):
+    args = [command, str(no_weights)] + (["hi"] if command == "run" else [])
+    code, out, err = _run(capsys, *args, "--kv-dtype", "int4")
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and "--kv-dtype" in err and "int8" in err and len(err.strip().splitlines()) == 1

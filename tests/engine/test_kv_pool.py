@@ -91,3 +91,16 @@ def test_the_pool_is_resident_only_where_written(tiny_model):
     small = LLMEngine(model, config, num_blocks=64)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert engine.generate([[1, 2, 3, 4]], params) == small.generate([[1, 2, 3, 4]], params)
+
+
+def test_int8_pool_is_what_llm_estimate_says_and_holds_1_94x_the_bf16_tokens(smollm2):
+    model, config = smollm2
+    per_token = kv_bytes_per_token(config, "int8")  # `llm estimate --kv-dtype int8`'s "KV cache per token"
+    assert per_token == 30 * 2 * 3 * (64 + 2)  # layers x (K, V) x kv heads x (int8 codes + one fp16 scale)
+    gib = 0.05
+    int8 = LLMEngine(model, config, kv_cache_gib=gib, kv_dtype="int8")
+    caches = int8.runner.caches + int8.runner.scales
+    assert sum(c.numel() * c.element_size() for c in caches) == (len(int8.block_manager.blocks) + 1) * BLOCK * per_token
+    bf16 = LLMEngine(model, config, kv_cache_gib=gib, kv_dtype="bf16")
+    assert int8.pool_tokens == int(gib * 2**30 // (BLOCK * per_token)) * BLOCK == 4512
+    assert bf16.pool_tokens == 2320 and int8.pool_tokens / bf16.pool_tokens > 1.9
