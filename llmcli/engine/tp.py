@@ -256,7 +256,7 @@ class _OffsetIds:
 
 def cache_bytes(runner: ModelRunner) -> int:
     """Bytes of a runner's KV pool (every layer, the scratch block included)."""
-    return sum(c.numel() * c.element_size() for c in runner.caches)
+    return sum(c.numel() * c.element_size() for c in runner.caches + runner.scales if c is not None)
 
 
 def follow(group: TPGroup) -> None:

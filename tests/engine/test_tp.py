@@ -69,6 +69,14 @@ def test_greedy_matches_one_process(family, tiny_model, two_ranks, one_thread):
         assert share.moe_intermediate_size == full.moe_intermediate_size // 2
 
 
+def test_int8_kv_matches_one_process(tiny_model, two_ranks, one_thread):
+    path = tiny_model("qwen3")  # each rank quantizes its own KV heads: the same codes as one process
+    expected = reference(path, kv_dtype="int8")
+    engine, got = split_run(path, two_ranks, kv_dtype="int8")
+    assert got == expected
+    assert engine.runner.inner.kv_storage == torch.int8
+
+
 def test_one_kv_head_is_replicated(tiny_model, two_ranks, one_thread):
     path = tiny_model("llama", num_key_value_heads=1)
     expected = reference(path)
@@ -77,13 +85,14 @@ def test_one_kv_head_is_replicated(tiny_model, two_ranks, one_thread):
     assert engine.runner.config.num_kv_heads == 1 and engine.runner.config.num_heads == 2
 
 
-def test_kv_bytes_per_rank_match_estimate(tiny_model, two_ranks, one_thread):
+@pytest.mark.parametrize("kv", ["fp32", "int8"])
+def test_kv_bytes_per_rank_match_estimate(kv, tiny_model, two_ranks, one_thread):
     path = tiny_model("llama")
-    engine = tp.load_engine(path, two_ranks, "cpu", torch.float32, tokenizer=False)
+    engine = tp.load_engine(path, two_ranks, "cpu", torch.float32, tokenizer=False, kv_dtype=kv)
     got = engine.runner.kv_bytes_per_rank()
     tokens = (engine.runner.num_blocks + 1) * engine.runner.block_size  # the pool and its scratch block
     r = subprocess.run(
-        [sys.executable, "-m", "llmcli", "estimate", str(path), "--tp", "2", "--kv-dtype", "fp32", "-c", str(tokens)]
+        [sys.executable, "-m", "llmcli", "estimate", str(path), "--tp", "2", "--kv-dtype", kv, "-c", str(tokens)]
         + ["--json"],
         capture_output=True,
         text=True,
