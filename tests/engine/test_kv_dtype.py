@@ -9,6 +9,7 @@ is measured 2-4x bf16's own error (gemma3, the worst, 1.9% vs 0.6%).
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import random_ids
 
 from llmcli.engine.llm_engine import LLMEngine
@@ -73,3 +74,38 @@ def test_mla_refuses_a_quantized_cache(tiny_model):
     model, config = load_model(tiny_model("deepseek_v2"))
     with pytest.raises(UserError, match="not supported for MLA"):
         LLMEngine(model, config, num_blocks=8, kv_dtype="int8")
+
+
+@pytest.mark.parametrize("method", ["ngram", "self"])
+def test_speculative_rollback_over_an_int8_cache(tiny_model, method):
+    """Rejected drafts roll the int8 cache back (codes and scales): greedy output is plain int8 decoding's, and a
+    draft with the target's own weights and cache format is accepted every time."""
+    from llmcli.engine.sampling_params import SamplingParams
+    from llmcli.engine.speculative import SpeculativeDecoder
+
+    model, config = load_model(tiny_model("llama"))
+    target = LLMEngine(model, config, block_size=4, num_blocks=128, kv_dtype="int8")
+    draft = LLMEngine(model, config, block_size=4, num_blocks=128, kv_dtype="int8") if method == "self" else None
+    prompt = [5, 17, 42, 99, 7, 5, 17, 42, 99, 7, 5, 17, 3, 250, 12, 5, 17]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = target.generate([prompt], params)[0]
+    dec = SpeculativeDecoder(target, draft, method="draft" if draft else "ngram", num_draft=5)
+    assert dec.generate(prompt, params) == plain
+    assert dec.stats.drafted > 0
+    if method == "self":
+        assert dec.stats.acceptance_rate == 1.0
+
+
+def test_prefix_cache_reuses_int8_blocks_with_their_scales(tiny_model):
+    model, config = load_model(tiny_model("llama"))
+    prompt = random_ids(40, 3)
+    fresh = LLMEngine(model, config, block_size=16, num_blocks=32, kv_dtype="int8")
+    want = fresh.forward_window(prompt)
+    cached = LLMEngine(model, config, block_size=16, num_blocks=32, kv_dtype="int8")
+    first = cached.add(prompt[:33])
+    cached.forward_logits([first])
+    cached.release(first)  # its two full blocks stay cached
+    seq = cached.add(prompt)
+    assert seq.num_cached_prompt == 32
+    got = cached.forward_logits([seq])[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
