@@ -1,4 +1,5 @@
-"""Weights -> model: build the transformer without initializing it, then stream tensors in one by one.
+"""Weights -> model: build the transformer without initializing it (llmcli.models.empty), then stream tensors in one
+by one.
 
 Sources: safetensors (single file or sharded with model.safetensors.index.json), memory-mapped with safe_open,
 and GGUF through llmcli.quant.gguf_kept.iter_gguf_kept. Each tensor is copied straight into its (already allocated)
@@ -23,6 +24,7 @@ from llmcli.formats import is_gguf
 from llmcli.formats.gguf_config import load_gguf_config
 from llmcli.formats.gguf_tensors import gguf_tensor_types
 from llmcli.formats.safetensors import iter_safetensors
+from llmcli.models.empty import empty_init, to_empty
 from llmcli.models.transformer import Transformer
 from llmcli.models.weights import FUSED, fused_shards, rename, target_module
 from llmcli.quant import QuantSpec, compressed_tensors, gptq_format, quantizable_linears
@@ -135,7 +137,7 @@ def build_model(
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"):
+        with empty_init():
             model = Transformer(config)
             if quantization_config:
                 prepare_model(model, config, quantization_config)
@@ -143,7 +145,7 @@ def build_model(
                 swap(model)
     finally:
         torch.set_default_dtype(prev)
-    model = model.to_empty(device=device)
+    model = to_empty(model, device)
     if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
     elif config.tie_word_embeddings and hasattr(model.model.embed_tokens, "qweight"):
@@ -193,7 +195,7 @@ def gguf_keep_plan(config: ModelConfig, types: dict[str, object]) -> dict[str, t
     int8 kernel too. Anything else (K-quants, F16, a mix of 4- and 8-bit parts, Q4 embeddings, MoE
     experts, norms) is expanded to the model dtype as before.
     """
-    with torch.device("meta"):
+    with empty_init():
         model = Transformer(config)
     targets = dict(quantizable_linears(model, QuantSpec(bits=8, quantize_embeddings=True)))
     sources: dict[str, list[str]] = {}

@@ -123,7 +123,8 @@ def gguf_bpe(meta: dict[str, Any]) -> Backend:
 
     def spell(t: str) -> str:
         # Real vocabulary entries are already in the byte alphabet; some converters store added tokens raw.
-        return t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8"))
+        # (issuperset walks the string: no set is built for each of the ~50k tokens on the start-up path)
+        return t if spelled.issuperset(t) else "".join(alphabet[b] for b in t.encode("utf-8"))
 
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
@@ -162,7 +163,7 @@ def gguf_bpe(meta: dict[str, Any]) -> Backend:
     control = [
         AddedToken(t, special=True, normalized=False)
         for t, ty in zip(tokens, types)
-        if ty == CONTROL and set(t) <= spelled
+        if ty == CONTROL and spelled.issuperset(t)
     ]
     user = [
         AddedToken(t, special=False, normalized=False)
