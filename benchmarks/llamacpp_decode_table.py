@@ -42,15 +42,13 @@ def cpu_flags() -> str:
 
 def default_q8(q4: Path) -> Path:
     """A Q8_0 GGUF written by `llm quantize` from the Q4_1 file, made once and reused."""
-    out = (
-        Path(tempfile.gettempdir()) / "llmcli-bench" / (q4.name.replace("Q4_1", "Q8_0").removesuffix(".gguf") + ".gguf")
-    )
-    if out.name == q4.name:
-        out = out.with_name(out.stem + ".Q8_0.gguf")
+    name = q4.name.replace("Q4_1", "Q8_0") if "Q4_1" in q4.name else f"{q4.stem}.Q8_0.gguf"
+    out = Path(tempfile.gettempdir()) / "llmcli-bench" / name
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        llm = Path(sys.executable).parent / "llm"
-        cmd = [str(llm), "quantize", str(q4), "--format", "gguf", "--bits", "8", "-o", str(out)]
+        # the `llm` entry point of this interpreter (llmcli.cli:main), so no PATH lookup is needed
+        code = "import sys; from llmcli.cli import main; sys.argv[0] = 'llm'; sys.exit(main())"
+        cmd = [sys.executable, "-c", code, "quantize", str(q4), "--format", "gguf", "--bits", "8", "-o", str(out)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out
 
