@@ -28,9 +28,9 @@ from llmcli.models.empty import empty_init, to_empty
 from llmcli.models.transformer import Transformer
 from llmcli.models.weights import FUSED, fused_shards, rename, target_module
 from llmcli.quant import QuantSpec, compressed_tensors, gptq_format, quantizable_linears
-from llmcli.quant.embedding import Int8Embedding, tie_quantized_head
+from llmcli.quant.embedding import HalfEmbedding, Int8Embedding, QuantEmbedding, tie_quantized_head
 from llmcli.quant.gguf_kept import KEEP_INT4, KEEP_INT8, KEPT_GROUP_SIZE, iter_gguf_kept
-from llmcli.quant.linear import Int4OffsetLinear, Int8Linear
+from llmcli.quant.linear import HalfLinear, Int4OffsetLinear, Int8Linear
 from llmcli.quant.prepare import prepare_model, set_module
 
 
@@ -148,7 +148,7 @@ def build_model(
     model = to_empty(model, device)
     if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
-    elif config.tie_word_embeddings and hasattr(model.model.embed_tokens, "qweight"):
+    elif config.tie_word_embeddings and isinstance(model.model.embed_tokens, QuantEmbedding):
         tie_quantized_head(model)  # one quantized table serves the lookup and the head's kernel
     return model.eval()
 
@@ -192,7 +192,10 @@ def gguf_keep_plan(config: ModelConfig, types: dict[str, object]) -> dict[str, t
     gate/up) is Q4_0/Q4_1 ("int4": llmcli.quant.linear.Int4OffsetLinear, group 32) or every one is Q8_0
     ("int8": Int8Linear). A Q8_0 token embedding becomes an Int8Embedding; tied, lm_head shares its table
     (the loader ties them), so the output projection -- the largest matmul of a small model -- runs the
-    int8 kernel too. Anything else (K-quants, F16, a mix of 4- and 8-bit parts, Q4 embeddings, MoE
+    int8 kernel too. An F16 token embedding of a tied model whose decoder linears are kept becomes a
+    HalfEmbedding and its head a HalfLinear ("f16": the file's fp16 values, half the bytes of the fp32 head
+    that dominates a small model's decode; `llm quantize --format gguf` writes embeddings F16). Anything else
+    (K-quants, other F16 weights, a mix of 4- and 8-bit parts, Q4 embeddings, MoE
     experts, norms) is expanded to the model dtype as before.
     """
     with empty_init():
@@ -218,6 +221,9 @@ def gguf_keep_plan(config: ModelConfig, types: dict[str, object]) -> dict[str, t
         plan["model.embed_tokens"] = ("int8", ["model.embed_tokens.weight"])
         if config.tie_word_embeddings and "lm_head" in targets:
             plan["lm_head"] = ("int8", [])  # no tensor of its own: it shares the embedding's
+    elif emb is not None and emb.name == "F16" and plan and config.tie_word_embeddings and "lm_head" in targets:
+        plan["model.embed_tokens"] = ("f16", [])  # loaded as a plain tensor, cast exactly into fp16
+        plan["lm_head"] = ("f16", [])
     return plan
 
 
@@ -226,7 +232,9 @@ def _swap_kept(model: nn.Module, plan: dict[str, tuple[str, list[str]]]) -> None
     for module, (kind, _) in plan.items():
         m = model.get_submodule(module)
         if isinstance(m, nn.Embedding):
-            new = Int8Embedding(m.num_embeddings, m.embedding_dim)
+            new = (HalfEmbedding if kind == "f16" else Int8Embedding)(m.num_embeddings, m.embedding_dim)
+        elif kind == "f16":
+            new = HalfLinear(m.in_features, m.out_features)
         elif kind == "int4":
             new = Int4OffsetLinear(m.in_features, m.out_features, KEPT_GROUP_SIZE, m.bias is not None)
         else:

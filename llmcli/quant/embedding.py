@@ -70,6 +70,21 @@ class Int4Embedding(QuantEmbedding):
         return dequantize_int4(unpack_int4(self.qweight), self.scales, self.zeros, dtype)
 
 
+class HalfEmbedding(QuantEmbedding):
+    """row = weight[id] from an fp16 table (a GGUF's F16 token embedding, exact in fp16): half the memory of the
+    expanded fp32 table, and a tied HalfLinear head reads the same bytes (tie_quantized_head)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim)
+        self.weight = frozen_param(num_embeddings, embedding_dim, dtype=torch.float16)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].to(self.out_dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+
 def make_quant_embedding(m: nn.Embedding, bits: int, group_size: int) -> QuantEmbedding:
     if bits == 8:
         return Int8Embedding(m.num_embeddings, m.embedding_dim)
@@ -82,7 +97,7 @@ def tie_quantized_head(model: nn.Module) -> None:
 
     Called after the model is materialised (to_empty gives tied meta parameters separate storage)."""
     emb, head = model.model.embed_tokens, model.lm_head
-    for name in ("qweight", "scales", "zeros"):
+    for name in ("qweight", "scales", "zeros", "weight"):
         if hasattr(emb, name):
             setattr(head, name, getattr(emb, name))
     if hasattr(head, "_kernel"):

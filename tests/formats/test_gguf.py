@@ -555,6 +555,12 @@ def test_keep_plan_needs_every_fused_part_in_one_kind():
         "model.embed_tokens": "int8",
         "lm_head": "int8",
     }
+    types["model.embed_tokens.weight"] = Q.F16  # tied F16 table (our own Q8_0 export): fp16 table and head
+    assert {m: k for m, (k, _) in gguf_keep_plan(from_hf_dict({**hf, "tie_word_embeddings": True}), types).items()} == {
+        **layers,
+        "model.embed_tokens": "f16",
+        "lm_head": "f16",
+    }
     types["model.embed_tokens.weight"] = Q.Q4_1
     assert {
         m: k for m, (k, _) in gguf_keep_plan(from_hf_dict({**hf, "tie_word_embeddings": True}), types).items()

@@ -435,3 +435,28 @@ def test_unwritable_sources_are_user_errors(tiny_model, tmp_path, capsys):
     code, _, err = _run(capsys, "quantize", str(llama), "--gguf-type", "q8_0", "-o", str(tmp_path / "d"))
     assert code == 1 and "--gguf-type needs --format gguf" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_f16_tied_embedding_kept_in_fp16(tiny_chat, tmp_path, one_thread):
+    """Our Q8_0 export writes the tied embedding F16: loaded kept, the table stays the file's fp16 values (not
+    an fp32 copy) and the head reads those same bytes, with logits close to the fully dequantized model's."""
+    from llmcli.engine.llm_engine import LLMEngine
+    from llmcli.engine.loader import load_model
+    from llmcli.formats.gguf_tensors import iter_gguf_tensors
+    from llmcli.quant.embedding import HalfEmbedding
+    from llmcli.quant.linear import HalfLinear
+
+    src = tiny_chat("llama", "smollm", tie_word_embeddings=True, rope_scaling=None)
+    out = tmp_path / "tied.gguf"
+    write_gguf(src, out, QuantSpec(bits=8))
+    file_table = dict(iter_gguf_tensors(out))["model.embed_tokens.weight"]
+    model, config = load_model(out)
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert type(emb) is HalfEmbedding and type(head) is HalfLinear
+    assert emb.weight.dtype == torch.float16 and head.weight.data_ptr() == emb.weight.data_ptr()
+    assert torch.equal(emb.weight.float(), file_table)
+    ids = [1, 504, 2, 365, 54, 164, 270, 69, 260, 237, 276, 30]
+    engines = [LLMEngine(*m, block_size=16, num_blocks=8) for m in ((model, config), load_model(out, dequantize=True))]
+    kept, dense = (e.forward_logits([e.add(ids)], all_positions=True)[0] for e in engines)
+    err = (kept - dense).abs().max().item() / dense.abs().max().item()
+    assert err < 0.03, err
