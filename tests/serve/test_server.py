@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import httpx
@@ -216,6 +217,44 @@ def test_disconnect_after_3_chunks_frees_the_blocks(server, name):
     generated = m["llmcli_generation_tokens_total"]
     time.sleep(0.5)
     assert metrics(server)["llmcli_generation_tokens_total"] == generated  # nothing still decodes for it
+
+
+def _wait_for(server, what, timeout: float = 20) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while not what(m := metrics(server)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return m
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_disconnect_before_a_whole_reply_frees_the_blocks(server, name, path):
+    """A non-streamed request whose client leaves mid-generation is aborted at the engine's next step: far fewer
+    than its max tokens are generated, its blocks go back, nothing decodes for it after. (Ollama's "stream":
+    false takes the same route code; it has no ignore_eos to make a reply reliably long.)"""
+    max_tokens = 3000
+    prompt = {"messages": QUESTION} if path.endswith("chat/completions") else {"prompt": "The capital of France is"}
+    fields = {"model": name, **prompt, "max_tokens": max_tokens, "stream": False, "ignore_eos": True}
+    body = json.dumps(fields).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    idle = metrics(server)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head.encode() + body)
+        running = _wait_for(
+            server, lambda m: m["llmcli_generation_tokens_total"] >= idle["llmcli_generation_tokens_total"] + 8
+        )
+        assert running["llmcli_kv_cache_blocks_used"] > idle["llmcli_kv_cache_blocks_used"]  # it holds blocks
+    m = _wait_for(server, lambda m: m["llmcli_kv_cache_blocks_used"] == idle["llmcli_kv_cache_blocks_used"])
+    assert m["llmcli_kv_cache_blocks_used"] == idle["llmcli_kv_cache_blocks_used"]
+    assert m["llmcli_num_requests_running"] == 0
+    generated = m["llmcli_generation_tokens_total"] - idle["llmcli_generation_tokens_total"]
+    time.sleep(0.5)
+    assert metrics(server)["llmcli_generation_tokens_total"] - idle["llmcli_generation_tokens_total"] == generated
+    assert generated < max_tokens / 4  # aborted, not run to its end
+    assert f"POST {path} 499" in server.text_log()
 
 
 def test_metrics_count_tokens_and_latencies(server, greedy):
