@@ -23,7 +23,7 @@ from llmcli.hub.inspect import show_model
 from llmcli.serve import ollama_protocol as ollama
 from llmcli.serve import openai_protocol as openai
 from llmcli.serve.errors import APIError
-from llmcli.serve.generation import Generation
+from llmcli.serve.generation import Generation, Generations, Job
 from llmcli.serve.metrics import Metrics
 from llmcli.serve.middleware import BodyLimit, RequestLog
 from llmcli.serve.model import ServedModel
@@ -155,8 +155,13 @@ async def _whole(request: Request, collect: Awaitable[dict]) -> dict | None:
     return None if reply.cancelled() else reply.result()
 
 
-def _run(request: Request, model: ServedModel, metrics: Metrics, job) -> Generation:
-    gen = Generation(model, metrics, job)
+def _run(request: Request, model: ServedModel, metrics: Metrics, jobs: list[Job]) -> Generation | Generations:
+    """Submit the request's jobs (one, or one per prompt of a completions list), before any response starts."""
+    gen = (
+        Generation(model, metrics, jobs[0])
+        if len(jobs) == 1
+        else Generations([Generation(model, metrics, j) for j in jobs])
+    )
     gen.start()
     request.state.gen = gen
     return gen
@@ -170,8 +175,8 @@ def _openai_routes(app: FastAPI, model: ServedModel, metrics: Metrics, guarded: 
     async def respond(request: Request, body: openai.ChatRequest | openai.CompletionRequest, chat: bool):
         model.check_name(body.model)
         model.require()
-        job = openai.chat_job(body, model) if chat else openai.completion_job(body, model)
-        reply = openai.Reply(_run(request, model, metrics, job), model.name, chat, body.include_usage)
+        jobs = [openai.chat_job(body, model)] if chat else openai.completion_jobs(body, model)
+        reply = openai.Reply(_run(request, model, metrics, jobs), model.name, chat, body.include_usage)
         if body.stream:
             return StreamingResponse(_counted(request, reply.sse(), sse=True), media_type="text/event-stream")
         out = await _whole(request, reply.collect())
@@ -225,7 +230,7 @@ def _ollama_routes(app: FastAPI, model: ServedModel, metrics: Metrics, guarded: 
                 "done_reason": "load",
             }
         job = ollama.chat_job(body, model) if chat else ollama.generate_job(body, model)
-        reply = ollama.Reply(_run(request, model, metrics, job), model.name, chat)
+        reply = ollama.Reply(_run(request, model, metrics, [job]), model.name, chat)
         if body.stream:
             return StreamingResponse(_counted(request, reply.lines(), sse=False), media_type="application/x-ndjson")
         out = await _whole(request, reply.collect())

@@ -182,6 +182,44 @@ def test_completions_with_logprobs_streamed_and_not(client, name):
     assert streamed == c.text
 
 
+def test_completions_prompt_list_gives_n_choices_per_prompt(client, name, smollm2_gguf):
+    """OpenAI's semantics: choice p * n + j is sample j of prompt p, streamed and not; each is that prompt's reply
+    asked alone (greedy); token-id lists are prompts too; usage counts every prompt and choice."""
+    prompts = ["The capital of France is", "One, two, three,", "Water boils at"]
+    args = dict(model=name, temperature=0, max_tokens=8)
+    alone = [client.completions.create(prompt=p, **args) for p in prompts]
+    r = client.completions.create(prompt=prompts, n=2, **args)
+    assert [c.index for c in r.choices] == list(range(6))
+    assert [c.text for c in r.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert r.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    streamed = [""] * 6
+    finished = set()
+    for chunk in client.completions.create(prompt=prompts, n=2, stream=True, **args):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+            if c.finish_reason:
+                finished.add(c.index)
+    assert streamed == [c.text for c in r.choices] and finished == set(range(6))
+    tok = load_tokenizer(smollm2_gguf)
+    ids = [tok.encode(p) for p in prompts[:2]]
+    by_ids = client.completions.create(prompt=ids, **args)
+    assert [c.text for c in by_ids.choices] == [a.choices[0].text for a in alone[:2]]
+    assert by_ids.usage.prompt_tokens == sum(map(len, ids))
+
+
+def test_completions_prompt_list_refusals(server, name):
+    url, ok = server.url + "/v1/completions", {"model": name, "max_tokens": 2}
+    cases = [([], "prompt"), (["fine", ""], "prompt[1]"), ([[1, 2], [10**9]], "prompt[1]")]
+    for prompt, param in cases:
+        r = httpx.post(url, json={**ok, "prompt": prompt}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(url, json={**ok, "prompt": ["x"] * 49}, headers=AUTH)  # 16 running + 32 queued at most
+    assert r.status_code == 400 and "1 to 48 prompts" in r.json()["error"]["message"]
+    m = metrics(server)
+    assert m["llmcli_num_requests_running"] == 0 and m["llmcli_num_requests_waiting"] == 0  # nothing left queued
+
+
 def test_16_concurrent_streams_give_the_alone_text(aclient, name):
     prompts = [f"Count from {i} to {i + 5}." for i in range(4)]
 
@@ -197,7 +235,7 @@ def test_16_concurrent_streams_give_the_alone_text(aclient, name):
         return alone, together
 
     alone, together = asyncio.run(run())
-    assert all(t == alone[i % 4] for i, t in enumerate(together))
+    assert all(t == alone[i % 4] for i, t in enumerate(together)), (alone, together)
 
 
 def test_disconnect_after_3_chunks_frees_the_blocks(server, name):
