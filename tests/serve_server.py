@@ -18,6 +18,41 @@ import httpx
 API_KEY = "test-key"
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (children, their children...), from /proc's parent links."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def gone(pids: list[int], timeout: float = 0.0) -> bool:
+    """Whether every pid has exited (a zombie counts: it waits only for its new parent to reap it), waiting up to
+    timeout seconds for it."""
+
+    def exited(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+
+    deadline = time.monotonic() + timeout
+    while not all(exited(p) for p in pids):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

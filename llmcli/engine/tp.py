@@ -163,6 +163,13 @@ def _torchrun_world() -> tuple[int, int, int] | None:
     return None
 
 
+def torchrun_follower() -> bool:
+    """This process is a rank other than 0 of a torchrun launch: it only follows rank 0 (load_engine never returns
+    there; a command that does more than load, like `llm serve`, must not do the rest)."""
+    launched = _torchrun_world()
+    return launched is not None and launched[0] != 0
+
+
 def start_group(world: int, device_type: str) -> TPGroup:
     """This process's TPGroup, with SIGINT blocked in the communication threads it starts (they inherit the mask;
     Ctrl-C then reaches the main thread only, between steps)."""
@@ -372,6 +379,12 @@ def shutdown() -> None:
         _GROUP = None
 
 
+def check_split(path: str | Path, tensor_parallel: int) -> None:
+    """UserError when the model's heads cannot be split over `tensor_parallel` ranks (reads only the config)."""
+    config = load_gguf_config(path) if is_gguf(path) else load_config(path)
+    plan(config, tensor_parallel)
+
+
 def load_engine(
     path: str | Path,
     tensor_parallel: int = 1,
@@ -398,8 +411,7 @@ def load_engine(
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cpu" and dt == torch.float16:
         raise UserError("float16 is not supported on CPU; use float32 or bfloat16")
-    config = load_gguf_config(path) if is_gguf(path) else load_config(path)
-    plan(config, tensor_parallel)  # heads that cannot be split: said before any process starts
+    check_split(path, tensor_parallel)  # heads that cannot be split: said before any process starts
     group = _group(tensor_parallel, dev.type)
     spec = LoadSpec(str(path), dt, dequantize, block_size, kv_cache_gib, max_batch, kv_dtype)
     group.busy = True  # interrupted while loading: the followers are in a collective, close() kills them

@@ -4,9 +4,12 @@ that keep every failure a JSON error (never a traceback)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -20,7 +23,7 @@ from llmcli.hub.inspect import show_model
 from llmcli.serve import ollama_protocol as ollama
 from llmcli.serve import openai_protocol as openai
 from llmcli.serve.errors import APIError
-from llmcli.serve.generation import Generation
+from llmcli.serve.generation import Generation, Generations, Job
 from llmcli.serve.metrics import Metrics
 from llmcli.serve.middleware import BodyLimit, RequestLog
 from llmcli.serve.model import ServedModel
@@ -28,6 +31,7 @@ from llmcli.serve.model import ServedModel
 log = logging.getLogger("uvicorn.error")
 MAX_BODY_BYTES = 8 * 2**20  # far past any prompt a context holds; a larger body is refused (413), not buffered
 SHUTDOWN_GRACE_S = 2.0  # in-flight requests' time to finish when the app shuts down (server.py starts it on a signal)
+CLIENT_GONE = 499  # nginx's "client closed request": the log line of a whole reply whose client left before it
 
 
 def _invalid(errors) -> APIError:
@@ -128,8 +132,36 @@ def create_app(model: ServedModel, api_key: str | None = None) -> RequestLog:  #
     return RequestLog(BodyLimit(app, MAX_BODY_BYTES))
 
 
-def _run(request: Request, model: ServedModel, metrics: Metrics, job) -> Generation:
-    gen = Generation(model, metrics, job)
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read already, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _whole(request: Request, collect: Awaitable[dict]) -> dict | None:
+    """The whole (non-streamed) reply, or None when the client disconnects first: collecting is then cancelled,
+    which aborts the request (Generation.deltas), so it leaves the batch at the engine's next step and frees its
+    KV blocks, as a streamed request's disconnect does."""
+    reply = asyncio.ensure_future(collect)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({reply, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not reply.done():
+            reply.cancel()  # the client left (or this handler was cancelled): stop generating for it
+            with contextlib.suppress(asyncio.CancelledError):
+                await reply  # its abort has been posted when this returns
+    return None if reply.cancelled() else reply.result()
+
+
+def _run(request: Request, model: ServedModel, metrics: Metrics, jobs: list[Job]) -> Generation | Generations:
+    """Submit the request's jobs (one, or one per prompt of a completions list), before any response starts."""
+    gen = (
+        Generation(model, metrics, jobs[0])
+        if len(jobs) == 1
+        else Generations([Generation(model, metrics, j) for j in jobs])
+    )
     gen.start()
     request.state.gen = gen
     return gen
@@ -143,13 +175,13 @@ def _openai_routes(app: FastAPI, model: ServedModel, metrics: Metrics, guarded: 
     async def respond(request: Request, body: openai.ChatRequest | openai.CompletionRequest, chat: bool):
         model.check_name(body.model)
         model.require()
-        job = openai.chat_job(body, model) if chat else openai.completion_job(body, model)
-        reply = openai.Reply(_run(request, model, metrics, job), model.name, chat, body.include_usage)
+        jobs = [openai.chat_job(body, model)] if chat else openai.completion_jobs(body, model)
+        reply = openai.Reply(_run(request, model, metrics, jobs), model.name, chat, body.include_usage)
         if body.stream:
             return StreamingResponse(_counted(request, reply.sse(), sse=True), media_type="text/event-stream")
-        out = await reply.collect()
-        request.state.tokens = out["usage"]["completion_tokens"]
-        return out
+        out = await _whole(request, reply.collect())
+        request.state.tokens = request.state.gen.completion_tokens
+        return out if out is not None else Response(status_code=CLIENT_GONE)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(request: Request):
@@ -198,12 +230,12 @@ def _ollama_routes(app: FastAPI, model: ServedModel, metrics: Metrics, guarded: 
                 "done_reason": "load",
             }
         job = ollama.chat_job(body, model) if chat else ollama.generate_job(body, model)
-        reply = ollama.Reply(_run(request, model, metrics, job), model.name, chat)
+        reply = ollama.Reply(_run(request, model, metrics, [job]), model.name, chat)
         if body.stream:
             return StreamingResponse(_counted(request, reply.lines(), sse=False), media_type="application/x-ndjson")
-        out = await reply.collect()
-        request.state.tokens = out["eval_count"]
-        return out
+        out = await _whole(request, reply.collect())
+        request.state.tokens = request.state.gen.completion_tokens
+        return out if out is not None else Response(status_code=CLIENT_GONE)
 
     @app.post("/api/chat", dependencies=guarded)
     async def chat(request: Request):

@@ -5,11 +5,14 @@ Generation submits it (refusals surface before any response starts: 400 for a pr
 full queue), then turns the engine's token events into each sample's text: end-of-sequence tokens dropped,
 multi-token characters held until complete (StreamDecoder), stop strings cut (StopText). A sample whose stop
 string appeared is aborted alone (the others go on); when every sample is done, or the consumer goes away (a client
-that disconnects), the request is aborted so its KV blocks return to the pool.
+that disconnects), the request is aborted so its KV blocks return to the pool. Generations runs several prompts of
+one request (OpenAI's `prompt` list) together, as one reply's choices.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -82,6 +85,10 @@ class Generation:
             raise APIError(400, str(e), param=self.job.prompt_param, code="context_length_exceeded") from None
 
     @property
+    def num_choices(self) -> int:
+        return self.job.n
+
+    @property
     def prompt_tokens(self) -> int:
         return len(self.job.prompt_ids)
 
@@ -144,6 +151,70 @@ class Generation:
             self.handle.abort(ev.index)  # this sample's stop string appeared: only it leaves the batch
         events, s.events = s.events, []
         return Delta(ev.index, text, events, finish)
+
+
+class Generations:
+    """Several prompts of one request, each its own Generation (engine request), all submitted before any reply
+    and decoded in the same batches. Reads as one Generation whose choice p * n + j is sample j of prompt p
+    (OpenAI's order); usage is the sum."""
+
+    def __init__(self, gens: list[Generation]):
+        self.gens = gens
+        self.job, self.tokenizer = gens[0].job, gens[0].tokenizer  # the prompts share everything but their ids
+
+    def start(self) -> None:
+        """Submit every prompt; when one is refused (400 / 503) the ones already queued are aborted."""
+        for i, g in enumerate(self.gens):
+            try:
+                g.start()
+            except Exception:
+                for started in self.gens[:i]:
+                    started.handle.abort()
+                raise
+
+    @property
+    def num_choices(self) -> int:
+        return sum(g.num_choices for g in self.gens)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(g.prompt_tokens for g in self.gens)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(g.cached_tokens for g in self.gens)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(g.completion_tokens for g in self.gens)
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Every prompt's deltas as they arrive, indexed by choice. Leaving early (a client gone) cancels the
+        readers, which aborts every prompt's request."""
+        queue: asyncio.Queue = asyncio.Queue()
+        offsets = [sum(g.num_choices for g in self.gens[:i]) for i in range(len(self.gens))]
+
+        async def read(g: Generation, offset: int) -> None:
+            try:
+                async for d in g.deltas():
+                    queue.put_nowait(dataclasses.replace(d, index=offset + d.index))
+                queue.put_nowait(None)
+            except Exception as e:  # noqa: BLE001 - re-raised to the reply's reader below
+                queue.put_nowait(e)
+
+        readers = [asyncio.ensure_future(read(g, o)) for g, o in zip(self.gens, offsets)]
+        try:
+            left = len(readers)
+            while left:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                left -= item is None
+                if item is not None:
+                    yield item
+        finally:
+            for r in readers:
+                r.cancel()
 
 
 def settle_params(model: ServedModel, max_tokens: int | None, **fields) -> SamplingParams:

@@ -2,6 +2,9 @@
 
 Until it is ready every inference route answers 503 (and /health too). A failed load is logged with its one-line
 reason and stops the server (on_failure); `llm serve` then exits with that error.
+
+With --tensor-parallel N the load thread starts the N - 1 worker processes (llmcli.engine.tp); the engine thread
+then drives rank 0's runner, which broadcasts every step to them. shutdown() stops them after the engine thread.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmcli.engine import async_engine
+from llmcli.engine import async_engine, tp
 from llmcli.engine.llm_engine import LLMEngine
 from llmcli.errors import UserError
 from llmcli.serve.errors import APIError
@@ -41,6 +44,7 @@ class LoadOptions:
     kv_cache_gib: float | None = None
     dequantize: bool = False
     kv_dtype: str | None = None
+    tensor_parallel: int = 1
 
 
 @dataclass
@@ -71,10 +75,11 @@ class ServedModel:
         t0 = time.perf_counter()
         try:
             o, lim = self.load, self.limits
-            llm = LLMEngine.load(
+            llm = tp.load_engine(
                 self.path,
-                device=o.device,
-                dtype=o.dtype,
+                o.tensor_parallel,
+                o.device,
+                o.dtype,
                 kv_cache_gib=o.kv_cache_gib,
                 dequantize=o.dequantize,
                 kv_dtype=o.kv_dtype,
@@ -92,7 +97,8 @@ class ServedModel:
             engine.start()
             self.llm, self.load_s, self.loaded_at = llm, time.perf_counter() - t0, time.time()
             self.engine = engine  # last: `ready` turns true only once everything above is in place
-            log.info("model %s loaded in %.1f s (%s)", self.name, self.load_s, llm.device)
+            ranks = f", {o.tensor_parallel} tensor-parallel ranks" if o.tensor_parallel > 1 else ""
+            log.info("model %s loaded in %.1f s (%s%s)", self.name, self.load_s, llm.device, ranks)
         except Exception as e:  # noqa: BLE001 - any load failure is reported by /health and the routes, not raised
             self.error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             log.error("loading %s failed: %s", self.path, self.error)
@@ -124,3 +130,7 @@ class ServedModel:
         task = self.begin_shutdown(grace_s)
         if task is not None:
             await task
+        if self.load.tensor_parallel > 1 and not (self._thread and self._thread.is_alive()):
+            # the engine thread has stopped: tell the workers to stop and wait for them (a load still under way
+            # is left to the exit hook, which kills the workers it strands in a collective)
+            await asyncio.to_thread(tp.shutdown)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmcli.engine.async_engine import TokenEvent
 from llmcli.engine.text import prompt_ids, text_ids
 from llmcli.serve.errors import APIError
-from llmcli.serve.generation import Generation, Job, settle_params
+from llmcli.serve.generation import Generation, Generations, Job, settle_params
 from llmcli.serve.model import ServedModel
 from llmcli.tokenizer import Tokenizer
 
@@ -107,8 +107,14 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]  # one prompt, or several: a choice (n) each
     logprobs: int | None = Field(None, ge=0, le=5)
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
 
 
 def _text(m: Message, i: int) -> str:
@@ -149,34 +155,32 @@ def chat_job(req: ChatRequest, model: ServedModel) -> Job:
     )
 
 
-def completion_job(req: CompletionRequest, model: ServedModel) -> Job:
+def completion_jobs(req: CompletionRequest, model: ServedModel) -> list[Job]:
+    """A Job per prompt (text or token ids), sharing the request's sampling. 400 for an empty prompt or list, a
+    token id outside the vocabulary, or more prompts than the server queues (they could never all run)."""
     llm, _ = model.require()
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise APIError(400, "only one prompt per request is supported", param="prompt")
-        prompt = prompt[0]
-    ids = text_ids(llm.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    try:
-        llm.check_ids(ids)
-    except Exception as e:  # a token id outside the vocabulary (UserError)
-        raise APIError(400, str(e), param="prompt") from None
-    return Job(
-        ids,
-        req.sampling(model, req.max_tokens),
-        n=req.n,
-        logprobs=req.logprobs,
-        stops=req.stops(),
-        prompt_param="prompt",
-    )
+    prompts = req.prompts()
+    most = model.limits.max_num_seqs + model.limits.max_queue
+    if not prompts or len(prompts) > most:
+        raise APIError(400, f"prompt takes 1 to {most} prompts on this server, got {len(prompts)}", param="prompt")
+    params, stops, jobs = req.sampling(model, req.max_tokens), req.stops(), []
+    for i, prompt in enumerate(prompts):
+        where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        ids = text_ids(llm.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise APIError(400, f"{where} is empty", param=where)
+        try:
+            llm.check_ids(ids)
+        except Exception as e:  # a token id outside the vocabulary (UserError)
+            raise APIError(400, f"{where}: {e}", param=where) from None
+        jobs.append(Job(ids, params, n=req.n, logprobs=req.logprobs, stops=stops, prompt_param=where))
+    return jobs
 
 
 # ---- responses -------------------------------------------------------------------------------------------
 
 
-def usage(gen: Generation) -> dict:
+def usage(gen: Generation | Generations) -> dict:
     return {
         "prompt_tokens": gen.prompt_tokens,
         "completion_tokens": gen.completion_tokens,
@@ -236,7 +240,7 @@ class CompletionLogprobs:
 class Reply:
     """Builds one request's OpenAI responses: whole (collect) or as SSE lines (sse)."""
 
-    def __init__(self, gen: Generation, model_name: str, chat: bool, include_usage: bool = False):
+    def __init__(self, gen: Generation | Generations, model_name: str, chat: bool, include_usage: bool = False):
         self.gen, self.model_name, self.chat, self.include_usage = gen, model_name, chat, include_usage
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -255,7 +259,7 @@ class Reply:
         }
 
     async def collect(self) -> dict:
-        n = self.gen.job.n
+        n = self.gen.num_choices
         texts, finish = [""] * n, ["stop"] * n
         chat_lp: list[list[dict]] = [[] for _ in range(n)]
         comp_lp = [CompletionLogprobs() for _ in range(n)]
@@ -292,9 +296,9 @@ class Reply:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     async def sse(self) -> AsyncIterator[str]:
-        comp_lp = [CompletionLogprobs() for _ in range(self.gen.job.n)]
+        comp_lp = [CompletionLogprobs() for _ in range(self.gen.num_choices)]
         if self.chat:
-            yield self._chunk([self._choice(i, "", None, None, role=True) for i in range(self.gen.job.n)])
+            yield self._chunk([self._choice(i, "", None, None, role=True) for i in range(self.gen.num_choices)])
         async for d in self.gen.deltas():
             lp = None
             if self.want_logprobs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import httpx
@@ -181,6 +182,44 @@ def test_completions_with_logprobs_streamed_and_not(client, name):
     assert streamed == c.text
 
 
+def test_completions_prompt_list_gives_n_choices_per_prompt(client, name, smollm2_gguf):
+    """OpenAI's semantics: choice p * n + j is sample j of prompt p, streamed and not; each is that prompt's reply
+    asked alone (greedy); token-id lists are prompts too; usage counts every prompt and choice."""
+    prompts = ["The capital of France is", "One, two, three,", "Water boils at"]
+    args = dict(model=name, temperature=0, max_tokens=8)
+    alone = [client.completions.create(prompt=p, **args) for p in prompts]
+    r = client.completions.create(prompt=prompts, n=2, **args)
+    assert [c.index for c in r.choices] == list(range(6))
+    assert [c.text for c in r.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert r.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    streamed = [""] * 6
+    finished = set()
+    for chunk in client.completions.create(prompt=prompts, n=2, stream=True, **args):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+            if c.finish_reason:
+                finished.add(c.index)
+    assert streamed == [c.text for c in r.choices] and finished == set(range(6))
+    tok = load_tokenizer(smollm2_gguf)
+    ids = [tok.encode(p) for p in prompts[:2]]
+    by_ids = client.completions.create(prompt=ids, **args)
+    assert [c.text for c in by_ids.choices] == [a.choices[0].text for a in alone[:2]]
+    assert by_ids.usage.prompt_tokens == sum(map(len, ids))
+
+
+def test_completions_prompt_list_refusals(server, name):
+    url, ok = server.url + "/v1/completions", {"model": name, "max_tokens": 2}
+    cases = [([], "prompt"), (["fine", ""], "prompt[1]"), ([[1, 2], [10**9]], "prompt[1]")]
+    for prompt, param in cases:
+        r = httpx.post(url, json={**ok, "prompt": prompt}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(url, json={**ok, "prompt": ["x"] * 49}, headers=AUTH)  # 16 running + 32 queued at most
+    assert r.status_code == 400 and "1 to 48 prompts" in r.json()["error"]["message"]
+    m = metrics(server)
+    assert m["llmcli_num_requests_running"] == 0 and m["llmcli_num_requests_waiting"] == 0  # nothing left queued
+
+
 def test_16_concurrent_streams_give_the_alone_text(aclient, name):
     prompts = [f"Count from {i} to {i + 5}." for i in range(4)]
 
@@ -196,7 +235,7 @@ def test_16_concurrent_streams_give_the_alone_text(aclient, name):
         return alone, together
 
     alone, together = asyncio.run(run())
-    assert all(t == alone[i % 4] for i, t in enumerate(together))
+    assert all(t == alone[i % 4] for i, t in enumerate(together)), (alone, together)
 
 
 def test_disconnect_after_3_chunks_frees_the_blocks(server, name):
@@ -216,6 +255,44 @@ def test_disconnect_after_3_chunks_frees_the_blocks(server, name):
     generated = m["llmcli_generation_tokens_total"]
     time.sleep(0.5)
     assert metrics(server)["llmcli_generation_tokens_total"] == generated  # nothing still decodes for it
+
+
+def _wait_for(server, what, timeout: float = 20) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while not what(m := metrics(server)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return m
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_disconnect_before_a_whole_reply_frees_the_blocks(server, name, path):
+    """A non-streamed request whose client leaves mid-generation is aborted at the engine's next step: far fewer
+    than its max tokens are generated, its blocks go back, nothing decodes for it after. (Ollama's "stream":
+    false takes the same route code; it has no ignore_eos to make a reply reliably long.)"""
+    max_tokens = 3000
+    prompt = {"messages": QUESTION} if path.endswith("chat/completions") else {"prompt": "The capital of France is"}
+    fields = {"model": name, **prompt, "max_tokens": max_tokens, "stream": False, "ignore_eos": True}
+    body = json.dumps(fields).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    idle = metrics(server)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head.encode() + body)
+        running = _wait_for(
+            server, lambda m: m["llmcli_generation_tokens_total"] >= idle["llmcli_generation_tokens_total"] + 8
+        )
+        assert running["llmcli_kv_cache_blocks_used"] > idle["llmcli_kv_cache_blocks_used"]  # it holds blocks
+    m = _wait_for(server, lambda m: m["llmcli_kv_cache_blocks_used"] == idle["llmcli_kv_cache_blocks_used"])
+    assert m["llmcli_kv_cache_blocks_used"] == idle["llmcli_kv_cache_blocks_used"]
+    assert m["llmcli_num_requests_running"] == 0
+    generated = m["llmcli_generation_tokens_total"] - idle["llmcli_generation_tokens_total"]
+    time.sleep(0.5)
+    assert metrics(server)["llmcli_generation_tokens_total"] - idle["llmcli_generation_tokens_total"] == generated
+    assert generated < max_tokens / 4  # aborted, not run to its end
+    assert f"POST {path} 499" in server.text_log()
 
 
 def test_metrics_count_tokens_and_latencies(server, greedy):
