@@ -11,6 +11,7 @@ import math
 
 import typer
 
+from llmcli.config import KV_DTYPE_NAMES
 from llmcli.engine.sampling_params import MAX_SEED, SettingError, expected_value, parse_setting
 from llmcli.errors import UserError
 
@@ -72,8 +73,6 @@ KV_CACHE_GIB = typer.Option(
     metavar="GIB",
     help="KV-cache size, > 0 (default: CPU the model's whole context, at most 1 GiB; CUDA most free memory).",
 )
-
-KV_DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32", "int8", "fp8")  # llmcli.layers.kv_cache's (not imported: torch)
 
 
 def _kv_dtype(text: str) -> str:

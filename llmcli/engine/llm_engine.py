@@ -163,7 +163,7 @@ class LLMEngine:
         """A resolved model: a model directory or a .gguf file (the CLI resolves names and specs first).
 
         dequantize: expand a GGUF's Q4_0/Q4_1/Q8_0 linears to dtype instead of keeping them quantized.
-        kv_dtype: the KV cache's format, a name of kv_cache.KV_DTYPE_NAMES (None or auto: the compute dtype)."""
+        kv_dtype: the KV cache's format, a name of config.KV_DTYPE_NAMES (None or auto: the compute dtype)."""
         path = Path(path)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from llmcli.config import KV_DTYPE_NAMES
 from llmcli.errors import UserError
 
-KV_DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32", "int8", "fp8")
 FLOAT_KV = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 # e4m3 codes are kept as their bytes (uint8): CPU index_copy_/index_select have no float8 kernels
