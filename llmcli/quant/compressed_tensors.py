@@ -162,7 +162,13 @@ def quantization_config(bits: int, group: int, ignore: list[str]) -> dict:
         "actorder": None,
         "observer": "minmax",
     }
-    scheme = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None}
+    scheme = {  # the group names its format too, as the package's own ModelCompressor writes it
+        "targets": ["Linear"],
+        "weights": weights,
+        "input_activations": None,
+        "output_activations": None,
+        "format": FORMAT,
+    }
     return {
         "quant_method": METHOD,
         "format": FORMAT,

@@ -76,9 +76,73 @@ def test_compressed_tensors_loads_in_transformers_with_our_logits(
         assert "model.layers.0.self_attn.qkv_proj.weight_packed" in sd
     model, ours = _ours(out)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear if bits == 4 else Int8Linear)
-    # transformers 5 + compressed-tensors 0.20 mis-shape a packed zero point when the model stays compressed (its
-    # meta-device compress keeps [out, G]); the dequantize route runs the package's decompress on our tensors
+    # INT4 asymmetric: the dequantize route (the package's decompress on our tensors). transformers' default route
+    # rejects the packed zero point of the package's own output too (scripts/ct_transformers_routes.py)
     kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if bits == 4 else {}
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kw)
+    with torch.no_grad():
+        expected = ref(torch.tensor([IDS])).logits[0]
+    torch.testing.assert_close(ours, expected, atol=0.02 * float(expected.abs().max()), rtol=0)
+    assert torch.equal(ours.argmax(-1)[:4], expected.argmax(-1)[:4])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_our_layout_is_the_reference_packages(tiny_model, tmp_path, one_thread, bits):
+    """The same model quantized by the compressed-tensors package's own lifecycle (ModelCompressor): the same
+    tensor names, shapes and dtypes, the same quantization_config; and the package's compress of our grid (our
+    dequantized weights, scales and zero points) packs into exactly our tensors."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from ct_reference import write_reference_checkpoint
+    from safetensors.torch import load_file
+
+    from llmcli.quant.checkpoint import quantize_checkpoint
+
+    src = tiny_model("llama")
+    ours, ref = tmp_path / "ours", tmp_path / "ref"
+    quantize_checkpoint(src, ours, QuantSpec(bits, 64, "rtn", format="compressed-tensors"))
+    write_reference_checkpoint(src, ref, bits, 64 if bits == 4 else None, symmetric=bits == 8)
+    a, b = load_file(ours / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+    qa, qb = (json.loads((d / "config.json").read_text())["quantization_config"] for d in (ours, ref))
+    fields = QuantizationConfig.model_fields  # the reference adds bookkeeping: version, empty sparsity/transform
+    assert QuantizationConfig.model_validate(qa) == QuantizationConfig.model_validate(
+        {k: v for k, v in qb.items() if k in fields}
+    )
+    scheme = QuantizationConfig.model_validate(qa).config_groups["group_0"]
+    p = "model.layers.1.mlp.down_proj"
+    q = unpack_int32(a[f"{p}.weight_packed"], bits, 128).float() - 2 ** (bits - 1)
+    parts = {"weight_scale": a[f"{p}.weight_scale"]}
+    reps = 128 // parts["weight_scale"].shape[1]
+    if bits == 4:
+        zero = unpack_int32(a[f"{p}.weight_zero_point"], 4, 64, dim=0).to(torch.int8) - 8
+        parts["weight_zero_point"] = zero
+        q = q - zero.float().repeat_interleave(reps, -1)
+    w = q * parts["weight_scale"].float().repeat_interleave(reps, -1)  # exact: small integers times bf16 scales
+    packed = PackedQuantizationCompressor.compress({"weight": w, **parts}, scheme)
+    assert packed.keys() == {k.rpartition(".")[2] for k in a if k.startswith(f"{p}.")}
+    for k, t in packed.items():
+        assert torch.equal(t, a[f"{p}.{k}"]), k
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, True)])
+def test_reference_checkpoints_load_in_our_engine_as_in_transformers(tiny_model, tmp_path, one_thread, bits, symmetric):
+    """Checkpoints the compressed-tensors package wrote (its scales, its zero points, its symmetric INT4 that our
+    writer does not produce) load into our int4/int8 modules with transformers' logits. transformers' default
+    route (the model kept compressed, decompressed on the first forward) takes INT8 and symmetric INT4; asymmetric
+    INT4 needs CompressedTensorsConfig(dequantize=True) even for the package's own output
+    (scripts/ct_transformers_routes.py shows the error)."""
+    import transformers
+    from ct_reference import write_reference_checkpoint
+    from transformers import CompressedTensorsConfig
+
+    from llmcli.quant.linear import Int4Linear, Int8Linear
+
+    out = write_reference_checkpoint(tiny_model("llama"), tmp_path / "ref", bits, 64 if bits == 4 else None, symmetric)
+    model, ours = _ours(out)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear if bits == 4 else Int8Linear)
+    kw = {} if symmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kw)
     with torch.no_grad():
         expected = ref(torch.tensor([IDS])).logits[0]
@@ -127,6 +191,29 @@ def test_gptq_dequantizes_to_exactly_our_weights(tiny_model, tmp_path, one_threa
     w = load_file(src / "model.safetensors")[f"{p}.q_proj.weight"].double()
     step = sd[f"{p}.q_proj.scales"].double().repeat_interleave(32, 0).T
     assert bool(((reference[:64] - w).abs() <= step * (0.5 + 2**-5)).all())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gptq_loads_in_transformers_with_our_logits(tiny_model, tmp_path, one_thread, family):
+    """transformers' GPTQ route (optimum's GPTQQuantizer with gptqmodel's CPU kernel, which converts our v1 zeros
+    to its v2 form itself) computes our engine's logits from our --format gptq directory. Needs gptqmodel and
+    optimum, which the test extra leaves out (gptqmodel asks for a newer torch: see README), so it runs where
+    they are importable."""
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum.gptq")
+    import transformers
+
+    from llmcli.quant.checkpoint import quantize_checkpoint
+
+    out = tmp_path / "gptq"
+    quantize_checkpoint(tiny_model(family), out, QuantSpec(4, 32, "rtn", format="gptq"))
+    _, ours = _ours(out)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(ref.model.layers[0].mlp.down_proj).__module__.startswith("gptqmodel.")
+    with torch.no_grad():
+        expected = ref(torch.tensor([IDS])).logits[0]
+    torch.testing.assert_close(ours, expected, atol=0.02 * float(expected.abs().max()), rtol=0)
+    assert torch.equal(ours.argmax(-1)[:4], expected.argmax(-1)[:4])
 
 
 def test_gptq_act_order_checkpoint_loads_dequantized(tiny_model, tmp_path, one_thread):
