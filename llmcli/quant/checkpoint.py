@@ -354,7 +354,7 @@ def _write_tensors(
 
 
 def _write_config(directory: Path, cfg: dict, spec: QuantSpec, dtype16: torch.dtype) -> None:
-    """config.json: the source's, plus the quantization_config the loader reads (and a 16-bit torch_dtype)."""
+    """config.json: the source's, plus the quantization_config the loader reads (and the 16-bit dtype written)."""
     cfg = dict(cfg)
     if spec.format == "compressed-tensors":  # the head (tied or not) is the one Linear left 16-bit
         cfg["quantization_config"] = compressed_tensors.quantization_config(spec.bits, spec.group_size, ["lm_head"])
@@ -364,7 +364,9 @@ def _write_config(directory: Path, cfg: dict, spec: QuantSpec, dtype16: torch.dt
         cfg["quantization_config"] = bnb_quantization_config()
     else:
         cfg["quantization_config"] = spec.to_config()
-    cfg.setdefault("torch_dtype", str(dtype16).removeprefix("torch."))
+    # the tensors left unquantized are dtype16 (bf16 from an fp32 source): both spellings say so, since transformers 5
+    # reads `dtype` (which a source saved by it carries) and older readers `torch_dtype`
+    cfg["torch_dtype"] = cfg["dtype"] = str(dtype16).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
 
 

@@ -105,7 +105,9 @@ def test_our_layout_is_the_reference_packages(tiny_model, tmp_path, one_thread, 
     a, b = load_file(ours / "model.safetensors"), load_file(ref / "model.safetensors")
     assert a.keys() == b.keys()
     assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
-    qa, qb = (json.loads((d / "config.json").read_text())["quantization_config"] for d in (ours, ref))
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (ours, ref))
+    assert ca["dtype"] == cb["dtype"] == "bfloat16"  # from an fp32 source: the dtype of the tensors written
+    qa, qb = ca["quantization_config"], cb["quantization_config"]
     fields = QuantizationConfig.model_fields  # the reference adds bookkeeping: version, empty sparsity/transform
     assert QuantizationConfig.model_validate(qa) == QuantizationConfig.model_validate(
         {k: v for k, v in qb.items() if k in fields}
