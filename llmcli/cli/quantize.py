@@ -47,7 +47,7 @@ EXAMPLES = (
     "  llm quantize ./model --bits 4 --method gptq --calibration text.txt\n"
     "  llm quantize ./model --method nf4 --output ./model-nf4\n"
     "  llm quantize --bits 4 --format gguf --gguf-type q4_1\n"
-    "  llm quantize ./model --bits 4 --format compressed-tensors   (vLLM, SGLang, transformers)\n"
+    "  llm quantize ./model --bits 4 --format compressed-tensors   (vLLM, SGLang; transformers: dequantize=True)\n"
     "  llm quantize ./model --bits 4 --format gptq --method gptq --calibration text.txt"
 )
 FORMATS = ("llmcli", "gguf", "compressed-tensors", "gptq")
