@@ -4,6 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH_CPU_VERSION ?= 2.13.0
 PROMPT ?= What is the capital of France?
+# transformers' GPTQ loader (optimum + gptqmodel: tests/quant/test_export_formats.py checks our --format gptq against
+# it). --no-deps because gptqmodel 7.7 asks for torch >= 2.14.1 and would replace the torch above with a CUDA build;
+# on torch 2.13 these are all it imports (44 MiB).
+GPTQ_TEST_PACKAGES := gptqmodel==7.7.0 optimum==2.3.0 defuser==0.0.28 device-smi==0.5.7 logbar==0.4.15 \
+	pypcre==0.6.4 tokenicer==0.0.14 threadpoolctl==3.8.0 pillow==13.0.0
 
 .PHONY: install model demo chat lint test completions clean
 
@@ -27,6 +32,7 @@ $(VENV)/.installed: pyproject.toml
 		fi; \
 	fi
 	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps $(GPTQ_TEST_PACKAGES)
 	touch $@
 
 # The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF), cached under ~/.cache/llmcli.

@@ -199,10 +199,7 @@ def test_gptq_dequantizes_to_exactly_our_weights(tiny_model, tmp_path, one_threa
 def test_gptq_loads_in_transformers_with_our_logits(tiny_model, tmp_path, one_thread, family):
     """transformers' GPTQ route (optimum's GPTQQuantizer with gptqmodel's CPU kernel, which converts our v1 zeros
     to its v2 form itself) computes our engine's logits from our --format gptq directory. Needs gptqmodel and
-    optimum, which the test extra leaves out (gptqmodel asks for a newer torch: see README), so it runs where
-    they are importable."""
-    pytest.importorskip("gptqmodel")
-    pytest.importorskip("optimum.gptq")
+    optimum, which `make install` adds with --no-deps (gptqmodel asks for a newer torch: see the Makefile)."""
     import transformers
 
     from llmcli.quant.checkpoint import quantize_checkpoint
