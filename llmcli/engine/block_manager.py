@@ -11,8 +11,9 @@ their own (block ids index only that group's layers' caches), and a sequence hol
 table entries become the group's `scratch` id (the runner's padding block, which windowed attention masks out).
 The window rule: once K/V of tokens [0, n) are cached, a group with window w keeps the blocks from the one
 holding position n - w + 1 - rollback_slack (the oldest key the next query can see) on, so a sequence holds
-ceil(n / bs) - (n - w + 1 - slack) // bs of them (llmcli.estimate.kv_blocks). One pool for every layer (an int
-num_blocks) keeps every block, as before windows released theirs.
+ceil(n / bs) - (n - w + 1 - slack) // bs of them (llmcli.estimate.kv_blocks), never more than
+ceil((w + slack + bs - 2) / bs) (kv_blocks_max). One pool for every layer (an int num_blocks) keeps every block, as
+before windows released theirs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from llmcli.engine.sequence import Sequence
-from llmcli.estimate import kv_blocks
+from llmcli.estimate import kv_blocks_max
 
 Copies = list[tuple[int, int, int]]  # (group, src block, dst block) the caller copies in that group's layers
 
@@ -165,13 +166,10 @@ class BlockManager:
 
     def max_tokens(self, max_context: int) -> int:
         """The most tokens one sequence can hold (up to max_context): a full group's pool, or a windowed group's
-        when it cannot hold even one sequence's window."""
+        when it cannot hold one sequence's window through a decode step (the window, the new token, the slack)."""
         most = max_context
         for p in self.pools:
-            # a decode step's peak: the window, the new token and the rollback slack
-            if p.window is None or len(p.blocks) < kv_blocks(
-                max_context, p.window + 1 + self.rollback_slack, self.block_size
-            ):
+            if p.window is None or len(p.blocks) < kv_blocks_max(p.window + 1 + self.rollback_slack, self.block_size):
                 most = min(most, len(p.blocks) * self.block_size)
         return most
 

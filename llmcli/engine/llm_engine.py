@@ -39,7 +39,7 @@ from llmcli.engine.sampling_params import SamplingParams
 from llmcli.engine.scheduler import Request, Scheduler
 from llmcli.engine.sequence import Sequence
 from llmcli.errors import UserError
-from llmcli.estimate import kv_blocks, kv_bytes_per_token, kv_layer_bytes
+from llmcli.estimate import kv_blocks_max, kv_bytes_per_token, kv_layer_bytes
 from llmcli.tokenizer import load_tokenizer
 
 DEFAULT_CPU_KV_GIB = 1.0  # CPU: the most the KV pool takes unless --kv-cache-gib says otherwise
@@ -211,8 +211,8 @@ class LLMEngine:
 
     def _group_blocks(self, block_size: int, budget: float, default: bool, max_batch: int) -> list[int]:
         """Blocks per layer group (full attention first, then each window, as ModelRunner orders them). A windowed
-        group needs at most kv_blocks(n + PREFILL_CHUNK, w + PREFILL_CHUNK) blocks per sequence whatever its length
-        (its window plus a prompt chunk); it gets that for every sequence the pool is sized for, and the full-attention
+        group needs at most kv_blocks_max(w + PREFILL_CHUNK) blocks per sequence whatever its length (its window
+        plus a prompt chunk); it gets that for every sequence the pool is sized for, and the full-attention
         group the rest of the budget, so a windowed model's context under a fixed budget grows by what its windowed
         layers no longer keep. Without a full group the windowed groups share the budget in those proportions."""
         cfg, bs = self.config, block_size
@@ -222,8 +222,7 @@ class LLMEngine:
         for i in range(cfg.num_layers):
             per_block[windows.index(cfg.layer_window(i))] += kv_layer_bytes(cfg, i, kv) * bs
         ctx_blocks = -(-cfg.max_position_embeddings // bs)
-        big = 1 << 40  # a context past every window: kv_blocks' bound
-        need = [ctx_blocks if w is None else min(ctx_blocks, kv_blocks(big, w + PREFILL_CHUNK, bs)) for w in windows]
+        need = [ctx_blocks if w is None else min(ctx_blocks, kv_blocks_max(w + PREFILL_CHUNK, bs)) for w in windows]
         per_seq = sum(n * b for n, b in zip(need, per_block))
         seqs = max(1, max_batch)
         if not default or self.device.type != "cpu":  # a fixed budget: as many whole-context sequences as it holds

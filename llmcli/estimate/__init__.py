@@ -289,6 +289,12 @@ def kv_blocks(context: int, window: int | None, block_size: int = KV_BLOCK_SIZE)
     return n - max(0, context - window + 1) // block_size
 
 
+def kv_blocks_max(window: int, block_size: int = KV_BLOCK_SIZE) -> int:
+    """The most blocks kv_blocks(context, window) reaches at any context: ceil((window + block_size - 2) /
+    block_size)."""
+    return -(-(window + block_size - 2) // block_size)
+
+
 def kv_bytes(cfg: ModelConfig, context: int, batch: int = 1, kv_dtype: str = "bf16") -> int:
     """Cache for `batch` sequences of `context` tokens, counted in the engine's blocks (kv_blocks): a
     sliding-window layer keeps only the blocks its window still sees."""

@@ -812,3 +812,15 @@ def test_cli_gguf_weights_are_its_tensor_types(smollm2_gguf):
     assert j["total_bytes"] == want + j["kv_bytes"] + j["activation_bytes"]
     j = json.loads(llm("estimate", str(smollm2_gguf), "--json", "--dtype", "bf16").stdout)
     assert j["dtype"] == "bf16" and j["weight_bytes"] == 2 * j["params_total"] and "stored_tensor_types" not in j
+
+
+def test_kv_blocks_rule_and_its_bound():
+    """A window w keeps the blocks from the one holding position n - w + 1 on; the most at any context is
+    ceil((w + bs - 2) / bs), checked by brute force over every context up to a few windows."""
+    for w in (1, 2, 15, 16, 17, 20, 33, 4096):
+        for bs in (1, 16):
+            counts = [E.kv_blocks(n, w, bs) for n in range(1, 3 * w + 64)]
+            # the next token's w - 1 older keys (positions n - w + 1 .. n - 1) are all in the blocks kept
+            assert all(c * bs >= min(n, w - 1) for n, c in zip(range(1, 3 * w + 64), counts))
+            assert max(counts) == -(-(w + bs - 2) // bs) == E.kv_blocks_max(w, bs)
+    assert E.kv_blocks(100, None) == 7
