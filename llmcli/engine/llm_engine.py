@@ -349,7 +349,9 @@ class LLMEngine:
         release it. Logits of the last token [V], or with all_positions of every token [n, V]."""
         seq = self.add(token_ids, SamplingParams(max_tokens=0))  # the whole context is there to be scored
         try:
-            self.block_manager.free_sequence(seq)  # computed from 0: no cached blocks (a window's may be gone)
+            if self.block_manager.windowed:  # a windowed group's matched prefix lacks the blocks before its window
+                self.block_manager.free_sequence(seq)
+            seq.num_computed = 0
             return self.forward_logits([seq], all_positions=all_positions)[0]
         finally:
             self.release(seq)

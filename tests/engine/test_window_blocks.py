@@ -146,3 +146,19 @@ def test_fixed_budget_holds_a_longer_context(windowed):
     assert split.context_len == config.max_position_embeddings
     used = split.runner.kv_bytes_in_use([len(p.blocks) for p in split.block_manager.pools])
     assert used <= budget
+
+
+def test_scored_window_logits_match_transformers(windowed):
+    """forward_window (perplexity's path) over 300 tokens, computed in chunks that release blocks as they go, and
+    again with the prefix cached: every position's logits equal transformers' forward."""
+    import transformers  # noqa: PLC0415
+
+    path = windowed[0]
+    ids = random_ids(300, 9)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    eng = engine(windowed)
+    for _ in range(2):
+        got = eng.forward_window(ids, all_positions=True)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=1e-4)
