@@ -230,7 +230,7 @@ class AsyncEngine:
             self._stats = EngineStats(
                 running=len(sched.running),
                 waiting=len(sched.waiting),
-                kv_blocks_used=len(bm.blocks) - bm.num_free,
+                kv_blocks_used=len(bm.blocks) - len(bm.free),  # the first layer group's pool (full attention)
                 kv_blocks_total=len(bm.blocks),
                 prefix_cache_hit_tokens=c.prefix_cache_hit_tokens,
                 prompt_tokens=c.prompt_tokens,

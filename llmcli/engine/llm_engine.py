@@ -39,11 +39,14 @@ from llmcli.engine.sampling_params import SamplingParams
 from llmcli.engine.scheduler import Request, Scheduler
 from llmcli.engine.sequence import Sequence
 from llmcli.errors import UserError
-from llmcli.estimate import kv_bytes_per_token
+from llmcli.estimate import kv_blocks_max, kv_bytes_per_token, kv_layer_bytes
 from llmcli.tokenizer import load_tokenizer
 
 DEFAULT_CPU_KV_GIB = 1.0  # CPU: the most the KV pool takes unless --kv-cache-gib says otherwise
 CUDA_KV_FRACTION = 0.85  # of the memory still free once the weights are loaded
+# A sliding-window model computes a long pending run (a prompt) in chunks of at most this many tokens, so its
+# windowed layer groups hold about window + PREFILL_CHUNK tokens of blocks at the peak, not the whole prompt's.
+PREFILL_CHUNK = 256
 
 
 @dataclass
@@ -138,8 +141,9 @@ class LLMEngine:
         self.kv_dtype = None if kv_dtype == "auto" else kv_dtype  # None: the compute dtype
         if num_blocks is None:
             num_blocks = self._pool_blocks(block_size, kv_cache_gib, max_batch)
-        self.block_manager = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(model, config, num_blocks, block_size, self.kv_dtype)
+        windows = self.runner.windows if self.runner.split else None
+        self.block_manager = BlockManager(num_blocks, block_size, windows)
         eos = set(config.eos_token_ids)
         if tokenizer is not None:
             eos |= set(getattr(tokenizer, "eos_token_ids", ()) or ())
@@ -174,20 +178,20 @@ class LLMEngine:
         kw = dict(block_size=block_size, kv_cache_gib=kv_cache_gib, max_batch=max_batch, kv_dtype=kv_dtype)
         return cls(net, config, tok, **kw)
 
-    def _pool_blocks(self, block_size: int, kv_cache_gib: float | None, max_batch: int = 1) -> int:
+    def _pool_blocks(
+        self, block_size: int, kv_cache_gib: float | None, max_batch: int = 1, split_windows: bool = True
+    ) -> int | list[int]:
         """Blocks of the KV pool. --kv-cache-gib: that many GiB. CUDA: a share of the free memory. CPU (the pool is
         host memory): what max_batch sequences of the model's whole context can use, ceil(context / block_size)
         blocks each, and no more than DEFAULT_CPU_KV_GIB (a longer-context model then gets the pool's context).
-        generate() preempts when its batch outgrows the pool, so a smaller pool costs concurrency, not results."""
+        generate() preempts when its batch outgrows the pool, so a smaller pool costs concurrency, not results.
+        A model with sliding-window layers gets a pool per layer group (a list, see _group_blocks) unless
+        split_windows is False (tensor parallelism's ranks share one block table)."""
+        budget = self._kv_budget(kv_cache_gib)
+        if split_windows and any(self.config.layer_window(i) for i in range(self.config.num_layers)):
+            return self._group_blocks(block_size, budget, kv_cache_gib is None, max_batch)
         kv = getattr(self, "kv_dtype", None) or self.dtype.itemsize  # a --kv-dtype name, or the compute dtype's width
         per_block = kv_bytes_per_token(self.config, kv) * block_size
-        if kv_cache_gib is not None:
-            budget = kv_cache_gib * 2**30
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * CUDA_KV_FRACTION
-        else:
-            budget = DEFAULT_CPU_KV_GIB * 2**30
         n = int(budget // per_block)
         if kv_cache_gib is None and self.device.type == "cpu":
             n = min(n, -(-self.config.max_position_embeddings // block_size) * max(1, max_batch))
@@ -195,11 +199,54 @@ class LLMEngine:
             raise UserError(f"the KV-cache budget ({budget / 2**30:.2f} GiB) is too small for this model")
         return n
 
+    def _kv_budget(self, kv_cache_gib: float | None) -> float:
+        if kv_cache_gib is not None:
+            budget = kv_cache_gib * 2**30
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * CUDA_KV_FRACTION
+        else:
+            budget = DEFAULT_CPU_KV_GIB * 2**30
+        return budget
+
+    def _group_blocks(self, block_size: int, budget: float, default: bool, max_batch: int) -> list[int]:
+        """Blocks per layer group (full attention first, then each window, as ModelRunner orders them). A windowed
+        group needs at most kv_blocks_max(w + PREFILL_CHUNK) blocks per sequence whatever its length (its window
+        plus a prompt chunk); it gets that for every sequence the pool is sized for, and the full-attention
+        group the rest of the budget, so a windowed model's context under a fixed budget grows by what its windowed
+        layers no longer keep. Without a full group the windowed groups share the budget in those proportions."""
+        cfg, bs = self.config, block_size
+        kv = getattr(self, "kv_dtype", None) or self.dtype.itemsize
+        windows = sorted({cfg.layer_window(i) for i in range(cfg.num_layers)}, key=lambda w: w or 0)
+        per_block = [0] * len(windows)  # bytes of one block in each group's layers
+        for i in range(cfg.num_layers):
+            per_block[windows.index(cfg.layer_window(i))] += kv_layer_bytes(cfg, i, kv) * bs
+        ctx_blocks = -(-cfg.max_position_embeddings // bs)
+        need = [ctx_blocks if w is None else min(ctx_blocks, kv_blocks_max(w + PREFILL_CHUNK, bs)) for w in windows]
+        per_seq = sum(n * b for n, b in zip(need, per_block))
+        seqs = max(1, max_batch)
+        if not default or self.device.type != "cpu":  # a fixed budget: as many whole-context sequences as it holds
+            seqs = max(seqs, int(budget // per_seq))
+        counts = [n * seqs for n in need]
+        if windows[0] is None:
+            rest = budget - sum(c * b for c, b in zip(counts[1:], per_block[1:]))
+            counts[0] = int(rest // per_block[0]) if rest > 0 else 0
+            if default and self.device.type == "cpu":
+                counts[0] = min(counts[0], ctx_blocks * seqs)
+        elif per_seq * seqs > budget:  # windowed groups only, and less than one sequence's need: shrink them alike
+            counts = [int(n * budget // per_seq) for n in need]
+        if min(counts) < 2:
+            raise UserError(f"the KV-cache budget ({budget / 2**30:.2f} GiB) is too small for this model")
+        return counts
+
     # ---- the context ---------------------------------------------------------------------------
     @property
     def pool_tokens(self) -> int:
-        """Tokens the KV pool holds (one sequence can use at most all of it)."""
-        return len(self.block_manager.blocks) * self.block_manager.block_size
+        """Tokens the KV pool holds for one sequence: the full-attention layers' pool (a sliding-window group holds
+        its window whatever the length, unless its pool is smaller than that; then that pool)."""
+        unbounded = 1 << 40  # past every window: only full-attention pools (or too small windowed ones) bound it
+        most = self.block_manager.max_tokens(unbounded)
+        return self.config.max_position_embeddings if most == unbounded else most
 
     @property
     def context_len(self) -> int:
@@ -259,17 +306,41 @@ class LLMEngine:
                 raise UserError(f"a sequence of {len(seq):,} tokens is past the context of {self._context_words()}")
             if seq.num_computed >= len(seq):  # e.g. after a rollback: recompute the last token for its logits
                 self.runner.copy_blocks(self.block_manager.uncompute_last(seq))
+        early = [self._prefill_chunks(seq, all_positions) for seq in seqs] if self.block_manager.windowed else None
+        for seq in seqs:
             self.block_manager.ensure_capacity(seq, len(seq))
         batch = [(seq, seq.num_computed, len(seq)) for seq in seqs]
         hidden = self.runner.forward(batch)
         for seq in seqs:
             self.block_manager.commit(seq, len(seq))
         if all_positions:
-            return [self.model.compute_logits(hidden[i, : e - s]) for i, (_, s, e) in enumerate(batch)]
+            out = [self.model.compute_logits(hidden[i, : e - s]) for i, (_, s, e) in enumerate(batch)]
+            return [torch.cat([*parts, o]) for parts, o in zip(early, out)] if early else out
         if len(seqs) == 1:
             return self.model.compute_logits(hidden[:, -1])
         last = torch.tensor([e - s - 1 for _, s, e in batch], device=self.device)
         return self.model.compute_logits(hidden[torch.arange(len(seqs), device=self.device), last])
+
+    def _prefill_chunks(self, seq: Sequence, keep_logits: bool) -> list[torch.Tensor]:
+        """Sliding-window models: compute seq's pending tokens but the last PREFILL_CHUNK in chunks of that size,
+        each committed (its windowed groups releasing the blocks that left the window) before the next. Returns
+        their logits when asked for."""
+        if len(seq) - seq.num_computed <= PREFILL_CHUNK:
+            return []
+        return self._compute_until(seq, len(seq) - PREFILL_CHUNK, keep_logits)
+
+    def _compute_until(self, seq: Sequence, end: int, keep_logits: bool = False) -> list[torch.Tensor]:
+        """Compute tokens [num_computed, end) of seq in chunks of at most PREFILL_CHUNK (logits when asked for)."""
+        parts = []
+        while seq.num_computed < end:
+            s = seq.num_computed
+            e = min(end, s + PREFILL_CHUNK)
+            self.block_manager.ensure_capacity(seq, e)
+            hidden = self.runner.forward([(seq, s, e)])
+            self.block_manager.commit(seq, e)
+            if keep_logits:
+                parts.append(self.model.compute_logits(hidden[0]))
+        return parts
 
     @torch.inference_mode()
     def forward_window(self, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
@@ -278,6 +349,8 @@ class LLMEngine:
         release it. Logits of the last token [V], or with all_positions of every token [n, V]."""
         seq = self.add(token_ids, SamplingParams(max_tokens=0))  # the whole context is there to be scored
         try:
+            if self.block_manager.windowed:  # a windowed group's matched prefix lacks the blocks before its window
+                self.block_manager.free_sequence(seq)
             seq.num_computed = 0
             return self.forward_logits([seq], all_positions=all_positions)[0]
         finally:
@@ -305,7 +378,10 @@ class LLMEngine:
         if its logits are needed (nothing is pending)."""
         if not 0 < length <= len(seq):
             raise ValueError(f"cannot truncate a {len(seq)}-token sequence to {length}")
+        cached = min(seq.num_computed, length)
         self.runner.copy_blocks(self.block_manager.truncate(seq, length))
+        with torch.inference_mode():  # a window's block was gone: recompute what the rollback keeps cached, so the
+            self._compute_until(seq, cached)  # caller sees the pending tokens it expects (speculation: one)
         seq.finished, seq.finish_reason = False, None
 
     def release(self, seq: Sequence) -> None:

@@ -230,7 +230,7 @@ class Scheduler:
             i += 1
             if s.num_computed < len(s) - 1:
                 continue  # a prompt being prefilled in chunks
-            while self.bm.append_blocks_needed(s) > self.bm.num_free:
+            while not self.bm.can_append(s):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is s:
@@ -275,8 +275,7 @@ class Scheduler:
 
     def _chunk_end(self, s: Sequence, budget: int) -> int:
         """Where s's next chunk ends: the budget, the prompt's end and the free blocks allowing (blocks taken)."""
-        bs = self.bm.block_size
-        end = min(len(s), s.num_computed + budget, (len(s.block_table) + self.bm.num_free) * bs)
+        end = min(len(s), s.num_computed + budget, self.bm.room(s))
         if end > s.num_computed:
             self.bm.ensure_capacity(s, end)
         return end

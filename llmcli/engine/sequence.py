@@ -18,6 +18,8 @@ class Sequence:
 
     num_computed: tokens whose K/V are already in the cache (the last sampled token is not, until the next step).
     num_cached_prompt: prompt tokens found in the prefix cache instead of being computed.
+    block_tables: one block table per layer group (llmcli.engine.block_manager); block_table is group 0's.
+    block_hashes: the prefix-cache key of each full block whose K/V are cached.
     """
 
     token_ids: list[int]
@@ -26,7 +28,8 @@ class Sequence:
     num_prompt_tokens: int = 0
     num_computed: int = 0
     num_cached_prompt: int = 0
-    block_table: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=lambda: [[]])
+    block_hashes: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None  # "stop" (eos / stop token / grammar done) | "length" | "abort"
     generator: torch.Generator | None = field(default=None, repr=False)
@@ -40,6 +43,14 @@ class Sequence:
         self.token_ids = list(self.token_ids)
         if not self.num_prompt_tokens:
             self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def block_table(self) -> list[int]:
+        return self.block_tables[0]
+
+    @block_table.setter
+    def block_table(self, table: list[int]) -> None:
+        self.block_tables[0] = table
 
     def __len__(self) -> int:
         return len(self.token_ids)

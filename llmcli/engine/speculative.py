@@ -261,6 +261,11 @@ class SpeculativeDecoder:
         if not 1 <= num_draft <= MAX_NUM_DRAFT:
             raise UserError(f"--num-draft must be between 1 and {MAX_NUM_DRAFT} (got {num_draft})")
         self.target, self.draft, self.method = target, draft if method == "draft" else None, method
+        # A rejected draft rolls back at most num_draft tokens, and a rollback that leaves nothing pending counts the
+        # last token's query too: sliding-window groups keep that many more, so it never reaches a released block.
+        for e in (target, self.draft):
+            if e is not None:
+                e.block_manager.rollback_slack = max(e.block_manager.rollback_slack, num_draft + 1)
         self.num_draft, self.adaptive = num_draft, adaptive
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.stats = SpecStats()

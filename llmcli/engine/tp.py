@@ -238,7 +238,7 @@ def _pool_blocks(model, cfg: ModelConfig, spec: LoadSpec) -> int:
     probe = LLMEngine.__new__(LLMEngine)
     p = model.model.norm.weight
     probe.config, probe.device, probe.dtype, probe.kv_dtype = cfg, p.device, p.dtype, spec.kv_dtype
-    return probe._pool_blocks(spec.block_size, spec.kv_cache_gib, spec.max_batch)
+    return probe._pool_blocks(spec.block_size, spec.kv_cache_gib, spec.max_batch, split_windows=False)
 
 
 # ---- followers ---------------------------------------------------------------------------------------------------

@@ -258,6 +258,9 @@ def checkpoint_quantization(cfg: ModelConfig) -> tuple[str | None, int | None, b
 # ---- KV cache -----------------------------------------------------------------------------------------------
 
 
+KV_BLOCK_SIZE = 16  # tokens per block of the engine's paged KV cache (its default block_size)
+
+
 def kv_layer_bytes(cfg: ModelConfig, i: int, kv_dtype: str | int = "bf16") -> int:
     """Cache bytes one token adds to layer i: its values at the dtype's width, plus int8/fp8's scales.
 
@@ -274,12 +277,30 @@ def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str | int = "bf16") -> int:
     return sum(kv_layer_bytes(cfg, i, kv_dtype) for i in range(cfg.num_layers))
 
 
+def kv_blocks(context: int, window: int | None, block_size: int = KV_BLOCK_SIZE) -> int:
+    """Blocks of block_size tokens the engine's paged cache holds in a layer for a sequence of `context` cached
+    tokens: all ceil(context / block_size) for full attention; for a sliding window w, those from the block
+    holding position context - w + 1 (the oldest key the next token sees) to the last, which is at most
+    ceil((w + block_size - 2) / block_size). While a step computes c more tokens the layer holds
+    kv_blocks(context + c, w + c) (the chunk's own keys), one more block at most for a decode step."""
+    n = -(-context // block_size)
+    if window is None:
+        return n
+    return n - max(0, context - window + 1) // block_size
+
+
+def kv_blocks_max(window: int, block_size: int = KV_BLOCK_SIZE) -> int:
+    """The most blocks kv_blocks(context, window) reaches at any context: ceil((window + block_size - 2) /
+    block_size)."""
+    return -(-(window + block_size - 2) // block_size)
+
+
 def kv_bytes(cfg: ModelConfig, context: int, batch: int = 1, kv_dtype: str = "bf16") -> int:
-    """Cache for `batch` sequences of `context` tokens; a sliding-window layer keeps at most its window."""
+    """Cache for `batch` sequences of `context` tokens, counted in the engine's blocks (kv_blocks): a
+    sliding-window layer keeps only the blocks its window still sees."""
     total = 0
     for i in range(cfg.num_layers):
-        w = cfg.layer_window(i)
-        total += kv_layer_bytes(cfg, i, kv_dtype) * (min(context, w) if w else context)
+        total += kv_layer_bytes(cfg, i, kv_dtype) * kv_blocks(context, cfg.layer_window(i)) * KV_BLOCK_SIZE
     return total * batch
 
 

@@ -36,6 +36,7 @@ class KVView:
     mask: torch.Tensor | None
     first_slot: int | None = None  # batch 1 with consecutive blocks: keys are slots [first_slot+start, +end)
     causal: bool = False  # mask is the square causal mask (a fresh batch-1 prompt): SDPA's is_causal may replace it
+    slot_mapping: torch.Tensor | None = None  # where this view's layers write (their group's pool); None: meta's
 
 
 class GatherBuffer:
@@ -144,7 +145,8 @@ class Attention(nn.Module):
             return self._attend(q, kc, vc, meta, view)
         nb, bs = cache.shape[1], cache.shape[2]
         pool = cache.view(2, kvh, nb * bs, d)
-        pool.index_copy_(2, meta.slot_mapping, torch.stack((k, v)).view(2, b * ql, kvh, d).transpose(1, 2))
+        slots = meta.slot_mapping if view.slot_mapping is None else view.slot_mapping
+        pool.index_copy_(2, slots, torch.stack((k, v)).view(2, b * ql, kvh, d).transpose(1, 2))
 
         if view.first_slot is not None:  # consecutive blocks: a zero-copy slice of the pool
             kc, vc = pool[:, None, :, view.first_slot + view.start : view.first_slot + view.end]  # [1, kvh, K, d]
@@ -164,7 +166,8 @@ class Attention(nn.Module):
         compute dtype (only the slots the view reads)."""
         b, ql, kvh, d = k.shape
         kv = torch.stack((k, v)).view(2, b * ql, kvh, d).transpose(1, 2)
-        kv_cache.write(self.kv_cache, self.kv_scales, meta.slot_mapping, kv)
+        slots = meta.slot_mapping if view.slot_mapping is None else view.slot_mapping
+        kv_cache.write(self.kv_cache, self.kv_scales, slots, kv)
         if view.first_slot is not None:
             lo = view.first_slot + view.start
             kc, vc = kv_cache.read_slice(self.kv_cache, self.kv_scales, lo, lo + view.end - view.start, kvh, v.dtype)

@@ -549,10 +549,12 @@ def test_kv_closed_forms():
     # fp8 as the engine caches it: a byte a value and a float16 scale per (K or V, KV head) of a token
     assert E.kv_bytes(l3, 8192, 4, "fp8") == 2 * 32 * 8 * (128 + 2) * 8192 * 4
     assert E.kv_bytes_per_token(l3, "fp32") == 2 * E.kv_bytes_per_token(l3, "fp16")
-    # MHA: phi3 caches all 32 heads (its 2047 window caps long contexts)
+    # MHA: phi3 caches all 32 heads (its 2047 window caps long contexts). Counted in the engine's 16-token blocks:
+    # 1000 tokens fill 63 of them; at 4096 the window needs the blocks from position 4096 - 2047 + 1 = 2050 on,
+    # i.e. blocks 128..255 (2048 tokens)
     phi = from_hf_dict(REAL["Phi-3-mini-4k"][0])
-    assert E.kv_bytes(phi, 1000) == 2 * 32 * 3072 * 2 * 1000
-    assert E.kv_bytes(phi, 4096) == 2 * 32 * 3072 * 2 * 2047
+    assert E.kv_bytes(phi, 1000) == 2 * 32 * 3072 * 2 * 1008
+    assert E.kv_bytes(phi, 4096) == 2 * 32 * 3072 * 2 * 2048
     # MLA: one 512-dim latent + 64-dim rope key per layer, independent of the 128 heads
     v3 = from_hf_dict(REAL["DeepSeek-V3"][0])
     assert E.kv_bytes_per_token(v3) == 61 * (512 + 64) * 2
@@ -570,10 +572,15 @@ def test_kv_closed_forms():
 
 
 def test_kv_agrees_with_engine_view(tiny_model):
-    """The estimate sums exactly what ModelConfig tells the engine each layer caches."""
+    """The estimate sums exactly what ModelConfig tells the engine each layer caches, in the engine's blocks."""
     for fam in ("qwen2", "gemma3", "deepseek_v2"):
         mc = load_config(tiny_model(fam))
-        want = sum(mc.kv_values_per_token(i) * min(100, mc.layer_window(i) or 100) for i in range(mc.num_layers))
+
+        # 100 tokens: 7 blocks of 16; a window w keeps those from the block of position 100 - w + 1 on
+        def blocks(w):
+            return 7 - (max(0, 100 - w + 1) // 16 if w else 0)
+
+        want = sum(mc.kv_values_per_token(i) * 16 * blocks(mc.layer_window(i)) for i in range(mc.num_layers))
         assert E.kv_bytes(mc, 100, 3, "fp16") == want * 3 * 2
 
 
@@ -805,3 +812,15 @@ def test_cli_gguf_weights_are_its_tensor_types(smollm2_gguf):
     assert j["total_bytes"] == want + j["kv_bytes"] + j["activation_bytes"]
     j = json.loads(llm("estimate", str(smollm2_gguf), "--json", "--dtype", "bf16").stdout)
     assert j["dtype"] == "bf16" and j["weight_bytes"] == 2 * j["params_total"] and "stored_tensor_types" not in j
+
+
+def test_kv_blocks_rule_and_its_bound():
+    """A window w keeps the blocks from the one holding position n - w + 1 on; the most at any context is
+    ceil((w + bs - 2) / bs), checked by brute force over every context up to a few windows."""
+    for w in (1, 2, 15, 16, 17, 20, 33, 4096):
+        for bs in (1, 16):
+            counts = [E.kv_blocks(n, w, bs) for n in range(1, 3 * w + 64)]
+            # the next token's w - 1 older keys (positions n - w + 1 .. n - 1) are all in the blocks kept
+            assert all(c * bs >= min(n, w - 1) for n, c in zip(range(1, 3 * w + 64), counts))
+            assert max(counts) == -(-(w + bs - 2) // bs) == E.kv_blocks_max(w, bs)
+    assert E.kv_blocks(100, None) == 7
