@@ -23,15 +23,22 @@ cached ones. Several engines may share one model object (each keeps its own cach
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from llmcli.config import ModelConfig
+from llmcli.config import COMPILE_MODES, ModelConfig
 from llmcli.engine.block_manager import BlockManager
+from llmcli.engine.compiled_step import (
+    CompiledDecodeStep,
+    CompileEvent,
+    artifacts_path,
+    cache_key,
+    supported,
+)
 from llmcli.engine.loader import load_model
 from llmcli.engine.model_runner import ModelRunner
 from llmcli.engine.sampler import sample
@@ -144,6 +151,7 @@ class LLMEngine:
         if tokenizer is not None:
             eos |= set(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.eos_token_ids = frozenset(eos)
+        self.source: Path | None = None  # the model file or directory (load() sets it): names compiled artifacts
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -172,7 +180,37 @@ class LLMEngine:
         net, config = load_model(path, dev, dt, dequantize=dequantize)
         tok = load_tokenizer(path, config.vocab_size) if tokenizer else None
         kw = dict(block_size=block_size, kv_cache_gib=kv_cache_gib, max_batch=max_batch, kv_dtype=kv_dtype)
-        return cls(net, config, tok, **kw)
+        engine = cls(net, config, tok, **kw)
+        engine.source = path
+        return engine
+
+    def set_compile(self, mode: str, on_event: Callable[[CompileEvent], None] | None = None) -> bool:
+        """Batch-1 decode through the compiled step (llmcli.engine.compiled_step): mode on (the first decode step
+        compiles, or loads what an earlier run compiled), off, or auto (only where this model's compiled artifacts
+        are already on disk, loaded in a background thread while the first steps decode eagerly; see the README,
+        "CPU decode").
+        on_event sees the compile's progress. Returns whether decode now runs compiled. UserError for on where the
+        model or runner cannot (tensor parallel, sliding windows, ALiBi, MLA, a --kv-dtype other than auto)."""
+        if mode not in COMPILE_MODES:
+            raise UserError(f"unknown --compile {mode!r} (use {', '.join(COMPILE_MODES)})")
+        r = self.runner
+        ok = isinstance(r, ModelRunner) and supported(self.model, r.windows, r.kv_storage, self.dtype)
+        if mode == "on" and not ok:
+            raise UserError(
+                "--compile on is not supported for this model or setting (tensor parallel, sliding "
+                "windows, ALiBi, MLA or a --kv-dtype other than auto); use --compile off"
+            )
+        path = artifacts_path(cache_key(self.source, self.model, r.block_size, self.dtype)) if ok else None
+        if mode == "off" or not ok or (mode == "auto" and not path.is_file()):
+            if isinstance(r, ModelRunner):
+                r.compiled_step = None
+            return False
+        self.model.ensure_positions(self.context_len, self.device, self.dtype)  # no table growth inside the graph
+        background = mode == "auto"  # a warm start: loading still traces the model for seconds (README)
+        r.compiled_step = CompiledDecodeStep(
+            self.model, r.block_size, r.scratch_block, r.num_blocks, path, on_event, background
+        )
+        return True
 
     def _pool_blocks(self, block_size: int, kv_cache_gib: float | None, max_batch: int = 1) -> int:
         """Blocks of the KV pool. --kv-cache-gib: that many GiB. CUDA: a share of the free memory. CPU (the pool is

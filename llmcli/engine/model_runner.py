@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llmcli.config import ModelConfig
+from llmcli.engine.compiled_step import CompiledDecodeStep
 from llmcli.engine.sequence import Sequence
 from llmcli.errors import UserError
 from llmcli.layers import kv_cache
@@ -56,6 +57,7 @@ class ModelRunner:
         self._bind()
         self.gather = GatherBuffer()  # the batched path's per-layer block gather reuses one output
         self.windows = sorted({config.layer_window(i) for i in range(config.num_layers)}, key=lambda w: w or 0)
+        self.compiled_step: CompiledDecodeStep | None = None  # set by LLMEngine.set_compile (batch-1 decode)
 
     def _bind(self) -> None:
         """Point each attention module at this runner's cache (several engines may share one model)."""
@@ -120,6 +122,13 @@ class ModelRunner:
         qmax = max(e - s for _, s, e in batch)
         starts = [s for _, s, _ in batch]
         ends = [e for _, _, e in batch]
+        if getattr(self.model, "_cache_owner", None) is not self:
+            self._bind()
+        if b == 1 and qmax == 1 and self.compiled_step is not None:
+            seq, s, _ = batch[0]
+            hidden = self.compiled_step(seq.token_ids[s], s, seq.block_table, dev)
+            if hidden is not None:  # None: a background compile is not ready yet, this step runs eagerly
+                return hidden
         if b == 1:
             seq, s, e = batch[0]
             ids = torch.tensor([seq.token_ids[s:e]], device=dev)
@@ -143,8 +152,6 @@ class ModelRunner:
             valid = torch.arange(qmax, device=dev)[None, :] < qlens[:, None]
             slots = tables.gather(1, positions // bs) * bs + positions % bs
             slots = torch.where(valid, slots, self.scratch_block * bs).reshape(-1)
-        if getattr(self.model, "_cache_owner", None) is not self:
-            self._bind()
         self.model.ensure_positions(max(ends), dev, self.dtype)
         meta = AttentionMetadata(
             positions=positions,
