@@ -25,6 +25,7 @@ import hashlib
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,9 @@ class CompiledDecodeStep:
         if cached:
             torch.compiler.load_cache_artifacts(self.artifacts.read_bytes())
         self.fn = torch.compile(self._step)  # dynamic: the dims inputs() marks
-        out = self.fn(*args)
+        with warnings.catch_warnings():  # Inductor's note on fusing the fp16 embedding row with bf16 kernels' casts
+            warnings.filterwarnings("ignore", "bf16 and fp16 are mixed", UserWarning)
+            out = self.fn(*args)
         if self.artifacts is not None and not cached:
             self._save()
         self.ready = True
