@@ -14,10 +14,9 @@ ModelRunner.capture_cudagraph does (padded block tables, fixed input buffers, re
 
 Artifacts: torch.compiler's portable cache (save_cache_artifacts / load_cache_artifacts) in one file per key under
 `<llmcli home>/compiled/`; the key hashes the model file (path, size, mtime), the model's dims and dtype, the KV
-block size, torch's version, the CPU's capability and the thread count (Inductor builds its OpenMP loops
-for it), so a second start of the same model loads what the first
-compiled instead of running Inductor and gcc again (it still traces the model: see the README, "CPU decode").
-"""
+block size, torch's version, the CPU's capability and the thread count (Inductor builds its OpenMP loops for it),
+so a second start of the same model loads what the first compiled instead of running Inductor and gcc again (it
+still traces the model: see the README, "CPU decode")."""
 
 from __future__ import annotations
 

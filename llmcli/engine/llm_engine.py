@@ -16,6 +16,7 @@ Lower level (what speculative decoding and chat build on):
     engine.release(seq)                 # done: blocks return to the pool, still reusable as cached prefix
     engine.forward_logits(seqs, all_positions=False)  # compute pending tokens without sampling: logits of the
                                         # last one [B, V], or with all_positions a list of [n_i, V]
+    engine.set_compile("on")            # batch-1 decode steps through one compiled graph (compiled_step.py)
 A sequence's last token is "pending" (its K/V not yet cached) between steps; seq.num_computed counts the
 cached ones. Several engines may share one model object (each keeps its own cache).
 """
