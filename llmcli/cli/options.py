@@ -194,8 +194,8 @@ COMPILE = typer.Option(
     parser=_compile_mode,
     metavar="MODE",
     help="Batch-1 decode as one compiled graph (torch.compile, kept on disk in the llmcli home): on (the first run "
-    "of a model compiles, about a minute on CPU), off, or auto (on only where this model's compiled step is "
-    "already on disk).",
+    "of a model compiles, about a minute on CPU; later runs load it in seconds), off, or auto (for now off: a "
+    "compiled start costs more than it saves on short replies).",
 )
 
 
@@ -205,8 +205,6 @@ def apply_compile(engine, mode: str) -> None:
 
 
 def _render_compile(event) -> None:
-    if event.background:  # auto loads while eager decoding streams: a line from that thread would cut the reply
-        return
     if event.kind == "start":
         what = "loading the compiled decode step" if event.cached else "compiling the decode step (once per model)"
         print(f"{what}...", file=sys.stderr, flush=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -42,14 +41,12 @@ MIN_BUCKET = 256  # keys: smaller contexts pad to this (one short graph input, n
 class CompileEvent:
     """What the step reports while it compiles (the CLI renders it; the library never prints).
 
-    kind: "start" (compiling or loading the compiled step; cached says whether artifacts were found on disk),
-    "done" (seconds: how long the first call took, trace and compile included) or "failed" (a background compile
-    raised; decoding stays eager)."""
+    kind: "start" (compiling or loading the compiled step; cached says whether artifacts were found on disk) or
+    "done" (seconds: how long the first call took, trace and compile included)."""
 
     kind: str
     cached: bool
     seconds: float = 0.0
-    background: bool = False  # reported from the background thread while eager decoding goes on
 
 
 def cpu_capability() -> str:
@@ -81,11 +78,8 @@ def supported(model: nn.Module, windows: list, kv_storage: torch.dtype, dtype: t
 
 
 class CompiledDecodeStep:
-    """Runs batch-1, one-token decode steps through one compiled graph (see the module docstring).
-
-    Foreground (--compile on): the first call compiles (or loads) and runs the graph. Background (--compile auto
-    with artifacts on disk): the first call starts a thread that loads the graph and runs it once on the scratch
-    block, and returns None until it is ready, so the caller decodes eagerly meanwhile and no token waits for it."""
+    """Runs batch-1, one-token decode steps through one compiled graph (see the module docstring); the first call
+    compiles it (or loads what an earlier run compiled) and runs it."""
 
     def __init__(
         self,
@@ -95,15 +89,12 @@ class CompiledDecodeStep:
         max_blocks: int,
         artifacts: Path | None = None,
         on_event: Callable[[CompileEvent], None] | None = None,
-        background: bool = False,
     ):
         self.model, self.block_size, self.scratch_block = model, block_size, scratch_block
         self.max_blocks = max_blocks
-        self.artifacts, self.on_event, self.background = artifacts, on_event, background
+        self.artifacts, self.on_event = artifacts, on_event
         self.ready = False  # the graph has run once (compiled or loaded)
-        self.failed: BaseException | None = None  # a background compile that raised: decode stays eager
         self.fn = None
-        self._thread: threading.Thread | None = None
 
     def _step(self, ids, positions, slots, tables, mask) -> torch.Tensor:
         view = KVView(tables, 0, tables.shape[1] * self.block_size, mask)
@@ -130,31 +121,10 @@ class CompiledDecodeStep:
         torch._dynamo.mark_dynamic(mask, 3)
         return ids, positions, slots, tables, mask
 
-    def __call__(self, token: int, pos: int, table: list[int], device: torch.device) -> torch.Tensor | None:
-        """Hidden states [1, 1, hidden] of `token` at `pos` (its K/V written to the cache), or None while a
-        background compile is not ready (the caller runs the eager step)."""
-        if self.ready:
-            return self.fn(*self.inputs(token, pos, table, device))
-        if not self.background:
-            return self._compile(self.inputs(token, pos, table, device))
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._compile_quietly, args=(device,), daemon=True)
-            self._thread.start()
-        return None
-
-    def wait(self) -> None:
-        """Block until a background compile has finished (tests, benchmarks)."""
-        if self._thread is not None:
-            self._thread.join()
-
-    def _compile_quietly(self, device: torch.device) -> None:
-        try:
-            with torch.inference_mode():  # thread-local: the caller's mode does not reach this thread
-                # a token at position 0 of the scratch block: the warm-up writes no sequence's cache
-                self._compile(self.inputs(0, 0, [self.scratch_block], device))
-        except Exception as e:  # noqa: BLE001 - whatever the compiler raises, decoding goes on eagerly
-            self.failed = e
-            self._emit(CompileEvent("failed", True))
+    def __call__(self, token: int, pos: int, table: list[int], device: torch.device) -> torch.Tensor:
+        """Hidden states [1, 1, hidden] of `token` at `pos` (its K/V written to the cache)."""
+        args = self.inputs(token, pos, table, device)
+        return self.fn(*args) if self.ready else self._compile(args)
 
     def _compile(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         cached = self.artifacts is not None and self.artifacts.is_file()
@@ -184,4 +154,4 @@ class CompiledDecodeStep:
 
     def _emit(self, event: CompileEvent) -> None:
         if self.on_event is not None:
-            self.on_event(CompileEvent(event.kind, event.cached, event.seconds, self.background))
+            self.on_event(event)

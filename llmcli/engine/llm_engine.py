@@ -187,11 +187,14 @@ class LLMEngine:
 
     def set_compile(self, mode: str, on_event: Callable[[CompileEvent], None] | None = None) -> bool:
         """Batch-1 decode through the compiled step (llmcli.engine.compiled_step): mode on (the first decode step
-        compiles, or loads what an earlier run compiled), off, or auto (only where this model's compiled artifacts
-        are already on disk, loaded in a background thread while the first steps decode eagerly; see the README,
-        "CPU decode").
-        on_event sees the compile's progress. Returns whether decode now runs compiled. UserError for on where the
-        model or runner cannot (tensor parallel, sliding windows, ALiBi, MLA, a --kv-dtype other than auto)."""
+        compiles, or loads what an earlier run of this model compiled; on_event sees its progress), off, or auto.
+        Returns whether decode now runs compiled. UserError for on where the model or runner cannot (tensor
+        parallel, sliding windows, ALiBi, MLA, a --kv-dtype other than auto).
+
+        auto is eager for now: even a warm start traces the model again (8.7 s for SmolLM2 on a 2-core CPU, ~60 s
+        cold) against ~7 ms saved per token, so it pays only past ~1,200 tokens; loading in a background thread
+        stalled the eager decode beside it and aborted the process when it exited mid-trace (README, "CPU
+        decode"). A start-up that loads without retracing (an AOTInductor package) is what would let auto turn on."""
         if mode not in COMPILE_MODES:
             raise UserError(f"unknown --compile {mode!r} (use {', '.join(COMPILE_MODES)})")
         r = self.runner
@@ -201,16 +204,13 @@ class LLMEngine:
                 "--compile on is not supported for this model or setting (tensor parallel, sliding "
                 "windows, ALiBi, MLA or a --kv-dtype other than auto); use --compile off"
             )
-        path = artifacts_path(cache_key(self.source, self.model, r.block_size, self.dtype)) if ok else None
-        if mode == "off" or not ok or (mode == "auto" and not path.is_file()):
+        if mode != "on":
             if isinstance(r, ModelRunner):
                 r.compiled_step = None
             return False
+        path = artifacts_path(cache_key(self.source, self.model, r.block_size, self.dtype))
         self.model.ensure_positions(self.context_len, self.device, self.dtype)  # no table growth inside the graph
-        background = mode == "auto"  # a warm start: loading still traces the model for seconds (README)
-        r.compiled_step = CompiledDecodeStep(
-            self.model, r.block_size, r.scratch_block, r.num_blocks, path, on_event, background
-        )
+        r.compiled_step = CompiledDecodeStep(self.model, r.block_size, r.scratch_block, r.num_blocks, path, on_event)
         return True
 
     def _pool_blocks(self, block_size: int, kv_cache_gib: float | None, max_batch: int = 1) -> int:

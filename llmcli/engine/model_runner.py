@@ -126,9 +126,7 @@ class ModelRunner:
             self._bind()
         if b == 1 and qmax == 1 and self.compiled_step is not None:
             seq, s, _ = batch[0]
-            hidden = self.compiled_step(seq.token_ids[s], s, seq.block_table, dev)
-            if hidden is not None:  # None: a background compile is not ready yet, this step runs eagerly
-                return hidden
+            return self.compiled_step(seq.token_ids[s], s, seq.block_table, dev)
         if b == 1:
             seq, s, e = batch[0]
             ids = torch.tensor([seq.token_ids[s:e]], device=dev)
