@@ -194,7 +194,7 @@ COMPILE = typer.Option(
     parser=_compile_mode,
     metavar="MODE",
     help="Batch-1 decode as one compiled graph (torch.compile, kept on disk in the llmcli home): on (the first run "
-    "of a model compiles, about a minute on CPU; later runs load it in seconds), off, or auto (for now off: a "
+    "of a model compiles, about a minute on CPU; later runs load it in about 10 s), off, or auto (for now off: a "
     "compiled start costs more than it saves on short replies).",
 )
 
