@@ -33,11 +33,12 @@ def _greedy(engine: LLMEngine, ids: list[int], n: int) -> list[int]:
     return engine.generate([ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
 
 
-def test_compiled_greedy_matches_transformers(tiny_model, home):
-    """fp32 tiny llama: compiled greedy tokens equal transformers' over a context crossing the first bucket (256)."""
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])  # rope, q/k norms + tied head, gemma's norms
+def test_compiled_greedy_matches_transformers(tiny_model, home, family):
+    """fp32 tiny models: compiled greedy tokens equal transformers' over a context crossing the first bucket (256)."""
     import transformers
 
-    path = tiny_model("llama", max_position_embeddings=1024)
+    path = tiny_model(family, max_position_embeddings=1024)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model, config = load_model(path)
     engine = LLMEngine(model, config, block_size=16, num_blocks=80)
