@@ -2,6 +2,7 @@
 
 usage: python benchmarks/llamacpp_decode_table.py [--threads 1,2] [--contexts 128,2000] [--tokens 32] [--rounds 3]
                                                   [--q4 FILE.gguf] [--q8 FILE.gguf] [--llama-python PYTHON]
+                                                  [--compile on|off]
 
 Files: the built-in SmolLM2 Q4_1 and a Q8_0 written by our own `llm quantize --format gguf --bits 8` from it (made
 once into $TMPDIR/llmcli-bench/ when --q8 is not given). For every (file, threads) pair one llama.cpp worker
@@ -81,6 +82,12 @@ def main() -> None:
     ap.add_argument("--q4", default=None, help="the Q4_1 GGUF (default: the built-in model)")
     ap.add_argument("--q8", default=None, help="a Q8_0 GGUF (default: `llm quantize --format gguf --bits 8` of --q4)")
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-cffi (see llamacpp_decode.py)")
+    ap.add_argument(
+        "--compile",
+        choices=("on", "off"),
+        default="off",
+        help="our batch-1 decode compiled (llm --compile on; compiled per file and thread count, before the rounds)",
+    )
     a = ap.parse_args()
     threads = [int(t) for t in a.threads.split(",")]
     contexts = [int(c) for c in a.contexts.split(",")]
@@ -98,7 +105,10 @@ def main() -> None:
     except (UserError, LlamaUnavailable, subprocess.CalledProcessError) as e:
         sys.exit(f"error: {e}")
     print(f"CPU: {cpu_flags()}; {os.cpu_count()} logical CPUs")
-    print(f"batch 1, {a.tokens} decoded tokens after the prompt, best of {a.rounds} alternating rounds; tok/s")
+    print(
+        f"batch 1, {a.tokens} decoded tokens after the prompt, best of {a.rounds} alternating rounds; tok/s; "
+        f"ours with --compile {a.compile}"
+    )
     print(
         f"{'file':<34} {'thr':>3} {'ctx':>5} | {'decode ours':>11} {'llama.cpp':>9} {'ratio':>6} | "
         f"{'prefill ours':>12} {'llama.cpp':>9}"
@@ -107,6 +117,7 @@ def main() -> None:
         engine = LLMEngine.load(path, device="cpu", tokenizer=False, kv_cache_gib=0.25)
         for t in threads:
             torch.set_num_threads(t)
+            engine.set_compile(a.compile)  # Inductor builds its loops for the thread count: one compile per count
             llama = LlamaWorker.start(python, path, t, max(contexts) + a.tokens + 16)
             try:
                 for ctx in contexts:

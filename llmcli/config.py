@@ -22,6 +22,8 @@ from llmcli.errors import UserError
 # --kv-dtype names: the KV cache's storage format (llmcli.layers.kv_cache maps them to dtypes). Here, not there,
 # so the CLI can check the flag without importing torch.
 KV_DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32", "int8", "fp8")
+# --compile modes of the batch-1 decode step (llmcli.engine.compiled_step), here for the same reason
+COMPILE_MODES = ("auto", "on", "off")
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"

@@ -14,7 +14,17 @@ import sys
 import typer
 
 from llmcli.cli import app
-from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, KV_CACHE_GIB, KV_DTYPE, TENSOR_PARALLEL, make_decoder
+from llmcli.cli.options import (
+    COMPILE,
+    DEQUANTIZE,
+    DEVICE,
+    DTYPE,
+    KV_CACHE_GIB,
+    KV_DTYPE,
+    TENSOR_PARALLEL,
+    apply_compile,
+    make_decoder,
+)
 from llmcli.errors import UserError
 
 EXAMPLES = (
@@ -43,6 +53,7 @@ def bench(
     kv_cache_gib: float | None = KV_CACHE_GIB,
     kv_dtype: str = KV_DTYPE,
     tp: int = TENSOR_PARALLEL,
+    compile_mode: str = COMPILE,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     draft: str | None = typer.Option(None, "--draft", help="Compare plain vs speculative decoding with this draft."),
     speculate: str | None = typer.Option(None, "--speculate", help="`ngram`: compare plain vs n-gram speculation."),
@@ -61,6 +72,7 @@ def bench(
         engine = load_engine(
             path, tp, device, dtype, kv_cache_gib=kv_cache_gib, kv_dtype=kv_dtype, dequantize=dequantize
         )
+        apply_compile(engine, compile_mode)
         spec = make_decoder(
             engine,
             draft,
@@ -88,6 +100,7 @@ def bench(
         dequantize=dequantize,
         max_batch=batch,
     )
+    apply_compile(engine, compile_mode)
     _throughput(path, engine, prompt_len, gen_len, batch, compare, rounds, quant_compare, as_json)
 
 

@@ -13,6 +13,7 @@ import typer
 
 from llmcli.cli import app
 from llmcli.cli.options import (
+    COMPILE,
     DEQUANTIZE,
     DEVICE,
     DRAFT,
@@ -28,6 +29,7 @@ from llmcli.cli.options import (
     TENSOR_PARALLEL,
     TOP_K,
     TOP_P,
+    apply_compile,
     make_decoder,
 )
 
@@ -54,6 +56,7 @@ def chat(
     kv_cache_gib: float | None = KV_CACHE_GIB,
     kv_dtype: str = KV_DTYPE,
     tp: int = TENSOR_PARALLEL,
+    compile_mode: str = COMPILE,
     markdown: bool = typer.Option(False, "--markdown", help="Render replies as Markdown (in a terminal)."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history file."),
     draft: str | None = DRAFT,
@@ -91,6 +94,7 @@ def chat(
         # its decoding from sys.stdin too.
         sys.stdin.reconfigure(errors="surrogateescape")
     engine = load_engine(path, tp, device, dtype, kv_cache_gib=kv_cache_gib, kv_dtype=kv_dtype, dequantize=dequantize)
+    apply_compile(engine, compile_mode)
     spec = make_decoder(
         engine, draft, speculate, num_draft, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, kv_dtype=kv_dtype
     )

@@ -8,10 +8,11 @@ stays fast and lists the commands in their order).
 from __future__ import annotations
 
 import math
+import sys
 
 import typer
 
-from llmcli.config import KV_DTYPE_NAMES
+from llmcli.config import COMPILE_MODES, KV_DTYPE_NAMES
 from llmcli.engine.sampling_params import MAX_SEED, SettingError, expected_value, parse_setting
 from llmcli.errors import UserError
 
@@ -179,3 +180,33 @@ def make_decoder(
     except UserError:
         engine.tokenizer = None
     return SpeculativeDecoder(target, engine, method="draft", num_draft=num_draft)
+
+
+def _compile_mode(text: str) -> str:
+    if text not in COMPILE_MODES:
+        raise typer.BadParameter(f"{text!r} is not one of {', '.join(COMPILE_MODES)}")
+    return text
+
+
+COMPILE = typer.Option(
+    "auto",
+    "--compile",
+    parser=_compile_mode,
+    metavar="MODE",
+    help="Batch-1 decode as one compiled graph (torch.compile, kept on disk in the llmcli home): on (the first run "
+    "of a model compiles, about a minute on CPU; later runs load it in about 10 s), off, or auto (for now off: a "
+    "compiled start costs more than it saves on short replies).",
+)
+
+
+def apply_compile(engine, mode: str) -> None:
+    """--compile MODE on a loaded engine; the compile's progress goes to stderr."""
+    engine.set_compile(mode, on_event=_render_compile)
+
+
+def _render_compile(event) -> None:
+    if event.kind == "start":
+        what = "loading the compiled decode step" if event.cached else "compiling the decode step (once per model)"
+        print(f"{what}...", file=sys.stderr, flush=True)
+    else:
+        print(f"decode step ready in {event.seconds:.1f} s", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ import typer
 
 from llmcli.cli import app
 from llmcli.cli.options import (
+    COMPILE,
     DEQUANTIZE,
     DEVICE,
     DRAFT,
@@ -28,6 +29,7 @@ from llmcli.cli.options import (
     TENSOR_PARALLEL,
     TOP_K,
     TOP_P,
+    apply_compile,
     make_decoder,
 )
 from llmcli.errors import UserError
@@ -117,6 +119,7 @@ def run(
     kv_cache_gib: float | None = KV_CACHE_GIB,
     kv_dtype: str = KV_DTYPE,
     tp: int = TENSOR_PARALLEL,
+    compile_mode: str = COMPILE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings)."),
     draft: str | None = DRAFT,
     speculate: str | None = SPECULATE,
@@ -146,6 +149,7 @@ def run(
         ignore_eos=ignore_eos,
     )
     engine = load_engine(path, tp, device, dtype, kv_cache_gib=kv_cache_gib, kv_dtype=kv_dtype, dequantize=dequantize)
+    apply_compile(engine, compile_mode)
     ids = _prompt_ids(engine.tokenizer, text, system, raw)
     engine.check_prompt(ids, params)  # a prompt past the context is refused before any draft model or prefill
     _context_note(len(ids), params.max_tokens, engine.context_len)

@@ -13,7 +13,16 @@ import sys
 import typer
 
 from llmcli.cli import app
-from llmcli.cli.options import DEQUANTIZE, DEVICE, DTYPE, KV_CACHE_GIB, KV_DTYPE, TENSOR_PARALLEL, positive_int
+from llmcli.cli.options import (
+    COMPILE,
+    DEQUANTIZE,
+    DEVICE,
+    DTYPE,
+    KV_CACHE_GIB,
+    KV_DTYPE,
+    TENSOR_PARALLEL,
+    positive_int,
+)
 from llmcli.errors import UserError
 
 EXAMPLES = (
@@ -84,6 +93,7 @@ def serve(
     kv_cache_gib: float | None = KV_CACHE_GIB,
     kv_dtype: str = KV_DTYPE,
     tp: int = TENSOR_PARALLEL,
+    compile_mode: str = COMPILE,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API (/v1) and Ollama's (/api), /health and /metrics."""
     from llmcli.cli.resolve import resolve_model_spec
@@ -95,7 +105,7 @@ def serve(
     path = resolve_model_spec(model)
     where = str(resolve_device(device))  # a bad --device is refused here, before the server starts
     limits = EngineLimits(max_num_seqs, max_num_batched_tokens, max_queue)
-    load = LoadOptions(device, dtype, kv_cache_gib, dequantize, kv_dtype, tp)
+    load = LoadOptions(device, dtype, kv_cache_gib, dequantize, kv_dtype, tp, compile_mode)
     if tp > 1:
         tensor_parallel.check_split(path, tp)  # heads that cannot be split: refused before the server starts
         if tensor_parallel.torchrun_follower():

@@ -16,6 +16,7 @@ Lower level (what speculative decoding and chat build on):
     engine.release(seq)                 # done: blocks return to the pool, still reusable as cached prefix
     engine.forward_logits(seqs, all_positions=False)  # compute pending tokens without sampling: logits of the
                                         # last one [B, V], or with all_positions a list of [n_i, V]
+    engine.set_compile("on")            # batch-1 decode steps through one compiled graph (compiled_step.py)
 A sequence's last token is "pending" (its K/V not yet cached) between steps; seq.num_computed counts the
 cached ones. Several engines may share one model object (each keeps its own cache).
 """
@@ -23,15 +24,22 @@ cached ones. Several engines may share one model object (each keeps its own cach
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from llmcli.config import ModelConfig
+from llmcli.config import COMPILE_MODES, ModelConfig
 from llmcli.engine.block_manager import BlockManager
+from llmcli.engine.compiled_step import (
+    CompiledDecodeStep,
+    CompileEvent,
+    artifacts_path,
+    cache_key,
+    supported,
+)
 from llmcli.engine.loader import load_model
 from llmcli.engine.model_runner import ModelRunner
 from llmcli.engine.sampler import sample
@@ -148,6 +156,7 @@ class LLMEngine:
         if tokenizer is not None:
             eos |= set(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.eos_token_ids = frozenset(eos)
+        self.source: Path | None = None  # the model file or directory (load() sets it): names compiled artifacts
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -176,7 +185,37 @@ class LLMEngine:
         net, config = load_model(path, dev, dt, dequantize=dequantize)
         tok = load_tokenizer(path, config.vocab_size) if tokenizer else None
         kw = dict(block_size=block_size, kv_cache_gib=kv_cache_gib, max_batch=max_batch, kv_dtype=kv_dtype)
-        return cls(net, config, tok, **kw)
+        engine = cls(net, config, tok, **kw)
+        engine.source = path
+        return engine
+
+    def set_compile(self, mode: str, on_event: Callable[[CompileEvent], None] | None = None) -> bool:
+        """Batch-1 decode through the compiled step (llmcli.engine.compiled_step): mode on (the first decode step
+        compiles, or loads what an earlier run of this model compiled; on_event sees its progress), off, or auto.
+        Returns whether decode now runs compiled. UserError for on where the model or runner cannot (tensor
+        parallel, sliding windows, ALiBi, MLA, a --kv-dtype other than auto).
+
+        auto is eager for now: even a warm start traces the model again (8.7 s for SmolLM2 on a 2-core CPU, ~60 s
+        cold) against ~7 ms saved per token, so it pays only past ~1,200 tokens; loading in a background thread
+        stalled the eager decode beside it and aborted the process when it exited mid-trace (README, "CPU
+        decode"). A start-up that loads without retracing (an AOTInductor package) is what would let auto turn on."""
+        if mode not in COMPILE_MODES:
+            raise UserError(f"unknown --compile {mode!r} (use {', '.join(COMPILE_MODES)})")
+        r = self.runner
+        ok = isinstance(r, ModelRunner) and supported(self.model, r.windows, r.kv_storage, self.dtype)
+        if mode == "on" and not ok:
+            raise UserError(
+                "--compile on is not supported for this model or setting (tensor parallel, sliding "
+                "windows, ALiBi, MLA or a --kv-dtype other than auto); use --compile off"
+            )
+        if mode != "on":
+            if isinstance(r, ModelRunner):
+                r.compiled_step = None
+            return False
+        path = artifacts_path(cache_key(self.source, self.model, r.block_size, self.dtype))
+        self.model.ensure_positions(self.context_len, self.device, self.dtype)  # no table growth inside the graph
+        r.compiled_step = CompiledDecodeStep(self.model, r.block_size, r.scratch_block, r.num_blocks, path, on_event)
+        return True
 
     def _pool_blocks(
         self, block_size: int, kv_cache_gib: float | None, max_batch: int = 1, split_windows: bool = True

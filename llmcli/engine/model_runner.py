@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llmcli.config import ModelConfig
+from llmcli.engine.compiled_step import CompiledDecodeStep
 from llmcli.engine.sequence import Sequence
 from llmcli.errors import UserError
 from llmcli.layers import kv_cache
@@ -70,6 +71,7 @@ class ModelRunner:
             self.scales.append(kv_zeros(shape[:3], kv_cache.SCALE_DTYPE, self.device) if scaled else None)
         self._bind()
         self.gather = GatherBuffer()  # the batched path's per-layer block gather reuses one output
+        self.compiled_step: CompiledDecodeStep | None = None  # set by LLMEngine.set_compile (batch-1 decode)
 
     def _bind(self) -> None:
         """Point each attention module at this runner's cache (several engines may share one model)."""
@@ -150,6 +152,11 @@ class ModelRunner:
         qmax = max(e - s for _, s, e in batch)
         starts = [s for _, s, _ in batch]
         ends = [e for _, _, e in batch]
+        if getattr(self.model, "_cache_owner", None) is not self:
+            self._bind()
+        if b == 1 and qmax == 1 and self.compiled_step is not None:  # full-attention models only: one group
+            seq, s, _ = batch[0]
+            return self.compiled_step(seq.token_ids[s], s, seq.block_table, dev)
         groups = range(len(self.group_blocks))
         tables, slots = [], []
         if b == 1:
@@ -182,8 +189,6 @@ class ModelRunner:
                 tables.append(t)
                 gs = t.gather(1, positions // bs) * bs + positions % bs
                 slots.append(torch.where(valid, gs, scratch * bs).reshape(-1))
-        if getattr(self.model, "_cache_owner", None) is not self:
-            self._bind()
         self.model.ensure_positions(max(ends), dev, self.dtype)
         meta = AttentionMetadata(
             positions=positions,

@@ -45,6 +45,7 @@ class LoadOptions:
     dequantize: bool = False
     kv_dtype: str | None = None
     tensor_parallel: int = 1
+    compile: str = "auto"  # --compile: batch-1 decode steps (one request in flight) through the compiled graph
 
 
 @dataclass
@@ -85,6 +86,7 @@ class ServedModel:
                 kv_dtype=o.kv_dtype,
                 max_batch=lim.max_num_seqs,
             )
+            llm.set_compile(o.compile)
             if llm.tokenizer is None:
                 raise UserError(f"{self.path} has no tokenizer; the server needs one")
             self.grammars = Grammars(llm.tokenizer, llm.config.vocab_size, llm.eos_token_ids)
