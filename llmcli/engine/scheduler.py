@@ -2,7 +2,8 @@
 
 Each step computes the next token of every running sequence (one [B, 1] decode forward) and, within the token
 budget left (max_num_batched_tokens), chunks of prompts (each chunk its own batch-1 forward, so decode rows are
-never padded to a chunk's length and a long prompt never stalls the running streams). A request's n samples
+never padded to a chunk's length and a long prompt never stalls the running streams: while streams decode, a
+chunk is sized from the measured cost of both forwards, see step_cost.py). A request's n samples
 share its prompt's blocks (forked when the prompt is done; a shared partial block is copied on first write).
 When the pool runs out, the newest running sequence is preempted by recompute: its blocks go back to the pool
 (still keyed for the prefix cache), it returns to the front of the waiting queue with its generated tokens, and
@@ -21,6 +22,7 @@ import torch
 from llmcli.engine.sampler import sample
 from llmcli.engine.sampling_params import SamplingParams
 from llmcli.engine.sequence import Sequence
+from llmcli.engine.step_cost import StepCost
 from llmcli.errors import UserError
 
 if TYPE_CHECKING:  # the engine runs generate() on a Scheduler: a runtime import would be circular
@@ -31,11 +33,6 @@ MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 # more padded key rows than this: one more forward costs a pass over the weights, ~12 ms for SmolLM2 on CPU, about
 # what 1,400 padded key rows cost in the gather and attention (8.7 us each, benchmarks/batched_decode.py).
 PAD_SPLIT_TOKENS = 2048
-# While streams decode, a step computes at most this many prompt tokens per decoding stream (and at least the
-# minimum): a prompt chunk's forward then costs about as much as the decode rows' (benchmarks/serve_load.py
-# --long-prompt measures the running streams' gaps while a long prompt is admitted).
-CHUNK_TOKENS_PER_DECODE_ROW = 4
-MIN_DECODE_CHUNK = 16
 
 
 class TokenConstraint(Protocol):
@@ -112,6 +109,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.counters = SchedulerCounters()
         self.pad_split_tokens = PAD_SPLIT_TOKENS
+        self.cost = StepCost(measured=engine.device.type == "cpu")  # CUDA forwards are asynchronous: not timed
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -180,17 +178,23 @@ class Scheduler:
             if self.running:  # every running prompt is stuck for blocks: make room by preempting the newest
                 self._preempt(self.running[-1])
             return []
-        model, rows, logits = self.engine.model, [], []
+        model, rows, logits, clock = self.engine.model, [], [], self.cost.clock
+        t0 = clock()
         for group in self._decode_groups(decode):
             hidden = self.runner.forward([(s, len(s) - 1, len(s)) for s in group])
             for s in group:
                 self.bm.commit(s, len(s))
             logits.append(model.compute_logits(hidden[:, -1]))
             rows += group
+        if decode:
+            self.cost.observe_decode(clock() - t0)
         # Each chunk its own forward: grouping 16 prompts of 16-31 tokens into padded forwards measured slower on
         # CPU (1.6-1.9 s vs 1.0-1.4 s for the step), their matmuls are compute-bound already.
         for s, start, end in chunks:
+            t0 = clock()
             hidden = self.runner.forward([(s, start, end)])
+            if decode:
+                self.cost.observe_chunk(clock() - t0, end - start)
             self.bm.commit(s, end)
             if end == len(s):  # the prompt (or its recompute) is done: its last position gives the next token
                 logits.append(model.compute_logits(hidden[:, -1]))
@@ -202,11 +206,11 @@ class Scheduler:
 
     def _prefill_budget(self, num_decode: int) -> int:
         """Prompt tokens this step may compute. Alone, a prompt takes the whole budget (fastest prefill); while
-        streams decode, a slice in proportion to them, so the step their next token waits for stays within a small
-        multiple of a decode step (a 2,000-token prompt among 8 streams: their p99 gap 1.1 s -> ~0.1 s)."""
+        streams decode, what costs about one decode forward (StepCost), so the step their next token waits for
+        stays near two decode steps (a 2,000-token prompt among 8 streams: their p99 gap 1.1 s -> ~0.1 s)."""
         budget = self.max_num_batched_tokens - num_decode
         if num_decode:
-            budget = min(budget, max(MIN_DECODE_CHUNK, CHUNK_TOKENS_PER_DECODE_ROW * num_decode))
+            budget = min(budget, self.cost.chunk_tokens(num_decode))
         return budget
 
     def _decode_groups(self, decode: list[Sequence]) -> list[list[Sequence]]:

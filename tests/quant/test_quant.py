@@ -95,6 +95,25 @@ def test_int8_linear_matches_dense(k):
         torch.testing.assert_close(lin(x), ref, atol=0.03 * float(ref.abs().max()), rtol=0)
 
 
+def test_int8_linear_batched_rows_match_the_kernel_per_row(monkeypatch):
+    """From INT8_GEMM_ROWS rows the int8 product runs as fp32 GEMMs over slices of the weight (a slice size that
+    leaves a partial last slice): the kernel's rounding of x and the scales, so each row equals it decoded alone
+    up to fp32 summation order, and the bf16-rounded product closed form."""
+    from llmcli.quant import linear
+
+    monkeypatch.setattr(linear, "INT8_SLICE_ROWS", 20)
+    w = torch.randn(48, 64) * 0.1
+    q, s = quantize_int8(w)
+    lin = _load(Int8Linear(64, 48), {"qweight": q, "scales": s})
+    lin.finalize()
+    x = torch.randn(linear.INT8_GEMM_ROWS + 5, 64)
+    y = lin(x)
+    ref = x.bfloat16().float() @ (q.float() * s.bfloat16().float()[:, None]).T
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    alone = torch.cat([lin(x[i : i + 1]) for i in range(x.shape[0])])  # one row: aten._weight_int8pack_mm
+    torch.testing.assert_close(y, alone, atol=0.01 * float(alone.abs().max()), rtol=0)
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_linear_matches_dense(group):
     w = torch.randn(96, 256) * 0.1
