@@ -12,9 +12,6 @@ import argparse
 import time
 from collections import defaultdict
 
-import llmcli  # noqa: F401 - before torch: it sets the OpenMP wait policy torch reads at import
-
-# isort: split
 import torch
 from torch.profiler import ProfilerActivity, profile
 

@@ -85,9 +85,6 @@ def main() -> None:
     threads = [int(t) for t in a.threads.split(",")]
     contexts = [int(c) for c in a.contexts.split(",")]
 
-    import llmcli  # noqa: F401 - first: it sets torch's OpenMP wait policy, read when torch loads
-
-    # isort: split
     import torch
 
     from llmcli.engine.llm_engine import LLMEngine
