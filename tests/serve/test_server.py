@@ -182,9 +182,12 @@ def test_completions_with_logprobs_streamed_and_not(client, name):
     assert streamed == c.text
 
 
-def test_completions_prompt_list_gives_n_choices_per_prompt(client, name, smollm2_gguf):
+def test_completions_prompt_list_gives_n_choices_per_prompt(fp32_server, smollm2_gguf):
     """OpenAI's semantics: choice p * n + j is sample j of prompt p, streamed and not; each is that prompt's reply
-    asked alone (greedy); token-id lists are prompts too; usage counts every prompt and choice."""
+    asked alone (greedy); token-id lists are prompts too; usage counts every prompt and choice. On the fp32 server,
+    as batched-equals-alone is defined: with the kept Q4_1 kernels "Water boils at" flips a near-tie when batched."""
+    client = openai.OpenAI(base_url=fp32_server.url + "/v1", api_key="unused", max_retries=0)
+    name = httpx.get(fp32_server.url + "/v1/models").json()["data"][0]["id"]
     prompts = ["The capital of France is", "One, two, three,", "Water boils at"]
     args = dict(model=name, temperature=0, max_tokens=8)
     alone = [client.completions.create(prompt=p, **args) for p in prompts]
