@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 import typer
 
@@ -76,16 +77,21 @@ KV_CACHE_GIB = typer.Option(
 )
 
 
-def _kv_dtype(text: str) -> str:
-    if text not in KV_DTYPE_NAMES:
-        raise typer.BadParameter(f"{text!r} is not one of {', '.join(KV_DTYPE_NAMES)}")
-    return text
+def one_of(names: tuple[str, ...]) -> Callable[[str], str]:
+    """A typer parser that takes exactly one of `names` (a clear one-line error otherwise)."""
+
+    def parse(text: str) -> str:
+        if text not in names:
+            raise typer.BadParameter(f"{text!r} is not one of {', '.join(names)}")
+        return text
+
+    return parse
 
 
 KV_DTYPE = typer.Option(
     "auto",
     "--kv-dtype",
-    parser=_kv_dtype,
+    parser=one_of(KV_DTYPE_NAMES),
     metavar="DTYPE",
     help="KV-cache format: auto (the compute dtype), bf16, fp16, fp32, int8 or fp8 (e4m3); int8/fp8 keep a scale "
     "per token and KV head, about half a 16-bit cache (MLA models: auto only).",
@@ -182,16 +188,10 @@ def make_decoder(
     return SpeculativeDecoder(target, engine, method="draft", num_draft=num_draft)
 
 
-def _compile_mode(text: str) -> str:
-    if text not in COMPILE_MODES:
-        raise typer.BadParameter(f"{text!r} is not one of {', '.join(COMPILE_MODES)}")
-    return text
-
-
 COMPILE = typer.Option(
     "auto",
     "--compile",
-    parser=_compile_mode,
+    parser=one_of(COMPILE_MODES),
     metavar="MODE",
     help="Batch-1 decode as one compiled graph (torch.compile, kept on disk in the llmcli home): on (the first run "
     "of a model compiles, about a minute on CPU; later runs load it in about 10 s), off, or auto (for now off: a "
